@@ -1,0 +1,3 @@
+from cpg_daemon.cli import main
+
+raise SystemExit(main())

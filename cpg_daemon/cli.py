@@ -1,0 +1,239 @@
+"""The command line: ``cpg-daemon run | check | upload``.
+
+Parsing and presentation only; the work is done by the modules named after it.
+Exit statuses follow the interface contract: 0 ok, 1 a problem found or files
+failed, 2 a bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from cpg_daemon import __version__, logs
+from cpg_daemon.checksums import CHECKSUM_NAMES, encode
+from cpg_daemon.config import (
+    CANNED_ACLS,
+    Config,
+    CredentialsConfig,
+    S3Config,
+    default_config_path,
+    load_config,
+)
+from cpg_daemon.errors import ConfigError, CpgError, FatalError
+from cpg_daemon.keys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
+from cpg_daemon.store import ObjectStore
+from cpg_daemon.units import format_size, parse_size
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_CONFIG = 2
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help="configuration file (default: $CPG_DAEMON_CONFIG, then /etc/cpg-daemon/config.toml)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpg-daemon",
+        description="Upload microscopy data to the Cell Painting Gallery staging bucket.",
+    )
+    parser.add_argument("--version", action="version", version=f"cpg-daemon {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon in the foreground until SIGTERM/SIGINT")
+    _config_arg(run)
+
+    check = commands.add_parser(
+        "check", help="validate the configuration and prove write access to each destination"
+    )
+    _config_arg(check)
+    check.add_argument(
+        "--offline", action="store_true", help="only validate the file; contact no server"
+    )
+
+    upload = commands.add_parser(
+        "upload",
+        help="upload a folder or file to s3://bucket/prefix/ once, skipping what is there",
+    )
+    upload.add_argument("src", type=Path, metavar="SRC", help="local folder or file")
+    upload.add_argument("dest", metavar="DEST", help="destination folder, s3://bucket/prefix/")
+    _config_arg(upload)
+    upload.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint")
+    upload.add_argument("--concurrency", type=int, default=None, help="requests in flight")
+    upload.add_argument("--part-size", default=None, help='multipart part size, e.g. "16MiB"')
+    upload.add_argument(
+        "--acl", default=None, choices=CANNED_ACLS, help="canned ACL ('' sends none)"
+    )
+    upload.add_argument("--checksum", default=None, choices=CHECKSUM_NAMES)
+    upload.add_argument("--profile", default=None, help="AWS profile with the keys to use")
+    upload.add_argument("--region", default=None, help="AWS region (default us-east-1)")
+    upload.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the resumable journal of this upload is kept "
+        "(default: $XDG_STATE_HOME/cpg-daemon/upload)",
+    )
+    upload.add_argument("--quiet", action="store_true", help="no progress line")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": _run, "check": _check, "upload": _upload}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"cpg-daemon: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except FatalError as exc:
+        print(f"cpg-daemon: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config or default_config_path())
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cpg_daemon import daemon
+
+    config = _load(args)
+    logs.configure(config.daemon.log_format, config.daemon.log_level)
+    anyio.run(daemon.run, config)
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace) -> int:
+    from cpg_daemon.credentials import build_providers, provider_for
+
+    config = _load(args)
+    file = str(config.path)
+    providers = build_providers(config)
+    problems = 0
+    print(f"configuration {config.path}: valid")
+    print(f"journal: {config.daemon.state_dir}")
+    if not config.watches:
+        print("warning: no [[watch]] tables: the daemon would have nothing to do")
+    for i, watch in enumerate(config.watches):
+        provider = provider_for(providers, watch.destination, file, f"watch[{i}].destination")
+        print(f"watch {watch.name}: {watch.path} -> {watch.destination}")
+        print(f"  credentials: {provider.config.source} {provider.config.target}".rstrip())
+        if not watch.path.is_dir():
+            print(f"  problem: {watch.path} does not exist or is not a folder")
+            problems += 1
+        elif not os.access(watch.path, os.R_OK | os.X_OK):
+            print(f"  problem: {watch.path} is not readable by this user")
+            problems += 1
+    if args.offline:
+        return EXIT_PROBLEM if problems else EXIT_OK
+    logs.configure("console", "warning")
+    for watch in config.watches:
+        provider = provider_for(providers, watch.destination, file, "watch")
+        error = anyio.run(_probe_write, provider.session, config.s3, watch.destination)
+        if error:
+            print(f"watch {watch.name}: cannot write to {watch.destination}: {error}")
+            problems += 1
+        else:
+            print(f"watch {watch.name}: write access to {watch.destination} confirmed")
+    return EXIT_PROBLEM if problems else EXIT_OK
+
+
+async def _probe_write(session: Any, s3: S3Config, destination: S3Location) -> str | None:
+    """Write and delete a zero-byte marker under the destination; the error, or None."""
+    key = f"{destination.prefix}.cpg-daemon-check/{socket.gethostname()}-{int(time.time())}"
+    try:
+        async with ObjectStore.connect(session, s3) as store:
+            empty = encode(store.algorithm.digest(b""))
+            await store.put_object(destination.bucket, key, b"", empty)
+            await store.delete_object(destination.bucket, key)
+    except CpgError as exc:
+        return str(exc)
+    return None
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from cpg_daemon import oneshot
+
+    try:
+        destination = parse_s3_uri(args.dest)
+    except ValueError as exc:
+        print(f"cpg-daemon upload: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
+        config = _load(args)
+        s3, credentials = config.s3, config.credentials[0]
+    else:
+        s3, credentials = S3Config(), CredentialsConfig()
+    changes: dict[str, Any] = {}
+    if args.endpoint_url is not None:
+        changes["endpoint_url"] = args.endpoint_url
+    if args.region is not None:
+        changes["region"] = args.region
+    if args.acl is not None:
+        changes["acl"] = args.acl
+    if args.checksum is not None:
+        changes["checksum"] = args.checksum
+    if args.concurrency is not None:
+        if not 1 <= args.concurrency <= 1024:
+            print("cpg-daemon upload: --concurrency must be 1 to 1024", file=sys.stderr)
+            return EXIT_CONFIG
+        changes["max_concurrency"] = args.concurrency
+    if args.part_size is not None:
+        try:
+            size = parse_size(args.part_size)
+        except ValueError as exc:
+            print(f"cpg-daemon upload: --part-size: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if not MIN_PART_SIZE <= size <= MAX_PART_SIZE:
+            print("cpg-daemon upload: --part-size must be 5MiB to 5GiB", file=sys.stderr)
+            return EXIT_CONFIG
+        changes["part_size"] = size
+    s3 = replace(s3, **changes)
+    if args.profile is not None:
+        credentials = CredentialsConfig(source="profile", profile=args.profile)
+    try:
+        watch = oneshot.source_watch(args.src, destination)
+    except FileNotFoundError as exc:
+        print(f"cpg-daemon upload: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    interactive = sys.stderr.isatty() and not args.quiet
+    logs.configure("console" if interactive else "json", "warning" if interactive else "info")
+    summary = anyio.run(
+        lambda: oneshot.upload(
+            watch,
+            s3,
+            credentials,
+            args.state_dir or oneshot.default_state_dir(),
+            progress=interactive,
+        )
+    )
+    rate = summary.bytes / summary.seconds if summary.seconds > 0 else 0.0
+    print(
+        f"{summary.files} files: {summary.uploaded} uploaded, "
+        f"{summary.already_present} already present, {summary.failed} failed; "
+        f"{format_size(summary.bytes)} sent in {summary.seconds:.1f} s "
+        f"({format_size(rate)}/s, {summary.uploaded / max(summary.seconds, 1e-9):.1f} files/s)"
+    )
+    for path, error in summary.failures:
+        print(f"failed: {path}: {error}", file=sys.stderr)
+    return EXIT_PROBLEM if summary.failed else EXIT_OK

@@ -1,0 +1,116 @@
+"""Reading local files for upload, off the event loop, with checksums computed while reading.
+
+Every read re-checks the file's size and mtime against what was settled, so a
+file that changes while it is being read is never sent as a mix of two
+versions. OS errors become the error classes that say what to do next.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio.to_thread
+
+from cpg_daemon.checksums import ALGORITHMS, ChecksumName, encode
+from cpg_daemon.errors import FileChangedError, SkipFileError, VanishedError
+
+READ_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    mtime_ns: int
+
+
+@contextmanager
+def _os_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError:
+        raise VanishedError(f"{path} no longer exists") from None
+    except PermissionError:
+        raise SkipFileError(f"cannot read {path}: permission denied") from None
+    except IsADirectoryError:
+        raise VanishedError(f"{path} is now a folder") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise VanishedError(f"{path} no longer exists") from None
+        raise SkipFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def stat_sync(path: Path) -> FileStat:
+    with _os_errors(path):
+        st = os.stat(path, follow_symlinks=False)
+    return FileStat(st.st_size, st.st_mtime_ns)
+
+
+async def stat(path: Path) -> FileStat:
+    return await anyio.to_thread.run_sync(stat_sync, path)
+
+
+def _check(path: Path, fd: int, expected: FileStat) -> None:
+    st = os.fstat(fd)
+    if (st.st_size, st.st_mtime_ns) != (expected.size, expected.mtime_ns):
+        raise FileChangedError(f"{path} changed while it was being uploaded")
+
+
+def read_range_sync(
+    path: Path, offset: int, length: int, expected: FileStat, checksum: ChecksumName
+) -> tuple[bytes, bytes]:
+    """``length`` bytes at ``offset`` and their raw checksum.
+
+    Raises FileChangedError when the file's size or mtime differs from
+    ``expected`` before or after the read.
+    """
+    with _os_errors(path):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            _check(path, fd, expected)
+            data = os.pread(fd, length, offset) if length else b""
+            while 0 < len(data) < length:
+                more = os.pread(fd, length - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+            _check(path, fd, expected)
+        finally:
+            os.close(fd)
+    if len(data) != length:
+        raise FileChangedError(f"{path} is shorter than when it settled")
+    return data, ALGORITHMS[checksum].digest(data)
+
+
+async def read_range(
+    path: Path, offset: int, length: int, expected: FileStat, checksum: ChecksumName
+) -> tuple[bytes, bytes]:
+    return await anyio.to_thread.run_sync(read_range_sync, path, offset, length, expected, checksum)
+
+
+def whole_file_checksum_sync(path: Path, checksum: ChecksumName, expected: FileStat) -> str:
+    """The checksum of the whole file as S3 reports it for a full-object checksum."""
+    algorithm = ALGORITHMS[checksum]
+    crc = algorithm.crc
+    value = 0
+    sha = hashlib.sha256()
+    with _os_errors(path), open(path, "rb") as handle:
+        _check(path, handle.fileno(), expected)
+        while chunk := handle.read(READ_CHUNK):
+            if crc is not None:
+                value = crc(chunk, value)
+            else:
+                sha.update(chunk)
+        _check(path, handle.fileno(), expected)
+    if crc is not None:
+        return encode(value.to_bytes(algorithm.width, "big"))
+    return encode(sha.digest())
+
+
+async def whole_file_checksum(path: Path, checksum: ChecksumName, expected: FileStat) -> str:
+    return await anyio.to_thread.run_sync(whole_file_checksum_sync, path, checksum, expected)

@@ -1,0 +1,507 @@
+"""The journal: one SQLite database (WAL) that remembers every file and every part.
+
+It is the single source of truth for what is queued, in flight, uploaded or
+failed, and the queue itself: workers claim the next file from it, so memory
+does not grow with the number of queued files. One connection, used only from
+one worker thread at a time (never on the event loop). Each state change is one
+short transaction and is idempotent: doing it twice leaves the same row.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, ParamSpec, TypeVar, cast
+
+import anyio
+import anyio.to_thread
+
+from cpg_daemon.errors import FatalError
+
+FileState = Literal["queued", "uploading", "uploaded", "failed"]
+FILE_STATES: tuple[FileState, ...] = ("queued", "uploading", "uploaded", "failed")
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    watch TEXT NOT NULL,
+    rel_path BLOB NOT NULL,          -- os.fsencode() of the path below the watch root
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    check_remote INTEGER NOT NULL DEFAULT 0,  -- look for an identical object before uploading
+    upload_id TEXT,                  -- open multipart upload, journaled right after creation
+    upload_size INTEGER,             -- size and mtime of the file that upload belongs to
+    upload_mtime_ns INTEGER,
+    part_size INTEGER,
+    checksum_algorithm TEXT,
+    checksum TEXT,                   -- whole-object checksum as S3 reports it
+    etag TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    not_before REAL NOT NULL DEFAULT 0,
+    discovered_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    uploaded_at REAL,
+    UNIQUE (watch, rel_path)
+);
+CREATE INDEX IF NOT EXISTS files_by_state ON files (state, watch, not_before);
+CREATE TABLE IF NOT EXISTS parts (
+    file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+    upload_id TEXT NOT NULL,
+    part_number INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    checksum TEXT NOT NULL,          -- base64 of the part's raw checksum ('' when none)
+    size INTEGER NOT NULL,
+    PRIMARY KEY (file_id, upload_id, part_number)
+);
+"""
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """A settled file found under a watch."""
+
+    rel_path: str
+    bucket: str
+    key: str
+    size: int
+    mtime_ns: int
+    check_remote: bool = False
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One row of the journal."""
+
+    id: int
+    watch: str
+    rel_path: str
+    bucket: str
+    key: str
+    size: int
+    mtime_ns: int
+    state: FileState
+    check_remote: bool
+    upload_id: str | None
+    upload_size: int | None
+    upload_mtime_ns: int | None
+    part_size: int | None
+    checksum_algorithm: str | None
+    checksum: str | None
+    etag: str | None
+    attempts: int
+    last_error: str | None
+    not_before: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    number: int
+    etag: str
+    checksum: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Counts:
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class JournalStatistics:
+    """Files and bytes per watch and state."""
+
+    by_watch: dict[str, dict[FileState, Counts]]
+
+    def total(self, state: FileState) -> Counts:
+        files = sum(states[state].files for states in self.by_watch.values() if state in states)
+        size = sum(states[state].bytes for states in self.by_watch.values() if state in states)
+        return Counts(files, size)
+
+
+_COLUMNS = (
+    "id, watch, rel_path, bucket, key, size, mtime_ns, state, check_remote, upload_id, "
+    "upload_size, upload_mtime_ns, part_size, checksum_algorithm, checksum, etag, attempts, "
+    "last_error, not_before, updated_at"
+)
+
+
+def _record(row: Sequence[object]) -> FileRecord:
+    values = list(row)
+    values[2] = os.fsdecode(cast("bytes", values[2]))
+    values[8] = bool(values[8])
+    return FileRecord(*values)  # type: ignore[arg-type]
+
+
+class Journal:
+    """The SQLite journal. Open it with ``await Journal.open(path)``."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path, created: bool) -> None:
+        self._db = connection
+        self.path = path
+        self.created = created
+        """True when this run created the journal (first start, or the old one was lost)."""
+        self._lock = threading.Lock()
+        self._limiter = anyio.CapacityLimiter(1)
+
+    @classmethod
+    async def open(cls, path: Path) -> Journal:
+        return await anyio.to_thread.run_sync(cls.open_sync, path)
+
+    @classmethod
+    def open_sync(cls, path: Path) -> Journal:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        created = not path.exists()
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(_SCHEMA)
+            row = db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO meta (name, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise FatalError(
+                    f"journal {path} has schema version {row[0]}, this cpg-daemon reads "
+                    f"{SCHEMA_VERSION}"
+                )
+        except sqlite3.DatabaseError as exc:
+            raise FatalError(
+                f"cannot open the journal {path}: {exc}. If the file is corrupt, move it "
+                "aside and start again: files already uploaded are recognised on the server "
+                "and not sent twice"
+            ) from exc
+        return cls(db, path, created)
+
+    async def close(self) -> None:
+        await self._run(self._db.close)
+
+    async def _run(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        def call() -> T:
+            with self._lock:
+                return func(*args, **kwargs)
+
+        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+
+    def _tx(self, func: Callable[[sqlite3.Connection], T]) -> T:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            result = func(self._db)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return result
+
+    # -- discovery -------------------------------------------------------------------
+
+    async def record_discovered(self, watch: str, found: Sequence[Discovered]) -> int:
+        """Reconcile settled files with the journal; returns how many were queued.
+
+        A new file is queued. A known file whose size, mtime or key changed is
+        queued again (even if it was uploaded: it must be uploaded again). A
+        known, unchanged file keeps its state, failed included.
+        """
+        return await self._run(self._tx, lambda db: self._record_discovered(db, watch, found))
+
+    @staticmethod
+    def _record_discovered(db: sqlite3.Connection, watch: str, found: Sequence[Discovered]) -> int:
+        now = time.time()
+        queued = 0
+        for item in found:
+            rel = os.fsencode(item.rel_path)
+            row = db.execute(
+                "SELECT id, size, mtime_ns, key, bucket, state FROM files "
+                "WHERE watch=? AND rel_path=?",
+                (watch, rel),
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO files (watch, rel_path, bucket, key, size, mtime_ns, state, "
+                    "check_remote, discovered_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    (
+                        watch,
+                        rel,
+                        item.bucket,
+                        item.key,
+                        item.size,
+                        item.mtime_ns,
+                        int(item.check_remote),
+                        now,
+                        now,
+                    ),
+                )
+                queued += 1
+            elif (row[1], row[2], row[3], row[4]) != (
+                item.size,
+                item.mtime_ns,
+                item.key,
+                item.bucket,
+            ):
+                db.execute(
+                    # A file being uploaded right now stays with its worker, which sees the
+                    # new size when it marks the upload done, and queues it again.
+                    "UPDATE files SET size=?, mtime_ns=?, key=?, bucket=?, "
+                    "state=CASE state WHEN 'uploading' THEN 'uploading' ELSE 'queued' END, "
+                    "attempts=0, last_error=NULL, not_before=0, checksum=NULL, etag=NULL, "
+                    "uploaded_at=NULL, updated_at=? WHERE id=?",
+                    (item.size, item.mtime_ns, item.key, item.bucket, now, row[0]),
+                )
+                queued += 1
+        return queued
+
+    async def record_rejected(self, watch: str, rel_path: str, key: str, error: str) -> None:
+        """A file that can never be uploaded as it is (say, a name S3 cannot take): failed."""
+
+        def work(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute(
+                "INSERT INTO files (watch, rel_path, bucket, key, size, mtime_ns, state, "
+                "last_error, discovered_at, updated_at) VALUES (?, ?, '', ?, 0, 0, 'failed', ?, "
+                "?, ?) ON CONFLICT (watch, rel_path) DO UPDATE SET state='failed', "
+                "last_error=excluded.last_error, updated_at=excluded.updated_at",
+                (watch, os.fsencode(rel_path), key, error, now, now),
+            )
+
+        await self._run(self._tx, work)
+
+    # -- the queue -------------------------------------------------------------------
+
+    async def claim(self, limit: int, paused: Iterable[str] = ()) -> list[FileRecord]:
+        """Up to ``limit`` queued files that are due, oldest first, now marked uploading."""
+        paused = tuple(paused)
+
+        def work(db: sqlite3.Connection) -> list[FileRecord]:
+            skip = f"AND watch NOT IN ({','.join('?' * len(paused))})" if paused else ""
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE state='queued' AND not_before<=? {skip} "
+                "ORDER BY not_before, id LIMIT ?",
+                (time.time(), *paused, limit),
+            ).fetchall()
+            now = time.time()
+            db.executemany(
+                "UPDATE files SET state='uploading', updated_at=? WHERE id=?",
+                [(now, row[0]) for row in rows],
+            )
+            return [_record(row) for row in rows]
+
+        return await self._run(self._tx, work)
+
+    async def next_due(self, paused: Iterable[str] = ()) -> float | None:
+        """When the earliest queued file (in a watch not paused) becomes due, or None."""
+        paused = tuple(paused)
+
+        def work() -> float | None:
+            skip = f"AND watch NOT IN ({','.join('?' * len(paused))})" if paused else ""
+            row = self._db.execute(
+                f"SELECT MIN(not_before) FROM files WHERE state='queued' {skip}", paused
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._run(work)
+
+    async def reset_in_flight(self) -> int:
+        """After a stop or crash: files left uploading go back to the queue (resumed later)."""
+
+        def work(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE files SET state='queued', updated_at=? WHERE state='uploading'",
+                (time.time(),),
+            ).rowcount
+
+        return await self._run(self._tx, work)
+
+    async def requeue(self, file_id: int) -> None:
+        """Put an in-flight file back without counting an attempt (shutdown, paused credentials)."""
+        await self._update(file_id, "state='queued'", ())
+
+    async def retry_failed(self, watch: str | None = None) -> int:
+        """Failed files back to the queue with fresh attempts (``cpg-daemon retry``)."""
+
+        def work(db: sqlite3.Connection) -> int:
+            where = "state='failed' AND bucket != ''"
+            args: tuple[object, ...] = (time.time(),)
+            if watch is not None:
+                where += " AND watch=?"
+                args += (watch,)
+            return db.execute(
+                f"UPDATE files SET state='queued', attempts=0, not_before=0, updated_at=? "
+                f"WHERE {where}",
+                args,
+            ).rowcount
+
+        return await self._run(self._tx, work)
+
+    # -- one file's progress -----------------------------------------------------------
+
+    async def _update(self, file_id: int, assignments: str, args: tuple[object, ...]) -> int:
+        def work(db: sqlite3.Connection) -> int:
+            return db.execute(
+                f"UPDATE files SET {assignments}, updated_at=? WHERE id=?",
+                (*args, time.time(), file_id),
+            ).rowcount
+
+        return await self._run(self._tx, work)
+
+    async def start_upload(
+        self, file_id: int, upload_id: str, part_size: int, size: int, mtime_ns: int
+    ) -> None:
+        """Remember a new multipart upload the moment it exists, so it is never orphaned."""
+        await self._update(
+            file_id,
+            "upload_id=?, part_size=?, upload_size=?, upload_mtime_ns=?",
+            (upload_id, part_size, size, mtime_ns),
+        )
+
+    async def forget_upload(self, file_id: int) -> None:
+        """The multipart upload was completed, aborted or lost: drop it and its parts."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM parts WHERE file_id=?", (file_id,))
+            db.execute(
+                "UPDATE files SET upload_id=NULL, upload_size=NULL, upload_mtime_ns=NULL, "
+                "part_size=NULL, updated_at=? WHERE id=?",
+                (time.time(), file_id),
+            )
+
+        await self._run(self._tx, work)
+
+    async def add_part(self, file_id: int, upload_id: str, part: PartRecord) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT OR REPLACE INTO parts (file_id, upload_id, part_number, etag, checksum, "
+                "size) VALUES (?, ?, ?, ?, ?, ?)",
+                (file_id, upload_id, part.number, part.etag, part.checksum, part.size),
+            )
+
+        await self._run(self._tx, work)
+
+    async def parts(self, file_id: int, upload_id: str) -> list[PartRecord]:
+        def work() -> list[PartRecord]:
+            rows = self._db.execute(
+                "SELECT part_number, etag, checksum, size FROM parts "
+                "WHERE file_id=? AND upload_id=? ORDER BY part_number",
+                (file_id, upload_id),
+            ).fetchall()
+            return [PartRecord(*row) for row in rows]
+
+        return await self._run(work)
+
+    async def mark_uploaded(
+        self,
+        record: FileRecord,
+        *,
+        etag: str,
+        checksum_algorithm: str,
+        checksum: str,
+    ) -> bool:
+        """The object is complete. False when the row changed meanwhile (file re-queued)."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            changed = db.execute(
+                "UPDATE files SET state='uploaded', etag=?, checksum_algorithm=?, checksum=?, "
+                "upload_id=NULL, upload_size=NULL, upload_mtime_ns=NULL, part_size=NULL, "
+                "check_remote=0, last_error=NULL, uploaded_at=?, updated_at=? "
+                "WHERE id=? AND state='uploading' AND size=? AND mtime_ns=?",
+                (
+                    etag,
+                    checksum_algorithm,
+                    checksum,
+                    now,
+                    now,
+                    record.id,
+                    record.size,
+                    record.mtime_ns,
+                ),
+            ).rowcount
+            db.execute("DELETE FROM parts WHERE file_id=?", (record.id,))
+            return changed == 1
+
+        return await self._run(self._tx, work)
+
+    async def mark_retry(self, file_id: int, error: str, not_before: float) -> None:
+        """A failed attempt that will be tried again after ``not_before``."""
+        await self._update(
+            file_id,
+            "state='queued', attempts=attempts+1, last_error=?, not_before=?",
+            (error, not_before),
+        )
+
+    async def mark_failed(self, file_id: int, error: str) -> None:
+        """No more attempts: failed, visible, until ``retry``."""
+        await self._update(file_id, "state='failed', attempts=attempts+1, last_error=?", (error,))
+
+    async def requeue_changed(
+        self, file_id: int, size: int, mtime_ns: int, not_before: float
+    ) -> None:
+        """The file changed under us: queue it again with its new size and mtime."""
+        await self._update(
+            file_id,
+            "state='queued', size=?, mtime_ns=?, not_before=?",
+            (size, mtime_ns, not_before),
+        )
+
+    async def forget(self, file_id: int) -> None:
+        """The file vanished before it was uploaded: it is no longer ours to upload."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM files WHERE id=?", (file_id,))
+
+        await self._run(self._tx, work)
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def get(self, watch: str, rel_path: str) -> FileRecord | None:
+        def work() -> FileRecord | None:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE watch=? AND rel_path=?",
+                (watch, os.fsencode(rel_path)),
+            ).fetchone()
+            return None if row is None else _record(row)
+
+        return await self._run(work)
+
+    async def records(self, watch: str | None = None) -> list[FileRecord]:
+        def work() -> list[FileRecord]:
+            if watch is None:
+                rows = self._db.execute(f"SELECT {_COLUMNS} FROM files ORDER BY id").fetchall()
+            else:
+                rows = self._db.execute(
+                    f"SELECT {_COLUMNS} FROM files WHERE watch=? ORDER BY id", (watch,)
+                ).fetchall()
+            return [_record(row) for row in rows]
+
+        return await self._run(work)
+
+    async def statistics(self) -> JournalStatistics:
+        def work() -> JournalStatistics:
+            by_watch: dict[str, dict[FileState, Counts]] = {}
+            for watch, state, files, size in self._db.execute(
+                "SELECT watch, state, COUNT(*), COALESCE(SUM(size), 0) FROM files "
+                "GROUP BY watch, state"
+            ):
+                by_watch.setdefault(watch, {})[state] = Counts(files, size)
+            return JournalStatistics(by_watch)
+
+        return await self._run(work)

@@ -1,0 +1,199 @@
+"""Pure arithmetic of object names and multipart layout.
+
+Everything here is a pure function of its arguments, so it is proven with
+property tests rather than against a server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
+
+MiB = 1024**2
+GiB = 1024**3
+MIN_PART_SIZE = 5 * MiB
+"""S3's smallest part size (every part but the last)."""
+MAX_PART_SIZE = 5 * GiB
+"""S3's largest part size."""
+MAX_PARTS = 10_000
+"""S3's largest number of parts in one multipart upload."""
+MAX_SINGLE_PUT = 5 * GiB
+"""S3's largest object that one PutObject can write."""
+MAX_KEY_BYTES = 1024
+"""S3's longest object key, in bytes of UTF-8."""
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A bucket and a key prefix (empty, or ending in ``/``)."""
+
+    bucket: str
+    prefix: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def parse_s3_uri(uri: str) -> S3Location:
+    """Split ``s3://bucket/some/prefix/`` into bucket and prefix.
+
+    The prefix is normalised to end in ``/`` (a destination is always a
+    folder), and never starts with one.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ValueError(f"expected an s3://bucket/prefix/ URI, got {uri!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"an s3:// URI cannot have '?' or '#' in it: {uri!r}")
+    bucket = parts.netloc
+    if not (3 <= len(bucket) <= 63) or bucket != bucket.lower() or " " in bucket:
+        raise ValueError(f"{bucket!r} is not a valid S3 bucket name")
+    prefix = parts.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    if "//" in prefix:
+        raise ValueError(f"empty folder name ('//') in {uri!r}")
+    return S3Location(bucket, prefix)
+
+
+def object_key(prefix: str, relative_path: str | PurePosixPath) -> str:
+    """The key of a file: the destination prefix, then its path below the watch with ``/``."""
+    relative = PurePosixPath(relative_path)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"not a relative path below the watch: {relative_path!r}")
+    return prefix + relative.as_posix()
+
+
+def key_problem(key: str) -> str | None:
+    """Why S3 cannot take this key, or None when it can."""
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8, and S3 keys must be"
+    if len(encoded) > MAX_KEY_BYTES:
+        return f"the object key is {len(encoded)} bytes long; S3 allows at most {MAX_KEY_BYTES}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "the file name contains control characters (such as a newline)"
+    return None
+
+
+def choose_part_size(file_size: int, preferred: int) -> int:
+    """The part size for a multipart upload of ``file_size`` bytes.
+
+    The preferred size, raised to S3's 5 MiB minimum, and grown (to a whole
+    number of MiB) just enough that the file fits in 10,000 parts.
+    Raises ValueError for a file S3 cannot hold in 10,000 parts of 5 GiB.
+    """
+    if file_size < 0:
+        raise ValueError("negative file size")
+    part_size = min(max(preferred, MIN_PART_SIZE), MAX_PART_SIZE)
+    if file_size > part_size * MAX_PARTS:
+        needed = -(-file_size // MAX_PARTS)
+        part_size = -(-needed // MiB) * MiB
+    if part_size > MAX_PART_SIZE:
+        raise ValueError(
+            f"a file of {file_size} bytes does not fit in {MAX_PARTS} parts of at most 5 GiB"
+        )
+    return part_size
+
+
+@dataclass(frozen=True)
+class PartRange:
+    """One part of a multipart upload: its number (from 1), offset and length in the file."""
+
+    number: int
+    offset: int
+    length: int
+
+
+def part_ranges(file_size: int, part_size: int) -> Iterator[PartRange]:
+    """The parts that cover a file, in order; a zero-byte file has no parts."""
+    if part_size <= 0:
+        raise ValueError("part size must be positive")
+    number = 1
+    for offset in range(0, file_size, part_size):
+        yield PartRange(number, offset, min(part_size, file_size - offset))
+        number += 1
+
+
+def part_count(file_size: int, part_size: int) -> int:
+    """How many parts ``part_ranges`` yields."""
+    return -(-file_size // part_size)
+
+
+def glob_to_regex(pattern: str) -> str:
+    """A regular expression for a path glob, matched against ``/``-separated relative paths.
+
+    ``*`` and ``?`` stay within one path segment, ``**`` crosses segments, and a
+    leading ``**/`` also matches at the top level (``**/*.tmp`` matches ``a.tmp``).
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[":
+            end = pattern.find("]", i + 2)
+            if end == -1:
+                out.append(re.escape(pattern[i]))
+                i += 1
+            else:
+                body = pattern[i + 1 : end]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
+                i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)
+
+
+class PathFilter:
+    """Include/exclude globs of a watch, applied to paths relative to the watch root.
+
+    A path is excluded when an exclude pattern matches it or any of its parent
+    folders (so ``.*`` keeps a whole hidden folder out), and included when an
+    include pattern matches the path itself.
+    """
+
+    def __init__(self, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+        self._include = _compile(include)
+        self._exclude = _compile(exclude)
+
+    def excludes_dir(self, relative_dir: str) -> bool:
+        """Whether a folder (and so everything under it) is excluded, itself or by a parent."""
+        path = relative_dir
+        while True:
+            if self._exclude.fullmatch(path):
+                return True
+            if "/" not in path:
+                return False
+            path = path.rsplit("/", 1)[0]
+
+    def accepts(self, relative_path: str) -> bool:
+        """Whether a file is to be uploaded."""
+        if self.excludes_dir(relative_path):
+            return False
+        return bool(self._include.fullmatch(relative_path))
+
+
+_NEVER = "(?!)"
+
+
+def _compile(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    body = "|".join(f"(?:{glob_to_regex(p)})" for p in patterns) or _NEVER
+    return re.compile(body, re.DOTALL)

@@ -1,0 +1,229 @@
+"""From the journal's queue to the uploader: workers, backoff, pause/resume, drain.
+
+The journal is the queue. A feeder claims due files (oldest first, skipping
+paused watches) only as workers become free, so memory does not grow with
+the backlog; each worker uploads one file at a time while the uploader's
+shared limiter bounds the requests in flight across all of them. What
+happens after a failure is decided here, by the error's class.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+
+from cpg_daemon import files
+from cpg_daemon.config import WatchConfig
+from cpg_daemon.errors import (
+    CpgError,
+    FileChangedError,
+    RetryableError,
+    SkipFileError,
+    VanishedError,
+)
+from cpg_daemon.journal import FileRecord, Journal
+from cpg_daemon.store import ObjectStore
+from cpg_daemon.uploader import Uploader
+
+log = structlog.get_logger("cpg_daemon.scheduler")
+
+RECENT_ERRORS = 20
+IDLE_POLL = 5.0
+"""Seconds the feeder sleeps at most when nothing is due (a wake-up cuts it short)."""
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before attempt ``attempt + 1``: 5 s doubling to 15 min, with 20 % jitter."""
+    base: float = min(5.0 * 2 ** min(attempt, 20), 900.0)
+    return base * random.uniform(0.8, 1.2)
+
+
+@dataclass(frozen=True)
+class RecentError:
+    path: str
+    key: str
+    error: str
+    at: str
+
+
+@dataclass(frozen=True)
+class SchedulerStatistics:
+    workers: int
+    busy: int
+    paused: tuple[str, ...]
+    paused_all: bool
+    draining: bool
+    recent_errors: tuple[RecentError, ...]
+
+
+class Scheduler:
+    """Feeds queued files to upload workers."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        uploader: Uploader,
+        watches: Mapping[str, WatchConfig],
+        stores: Mapping[str, ObjectStore],
+        workers: int,
+        file_attempts: int,
+    ) -> None:
+        self._journal = journal
+        self._uploader = uploader
+        self._watches = dict(watches)
+        self._stores = dict(stores)
+        self._workers = workers
+        self._file_attempts = file_attempts
+        self._busy = 0
+        self._paused: set[str] = set()
+        self._paused_all = False
+        self._draining = False
+        self._wake_event = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._recent: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
+
+    # -- control -------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New work may be due: look at the queue now."""
+        self._wake_event.set()
+
+    def pause(self, watch: str | None = None) -> None:
+        if watch is None:
+            self._paused_all = True
+        else:
+            self._paused.add(watch)
+
+    def resume(self, watch: str | None = None) -> None:
+        if watch is None:
+            self._paused_all = False
+            self._paused.clear()
+        else:
+            self._paused.discard(watch)
+        self.wake()
+
+    def drain(self) -> None:
+        """Stop starting files; those in flight carry on."""
+        self._draining = True
+        self.wake()
+
+    async def wait_idle(self) -> None:
+        """Return once no file is in flight."""
+        await self._idle.wait()
+
+    def statistics(self) -> SchedulerStatistics:
+        return SchedulerStatistics(
+            workers=self._workers,
+            busy=self._busy,
+            paused=tuple(sorted(self._paused)),
+            paused_all=self._paused_all,
+            draining=self._draining,
+            recent_errors=tuple(self._recent),
+        )
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        send, receive = anyio.create_memory_object_stream[FileRecord](0)
+        async with anyio.create_task_group() as tg, send, receive:
+            for _ in range(self._workers):
+                tg.start_soon(self._worker, receive.clone())
+            task_status.started()
+            await self._feed(send)
+
+    async def _feed(self, send: anyio.abc.ObjectSendStream[FileRecord]) -> None:
+        while True:
+            self._wake_event = anyio.Event()
+            if self._draining:
+                await anyio.sleep_forever()
+            paused = set(self._watches) if self._paused_all else self._paused
+            idle = max(1, self._workers - self._busy)
+            records = await self._journal.claim(idle, paused)
+            if records:
+                for record in records:
+                    await send.send(record)
+                continue
+            due = await self._journal.next_due(paused)
+            timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.0, due - time.time()))
+            with anyio.move_on_after(timeout):
+                await self._wake_event.wait()
+
+    async def _worker(self, receive: anyio.abc.ObjectReceiveStream[FileRecord]) -> None:
+        async with receive:
+            async for record in receive:
+                if self._draining:  # claimed before the drain began: leave it for next time
+                    await self._journal.requeue(record.id)
+                    continue
+                self._busy += 1
+                self._idle = anyio.Event()
+                try:
+                    await self._process(record)
+                finally:
+                    self._busy -= 1
+                    if self._busy == 0:
+                        self._idle.set()
+
+    async def _process(self, record: FileRecord) -> None:
+        watch = self._watches.get(record.watch)
+        if watch is None:  # the watch was removed from the configuration
+            await self._journal.requeue(record.id)
+            return
+        store = self._stores[record.watch]
+        path = watch.path / record.rel_path
+        with structlog.contextvars.bound_contextvars(watch=record.watch, path=str(path)):
+            try:
+                outcome = await self._uploader.upload(store, record, path)
+            except VanishedError:
+                log.info("vanished", key=record.key)
+                await self._uploader.abort(store, record)
+                await self._journal.forget(record.id)
+            except FileChangedError:
+                await self._changed(record, path, watch)
+            except SkipFileError as exc:
+                await self._uploader.abort(store, record)
+                await self._fail(record, path, str(exc))
+            except RetryableError as exc:
+                if record.attempts + 1 >= self._file_attempts:
+                    await self._uploader.abort(store, record)
+                    await self._fail(record, path, f"{exc} (after {record.attempts + 1} attempts)")
+                else:
+                    delay = backoff(record.attempts)
+                    log.warning("retry_later", error=str(exc), seconds=round(delay, 1))
+                    self._remember(path, record.key, str(exc))
+                    await self._journal.mark_retry(record.id, str(exc), time.time() + delay)
+            except CpgError as exc:
+                await self._fail(record, path, str(exc))
+            else:
+                if outcome == "changed":
+                    await self._journal.requeue(record.id)
+                    self.wake()
+
+    async def _changed(self, record: FileRecord, path: Path, watch: WatchConfig) -> None:
+        try:
+            now = await files.stat(path)
+        except VanishedError:
+            await self._journal.forget(record.id)
+            return
+        log.info("changed_while_uploading", key=record.key)
+        await self._journal.requeue_changed(
+            record.id, now.size, now.mtime_ns, time.time() + watch.settle
+        )
+
+    async def _fail(self, record: FileRecord, path: Path, error: str) -> None:
+        log.error("upload_failed", key=record.key, error=error)
+        self._remember(path, record.key, error)
+        await self._journal.mark_failed(record.id, error)
+
+    def _remember(self, path: Path, key: str, error: str) -> None:
+        at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._recent.append(RecentError(str(path), key, error, at))

@@ -1,0 +1,300 @@
+"""The object-store operations the uploader needs, as one adapter over aiobotocore.
+
+Every botocore error is translated here into a class from ``errors`` named for
+how to handle it, so nothing above this module looks at AWS error codes.
+Transient failures were already retried by botocore's ``standard`` retry mode
+before they reach us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aioboto3
+from aiobotocore.config import AioConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+from cpg_daemon.checksums import ALGORITHMS, Algorithm
+from cpg_daemon.config import S3Config
+from cpg_daemon.errors import (
+    CredentialsError,
+    RetryableError,
+    SkipFileError,
+    UploadGoneError,
+)
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """What HeadObject or a listing says about an object."""
+
+    key: str
+    size: int
+    etag: str
+    checksums: Mapping[str, str]
+    """Algorithm name -> checksum as S3 reports it (HeadObject only; empty from listings)."""
+    checksum_type: str | None
+
+
+@dataclass(frozen=True)
+class RemotePart:
+    number: int
+    etag: str
+    size: int
+    checksum: str | None
+
+
+_CREDENTIAL_CODES = {
+    "ExpiredToken",
+    "ExpiredTokenException",
+    "InvalidToken",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "TokenRefreshRequired",
+}
+_PER_FILE_CODES = {
+    "AccessDenied": "access denied: the credentials may not write this key",
+    "AllAccessDisabled": "access to the bucket is disabled",
+    "NoSuchBucket": "the bucket does not exist",
+    "KeyTooLongError": "the object key is too long for S3",
+    "InvalidArgument": "S3 refused an argument",
+    "InvalidRequest": "S3 refused the request",
+    "EntityTooLarge": "the object is too large for one request",
+    "InvalidBucketName": "the bucket name is not valid",
+    "AccessControlListNotSupported": 'the bucket does not take ACLs; set s3.acl = ""',
+}
+
+
+def _code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _message(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Message", "")) or _code(error)
+
+
+@contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn botocore exceptions into cpg-daemon error classes."""
+    try:
+        yield
+    except ClientError as exc:
+        code = _code(exc)
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        text = f"{what}: {code or status}: {_message(exc)}"
+        if code == "NoSuchUpload":
+            raise UploadGoneError(text) from None
+        if code in _CREDENTIAL_CODES:
+            raise CredentialsError(text) from None
+        if code in _PER_FILE_CODES:
+            raise SkipFileError(f"{what}: {_PER_FILE_CODES[code]} ({code})") from None
+        if code == "403" or status == 403:
+            raise SkipFileError(f"{what}: access denied (HTTP 403)") from None
+        raise RetryableError(text) from None
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        raise CredentialsError(f"{what}: {exc}") from None
+    except (EndpointConnectionError, BotoConnectionError, HTTPClientError) as exc:
+        raise RetryableError(f"{what}: cannot reach the S3 endpoint: {exc}") from None
+    except BotoCoreError as exc:
+        raise RetryableError(f"{what}: {exc}") from None
+    except OSError as exc:
+        raise RetryableError(f"{what}: network error: {exc}") from None
+
+
+def client_config(s3: S3Config) -> AioConfig:
+    """The botocore settings every S3 client of ours uses."""
+    return AioConfig(
+        retries={"mode": "standard", "total_max_attempts": s3.request_attempts},
+        max_pool_connections=s3.max_concurrency + 4,
+        connect_timeout=15,
+        read_timeout=120,
+        tcp_keepalive=True,
+        # We compute every checksum ourselves while reading, and send it as a
+        # header; botocore must not hash the body a second time.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": "path"} if s3.endpoint_url else {},
+    )
+
+
+class ObjectStore:
+    """S3 operations for one set of credentials."""
+
+    def __init__(self, client: Any, s3: S3Config) -> None:
+        self._client = client
+        self._acl = s3.acl
+        self.algorithm: Algorithm = ALGORITHMS[s3.checksum]
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, session: aioboto3.Session, s3: S3Config) -> AsyncIterator[ObjectStore]:
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(
+                session.client(
+                    "s3",
+                    region_name=s3.region,
+                    endpoint_url=s3.endpoint_url or None,
+                    config=client_config(s3),
+                )
+            )
+            yield cls(client, s3)
+
+    def _acl_args(self) -> dict[str, str]:
+        return {"ACL": self._acl} if self._acl else {}
+
+    def _checksum_args(self, value: str) -> dict[str, str]:
+        if not self.algorithm.enabled:
+            return {}
+        return {"ChecksumAlgorithm": self.algorithm.name, self.algorithm.request_field: value}
+
+    async def head(self, bucket: str, key: str) -> RemoteObject | None:
+        """The object's size, ETag and checksums, or None when there is no such object."""
+        with translate_errors(f"HeadObject s3://{bucket}/{key}"):
+            try:
+                reply = await self._client.head_object(
+                    Bucket=bucket, Key=key, ChecksumMode="ENABLED"
+                )
+            except ClientError as exc:
+                if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+        checksums: dict[str, str] = {
+            name: str(reply[f"Checksum{name}"])
+            for name in ALGORITHMS
+            if reply.get(f"Checksum{name}")
+        }
+        return RemoteObject(
+            key=key,
+            size=int(reply["ContentLength"]),
+            etag=str(reply.get("ETag", "")),
+            checksums=checksums,
+            checksum_type=reply.get("ChecksumType"),
+        )
+
+    async def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[RemoteObject]:
+        """Every object under a prefix (ListObjectsV2, paginated)."""
+        with translate_errors(f"ListObjectsV2 s3://{bucket}/{prefix}"):
+            paginator = self._client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield RemoteObject(
+                        key=item["Key"],
+                        size=int(item["Size"]),
+                        etag=str(item.get("ETag", "")),
+                        checksums={},
+                        checksum_type=None,
+                    )
+
+    async def put_object(self, bucket: str, key: str, body: bytes, checksum: str) -> str:
+        """One PutObject with the ACL and the checksum computed while reading. Returns the ETag."""
+        with translate_errors(f"PutObject s3://{bucket}/{key}"):
+            reply = await self._client.put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=body,
+                **self._acl_args(),
+                **self._checksum_args(checksum),
+            )
+        return str(reply.get("ETag", ""))
+
+    async def create_multipart_upload(self, bucket: str, key: str) -> str:
+        args: dict[str, str] = {}
+        if self.algorithm.enabled:
+            args = {
+                "ChecksumAlgorithm": self.algorithm.name,
+                "ChecksumType": self.algorithm.multipart_type,
+            }
+        with translate_errors(f"CreateMultipartUpload s3://{bucket}/{key}"):
+            reply = await self._client.create_multipart_upload(
+                Bucket=bucket, Key=key, **self._acl_args(), **args
+            )
+        return str(reply["UploadId"])
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, number: int, body: bytes, checksum: str
+    ) -> str:
+        args = {self.algorithm.request_field: checksum} if self.algorithm.enabled else {}
+        with translate_errors(f"UploadPart {number} of s3://{bucket}/{key}"):
+            reply = await self._client.upload_part(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=body,
+                **args,
+            )
+        return str(reply["ETag"])
+
+    async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[RemotePart]:
+        """The parts the server holds for an upload; UploadGoneError when it is gone."""
+        parts: list[RemotePart] = []
+        field = self.algorithm.request_field
+        with translate_errors(f"ListParts s3://{bucket}/{key}"):
+            paginator = self._client.get_paginator("list_parts")
+            async for page in paginator.paginate(Bucket=bucket, Key=key, UploadId=upload_id):
+                for item in page.get("Parts", []):
+                    parts.append(
+                        RemotePart(
+                            number=int(item["PartNumber"]),
+                            etag=str(item["ETag"]),
+                            size=int(item["Size"]),
+                            checksum=item.get(field),
+                        )
+                    )
+        return parts
+
+    async def complete_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str, str]],
+        checksum: str,
+    ) -> str:
+        """Complete with (number, etag, part checksum) triples and the whole-object checksum."""
+        field = self.algorithm.request_field
+        listed: list[dict[str, Any]] = []
+        for number, etag, part_checksum in parts:
+            entry: dict[str, Any] = {"PartNumber": number, "ETag": etag}
+            if self.algorithm.enabled:
+                entry[field] = part_checksum
+            listed.append(entry)
+        args: dict[str, str] = {}
+        if self.algorithm.enabled and self.algorithm.multipart_type == "FULL_OBJECT":
+            args = {field: checksum, "ChecksumType": "FULL_OBJECT"}
+        with translate_errors(f"CompleteMultipartUpload s3://{bucket}/{key}"):
+            reply = await self._client.complete_multipart_upload(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": listed},
+                **args,
+            )
+        return str(reply.get("ETag", ""))
+
+    async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        """Abort an upload; one that is already gone counts as aborted."""
+        try:
+            with translate_errors(f"AbortMultipartUpload s3://{bucket}/{key}"):
+                await self._client.abort_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload_id
+                )
+        except UploadGoneError:
+            return
+
+    async def delete_object(self, bucket: str, key: str) -> None:
+        with translate_errors(f"DeleteObject s3://{bucket}/{key}"):
+            await self._client.delete_object(Bucket=bucket, Key=key)

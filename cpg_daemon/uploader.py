@@ -1,0 +1,339 @@
+"""One file to one object: PutObject below the threshold, resumable multipart above.
+
+The uploader owns the protocol with S3 for one file at a time; the scheduler
+decides which files, how often to retry and when to give up. Every request
+takes a slot of the one shared limiter *before* its bytes are read, so memory
+in flight is bounded by ``max_concurrency`` x the largest request body
+(``part_size`` for parts, ``multipart_threshold`` for single PUTs).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import structlog
+
+from cpg_daemon import files
+from cpg_daemon.checksums import ALGORITHMS, ChecksumName, PartDigest, decode, encode
+from cpg_daemon.config import S3Config
+from cpg_daemon.errors import CpgError, FileChangedError, RetryableError, UploadGoneError
+from cpg_daemon.journal import FileRecord, Journal, PartRecord
+from cpg_daemon.keys import PartRange, choose_part_size, part_count, part_ranges
+from cpg_daemon.store import ObjectStore, RemoteObject
+
+log = structlog.get_logger("cpg_daemon.uploader")
+
+Outcome = Literal["uploaded", "already-present", "changed"]
+
+
+class Throttle:
+    """A token bucket shared by all uploads: ``rate`` bytes per second, 0 = unlimited."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._next_free = 0.0
+        self._lock = anyio.Lock()
+
+    async def consume(self, amount: int) -> None:
+        if self.rate <= 0 or amount <= 0:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_free)
+            self._next_free = start + amount / self.rate
+        if start > now:
+            await anyio.sleep(start - now)
+
+
+@dataclass(frozen=True)
+class UploaderStatistics:
+    requests_in_flight: int
+    bytes_sent: int
+    files_uploaded: int
+
+
+@dataclass
+class _SentPart:
+    number: int
+    etag: str
+    digest: bytes
+    length: int
+
+
+class Uploader:
+    """Uploads files described by journal records, recording progress as it goes."""
+
+    def __init__(self, journal: Journal, s3: S3Config, limiter: anyio.CapacityLimiter) -> None:
+        self._journal = journal
+        self._s3 = s3
+        self._limiter = limiter
+        self._throttle = Throttle(s3.max_bandwidth)
+        self._checksum: ChecksumName = s3.checksum
+        self._bytes_sent = 0
+        self._files_uploaded = 0
+
+    def statistics(self) -> UploaderStatistics:
+        stats = self._limiter.statistics()
+        return UploaderStatistics(stats.borrowed_tokens, self._bytes_sent, self._files_uploaded)
+
+    async def upload(self, store: ObjectStore, record: FileRecord, path: Path) -> Outcome:
+        """Upload one file. Raises an error class from ``errors`` when it cannot."""
+        expected = files.FileStat(record.size, record.mtime_ns)
+        current = await files.stat(path)
+        if current != expected:
+            raise FileChangedError(f"{path} changed since it settled")
+        started = time.monotonic()
+        with structlog.contextvars.bound_contextvars(path=str(path), key=record.key):
+            if record.check_remote and record.upload_id is None:
+                remote = await store.head(record.bucket, record.key)
+                match = remote and await self._same_content(remote, path, expected)
+                if remote is not None and match:
+                    algorithm, checksum = match
+                    await self._journal.mark_uploaded(
+                        record, etag=remote.etag, checksum_algorithm=algorithm, checksum=checksum
+                    )
+                    log.info("already_present", size=record.size)
+                    return "already-present"
+            if record.size < self._s3.multipart_threshold:
+                etag, checksum = await self._single(store, record, path, expected)
+            else:
+                etag, checksum = await self._multipart(store, record, path, expected)
+            done = await self._journal.mark_uploaded(
+                record, etag=etag, checksum_algorithm=self._checksum, checksum=checksum
+            )
+            seconds = time.monotonic() - started
+            if not done:
+                log.info("changed_during_upload", size=record.size)
+                return "changed"
+            self._files_uploaded += 1
+            log.info(
+                "uploaded",
+                size=record.size,
+                seconds=round(seconds, 3),
+                mb_per_s=round(record.size / 1e6 / seconds, 2) if seconds > 0 else None,
+                checksum=checksum,
+            )
+            return "uploaded"
+
+    async def _same_content(
+        self, remote: RemoteObject, path: Path, expected: files.FileStat
+    ) -> tuple[str, str] | None:
+        """The (algorithm, checksum) proving an existing object holds this file, if any.
+
+        Only a full-object checksum can be recomputed from the file alone: a
+        composite one (``...-N``) depends on the part layout of whoever uploaded it.
+        """
+        if remote.size != expected.size:
+            return None
+        for name, value in remote.checksums.items():
+            if "-" in value or name not in ALGORITHMS:
+                continue
+            local = await files.whole_file_checksum(path, name, expected)
+            return (name, value) if local == value else None
+        return None
+
+    async def _single(
+        self, store: ObjectStore, record: FileRecord, path: Path, expected: files.FileStat
+    ) -> tuple[str, str]:
+        async with self._limiter:
+            data, digest = await files.read_range(path, 0, record.size, expected, self._checksum)
+            await self._throttle.consume(len(data))
+            etag = await store.put_object(record.bucket, record.key, data, encode(digest))
+            self._bytes_sent += len(data)
+        algorithm = ALGORITHMS[self._checksum]
+        return etag, algorithm.object_checksum([PartDigest(digest, record.size)], multipart=False)
+
+    async def _multipart(
+        self, store: ObjectStore, record: FileRecord, path: Path, expected: files.FileStat
+    ) -> tuple[str, str]:
+        sent: dict[int, _SentPart] = {}
+        upload_id: str | None = None
+        part_size = choose_part_size(record.size, self._s3.part_size)
+        if record.upload_id is not None:
+            same_file = (record.upload_size, record.upload_mtime_ns) == (
+                record.size,
+                record.mtime_ns,
+            )
+            if same_file and record.part_size:
+                part_size = record.part_size
+                try:
+                    sent = await self._resume(store, record, path, expected, part_size)
+                    upload_id = record.upload_id
+                except UploadGoneError:
+                    log.info("upload_gone", upload_id=record.upload_id)
+                    finished = await self._completed_before(store, record, part_size)
+                    await self._journal.forget_upload(record.id)
+                    if finished is not None:
+                        return finished
+            else:
+                await self.abort(store, record)
+        if upload_id is None:
+            upload_id = await self._create(store, record, part_size)
+        ranges = [r for r in part_ranges(record.size, part_size) if r.number not in sent]
+        if sent:
+            log.info("multipart_resumed", upload_id=upload_id, parts_done=len(sent))
+        await self._send_parts(store, record, path, expected, upload_id, ranges, sent)
+        ordered = [sent[n] for n in sorted(sent)]
+        algorithm = ALGORITHMS[self._checksum]
+        checksum = algorithm.object_checksum(
+            [PartDigest(p.digest, p.length) for p in ordered], multipart=True
+        )
+        if await files.stat(path) != expected:
+            raise FileChangedError(f"{path} changed while it was being uploaded")
+        etag = await store.complete_multipart_upload(
+            record.bucket,
+            record.key,
+            upload_id,
+            [(p.number, p.etag, encode(p.digest)) for p in ordered],
+            checksum,
+        )
+        return etag, checksum
+
+    async def _create(self, store: ObjectStore, record: FileRecord, part_size: int) -> str:
+        with anyio.CancelScope(shield=True):
+            # Shielded: once the upload exists it must reach the journal, or it
+            # would be an orphan that nobody aborts.
+            upload_id = await store.create_multipart_upload(record.bucket, record.key)
+            await self._journal.start_upload(
+                record.id, upload_id, part_size, record.size, record.mtime_ns
+            )
+        log.info("multipart_started", upload_id=upload_id, part_size=part_size)
+        return upload_id
+
+    async def _completed_before(
+        self, store: ObjectStore, record: FileRecord, part_size: int
+    ) -> tuple[str, str] | None:
+        """(etag, checksum) when a vanished upload had in fact been completed.
+
+        A crash between CompleteMultipartUpload and the journal write leaves an
+        upload id the server no longer knows, and a finished object: recognise
+        it by its size and the checksum derived from the journaled parts.
+        """
+        assert record.upload_id is not None
+        algorithm = ALGORITHMS[self._checksum]
+        parts = await self._journal.parts(record.id, record.upload_id)
+        if not algorithm.enabled or len(parts) != part_count(record.size, part_size):
+            return None
+        remote = await store.head(record.bucket, record.key)
+        if remote is None or remote.size != record.size:
+            return None
+        checksum = algorithm.object_checksum(
+            [PartDigest(decode(p.checksum), p.size) for p in parts], multipart=True
+        )
+        if remote.checksums.get(algorithm.name) != checksum:
+            return None
+        log.info("found_completed", upload_id=record.upload_id)
+        return remote.etag, checksum
+
+    async def _resume(
+        self,
+        store: ObjectStore,
+        record: FileRecord,
+        path: Path,
+        expected: files.FileStat,
+        part_size: int,
+    ) -> dict[int, _SentPart]:
+        """Parts of a journaled upload that the server holds and that need not be sent again.
+
+        The server is the authority on which parts exist (ListParts); the
+        journal supplies their checksums. A part the server has but the journal
+        missed (a crash between the reply and the journal write) is re-read to
+        recompute its checksum rather than sent again.
+        """
+        assert record.upload_id is not None
+        upload_id = record.upload_id
+        remote = await store.list_parts(record.bucket, record.key, upload_id)
+        journaled = {p.number: p for p in await self._journal.parts(record.id, upload_id)}
+        layout = {r.number: r for r in part_ranges(record.size, part_size)}
+        sent: dict[int, _SentPart] = {}
+        for part in remote:
+            wanted = layout.get(part.number)
+            if wanted is None or part.size != wanted.length:
+                continue
+            known = journaled.get(part.number)
+            if known is not None and known.etag == part.etag:
+                digest = decode(known.checksum) if known.checksum else b""
+            else:
+                async with self._limiter:
+                    _, digest = await files.read_range(
+                        path, wanted.offset, wanted.length, expected, self._checksum
+                    )
+                if part.checksum and decode(part.checksum) != digest:
+                    continue
+                await self._journal.add_part(
+                    record.id,
+                    upload_id,
+                    PartRecord(part.number, part.etag, encode(digest), part.size),
+                )
+            sent[part.number] = _SentPart(part.number, part.etag, digest, part.size)
+        return sent
+
+    async def _send_parts(
+        self,
+        store: ObjectStore,
+        record: FileRecord,
+        path: Path,
+        expected: files.FileStat,
+        upload_id: str,
+        ranges: list[PartRange],
+        sent: dict[int, _SentPart],
+    ) -> None:
+        """Send parts concurrently under the shared limiter; the first error stops the rest."""
+        errors: list[BaseException] = []
+
+        async def send(part: PartRange, borrower: object) -> None:
+            try:
+                data, digest = await files.read_range(
+                    path, part.offset, part.length, expected, self._checksum
+                )
+                await self._throttle.consume(len(data))
+                etag = await store.upload_part(
+                    record.bucket, record.key, upload_id, part.number, data, encode(digest)
+                )
+                del data
+                self._bytes_sent += part.length
+                await self._journal.add_part(
+                    record.id, upload_id, PartRecord(part.number, etag, encode(digest), part.length)
+                )
+                sent[part.number] = _SentPart(part.number, etag, digest, part.length)
+            except CpgError as exc:
+                errors.append(exc)
+                tg.cancel_scope.cancel()
+            finally:
+                self._limiter.release_on_behalf_of(borrower)
+
+        async with anyio.create_task_group() as tg:
+            for part in ranges:
+                if errors:
+                    break
+                # The slot is taken before the part is read: memory stays bounded.
+                borrower = object()
+                await self._limiter.acquire_on_behalf_of(borrower)
+                tg.start_soon(send, part, borrower)
+        if errors:
+            raise _most_serious(errors)
+
+    async def abort(self, store: ObjectStore, record: FileRecord) -> None:
+        """Abort the file's multipart upload, if it has one, and forget it (shielded)."""
+        if record.upload_id is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await store.abort_multipart_upload(record.bucket, record.key, record.upload_id)
+            except RetryableError as exc:
+                log.warning("abort_failed", upload_id=record.upload_id, error=str(exc))
+                return
+            await self._journal.forget_upload(record.id)
+            log.info("multipart_aborted", upload_id=record.upload_id)
+
+
+def _most_serious(errors: list[BaseException]) -> BaseException:
+    """The error that decides the file's fate: anything but a transient one wins."""
+    for error in errors:
+        if not isinstance(error, RetryableError):
+            return error
+    return errors[0]

@@ -1,0 +1,339 @@
+"""Discovery: which files under a watch are finished, and so ready to upload.
+
+Three sources feed one settle tracker: a walk at start-up, filesystem events
+(watchfiles, recursive; a batch folder moved in arrives as one event for the
+folder, which is then walked), and a periodic walk as a safety net for missed
+events, inotify overflows and network mounts. A file is *settled* once its
+size and mtime have not changed for the watch's ``settle`` time: either its
+mtime is already that old, or it was seen unchanged for that long. Settled
+files go to the journal, which queues what is new or changed.
+
+Only regular files are considered. Symlinks are never followed (so nothing
+outside the watch root is ever read); FIFOs, sockets and devices are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as stat_module
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import structlog
+import watchfiles
+from anyio.abc import TaskStatus
+
+from cpg_daemon.config import WatchConfig
+from cpg_daemon.journal import Discovered, Journal
+from cpg_daemon.keys import PathFilter, key_problem, object_key
+
+log = structlog.get_logger("cpg_daemon.watcher")
+
+BATCH = 500
+"""Settled files handed to the journal in one transaction."""
+
+
+@dataclass(frozen=True)
+class Seen:
+    rel_path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class WatcherStatistics:
+    name: str
+    settling: int
+    scans: int
+    last_scan_seconds: float | None
+    watching: bool
+    error: str | None
+
+
+def scan_folder(root: Path, rel_dir: str, path_filter: PathFilter) -> tuple[list[Seen], list[str]]:
+    """Regular files and sub-folders of one folder (relative to ``root``), filtered.
+
+    Runs in a worker thread. Symlinks and special files are left out.
+    """
+    files: list[Seen] = []
+    folders: list[str] = []
+    folder = root / rel_dir if rel_dir else root
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return files, folders
+    for entry in entries:
+        rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        mode = info.st_mode
+        if stat_module.S_ISDIR(mode):
+            if not path_filter.excludes_dir(rel):
+                folders.append(rel)
+        elif stat_module.S_ISREG(mode):
+            if path_filter.accepts(rel):
+                files.append(Seen(rel, info.st_size, info.st_mtime_ns))
+        elif stat_module.S_ISLNK(mode):
+            log.debug("symlink_skipped", path=str(folder / entry.name))
+    return files, folders
+
+
+def stat_file(path: Path) -> Seen | None:
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat_module.S_ISREG(info.st_mode):
+        return None
+    return Seen("", info.st_size, info.st_mtime_ns)
+
+
+class Watcher:
+    """Finds settled files under one watch and records them in the journal."""
+
+    def __init__(
+        self,
+        watch: WatchConfig,
+        journal: Journal,
+        on_queued: Callable[[], None],
+        rescan_interval: float,
+        remote_sizes: dict[str, int] | None = None,
+    ) -> None:
+        self.watch = watch
+        self._journal = journal
+        self._on_queued = on_queued
+        self._rescan_interval = rescan_interval
+        self._filter = PathFilter(watch.include, watch.exclude)
+        self._root = watch.path
+        # Files seen but not yet settled: rel_path -> (size, mtime_ns, monotonic first seen).
+        self._pending: dict[str, tuple[int, int, float]] = {}
+        self._remote_sizes = remote_sizes
+        self._scans = 0
+        self._last_scan_seconds: float | None = None
+        self._watching = False
+        self._error: str | None = None
+        self._rescan_now = anyio.Event()
+
+    def statistics(self) -> WatcherStatistics:
+        return WatcherStatistics(
+            self.watch.name,
+            len(self._pending),
+            self._scans,
+            self._last_scan_seconds,
+            self._watching,
+            self._error,
+        )
+
+    def request_rescan(self) -> None:
+        self._rescan_now.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Watch until cancelled. Ready once the first walk has begun."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._follow_events)
+            tg.start_soon(self._settle_loop)
+            task_status.started()
+            while True:
+                await self.scan()
+                self._remote_sizes = None  # only the first walk after a lost journal needs it
+                with anyio.move_on_after(self._rescan_interval):
+                    await self._rescan_now.wait()
+                self._rescan_now = anyio.Event()
+
+    # -- walking -----------------------------------------------------------------------
+
+    async def scan(self, rel_dir: str = "") -> int:
+        """Walk the watch (or one folder of it); returns how many files were queued."""
+        started = time.monotonic()
+        if not rel_dir and not await anyio.to_thread.run_sync(self._root.is_dir):
+            if self._error is None:
+                log.error("watch_path_missing", watch=self.watch.name, path=str(self._root))
+            self._error = f"{self._root} does not exist or is not a folder"
+            return 0
+        queued = 0
+        stack = [rel_dir]
+        while stack:
+            folder = stack.pop()
+            found, folders = await anyio.to_thread.run_sync(
+                scan_folder, self._root, folder, self._filter
+            )
+            stack.extend(folders)
+            queued += await self._observe_many(found)
+        if not rel_dir:
+            self._scans += 1
+            self._last_scan_seconds = time.monotonic() - started
+            log.debug("scanned", watch=self.watch.name, seconds=round(self._last_scan_seconds, 3))
+        return queued
+
+    async def _observe_many(self, found: list[Seen]) -> int:
+        ready: list[Seen] = []
+        now = time.monotonic()
+        wall_ns = time.time_ns()
+        settle_ns = int(self.watch.settle * 1e9)
+        for seen in found:
+            previous = self._pending.get(seen.rel_path)
+            old_enough = wall_ns - seen.mtime_ns >= settle_ns
+            if previous is not None and previous[:2] == (seen.size, seen.mtime_ns):
+                if old_enough or now - previous[2] >= self.watch.settle:
+                    del self._pending[seen.rel_path]
+                    ready.append(seen)
+            elif old_enough:
+                self._pending.pop(seen.rel_path, None)
+                ready.append(seen)
+            else:
+                self._pending[seen.rel_path] = (seen.size, seen.mtime_ns, now)
+        return await self._settled(ready)
+
+    async def _settled(self, ready: list[Seen]) -> int:
+        """Hand settled files to the journal, holding back folders without a ready marker."""
+        queued = 0
+        batch: list[Discovered] = []
+        marker = self.watch.ready_marker
+        marked: dict[str, bool] = {}
+        for seen in ready:
+            if marker:
+                top, sep, rest = seen.rel_path.partition("/")
+                if (sep and rest == marker) or (not sep and top == marker):
+                    continue  # the marker itself is a signal, not data
+                if sep:
+                    if top not in marked:
+                        marked[top] = await anyio.to_thread.run_sync(
+                            (self._root / top / marker).is_file
+                        )
+                    if not marked[top]:
+                        continue
+            key = object_key(self.watch.destination.prefix, seen.rel_path)
+            problem = key_problem(key)
+            if problem is not None:
+                shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                log.warning("bad_name", path=seen.rel_path, error=problem)
+                await self._journal.record_rejected(self.watch.name, seen.rel_path, shown, problem)
+                continue
+            check = self._remote_sizes is not None and self._remote_sizes.get(key) == seen.size
+            batch.append(
+                Discovered(
+                    seen.rel_path,
+                    self.watch.destination.bucket,
+                    key,
+                    seen.size,
+                    seen.mtime_ns,
+                    check_remote=check,
+                )
+            )
+            if len(batch) >= BATCH:
+                queued += await self._journal.record_discovered(self.watch.name, batch)
+                batch = []
+        if batch:
+            queued += await self._journal.record_discovered(self.watch.name, batch)
+        if queued:
+            self._on_queued()
+        return queued
+
+    # -- following changes ---------------------------------------------------------------
+
+    async def _settle_loop(self) -> None:
+        """Re-check pending files; those unchanged for ``settle`` are handed on."""
+        tick = min(max(self.watch.settle / 5, 0.05), 1.0)
+        while True:
+            await anyio.sleep(tick)
+            now = time.monotonic()
+            due = [
+                rel
+                for rel, (_, _, since) in self._pending.items()
+                if now - since >= self.watch.settle
+            ]
+            if not due:
+                continue
+            found = await anyio.to_thread.run_sync(self._restat, due)
+            await self._observe_many(found)
+
+    def _restat(self, rel_paths: list[str]) -> list[Seen]:
+        found = []
+        for rel in rel_paths:
+            seen = stat_file(self._root / rel)
+            if seen is None:
+                self._pending.pop(rel, None)  # vanished while settling: forget it
+            else:
+                found.append(Seen(rel, seen.size, seen.mtime_ns))
+        return found
+
+    async def _follow_events(self) -> None:
+        """Turn filesystem events into observations; falls back to polling if inotify fails."""
+        force_polling: bool | None = None
+        while True:
+            if not await anyio.to_thread.run_sync(self._root.is_dir):
+                await anyio.sleep(min(self._rescan_interval, 10.0))
+                continue
+            try:
+                self._watching = True
+                async for changes in watchfiles.awatch(
+                    self._root,
+                    watch_filter=None,
+                    recursive=True,
+                    force_polling=force_polling,
+                    debounce=200,
+                    step=50,
+                    ignore_permission_denied=True,
+                ):
+                    await self._on_changes(changes)
+            except OSError as exc:
+                self._watching = False
+                if force_polling:
+                    raise
+                log.warning(
+                    "events_unavailable_polling",
+                    watch=self.watch.name,
+                    error=str(exc),
+                    hint="raise fs.inotify.max_user_watches; polling this watch meanwhile",
+                )
+                force_polling = True
+            self._watching = False
+            await anyio.sleep(1.0)  # the root went away; wait for it to come back
+
+    async def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
+        folders: list[str] = []
+        files: list[str] = []
+        root = str(self._root)
+        for change, raw in changes:
+            if not raw.startswith(root + os.sep):
+                continue
+            rel = raw[len(root) + 1 :].replace(os.sep, "/")
+            if change == watchfiles.Change.deleted:
+                self._pending.pop(rel, None)
+                continue
+            files.append(rel)
+        found: list[Seen] = []
+        for rel in files:
+            kind = await anyio.to_thread.run_sync(_kind, self._root / rel)
+            if kind == "dir":
+                if not self._filter.excludes_dir(rel):
+                    folders.append(rel)
+            elif kind == "file":
+                if self._filter.accepts(rel):
+                    seen = await anyio.to_thread.run_sync(stat_file, self._root / rel)
+                    if seen is not None:
+                        found.append(Seen(rel, seen.size, seen.mtime_ns))
+                marker = self.watch.ready_marker
+                if marker and rel.endswith("/" + marker) and rel.count("/") == 1:
+                    folders.append(rel.split("/", 1)[0])
+        await self._observe_many(found)
+        for folder in folders:
+            await self.scan(folder)
+
+
+def _kind(path: Path) -> str:
+    try:
+        mode = os.stat(path, follow_symlinks=False).st_mode
+    except OSError:
+        return "gone"
+    if stat_module.S_ISDIR(mode):
+        return "dir"
+    if stat_module.S_ISREG(mode):
+        return "file"
+    return "other"
