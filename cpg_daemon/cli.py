@@ -92,12 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $XDG_STATE_HOME/cpg-daemon/upload)",
     )
     upload.add_argument("--quiet", action="store_true", help="no progress line")
+
+    demo = commands.add_parser(
+        "demo", help="run the whole pipeline on this machine against a local S3 server"
+    )
+    demo.add_argument(
+        "--once",
+        action="store_true",
+        help="exit once the sample is uploaded and verified (default when not on a terminal)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": _run, "check": _check, "upload": _upload}
+    handlers = {"run": _run, "check": _check, "upload": _upload, "demo": _demo}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -237,3 +246,20 @@ def _upload(args: argparse.Namespace) -> int:
     for path, error in summary.failures:
         print(f"failed: {path}: {error}", file=sys.stderr)
     return EXIT_PROBLEM if summary.failed else EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        import moto  # noqa: F401 - only checks that the local S3 server is installed
+    except ImportError:
+        print(
+            "cpg-daemon demo needs a local S3 server: pip install 'cpg-daemon[server]'",
+            file=sys.stderr,
+        )
+        return EXIT_PROBLEM
+    from cpg_daemon import demo
+
+    logs.configure("console" if sys.stderr.isatty() else "json", "warning")
+    once = args.once or not sys.stdout.isatty()
+    result: int = anyio.run(demo.run_demo, once)
+    return result

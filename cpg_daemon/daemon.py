@@ -1,10 +1,10 @@
 """The supervisor: opens the journal, starts every component in one task group, stops cleanly.
 
 Start order: journal (crash leftovers re-queued) -> S3 clients -> scheduler ->
-watchers. Stop (SIGTERM or SIGINT): stop taking new files and stop watching,
-let in-flight requests finish until ``daemon.drain_timeout``, then cancel
-what is left; the journal already holds every finished part, so the next
-start resumes from there. A second signal skips the wait.
+watchers. Stop (SIGTERM, SIGINT or ``request_stop``): stop watching and stop
+starting files, let in-flight requests finish until ``daemon.drain_timeout``,
+then cancel what is left; the journal already holds every finished part, so
+the next start resumes from there. A second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import structlog
 from cpg_daemon import __version__
 from cpg_daemon.config import Config
 from cpg_daemon.credentials import build_providers, provider_for
-from cpg_daemon.journal import Journal
+from cpg_daemon.errors import CpgError
+from cpg_daemon.journal import Journal, JournalStatistics
 from cpg_daemon.scheduler import Scheduler
 from cpg_daemon.store import ObjectStore
 from cpg_daemon.uploader import Uploader
@@ -34,93 +35,147 @@ async def remote_sizes(store: ObjectStore, bucket: str, prefix: str) -> dict[str
     return {obj.key: obj.size async for obj in store.list_objects(bucket, prefix)}
 
 
-async def run(config: Config) -> None:
-    """Run the daemon until SIGTERM/SIGINT."""
-    file = str(config.path) if config.path else "<config>"
-    providers = build_providers(config)
-    watch_providers = {
-        watch.name: provider_for(providers, watch.destination, file, f"watch[{i}].destination")
-        for i, watch in enumerate(config.watches)
-    }
-    journal = await Journal.open(config.daemon.state_dir / JOURNAL_NAME)
-    try:
-        requeued = await journal.reset_in_flight()
-        log.info(
-            "starting",
-            version=__version__,
-            journal=str(journal.path),
-            new_journal=journal.created,
-            resumed_files=requeued,
-            watches=[w.name for w in config.watches],
-        )
-        async with AsyncExitStack() as stack:
-            stores_by_provider = {
-                id(p): await stack.enter_async_context(ObjectStore.connect(p.session, config.s3))
-                for p in providers
-            }
-            stores = {name: stores_by_provider[id(p)] for name, p in watch_providers.items()}
-            limiter = anyio.CapacityLimiter(config.s3.max_concurrency)
-            uploader = Uploader(journal, config.s3, limiter)
-            scheduler = Scheduler(
-                journal,
-                uploader,
-                {w.name: w for w in config.watches},
-                stores,
-                workers=config.s3.max_concurrency,
-                file_attempts=config.daemon.file_attempts,
+class Daemon:
+    """One run of the daemon: ``await Daemon(config).run()``."""
+
+    def __init__(self, config: Config, *, handle_signals: bool = True) -> None:
+        self.config = config
+        self._handle_signals = handle_signals
+        self._stopping = anyio.Event()
+        self._force = anyio.Event()
+        self._running = anyio.Event()
+        self._journal: Journal | None = None
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop, as SIGTERM does."""
+        self._stopping.set()
+
+    async def wait_running(self) -> None:
+        """Return once every watcher has started its first walk."""
+        await self._running.wait()
+
+    async def journal_statistics(self) -> JournalStatistics:
+        assert self._journal is not None, "the daemon is not running"
+        return await self._journal.statistics()
+
+    async def run(self) -> None:
+        config = self.config
+        file = str(config.path) if config.path else "<config>"
+        providers = build_providers(config)
+        watch_providers = {
+            watch.name: provider_for(providers, watch.destination, file, f"watch[{i}].destination")
+            for i, watch in enumerate(config.watches)
+        }
+        journal = await Journal.open(config.daemon.state_dir / JOURNAL_NAME)
+        self._journal = journal
+        try:
+            requeued = await journal.reset_in_flight()
+            log.info(
+                "starting",
+                version=__version__,
+                journal=str(journal.path),
+                new_journal=journal.created,
+                resumed_files=requeued,
+                watches=[w.name for w in config.watches],
             )
-            await _supervise(config, journal, scheduler, stores)
-    finally:
-        await journal.close()
-    log.info("stopped")
+            async with AsyncExitStack() as stack:
+                by_provider = {
+                    id(p): await stack.enter_async_context(
+                        ObjectStore.connect(p.session, config.s3)
+                    )
+                    for p in providers
+                }
+                stores = {name: by_provider[id(p)] for name, p in watch_providers.items()}
+                uploader = Uploader(
+                    journal, config.s3, anyio.CapacityLimiter(config.s3.max_concurrency)
+                )
+                scheduler = Scheduler(
+                    journal,
+                    uploader,
+                    {w.name: w for w in config.watches},
+                    stores,
+                    workers=config.s3.max_concurrency,
+                    file_attempts=config.daemon.file_attempts,
+                )
+                await self._supervise(journal, scheduler, stores)
+        finally:
+            self._journal = None
+            await journal.close()
+        log.info("stopped")
 
-
-async def _supervise(
-    config: Config, journal: Journal, scheduler: Scheduler, stores: dict[str, ObjectStore]
-) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def _supervise(
+        self, journal: Journal, scheduler: Scheduler, stores: dict[str, ObjectStore]
+    ) -> None:
         async with anyio.create_task_group() as tg:
+            if self._handle_signals:
+                tg.start_soon(self._signals)
             await tg.start(scheduler.run)
+            watchers = [
+                Watcher(w, journal, scheduler.wake, self.config.daemon.rescan_interval)
+                for w in self.config.watches
+            ]
             watching = anyio.CancelScope()
 
             async def watch_all() -> None:
                 with watching:
-                    async with anyio.create_task_group() as watchers:
-                        for watch in config.watches:
-                            sizes = None
+                    async with anyio.create_task_group() as group:
+                        for watcher in watchers:
                             if journal.created:
-                                sizes = await remote_sizes(
-                                    stores[watch.name],
-                                    watch.destination.bucket,
-                                    watch.destination.prefix,
-                                )
-                            watcher = Watcher(
-                                watch,
-                                journal,
-                                scheduler.wake,
-                                config.daemon.rescan_interval,
-                                sizes,
-                            )
-                            await watchers.start(watcher.run)
+                                # A new journal may sit beside data uploaded before: list
+                                # the destination so those files are checked, not re-sent.
+                                await self._list_destination(watcher, stores)
+                            await group.start(watcher.run)
                         log.info("running")
+                        self._running.set()
 
             tg.start_soon(watch_all)
-            async for signum in signals:
-                log.info("stopping", signal=signal.Signals(signum).name)
-                break
+            await self._stopping.wait()
+            for watcher in watchers:
+                watcher.stop()
             watching.cancel()
             scheduler.drain()
             async with anyio.create_task_group() as drain:
 
-                async def second_signal() -> None:
-                    async for signum in signals:
-                        log.warning("stopping_now", signal=signal.Signals(signum).name)
-                        drain.cancel_scope.cancel()
+                async def until_idle() -> None:
+                    with anyio.move_on_after(self.config.daemon.drain_timeout) as deadline:
+                        await scheduler.wait_idle()
+                    if deadline.cancelled_caught:
+                        log.warning("drain_timeout", seconds=self.config.daemon.drain_timeout)
+                    drain.cancel_scope.cancel()
 
-                drain.start_soon(second_signal)
-                with anyio.move_on_after(config.daemon.drain_timeout) as deadline:
-                    await scheduler.wait_idle()
-                if deadline.cancelled_caught:
-                    log.warning("drain_timeout", seconds=config.daemon.drain_timeout)
+                drain.start_soon(until_idle)
+                await self._force.wait()
                 drain.cancel_scope.cancel()
             tg.cancel_scope.cancel()
+
+    @staticmethod
+    async def _list_destination(watcher: Watcher, stores: dict[str, ObjectStore]) -> None:
+        destination = watcher.watch.destination
+        try:
+            watcher.remote_sizes = await remote_sizes(
+                stores[watcher.watch.name], destination.bucket, destination.prefix
+            )
+        except CpgError as exc:
+            log.warning(
+                "destination_not_listed",
+                watch=watcher.watch.name,
+                error=str(exc),
+                consequence="each file found now is looked up on the server before upload",
+            )
+            watcher.check_all_first_walk = True
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._stopping.is_set():
+                    log.info("stopping", signal=name)
+                    self._stopping.set()
+                else:
+                    log.warning("stopping_now", signal=name)
+                    self._force.set()
+
+
+async def run(config: Config) -> None:
+    """Run the daemon until SIGTERM/SIGINT."""
+    await Daemon(config).run()

@@ -113,12 +113,20 @@ class Watcher:
         self._root = watch.path
         # Files seen but not yet settled: rel_path -> (size, mtime_ns, monotonic first seen).
         self._pending: dict[str, tuple[int, int, float]] = {}
-        self._remote_sizes = remote_sizes
+        self.remote_sizes = remote_sizes
+        """Sizes of objects already at the destination, for the first walk only."""
+        self.check_all_first_walk = False
+        """Check every file of the first walk on the server (when the listing failed)."""
         self._scans = 0
         self._last_scan_seconds: float | None = None
         self._watching = False
         self._error: str | None = None
         self._rescan_now = anyio.Event()
+        self._stop = anyio.Event()
+
+    def stop(self) -> None:
+        """Stop following events promptly (the event thread checks this every 50 ms)."""
+        self._stop.set()
 
     def statistics(self) -> WatcherStatistics:
         return WatcherStatistics(
@@ -141,7 +149,9 @@ class Watcher:
             task_status.started()
             while True:
                 await self.scan()
-                self._remote_sizes = None  # only the first walk after a lost journal needs it
+                # Only the first walk after a lost journal needs these.
+                self.remote_sizes = None
+                self.check_all_first_walk = False
                 with anyio.move_on_after(self._rescan_interval):
                     await self._rescan_now.wait()
                 self._rescan_now = anyio.Event()
@@ -178,7 +188,9 @@ class Watcher:
         settle_ns = int(self.watch.settle * 1e9)
         for seen in found:
             previous = self._pending.get(seen.rel_path)
-            old_enough = wall_ns - seen.mtime_ns >= settle_ns
+            # With no settle time every file is ready, even one whose mtime lies in the
+            # future (a fast clock on the acquisition PC that wrote it).
+            old_enough = settle_ns <= 0 or wall_ns - seen.mtime_ns >= settle_ns
             if previous is not None and previous[:2] == (seen.size, seen.mtime_ns):
                 if old_enough or now - previous[2] >= self.watch.settle:
                     del self._pending[seen.rel_path]
@@ -215,7 +227,9 @@ class Watcher:
                 log.warning("bad_name", path=seen.rel_path, error=problem)
                 await self._journal.record_rejected(self.watch.name, seen.rel_path, shown, problem)
                 continue
-            check = self._remote_sizes is not None and self._remote_sizes.get(key) == seen.size
+            check = self.check_all_first_walk or (
+                self.remote_sizes is not None and self.remote_sizes.get(key) == seen.size
+            )
             batch.append(
                 Discovered(
                     seen.rel_path,
@@ -280,6 +294,8 @@ class Watcher:
                     debounce=200,
                     step=50,
                     ignore_permission_denied=True,
+                    stop_event=self._stop,
+                    rust_timeout=1000,
                 ):
                     await self._on_changes(changes)
             except OSError as exc:
@@ -294,6 +310,8 @@ class Watcher:
                 )
                 force_polling = True
             self._watching = False
+            if self._stop.is_set():
+                await anyio.sleep_forever()  # stopped: wait for the cancellation that follows
             await anyio.sleep(1.0)  # the root went away; wait for it to come back
 
     async def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:

@@ -1,0 +1,290 @@
+"""``cpg-daemon run`` end to end: a real daemon subprocess, real files, a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonproc import Daemon, journal_rows, wait_until, write_config
+from s3server import S3Server
+
+MiB = 1024 * 1024
+
+
+def _object_bytes(s3_client: Any, bucket: str, key: str) -> bytes | None:
+    try:
+        body: bytes = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except s3_client.exceptions.NoSuchKey:
+        return None
+    return body
+
+
+def _wait_object(
+    s3_client: Any, bucket: str, key: str, expected: bytes, timeout: float = 30
+) -> None:
+    wait_until(
+        lambda: _object_bytes(s3_client, bucket, key) == expected,
+        timeout,
+        f"s3://{bucket}/{key} to hold the file's bytes",
+    )
+
+
+def _write(path: Path, data: bytes) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> dict[str, Path]:
+    paths = {
+        "watch": tmp_path / "outbox",
+        "state": tmp_path / "state",
+        "staging": tmp_path / "staging",
+    }
+    for path in paths.values():
+        path.mkdir()
+    return paths
+
+
+def _start(
+    tmp_path: Path,
+    layout: dict[str, Path],
+    s3_server: S3Server,
+    bucket: str,
+    *,
+    settle: str = "1s",
+    s3: dict[str, Any] | None = None,
+    name: str = "run",
+) -> Daemon:
+    config = write_config(
+        tmp_path / f"{name}.toml",
+        state_dir=layout["state"],
+        endpoint_url=s3_server.endpoint_url,
+        watches=[
+            {
+                "name": "plates",
+                "path": str(layout["watch"]),
+                "destination": f"s3://{bucket}/cpg0001-test/broad/images/",
+                "settle": settle,
+            }
+        ],
+        s3=s3,
+    )
+    daemon = Daemon(config, tmp_path / f"{name}.log")
+    daemon.wait_for_event("running")
+    return daemon
+
+
+PREFIX = "cpg0001-test/broad/images/"
+
+
+def test_batch_moved_into_watch_is_uploaded_and_sigterm_exits_0(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    rng = random.Random(1)
+    batch = layout["staging"] / "2024_04_01_Batch1"
+    files = {
+        "plate A/r01c01f01p01-ch1.tiff": _write(
+            batch / "plate A/r01c01f01p01-ch1.tiff", rng.randbytes(300_000)
+        ),
+        "plate A/r01c01f01p01-ch2.tiff": _write(
+            batch / "plate A/r01c01f01p01-ch2.tiff", rng.randbytes(200_000)
+        ),
+        "illum/Plate_IllumDNA.npy": _write(batch / "illum/Plate_IllumDNA.npy", rng.randbytes(1000)),
+        "naïve 日本.csv": _write(batch / "naïve 日本.csv", b"a,b\n1,2\n"),
+        ".hidden": _write(batch / ".hidden", b"never uploaded"),
+    }
+    daemon = _start(tmp_path, layout, s3_server, bucket)
+    try:
+        os.rename(batch, layout["watch"] / batch.name)  # `mv` on the same filesystem
+        for rel, data in files.items():
+            key = f"{PREFIX}2024_04_01_Batch1/{rel}"
+            if rel == ".hidden":
+                continue
+            _wait_object(s3_client, bucket, key, data)
+        listed = s3_client.list_objects_v2(Bucket=bucket, Prefix=PREFIX).get("Contents", [])
+        assert sorted(o["Key"] for o in listed) == sorted(
+            f"{PREFIX}2024_04_01_Batch1/{rel}" for rel in files if rel != ".hidden"
+        )
+    finally:
+        status = daemon.terminate()
+    assert status == 0, daemon.log_text()
+    assert any(e.get("event") == "stopped" for e in daemon.events())
+    uploaded = [e for e in daemon.events() if e.get("event") == "uploaded"]
+    assert {e["key"] for e in uploaded} == {o["Key"] for o in listed}
+    assert all({"size", "seconds", "path", "key"} <= e.keys() for e in uploaded)
+
+
+def test_file_still_being_written_is_uploaded_only_once_settled(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    daemon = _start(tmp_path, layout, s3_server, bucket, settle="1.5s")
+    path = layout["watch"] / "growing.sqlite"
+    key = f"{PREFIX}growing.sqlite"
+    chunks = [os.urandom(64 * 1024) for _ in range(12)]
+    seen_early: list[bytes] = []
+    try:
+
+        def writer() -> None:
+            with open(path, "ab") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+                    handle.flush()
+                    time.sleep(0.4)  # well inside the settle time: never settles while writing
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        while thread.is_alive():
+            early = _object_bytes(s3_client, bucket, key)
+            if early is not None:
+                seen_early.append(early)
+            time.sleep(0.2)
+        thread.join()
+        finished = time.monotonic()
+        _wait_object(s3_client, bucket, key, b"".join(chunks))
+        became_visible = time.monotonic() - finished
+    finally:
+        assert daemon.terminate() == 0
+    assert seen_early == [], "an unfinished file was uploaded"
+    assert became_visible < 15
+    assert [e["key"] for e in daemon.events() if e.get("event") == "uploaded"] == [key]
+
+
+def test_kill_9_during_multipart_resumes_without_resending_parts(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    s3 = {
+        "part_size": "5MiB",
+        "multipart_threshold": "5MiB",
+        "max_concurrency": 2,
+        # Slow enough that the kill lands mid-upload: 12 parts at ~5 parts/s.
+        "max_bandwidth": "25MB",
+    }
+    data = os.urandom(60 * MiB)
+    key = f"{PREFIX}big/plate.sqlite"
+    start_mark = s3_server.mark()
+    first = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="first")
+    _write(layout["watch"] / "big/plate.sqlite", data)
+    # Backdate the file so it is settled at once (as a file copied with its mtime is).
+    os.utime(layout["watch"] / "big/plate.sqlite", (time.time() - 3600, time.time() - 3600))
+    wait_until(
+        lambda: len(s3_server.upload_part_requests(bucket, key, since=start_mark)) >= 3,
+        30,
+        "three parts to reach the server",
+    )
+    first.kill()
+    before = s3_server.upload_part_requests(bucket, key, since=start_mark)
+    assert len(before) < 12, "the whole file went up before the kill; the test proves nothing"
+    upload_ids = {r.query["uploadId"] for r in before}
+    assert len(upload_ids) == 1
+    done_before = {int(r.query["partNumber"]) for r in before if r.status == 200}
+    rows = journal_rows(layout["state"])
+    assert [r["state"] for r in rows] == ["uploading"]
+    assert rows[0]["upload_id"] in upload_ids
+
+    resume_mark = s3_server.mark()
+    second = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="second")
+    try:
+        _wait_object(s3_client, bucket, key, data, timeout=60)
+    finally:
+        assert second.terminate() == 0
+    after = s3_server.upload_part_requests(bucket, key, since=resume_mark)
+    assert {r.query["uploadId"] for r in after} <= upload_ids, "the upload was restarted"
+    resent = done_before & {int(r.query["partNumber"]) for r in after}
+    assert resent == set(), f"parts {sorted(resent)} were sent again"
+    assert done_before | {int(r.query["partNumber"]) for r in after if r.status == 200} == set(
+        range(1, 13)
+    )
+    assert any(e.get("event") == "multipart_resumed" for e in second.events())
+    head = s3_client.head_object(Bucket=bucket, Key=key)
+    assert head["ContentLength"] == len(data)
+    assert journal_rows(layout["state"])[0]["state"] == "uploaded"
+    # Nothing is left open on the server.
+    assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_restart_and_lost_journal_do_not_upload_again(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    s3 = {"part_size": "5MiB", "multipart_threshold": "5MiB"}
+    rng = random.Random(2)
+    files = {f"plate/{i:03d}.tiff": rng.randbytes(50_000) for i in range(20)}
+    files["plate/big.sqlite"] = rng.randbytes(6 * MiB)  # multipart
+    for rel, data in files.items():
+        _write(layout["watch"] / rel, data)
+    daemon = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="first")
+    try:
+        for rel, data in files.items():
+            _wait_object(s3_client, bucket, PREFIX + rel, data)
+    finally:
+        assert daemon.terminate() == 0
+
+    def all_uploaded() -> bool:
+        rows = journal_rows(layout["state"])
+        return len(rows) == len(files) and all(r["state"] == "uploaded" for r in rows)
+
+    # A plain restart: the journal knows everything is done.
+    mark = s3_server.mark()
+    daemon = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="restart")
+    try:
+        wait_until(all_uploaded, 30, "the journal to list every file as uploaded")
+        time.sleep(1.0)
+    finally:
+        assert daemon.terminate() == 0
+    writes = [r for r in s3_server.requests(since=mark) if r.method in ("PUT", "POST")]
+    assert writes == []
+
+    # The journal is lost: the files are recognised on the server by size and checksum.
+    shutil.rmtree(layout["state"])
+    layout["state"].mkdir()
+    mark = s3_server.mark()
+    daemon = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="lost")
+    try:
+        wait_until(all_uploaded, 30, "the new journal to list every file as uploaded")
+    finally:
+        assert daemon.terminate() == 0
+    writes = [r for r in s3_server.requests(since=mark) if r.method in ("PUT", "POST")]
+    assert writes == [], f"{len(writes)} write requests after the journal was lost"
+    present = [e for e in daemon.events() if e.get("event") == "already_present"]
+    assert len(present) == len(files)
+
+
+def test_changed_file_is_uploaded_again(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    path = layout["watch"] / "profiles.csv"
+    _write(path, b"version 1\n")
+    daemon = _start(tmp_path, layout, s3_server, bucket, settle="0.5s")
+    try:
+        _wait_object(s3_client, bucket, PREFIX + "profiles.csv", b"version 1\n")
+        _write(path, b"version 2 (longer)\n")
+        _wait_object(s3_client, bucket, PREFIX + "profiles.csv", b"version 2 (longer)\n")
+    finally:
+        assert daemon.terminate() == 0
+
+
+def test_name_s3_cannot_take_is_failed_visibly_and_others_continue(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    long_name = "/".join(["d" * 200] * 5) + "/image.tiff"  # a legal path, a 1000+ byte key
+    _write(layout["watch"] / long_name, b"data")
+    _write(layout["watch"] / "fine.tiff", b"fine")
+    daemon = _start(tmp_path, layout, s3_server, bucket)
+    try:
+        _wait_object(s3_client, bucket, PREFIX + "fine.tiff", b"fine")
+        rows = wait_until(
+            lambda: [r for r in journal_rows(layout["state"]) if r["state"] == "failed"],
+            10,
+            "the long name to be marked failed",
+        )
+    finally:
+        assert daemon.terminate() == 0
+    assert len(rows) == 1
+    assert "1024" in rows[0]["last_error"]
