@@ -305,6 +305,13 @@ def _patterns(value: object) -> tuple[str, ...]:
     return tuple(cast("list[str]", value))
 
 
+def _include_patterns(value: object) -> tuple[str, ...]:
+    patterns = _patterns(value)
+    if not patterns:
+        raise ValueError('an empty include list selects nothing; use ["**"] for everything')
+    return patterns
+
+
 def _listen_address(value: object) -> str:
     text = _string(value)
     if text:
@@ -494,7 +501,7 @@ def _watch(reader: _Reader, table: Mapping[str, Any], w: str) -> WatchConfig:
         path=path,
         destination=destination,
         settle=reader.get(table, w, "settle", _duration_range(0, 86400), 30.0),
-        include=reader.get(table, w, "include", _patterns, ("**",)),
+        include=reader.get(table, w, "include", _include_patterns, ("**",)),
         exclude=reader.get(table, w, "exclude", _patterns, DEFAULT_EXCLUDE),
         ready_marker=marker,
         structure=cast("StructurePolicy", structure),

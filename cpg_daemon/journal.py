@@ -435,6 +435,12 @@ class Journal:
                     record.mtime_ns,
                 ),
             ).rowcount
+            # The upload is complete either way: it is no longer an open upload.
+            db.execute(
+                "UPDATE files SET upload_id=NULL, upload_size=NULL, upload_mtime_ns=NULL, "
+                "part_size=NULL WHERE id=?",
+                (record.id,),
+            )
             db.execute("DELETE FROM parts WHERE file_id=?", (record.id,))
             return changed == 1
 

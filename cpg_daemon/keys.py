@@ -26,6 +26,9 @@ MAX_KEY_BYTES = 1024
 """S3's longest object key, in bytes of UTF-8."""
 
 
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
 @dataclass(frozen=True)
 class S3Location:
     """A bucket and a key prefix (empty, or ending in ``/``)."""
@@ -49,8 +52,13 @@ def parse_s3_uri(uri: str) -> S3Location:
     if parts.query or parts.fragment:
         raise ValueError(f"an s3:// URI cannot have '?' or '#' in it: {uri!r}")
     bucket = parts.netloc
-    if not (3 <= len(bucket) <= 63) or bucket != bucket.lower() or " " in bucket:
-        raise ValueError(f"{bucket!r} is not a valid S3 bucket name")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise ValueError(
+            f"{bucket!r} is not a valid S3 bucket name (3-63 lower-case letters, digits, "
+            "'-' and '.', starting and ending with a letter or digit)"
+        )
+    if parts.path.startswith("//"):
+        raise ValueError(f"empty folder name ('//') in {uri!r}")
     prefix = parts.path.lstrip("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
@@ -121,6 +129,8 @@ def part_ranges(file_size: int, part_size: int) -> Iterator[PartRange]:
 
 def part_count(file_size: int, part_size: int) -> int:
     """How many parts ``part_ranges`` yields."""
+    if part_size <= 0:
+        raise ValueError("part size must be positive")
     return -(-file_size // part_size)
 
 
@@ -152,9 +162,14 @@ def glob_to_regex(pattern: str) -> str:
                 i += 1
             else:
                 body = pattern[i + 1 : end]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
+                negate = body.startswith("!")
+                if negate:
+                    body = body[1:]
+                # Inside a class only '-' keeps its meaning; escape whatever else the
+                # regex engine would read (or warn about): \ [ ^ & ~ |.
+                for char in "\\[^&~|":
+                    body = body.replace(char, "\\" + char)
+                out.append(f"[{'^' if negate else ''}{body}]")
                 i = end + 1
         else:
             out.append(re.escape(pattern[i]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -86,16 +87,13 @@ def parse_size(value: object) -> int:
             f"cannot read size {value!r}: use a number with a unit B, kB, MB, GB, KiB, MiB "
             'or GiB, such as "64MiB"'
         )
-    number, unit = match.group(1), _SIZE_UNITS[match.group(2)]
-    if "." in number:
-        return int(float(number) * unit)
-    return int(number) * unit
+    return int(Decimal(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
 def format_size(n: float) -> str:
     """A short human form of a byte count, in binary units (``"1.5 GiB"``)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+        if abs(n) < 1023.95 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
