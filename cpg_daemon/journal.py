@@ -478,6 +478,15 @@ class Journal:
 
     # -- reading ---------------------------------------------------------------------
 
+    async def get_by_id(self, file_id: int) -> FileRecord | None:
+        def work() -> FileRecord | None:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE id=?", (file_id,)
+            ).fetchone()
+            return None if row is None else _record(row)
+
+        return await self._run(work)
+
     async def get(self, watch: str, rel_path: str) -> FileRecord | None:
         def work() -> FileRecord | None:
             row = self._db.execute(

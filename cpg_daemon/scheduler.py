@@ -188,7 +188,7 @@ class Scheduler:
                 await self._uploader.abort(store, record)
                 await self._journal.forget(record.id)
             except FileChangedError:
-                await self._changed(record, path, watch)
+                await self._changed(store, record, path, watch)
             except SkipFileError as exc:
                 await self._uploader.abort(store, record)
                 await self._fail(record, path, str(exc))
@@ -201,6 +201,7 @@ class Scheduler:
                     log.warning("retry_later", error=str(exc), seconds=round(delay, 1))
                     self._remember(path, record.key, str(exc))
                     await self._journal.mark_retry(record.id, str(exc), time.time() + delay)
+                    self.wake()
             except CpgError as exc:
                 await self._fail(record, path, str(exc))
             else:
@@ -208,16 +209,20 @@ class Scheduler:
                     await self._journal.requeue(record.id)
                     self.wake()
 
-    async def _changed(self, record: FileRecord, path: Path, watch: WatchConfig) -> None:
+    async def _changed(
+        self, store: ObjectStore, record: FileRecord, path: Path, watch: WatchConfig
+    ) -> None:
         try:
             now = await files.stat(path)
         except VanishedError:
+            await self._uploader.abort(store, record)
             await self._journal.forget(record.id)
             return
         log.info("changed_while_uploading", key=record.key)
         await self._journal.requeue_changed(
             record.id, now.size, now.mtime_ns, time.time() + watch.settle
         )
+        self.wake()  # the feeder recomputes when the next file is due
 
     async def _fail(self, record: FileRecord, path: Path, error: str) -> None:
         log.error("upload_failed", key=record.key, error=error)

@@ -99,6 +99,8 @@ class Uploader:
                     log.info("already_present", size=record.size)
                     return "already-present"
             if record.size < self._s3.multipart_threshold:
+                if record.upload_id is not None:  # the file shrank below the threshold
+                    await self.abort(store, record)
                 etag, checksum = await self._single(store, record, path, expected)
             else:
                 etag, checksum = await self._multipart(store, record, path, expected)
@@ -318,17 +320,23 @@ class Uploader:
             raise _most_serious(errors)
 
     async def abort(self, store: ObjectStore, record: FileRecord) -> None:
-        """Abort the file's multipart upload, if it has one, and forget it (shielded)."""
-        if record.upload_id is None:
-            return
+        """Abort the file's open multipart upload, if it has one, and forget it (shielded).
+
+        The journal, not ``record``, says which upload is open: the record may
+        predate an upload created during this very attempt.
+        """
         with anyio.CancelScope(shield=True):
+            current = await self._journal.get_by_id(record.id)
+            if current is None or current.upload_id is None:
+                return
+            upload_id = current.upload_id
             try:
-                await store.abort_multipart_upload(record.bucket, record.key, record.upload_id)
+                await store.abort_multipart_upload(current.bucket, current.key, upload_id)
             except RetryableError as exc:
-                log.warning("abort_failed", upload_id=record.upload_id, error=str(exc))
+                log.warning("abort_failed", upload_id=upload_id, error=str(exc))
                 return
             await self._journal.forget_upload(record.id)
-            log.info("multipart_aborted", upload_id=record.upload_id)
+            log.info("multipart_aborted", upload_id=upload_id)
 
 
 def _most_serious(errors: list[BaseException]) -> BaseException:
