@@ -15,7 +15,6 @@ loop on one 2-core machine, not the client alone.
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -102,8 +102,18 @@ def run_upload(
     data: Path, bucket: str, endpoint: str, state: Path, extra: list[str]
 ) -> dict[str, float]:
     command = [
-        sys.executable, "-m", "cpg_daemon", "upload", str(data), f"s3://{bucket}/bench/",
-        "--endpoint-url", endpoint, "--state-dir", str(state), "--quiet", *extra,
+        sys.executable,
+        "-m",
+        "cpg_daemon",
+        "upload",
+        str(data),
+        f"s3://{bucket}/bench/",
+        "--endpoint-url",
+        endpoint,
+        "--state-dir",
+        str(state),
+        "--quiet",
+        *extra,
     ]
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -121,21 +131,33 @@ def run_upload(
     }
 
 
+def _sha256(stream: Any) -> bytes:
+    digest = hashlib.sha256()
+    while chunk := stream.read(8 * MiB):
+        digest.update(chunk)
+    return digest.digest()
+
+
+def s3_client(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=Config(
+            s3={"addressing_style": "path"}, response_checksum_validation="when_required"
+        ),
+    )
+
+
 def verify(client: object, bucket: str, data: Path) -> int:
     """Every local file read back from the server byte for byte; returns the count."""
     count = 0
     for path in sorted(p for p in data.rglob("*") if p.is_file() and p.name != ".complete"):
         key = "bench/" + path.relative_to(data).as_posix()
         body = client.get_object(Bucket=bucket, Key=key)["Body"]  # type: ignore[attr-defined]
-        remote = hashlib.sha256()
-        for chunk in iter(lambda: body.read(8 * MiB), b""):
-            remote.update(chunk)
-        local = hashlib.sha256()
         with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(8 * MiB), b""):
-                local.update(chunk)
-        if remote.digest() != local.digest():
-            raise AssertionError(f"{key} differs from {path}")
+            if _sha256(body) != _sha256(handle):
+                raise AssertionError(f"{key} differs from {path}")
         count += 1
     return count
 
@@ -158,12 +180,7 @@ def main() -> int:
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
     server, endpoint = start_moto(args.out / "moto.log")
     try:
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}, response_checksum_validation="when_required"),
-        )
+        client = s3_client(endpoint)
         runs = []
         bucket = ""
         for _ in range(args.runs):
@@ -171,12 +188,7 @@ def main() -> int:
                 server.terminate()
                 server.wait()
                 server, endpoint = start_moto(args.out / "moto.log")
-                client = boto3.client(
-                    "s3",
-                    endpoint_url=endpoint,
-                    region_name="us-east-1",
-                    config=Config(s3={"addressing_style": "path"}),
-                )
+                client = s3_client(endpoint)
             bucket = f"bench-{uuid.uuid4().hex[:10]}"
             client.create_bucket(Bucket=bucket)
             state = args.out / "state" / bucket

@@ -70,12 +70,16 @@ class Daemon:
         self._journal = journal
         try:
             requeued = await journal.reset_in_flight()
+            # A restart is a person's way to say "try again": failed files get a new
+            # round of attempts (names S3 cannot take stay failed).
+            retried = await journal.retry_failed()
             log.info(
                 "starting",
                 version=__version__,
                 journal=str(journal.path),
                 new_journal=journal.created,
                 resumed_files=requeued,
+                retried_failed_files=retried,
                 watches=[w.name for w in config.watches],
             )
             async with AsyncExitStack() as stack:

@@ -175,25 +175,26 @@ class Uploader:
                 await self.abort(store, record)
         if upload_id is None:
             upload_id = await self._create(store, record, part_size)
-        ranges = [r for r in part_ranges(record.size, part_size) if r.number not in sent]
-        if sent:
-            log.info("multipart_resumed", upload_id=upload_id, parts_done=len(sent))
-        await self._send_parts(store, record, path, expected, upload_id, ranges, sent)
-        ordered = [sent[n] for n in sorted(sent)]
-        algorithm = ALGORITHMS[self._checksum]
-        checksum = algorithm.object_checksum(
-            [PartDigest(p.digest, p.length) for p in ordered], multipart=True
-        )
-        if await files.stat(path) != expected:
-            raise FileChangedError(f"{path} changed while it was being uploaded")
-        etag = await store.complete_multipart_upload(
-            record.bucket,
-            record.key,
-            upload_id,
-            [(p.number, p.etag, encode(p.digest)) for p in ordered],
-            checksum,
-        )
-        return etag, checksum
+        with structlog.contextvars.bound_contextvars(upload_id=upload_id):
+            ranges = [r for r in part_ranges(record.size, part_size) if r.number not in sent]
+            if sent:
+                log.info("multipart_resumed", parts_done=len(sent), parts_to_send=len(ranges))
+            await self._send_parts(store, record, path, expected, upload_id, ranges, sent)
+            ordered = [sent[n] for n in sorted(sent)]
+            algorithm = ALGORITHMS[self._checksum]
+            checksum = algorithm.object_checksum(
+                [PartDigest(p.digest, p.length) for p in ordered], multipart=True
+            )
+            if await files.stat(path) != expected:
+                raise FileChangedError(f"{path} changed while it was being uploaded")
+            etag = await store.complete_multipart_upload(
+                record.bucket,
+                record.key,
+                upload_id,
+                [(p.number, p.etag, encode(p.digest)) for p in ordered],
+                checksum,
+            )
+            return etag, checksum
 
     async def _create(self, store: ObjectStore, record: FileRecord, part_size: int) -> str:
         with anyio.CancelScope(shield=True):

@@ -288,3 +288,63 @@ def test_name_s3_cannot_take_is_failed_visibly_and_others_continue(
         assert daemon.terminate() == 0
     assert len(rows) == 1
     assert "1024" in rows[0]["last_error"]
+
+
+def test_symlinks_and_special_files_are_never_uploaded(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    secret = tmp_path / "outside" / "passwd"
+    _write(secret, b"root:x:0:0::/root:/bin/bash\n")
+    (layout["watch"] / "plate").mkdir()
+    os.symlink(secret, layout["watch"] / "plate" / "passwd")  # a file link out of the watch
+    os.symlink(secret.parent, layout["watch"] / "outside-dir")  # a folder link out of it
+    os.mkfifo(layout["watch"] / "plate" / "pipe")
+    _write(layout["watch"] / "plate" / "real.tiff", b"image")
+    daemon = _start(tmp_path, layout, s3_server, bucket)
+    try:
+        _wait_object(s3_client, bucket, PREFIX + "plate/real.tiff", b"image")
+        time.sleep(1.5)  # one more settle period for anything else to show up
+    finally:
+        assert daemon.terminate() == 0
+    listed = s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    assert [o["Key"] for o in listed] == [PREFIX + "plate/real.tiff"]
+    assert [r["rel_path"] for r in journal_rows(layout["state"])] == [b"plate/real.tiff"]
+
+
+def test_restart_gives_failed_files_another_round(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    _write(layout["watch"] / "a.tiff", b"a")
+    # Files for a bucket that does not exist fail with a clear reason ...
+    config = write_config(
+        tmp_path / "missing.toml",
+        state_dir=layout["state"],
+        endpoint_url=s3_server.endpoint_url,
+        watches=[
+            {
+                "name": "plates",
+                "path": str(layout["watch"]),
+                "destination": f"s3://{bucket}-missing/x/",
+                "settle": "1s",
+            }
+        ],
+    )
+    daemon = Daemon(config, tmp_path / "missing.log")
+    try:
+        rows = wait_until(
+            lambda: [r for r in journal_rows(layout["state"]) if r["state"] == "failed"],
+            30,
+            "the file to fail",
+        )
+    finally:
+        assert daemon.terminate() == 0
+    assert "bucket does not exist" in rows[0]["last_error"]
+    # ... and once the bucket exists, a restart uploads them without touching the files.
+    s3_client.create_bucket(Bucket=f"{bucket}-missing")
+    daemon = Daemon(config, tmp_path / "again.log")
+    try:
+        _wait_object(s3_client, f"{bucket}-missing", "x/a.tiff", b"a")
+    finally:
+        assert daemon.terminate() == 0
+    starting = next(e for e in daemon.events() if e.get("event") == "starting")
+    assert starting["retried_failed_files"] == 1
