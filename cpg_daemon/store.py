@@ -106,8 +106,10 @@ def translate_errors(what: str) -> Iterator[None]:
         raise RetryableError(text) from None
     except (NoCredentialsError, PartialCredentialsError) as exc:
         raise CredentialsError(f"{what}: {exc}") from None
-    except (EndpointConnectionError, BotoConnectionError, HTTPClientError) as exc:
+    except EndpointConnectionError as exc:
         raise RetryableError(f"{what}: cannot reach the S3 endpoint: {exc}") from None
+    except (BotoConnectionError, HTTPClientError) as exc:
+        raise RetryableError(f"{what}: the connection to the S3 endpoint failed: {exc}") from None
     except BotoCoreError as exc:
         raise RetryableError(f"{what}: {exc}") from None
     except OSError as exc:

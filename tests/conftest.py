@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,3 +64,42 @@ def bucket(s3_client: Any) -> str:
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+SLOW_CALLBACK_SECONDS = 0.25
+"""A step of the event loop longer than this is a blocking call on the loop."""
+
+
+def _debug_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = SLOW_CALLBACK_SECONDS
+    return loop
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    """asyncio in debug mode, so blocking calls on the event loop are reported."""
+    return "asyncio", {"loop_factory": _debug_loop}
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls_on_the_loop(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> Iterator[None]:
+    """Fail an async test in which one event-loop step ran longer than SLOW_CALLBACK_SECONDS.
+
+    asyncio's debug mode logs every such step ("Executing <Task ...> took 0.3 seconds");
+    SQLite, hashing and directory walks must run in worker threads instead.
+    """
+    if "anyio_backend" not in request.fixturenames:
+        yield
+        return
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    yield
+    slow = [
+        record.getMessage()
+        for record in caplog.get_records("call")
+        if record.name == "asyncio" and " took " in record.getMessage()
+    ]
+    assert not slow, f"blocking calls on the event loop: {slow}"

@@ -18,11 +18,6 @@ MiB = 1024**2
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "journal.sqlite3"
 

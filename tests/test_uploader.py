@@ -48,11 +48,6 @@ mtime clock is coarse, and the daemon detects changes by size and mtime)."""
 S = TypeVar("S", bound=ObjectStore)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 # -- helpers -------------------------------------------------------------------------
 
 
