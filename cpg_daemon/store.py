@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aioboto3
+import anyio.to_thread
 from aiobotocore.config import AioConfig
 from botocore.exceptions import (
     BotoCoreError,
@@ -132,6 +133,24 @@ def client_config(s3: S3Config) -> AioConfig:
     )
 
 
+def _load_models(session: aioboto3.Session) -> None:
+    """Read botocore's S3 model files in a worker thread.
+
+    Creating a client reads and parses several JSON files synchronously (about
+    80 ms, far more on a busy machine), which would block the event loop; the
+    session's loader caches them, so the client built right after finds them
+    in memory. Best effort: it only moves work off the loop.
+    """
+    try:
+        loader = session._session.get_component("data_loader")
+    except AttributeError:  # pragma: no cover - a future aioboto3 without this attribute
+        return
+    for kind in ("service-2", "endpoint-rule-set-1", "paginators-1"):
+        loader.load_service_model("s3", kind)
+    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
+        loader.load_data(name)
+
+
 class ObjectStore:
     """S3 operations for one set of credentials."""
 
@@ -143,6 +162,7 @@ class ObjectStore:
     @classmethod
     @asynccontextmanager
     async def connect(cls, session: aioboto3.Session, s3: S3Config) -> AsyncIterator[ObjectStore]:
+        await anyio.to_thread.run_sync(_load_models, session)
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(
                 session.client(
