@@ -38,6 +38,7 @@ class Algorithm:
     name: ChecksumName
     width: int
     crc: Callable[[bytes, int], int] | None
+    """awscrt's function; it takes any buffer, memoryviews included."""
     combine: Callable[[int, int, int], int] | None
 
     @property
@@ -54,9 +55,9 @@ class Algorithm:
         return "COMPOSITE" if self.combine is None else "FULL_OBJECT"
 
     def digest(self, data: bytes | memoryview) -> bytes:
-        """The raw checksum of ``data``."""
+        """The raw checksum of ``data`` (any buffer; never copied)."""
         if self.crc is not None:
-            return self.crc(bytes(data), 0).to_bytes(self.width, "big")
+            return self.crc(data, 0).to_bytes(self.width, "big")  # type: ignore[arg-type]
         if self.name == "SHA256":
             return hashlib.sha256(data).digest()
         return b""

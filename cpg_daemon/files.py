@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,33 +64,45 @@ def _check(path: Path, fd: int, expected: FileStat) -> None:
 
 def read_range_sync(
     path: Path, offset: int, length: int, expected: FileStat, checksum: ChecksumName
-) -> tuple[bytes, bytes]:
-    """``length`` bytes at ``offset`` and their raw checksum.
+) -> tuple[io.BytesIO, bytes]:
+    """``length`` bytes at ``offset``, as a request body, and their raw checksum.
+
+    The bytes are read straight into the BytesIO's own buffer and hashed in
+    place, so each request holds exactly one copy of its body: botocore sends a
+    BytesIO as it is, and aiohttp sends it without copying (a BytesIO made
+    from a ``bytes`` object would be copied once more when aiohttp asks for
+    its buffer).
 
     Raises FileChangedError when the file's size or mtime differs from
     ``expected`` before or after the read.
     """
+    body = io.BytesIO()
+    if length:
+        body.seek(length - 1)
+        body.write(b"\0")  # size the buffer once
+        body.seek(0)
     with _os_errors(path):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         try:
             _check(path, fd, expected)
-            data = os.pread(fd, length, offset) if length else b""
-            while 0 < len(data) < length:
-                more = os.pread(fd, length - len(data), offset + len(data))
-                if not more:
-                    break
-                data += more
+            with body.getbuffer() as view:
+                done = 0
+                while done < length:
+                    with view[done:] as rest:
+                        got = os.preadv(fd, [rest], offset + done)
+                    if got == 0:
+                        raise FileChangedError(f"{path} is shorter than when it settled")
+                    done += got
+                digest = ALGORITHMS[checksum].digest(view)
             _check(path, fd, expected)
         finally:
             os.close(fd)
-    if len(data) != length:
-        raise FileChangedError(f"{path} is shorter than when it settled")
-    return data, ALGORITHMS[checksum].digest(data)
+    return body, digest
 
 
 async def read_range(
     path: Path, offset: int, length: int, expected: FileStat, checksum: ChecksumName
-) -> tuple[bytes, bytes]:
+) -> tuple[io.BytesIO, bytes]:
     return await anyio.to_thread.run_sync(read_range_sync, path, offset, length, expected, checksum)
 
 

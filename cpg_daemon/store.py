@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import aioboto3
 import anyio.to_thread
@@ -36,6 +36,9 @@ from cpg_daemon.errors import (
     SkipFileError,
     UploadGoneError,
 )
+
+Body = bytes | BinaryIO
+"""A request body: bytes, or a seekable binary stream (sent without a copy)."""
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ class ObjectStore:
                         checksum_type=None,
                     )
 
-    async def put_object(self, bucket: str, key: str, body: bytes, checksum: str) -> str:
+    async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str:
         """One PutObject with the ACL and the checksum computed while reading. Returns the ETag."""
         with translate_errors(f"PutObject s3://{bucket}/{key}"):
             reply = await self._client.put_object(
@@ -246,7 +249,7 @@ class ObjectStore:
         return str(reply["UploadId"])
 
     async def upload_part(
-        self, bucket: str, key: str, upload_id: str, number: int, body: bytes, checksum: str
+        self, bucket: str, key: str, upload_id: str, number: int, body: Body, checksum: str
     ) -> str:
         args = {self.algorithm.request_field: checksum} if self.algorithm.enabled else {}
         with translate_errors(f"UploadPart {number} of s3://{bucket}/{key}"):

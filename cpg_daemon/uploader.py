@@ -142,10 +142,10 @@ class Uploader:
         self, store: ObjectStore, record: FileRecord, path: Path, expected: files.FileStat
     ) -> tuple[str, str]:
         async with self._limiter:
-            data, digest = await files.read_range(path, 0, record.size, expected, self._checksum)
-            await self._throttle.consume(len(data))
-            etag = await store.put_object(record.bucket, record.key, data, encode(digest))
-            self._bytes_sent += len(data)
+            body, digest = await files.read_range(path, 0, record.size, expected, self._checksum)
+            await self._throttle.consume(record.size)
+            etag = await store.put_object(record.bucket, record.key, body, encode(digest))
+            self._bytes_sent += record.size
         algorithm = ALGORITHMS[self._checksum]
         return etag, algorithm.object_checksum([PartDigest(digest, record.size)], multipart=False)
 
@@ -290,14 +290,14 @@ class Uploader:
 
         async def send(part: PartRange, borrower: object) -> None:
             try:
-                data, digest = await files.read_range(
+                body, digest = await files.read_range(
                     path, part.offset, part.length, expected, self._checksum
                 )
-                await self._throttle.consume(len(data))
+                await self._throttle.consume(part.length)
                 etag = await store.upload_part(
-                    record.bucket, record.key, upload_id, part.number, data, encode(digest)
+                    record.bucket, record.key, upload_id, part.number, body, encode(digest)
                 )
-                del data
+                del body  # the slot is released below: the body must be gone by then
                 self._bytes_sent += part.length
                 await self._journal.add_part(
                     record.id, upload_id, PartRecord(part.number, etag, encode(digest), part.length)
