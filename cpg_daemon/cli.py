@@ -29,7 +29,7 @@ from cpg_daemon.config import (
     default_config_path,
     load_config,
 )
-from cpg_daemon.errors import ConfigError, CpgError, FatalError
+from cpg_daemon.errors import ConfigError, CpgError
 from cpg_daemon.keys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
 from cpg_daemon.store import ObjectStore
 from cpg_daemon.units import format_size, parse_size
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cpg-daemon: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except FatalError as exc:
+    except CpgError as exc:  # FatalError, or a server error outside any one file
         print(f"cpg-daemon: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
     except KeyboardInterrupt:

@@ -62,10 +62,31 @@ def _check(path: Path, fd: int, expected: FileStat) -> None:
         raise FileChangedError(f"{path} changed while it was being uploaded")
 
 
+def request_body(length: int) -> io.BytesIO:
+    """An empty-looking BytesIO whose own buffer already holds ``length`` bytes.
+
+    Called on the event-loop thread on purpose: buffers allocated in many
+    worker threads land in glibc's per-thread arenas, which keep freed memory,
+    and RSS then grows well past what is in flight (measured: 480-580 MiB
+    against 370 MiB for the same upload).
+    """
+    body = io.BytesIO()
+    if length:
+        body.seek(length - 1)
+        body.write(b"\0")
+        body.seek(0)
+    return body
+
+
 def read_range_sync(
-    path: Path, offset: int, length: int, expected: FileStat, checksum: ChecksumName
-) -> tuple[io.BytesIO, bytes]:
-    """``length`` bytes at ``offset``, as a request body, and their raw checksum.
+    path: Path,
+    offset: int,
+    length: int,
+    expected: FileStat,
+    checksum: ChecksumName,
+    body: io.BytesIO,
+) -> bytes:
+    """Fill ``body`` (from ``request_body(length)``) with the file's bytes; their checksum.
 
     The bytes are read straight into the BytesIO's own buffer and hashed in
     place, so each request holds exactly one copy of its body: botocore sends a
@@ -76,16 +97,13 @@ def read_range_sync(
     Raises FileChangedError when the file's size or mtime differs from
     ``expected`` before or after the read.
     """
-    body = io.BytesIO()
-    if length:
-        body.seek(length - 1)
-        body.write(b"\0")  # size the buffer once
-        body.seek(0)
     with _os_errors(path):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         try:
             _check(path, fd, expected)
             with body.getbuffer() as view:
+                if len(view) != length:
+                    raise ValueError("the body buffer does not have the requested length")
                 done = 0
                 while done < length:
                     with view[done:] as rest:
@@ -97,13 +115,18 @@ def read_range_sync(
             _check(path, fd, expected)
         finally:
             os.close(fd)
-    return body, digest
+    return digest
 
 
 async def read_range(
     path: Path, offset: int, length: int, expected: FileStat, checksum: ChecksumName
 ) -> tuple[io.BytesIO, bytes]:
-    return await anyio.to_thread.run_sync(read_range_sync, path, offset, length, expected, checksum)
+    """``length`` bytes at ``offset`` as a request body, and their raw checksum."""
+    body = request_body(length)
+    digest = await anyio.to_thread.run_sync(
+        read_range_sync, path, offset, length, expected, checksum, body
+    )
+    return body, digest
 
 
 def whole_file_checksum_sync(path: Path, checksum: ChecksumName, expected: FileStat) -> str:

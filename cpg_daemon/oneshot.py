@@ -18,7 +18,7 @@ from pathlib import Path
 import anyio
 import structlog
 
-from cpg_daemon.config import Config, CredentialsConfig, DaemonConfig, S3Config, WatchConfig
+from cpg_daemon.config import CredentialsConfig, S3Config, WatchConfig
 from cpg_daemon.credentials import CredentialProvider
 from cpg_daemon.daemon import remote_sizes
 from cpg_daemon.journal import Journal
@@ -77,13 +77,6 @@ async def upload(
 ) -> UploadSummary:
     """Upload what ``source_watch`` selected below its destination; returns what happened."""
     destination = watch.destination
-    config = Config(
-        None,
-        DaemonConfig(state_dir=state_dir, file_attempts=file_attempts),
-        s3,
-        (credentials,),
-        (watch,),
-    )
     started = time.monotonic()
     journal = await Journal.open(
         journal_path(state_dir, watch.path / watch.include[0], destination)
@@ -99,7 +92,7 @@ async def upload(
                 watch, journal, lambda: None, rescan_interval=3600, remote_sizes=sizes
             )
             await watcher.scan()
-            uploader = Uploader(journal, config.s3, anyio.CapacityLimiter(s3.max_concurrency))
+            uploader = Uploader(journal, s3, anyio.CapacityLimiter(s3.max_concurrency))
             scheduler = Scheduler(
                 journal,
                 uploader,

@@ -90,9 +90,9 @@ class Uploader:
         with structlog.contextvars.bound_contextvars(path=str(path), key=record.key):
             if record.check_remote and record.upload_id is None:
                 remote = await store.head(record.bucket, record.key)
-                match = remote and await self._same_content(remote, path, expected)
-                if remote is not None and match:
-                    algorithm, checksum = match
+                proof = None if remote is None else await self._same_content(remote, path, expected)
+                if remote is not None and proof is not None:
+                    algorithm, checksum = proof
                     await self._journal.mark_uploaded(
                         record, etag=remote.etag, checksum_algorithm=algorithm, checksum=checksum
                     )
