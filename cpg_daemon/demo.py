@@ -23,6 +23,7 @@ import aioboto3
 import anyio
 import anyio.to_thread
 
+from cpg_daemon import logs
 from cpg_daemon.config import Config, CredentialsConfig, DaemonConfig, S3Config, WatchConfig
 from cpg_daemon.daemon import Daemon
 from cpg_daemon.files import FileStat, whole_file_checksum
@@ -214,6 +215,7 @@ async def run_demo(once: bool) -> int:
                     daemon.request_stop()
                 else:
                     print(f"the daemon keeps running: drop files into {outbox}; Ctrl-C stops it")
+                    logs.configure("console", "info")  # from now on, show each upload
         finally:
             server.stop()
     return code
