@@ -348,3 +348,36 @@ def test_restart_gives_failed_files_another_round(
         assert daemon.terminate() == 0
     starting = next(e for e in daemon.events() if e.get("event") == "starting")
     assert starting["retried_failed_files"] == 1
+
+
+def test_ready_marker_holds_a_folder_back_until_it_appears(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    config = write_config(
+        tmp_path / "marker.toml",
+        state_dir=layout["state"],
+        endpoint_url=s3_server.endpoint_url,
+        watches=[
+            {
+                "name": "plates",
+                "path": str(layout["watch"]),
+                "destination": f"s3://{bucket}/{PREFIX}",
+                "settle": "0.5s",
+                "ready_marker": "UPLOAD_READY",
+            }
+        ],
+    )
+    _write(layout["watch"] / "Batch1" / "plate" / "a.tiff", b"a")
+    _write(layout["watch"] / "top-level.csv", b"t")
+    daemon = Daemon(config, tmp_path / "marker.log")
+    try:
+        daemon.wait_for_event("running")
+        _wait_object(s3_client, bucket, PREFIX + "top-level.csv", b"t")
+        time.sleep(2.0)  # several settle periods: the folder without its marker must wait
+        assert _object_bytes(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff") is None
+        _write(layout["watch"] / "Batch1" / "UPLOAD_READY", b"")
+        _wait_object(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff", b"a")
+    finally:
+        assert daemon.terminate() == 0
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert sorted(keys) == [PREFIX + "Batch1/plate/a.tiff", PREFIX + "top-level.csv"]
