@@ -53,6 +53,34 @@ def layout(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+def _config(
+    tmp_path: Path,
+    layout: dict[str, Path],
+    s3_server: S3Server,
+    destination: str,
+    *,
+    name: str,
+    s3: dict[str, Any] | None = None,
+    **watch: Any,
+) -> Path:
+    """A config with one watch "plates" of the layout's outbox (settle 1 s unless given)."""
+    return write_config(
+        tmp_path / f"{name}.toml",
+        state_dir=layout["state"],
+        endpoint_url=s3_server.endpoint_url,
+        watches=[
+            {
+                "name": "plates",
+                "path": str(layout["watch"]),
+                "destination": destination,
+                "settle": "1s",
+                **watch,
+            }
+        ],
+        s3=s3,
+    )
+
+
 def _start(
     tmp_path: Path,
     layout: dict[str, Path],
@@ -63,20 +91,8 @@ def _start(
     s3: dict[str, Any] | None = None,
     name: str = "run",
 ) -> Daemon:
-    config = write_config(
-        tmp_path / f"{name}.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(layout["watch"]),
-                "destination": f"s3://{bucket}/cpg0001-test/broad/images/",
-                "settle": settle,
-            }
-        ],
-        s3=s3,
-    )
+    destination = f"s3://{bucket}/cpg0001-test/broad/images/"
+    config = _config(tmp_path, layout, s3_server, destination, name=name, s3=s3, settle=settle)
     daemon = Daemon(config, tmp_path / f"{name}.log")
     daemon.wait_for_event("running")
     return daemon
@@ -316,19 +332,7 @@ def test_restart_gives_failed_files_another_round(
 ) -> None:
     _write(layout["watch"] / "a.tiff", b"a")
     # Files for a bucket that does not exist fail with a clear reason ...
-    config = write_config(
-        tmp_path / "missing.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(layout["watch"]),
-                "destination": f"s3://{bucket}-missing/x/",
-                "settle": "1s",
-            }
-        ],
-    )
+    config = _config(tmp_path, layout, s3_server, f"s3://{bucket}-missing/x/", name="missing")
     daemon = Daemon(config, tmp_path / "missing.log")
     try:
         rows = wait_until(
@@ -353,19 +357,14 @@ def test_restart_gives_failed_files_another_round(
 def test_ready_marker_holds_a_folder_back_until_it_appears(
     tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
 ) -> None:
-    config = write_config(
-        tmp_path / "marker.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(layout["watch"]),
-                "destination": f"s3://{bucket}/{PREFIX}",
-                "settle": "0.5s",
-                "ready_marker": "UPLOAD_READY",
-            }
-        ],
+    config = _config(
+        tmp_path,
+        layout,
+        s3_server,
+        f"s3://{bucket}/{PREFIX}",
+        name="marker",
+        settle="0.5s",
+        ready_marker="UPLOAD_READY",
     )
     _write(layout["watch"] / "Batch1" / "plate" / "a.tiff", b"a")
     _write(layout["watch"] / "top-level.csv", b"t")
