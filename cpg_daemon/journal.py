@@ -141,6 +141,14 @@ _COLUMNS = (
 )
 
 
+def _only(watches: Iterable[str] | None) -> tuple[str, tuple[str, ...]]:
+    """An SQL condition (and its parameters) restricting rows to some watches."""
+    if watches is None:
+        return "", ()
+    names = tuple(watches)
+    return f"AND watch IN ({','.join('?' * len(names))})", names
+
+
 def _record(row: Sequence[object]) -> FileRecord:
     values = list(row)
     values[2] = os.fsdecode(cast("bytes", values[2]))
@@ -287,16 +295,19 @@ class Journal:
 
     # -- the queue -------------------------------------------------------------------
 
-    async def claim(self, limit: int, paused: Iterable[str] = ()) -> list[FileRecord]:
-        """Up to ``limit`` queued files that are due, oldest first, now marked uploading."""
-        paused = tuple(paused)
+    async def claim(self, limit: int, watches: Iterable[str] | None = None) -> list[FileRecord]:
+        """Up to ``limit`` queued files that are due, oldest first, now marked uploading.
+
+        ``watches`` limits the claim to those watches (the ones configured and
+        not paused); None means every watch.
+        """
+        only, names = _only(watches)
 
         def work(db: sqlite3.Connection) -> list[FileRecord]:
-            skip = f"AND watch NOT IN ({','.join('?' * len(paused))})" if paused else ""
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM files WHERE state='queued' AND not_before<=? {skip} "
+                f"SELECT {_COLUMNS} FROM files WHERE state='queued' AND not_before<=? {only} "
                 "ORDER BY not_before, id LIMIT ?",
-                (time.time(), *paused, limit),
+                (time.time(), *names, limit),
             ).fetchall()
             now = time.time()
             db.executemany(
@@ -307,14 +318,13 @@ class Journal:
 
         return await self._run(self._tx, work)
 
-    async def next_due(self, paused: Iterable[str] = ()) -> float | None:
-        """When the earliest queued file (in a watch not paused) becomes due, or None."""
-        paused = tuple(paused)
+    async def next_due(self, watches: Iterable[str] | None = None) -> float | None:
+        """When the earliest queued file (of ``watches``, None = all) becomes due, or None."""
+        only, names = _only(watches)
 
         def work() -> float | None:
-            skip = f"AND watch NOT IN ({','.join('?' * len(paused))})" if paused else ""
             row = self._db.execute(
-                f"SELECT MIN(not_before) FROM files WHERE state='queued' {skip}", paused
+                f"SELECT MIN(not_before) FROM files WHERE state='queued' {only}", names
             ).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 

@@ -146,14 +146,16 @@ class Scheduler:
             self._wake_event = anyio.Event()
             if self._draining:
                 await anyio.sleep_forever()
-            paused = set(self._watches) if self._paused_all else self._paused
+            # Only configured watches: rows of a watch removed from the configuration
+            # stay in the journal untouched until it comes back.
+            active = [] if self._paused_all else sorted(set(self._watches) - self._paused)
             idle = max(1, self._workers - self._busy)
-            records = await self._journal.claim(idle, paused)
+            records = await self._journal.claim(idle, active)
             if records:
                 for record in records:
                     await send.send(record)
                 continue
-            due = await self._journal.next_due(paused)
+            due = await self._journal.next_due(active)
             timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.0, due - time.time()))
             with anyio.move_on_after(timeout):
                 await self._wake_event.wait()
@@ -164,8 +166,9 @@ class Scheduler:
                 if self._draining:  # claimed before the drain began: leave it for next time
                     await self._journal.requeue(record.id)
                     continue
+                if self._busy == 0:
+                    self._idle = anyio.Event()  # set again when the last file finishes
                 self._busy += 1
-                self._idle = anyio.Event()
                 try:
                     await self._process(record)
                 finally:
@@ -174,10 +177,7 @@ class Scheduler:
                         self._idle.set()
 
     async def _process(self, record: FileRecord) -> None:
-        watch = self._watches.get(record.watch)
-        if watch is None:  # the watch was removed from the configuration
-            await self._journal.requeue(record.id)
-            return
+        watch = self._watches[record.watch]
         store = self._stores[record.watch]
         path = watch.path / record.rel_path
         with structlog.contextvars.bound_contextvars(watch=record.watch, path=str(path)):

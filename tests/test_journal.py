@@ -155,14 +155,15 @@ async def test_claim_oldest_first_and_marks_uploading(journal: Journal) -> None:
     assert await journal.claim(10) == []  # nothing claimed twice
 
 
-async def test_claim_skips_paused_watches(journal: Journal) -> None:
+async def test_claim_takes_only_the_given_watches(journal: Journal) -> None:
     await journal.record_discovered("images", [found("a.tif")])
     await journal.record_discovered("illum", [found("b.npy")])
     await journal.record_discovered("profiles", [found("c.csv")])
-    claimed = await journal.claim(10, paused=["images", "profiles"])
+    claimed = await journal.claim(10, watches=["illum", "gone"])
     assert [(r.watch, r.rel_path) for r in claimed] == [("illum", "b.npy")]
     assert (await only(journal, "images", "a.tif")).state == "queued"
-    assert await journal.next_due(paused=["images", "profiles"]) is None
+    assert await journal.next_due(watches=["illum"]) is None
+    assert await journal.claim(10, watches=[]) == []  # everything paused
     assert await journal.next_due() == 0
     claimed = await journal.claim(10)
     assert {r.watch for r in claimed} == {"images", "profiles"}
@@ -389,7 +390,7 @@ async def test_statistics_per_watch_and_state(journal: Journal) -> None:
     (b,) = [r for r in await journal.claim(10) if r.rel_path == "b"]
     await journal.mark_failed(b.id, "denied")
     await journal.reset_in_flight()
-    (c,) = await journal.claim(1, paused=["illum"])
+    (c,) = await journal.claim(1, watches=["images"])
     assert c.rel_path == "c"
 
     stats = await journal.statistics()

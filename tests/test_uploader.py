@@ -619,7 +619,7 @@ async def test_unreachable_endpoint_retries_later_then_fails(
         assert (a.state, a.attempts) == ("queued", 1)
         assert a.not_before >= before + 4.0  # backoff(0): 5 s +- 20 %
         assert a.last_error is not None and "cannot reach the S3 endpoint" in a.last_error
-        due = await journal.claim(10, paused=["good"])
+        due = await journal.claim(10, watches=["bad"])
         assert [r.rel_path for r in due] == ["b.bin"]  # a.bin is not due yet
         await journal.requeue(due[0].id)
 
