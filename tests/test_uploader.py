@@ -765,3 +765,66 @@ async def test_check_remote_skips_identical_objects_only(
         assert (record.checksum_algorithm, record.checksum) == ("CRC32C", whole_crc("CRC32C", data))
         assert object_bytes(s3_client, bucket, PREFIX + rel) == data
     assert rows["same.bin"].etag == seeded["ETag"]
+
+
+# -- 8. draining ------------------------------------------------------------------------
+
+
+class GatedStore(ObjectStore):
+    """Holds every PutObject until ``gate`` is set (requests then go to the real server)."""
+
+    gate: anyio.Event
+
+    async def put_object(self, bucket: str, key: str, body: Any, checksum: str) -> str:
+        await self.gate.wait()
+        return await super().put_object(bucket, key, body, checksum)
+
+
+async def busy(scheduler: Scheduler, files: int) -> None:
+    """Wait until ``files`` files are in flight."""
+    with anyio.fail_after(10):
+        while True:
+            if scheduler.statistics().busy >= files:
+                return
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_wait_idle_returns_once_files_that_overlapped_have_finished(
+    tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    """What a graceful stop waits on: files that start while another is in flight count too."""
+    root = tmp_path / "root"
+    write_file(root / "first.tif", b"1")
+    s3 = s3_config(s3_server.endpoint_url)
+    async with (
+        opened_journal(tmp_path / "j.sqlite3") as journal,
+        connected(GatedStore, s3) as store,
+    ):
+        store.gate = anyio.Event()
+        uploader = Uploader(journal, s3, anyio.CapacityLimiter(4))
+        scheduler = Scheduler(
+            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 2, 3
+        )
+        idle = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            await discover(journal, root, bucket, ["first.tif"])
+            scheduler.wake()
+            await busy(scheduler, 1)
+
+            async def wait_idle() -> None:
+                await scheduler.wait_idle()
+                idle.set()
+
+            tg.start_soon(wait_idle)  # waiting from while one file is in flight ...
+            write_file(root / "second.tif", b"2")
+            await discover(journal, root, bucket, ["second.tif"])
+            scheduler.wake()
+            await busy(scheduler, 2)  # ... and a second one starts
+            assert not idle.is_set()
+            store.gate.set()
+            with anyio.fail_after(10):
+                await idle.wait()
+            tg.cancel_scope.cancel()
+        assert {r.state for r in await journal.records()} == {"uploaded"}
