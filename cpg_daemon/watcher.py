@@ -33,6 +33,8 @@ from cpg_daemon.keys import PathFilter, key_problem, object_key
 
 log = structlog.get_logger("cpg_daemon.watcher")
 
+MISSING_ROOT_POLL = 2.0
+"""Seconds between looks for a watched folder that does not exist (yet)."""
 BATCH = 500
 """Settled files handed to the journal in one transaction."""
 
@@ -123,6 +125,7 @@ class Watcher:
         self._error: str | None = None
         self._rescan_now = anyio.Event()
         self._stop = anyio.Event()
+        self._rejected: set[str] = set()
 
     def stop(self) -> None:
         """Stop following events promptly (the event thread checks this every 50 ms)."""
@@ -166,6 +169,9 @@ class Watcher:
                 log.error("watch_path_missing", watch=self.watch.name, path=str(self._root))
             self._error = f"{self._root} does not exist or is not a folder"
             return 0
+        if not rel_dir and self._error is not None:
+            log.info("watch_path_back", watch=self.watch.name, path=str(self._root))
+            self._error = None
         queued = 0
         stack = [rel_dir]
         while stack:
@@ -223,9 +229,13 @@ class Watcher:
             key = object_key(self.watch.destination.prefix, seen.rel_path)
             problem = key_problem(key)
             if problem is not None:
-                shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
-                log.warning("bad_name", path=seen.rel_path, error=problem)
-                await self._journal.record_rejected(self.watch.name, seen.rel_path, shown, problem)
+                if seen.rel_path not in self._rejected:  # once, not at every rescan
+                    self._rejected.add(seen.rel_path)
+                    shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                    log.warning("bad_name", path=shown, error=problem)
+                    await self._journal.record_rejected(
+                        self.watch.name, seen.rel_path, shown, problem
+                    )
                 continue
             check = self.check_all_first_walk or (
                 self.remote_sizes is not None and self.remote_sizes.get(key) == seen.size
@@ -241,12 +251,16 @@ class Watcher:
                 )
             )
             if len(batch) >= BATCH:
-                queued += await self._journal.record_discovered(self.watch.name, batch)
+                queued += await self._record(batch)
                 batch = []
         if batch:
-            queued += await self._journal.record_discovered(self.watch.name, batch)
+            queued += await self._record(batch)
+        return queued
+
+    async def _record(self, batch: list[Discovered]) -> int:
+        queued = await self._journal.record_discovered(self.watch.name, batch)
         if queued:
-            self._on_queued()
+            self._on_queued()  # uploads start while a long walk goes on
         return queued
 
     # -- following changes ---------------------------------------------------------------
@@ -282,7 +296,9 @@ class Watcher:
         force_polling: bool | None = None
         while True:
             if not await anyio.to_thread.run_sync(self._root.is_dir):
-                await anyio.sleep(min(self._rescan_interval, 10.0))
+                await anyio.sleep(MISSING_ROOT_POLL)
+                if await anyio.to_thread.run_sync(self._root.is_dir):
+                    self.request_rescan()  # it is back (a mount, say): walk it now
                 continue
             try:
                 self._watching = True

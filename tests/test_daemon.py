@@ -380,3 +380,19 @@ def test_ready_marker_holds_a_folder_back_until_it_appears(
         assert daemon.terminate() == 0
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert sorted(keys) == [PREFIX + "Batch1/plate/a.tiff", PREFIX + "top-level.csv"]
+
+
+def test_watch_folder_created_after_start_is_picked_up(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    layout["watch"].rmdir()  # e.g. a network mount that is not there yet
+    daemon = _start(tmp_path, layout, s3_server, bucket)
+    try:
+        daemon.wait_for_event("watch_path_missing")
+        staged = layout["staging"] / "outbox"
+        _write(staged / "plate" / "a.tiff", b"a")
+        os.rename(staged, layout["watch"])
+        # Well before the 10-minute rescan: the daemon notices the folder itself.
+        _wait_object(s3_client, bucket, PREFIX + "plate/a.tiff", b"a", timeout=15)
+    finally:
+        assert daemon.terminate() == 0
