@@ -26,8 +26,15 @@ from cpg_daemon.config import (
     Config,
     CredentialsConfig,
     S3Config,
+    WatchConfig,
     default_config_path,
     load_config,
+)
+from cpg_daemon.credentials import (
+    CredentialProvider,
+    RenewingProvider,
+    build_providers,
+    provider_for,
 )
 from cpg_daemon.errors import ConfigError, CpgError
 from cpg_daemon.keys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
@@ -133,8 +140,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from cpg_daemon.credentials import build_providers, provider_for
-
     config = _load(args)
     file = str(config.path)
     providers = build_providers(config)
@@ -155,16 +160,42 @@ def _check(args: argparse.Namespace) -> int:
             problems += 1
     if args.offline:
         return EXIT_PROBLEM if problems else EXIT_OK
-    logs.configure("console", "warning")
-    for watch in config.watches:
-        provider = provider_for(providers, watch.destination, file, "watch")
-        error = anyio.run(_probe_write, provider.session, config.s3, watch.destination)
+    logs.configure("console", "error")
+    watches = [(w, provider_for(providers, w.destination, file, "watch")) for w in config.watches]
+    problems += anyio.run(_check_online, config, providers, watches)
+    return EXIT_PROBLEM if problems else EXIT_OK
+
+
+async def _check_online(
+    config: Config,
+    providers: list[CredentialProvider],
+    watches: list[tuple[WatchConfig, CredentialProvider]],
+) -> int:
+    """Obtain keys once per grant, then prove write access to each destination."""
+    problems = 0
+    working: set[int] = set()
+    for provider in providers:
+        if not isinstance(provider, RenewingProvider):
+            working.add(id(provider))
+            continue
+        name = provider.statistics().target
+        if await provider.renew_now():
+            working.add(id(provider))
+            print(f"credentials {name}: obtained, valid until {provider.expires_at}")
+        else:
+            print(f"credentials {name}: {provider.statistics().last_error}")
+            problems += 1
+    for watch, provider in watches:
+        if id(provider) not in working:
+            print(f"watch {watch.name}: not checked (no credentials)")
+            continue
+        error = await _probe_write(provider.session, config.s3, watch.destination)
         if error:
             print(f"watch {watch.name}: cannot write to {watch.destination}: {error}")
             problems += 1
         else:
             print(f"watch {watch.name}: write access to {watch.destination} confirmed")
-    return EXIT_PROBLEM if problems else EXIT_OK
+    return problems
 
 
 async def _probe_write(session: Any, s3: S3Config, destination: S3Location) -> str | None:

@@ -1,63 +1,71 @@
 """Where the S3 client's keys come from: one provider per ``[credentials]`` table.
 
-Every provider hands out an aioboto3 Session whose credentials object refreshes
-itself (botocore's refreshable-credentials machinery), so S3 clients built from
-it never have to be rebuilt when keys are renewed.
+``environment`` and ``profile`` use botocore's standard chain as it is (it
+refreshes SSO and ``credential_process`` keys by itself).
 
-Sources implemented: ``environment`` (botocore's standard chain: environment
-variables, shared files, SSO, ``credential_process``, instance roles) and
-``profile`` (the same chain, for one named profile). ``access-grants`` and
-``assume-role`` are recognised in the configuration but not built yet; asking
-for them fails at start-up with a clear message rather than at the first upload.
+``access-grants`` and ``assume-role`` start from long-term keys (the profile,
+the environment, or a file systemd passes with ``LoadCredential=``) and trade
+them for short-lived keys: S3 Control GetDataAccess or STS AssumeRole. The
+short-lived keys live in one botocore refreshable-credentials object shared
+by every S3 client of the provider's session, so renewed keys reach every
+client at once and nothing is rebuilt. A renewal loop renews them
+``refresh_before`` ahead of the *returned* expiry (with jitter); failures are
+retried with backoff while the keys last. While a provider has no valid keys
+its watches are paused (the scheduler asks ``usable``), so no file fails for
+lack of keys; they resume by themselves once a renewal succeeds.
+
+Keys never reach logs, status or errors: only their expiry does.
 """
 
 from __future__ import annotations
 
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import aioboto3
+import anyio
+import anyio.to_thread
+import structlog
+from aiobotocore.config import AioConfig
+from aiobotocore.credentials import AioRefreshableCredentials
+from anyio.abc import TaskStatus
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
 
 from cpg_daemon.config import Config, CredentialsConfig
-from cpg_daemon.errors import ConfigError
+from cpg_daemon.errors import ConfigError, CredentialsError
 from cpg_daemon.keys import S3Location
+
+log = structlog.get_logger("cpg_daemon.credentials")
+
+CredentialState = Literal["valid", "refreshing", "expired", "error"]
+CREDENTIALS_FILE_NAME = "aws-credentials"
+"""The file looked for in systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``)."""
 
 
 @dataclass(frozen=True)
 class CredentialStatistics:
     target: str
     source: str
-    state: str
+    state: CredentialState
     expires_at: str | None
     last_error: str | None
-
-
-class CredentialProvider:
-    """Keys for one ``[credentials]`` entry, as an aioboto3 Session."""
-
-    def __init__(self, config: CredentialsConfig, region: str) -> None:
-        self.config = config
-        self._region = region
-        self._session = aioboto3.Session(
-            profile_name=config.profile if config.source == "profile" else None,
-            region_name=region,
-        )
-
-    @property
-    def session(self) -> aioboto3.Session:
-        return self._session
-
-    def covers(self, destination: S3Location) -> bool:
-        """Whether this entry's grant target covers a destination (no target covers all)."""
-        return target_covers(self.config.target, destination)
-
-    def statistics(self) -> CredentialStatistics:
-        return CredentialStatistics(
-            target=self.config.target or f"({self.config.source})",
-            source=self.config.source,
-            state="valid",
-            expires_at=None,
-            last_error=None,
-        )
+    renewals: int
 
 
 def target_covers(target: str, destination: S3Location) -> bool:
@@ -68,25 +76,343 @@ def target_covers(target: str, destination: S3Location) -> bool:
     return str(destination).startswith(base)
 
 
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="seconds")
+
+
+class CredentialProvider:
+    """Keys for one ``[credentials]`` entry, handed out as an aioboto3 Session.
+
+    The base class serves ``environment`` and ``profile``: botocore's chain,
+    always usable, nothing to renew.
+    """
+
+    def __init__(self, config: CredentialsConfig, region: str) -> None:
+        self.config = config
+        self._region = region
+        self.session = self._long_term_session()
+        self._listeners: list[Callable[[], None]] = []
+
+    def _long_term_session(self) -> aioboto3.Session:
+        profile = self.config.profile if self.config.source != "environment" else ""
+        session = aioboto3.Session(profile_name=profile or None, region_name=self._region)
+        directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
+        if directory and (Path(directory) / CREDENTIALS_FILE_NAME).is_file():
+            # systemd LoadCredential=aws-credentials:/etc/cpg-daemon/aws-credentials
+            session._session.set_config_variable(
+                "credentials_file", str(Path(directory) / CREDENTIALS_FILE_NAME)
+            )
+        return session
+
+    def covers(self, destination: S3Location) -> bool:
+        """Whether this entry's target covers a destination (no target covers all)."""
+        return target_covers(self.config.target, destination)
+
+    @property
+    def usable(self) -> bool:
+        """Whether uploads may use this provider's keys now."""
+        return True
+
+    def on_usable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever the keys become usable again."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+    async def renew_now(self) -> bool:
+        """Renew at once (after the server refused the keys); whether that worked."""
+        return False
+
+    async def first_attempt(self) -> bool:
+        """Wait for the running provider's first attempt at keys; whether they are usable."""
+        return True
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep the keys fresh until cancelled (nothing to do for the standard chain)."""
+        task_status.started()
+
+    def statistics(self) -> CredentialStatistics:
+        return CredentialStatistics(
+            target=self.config.target or f"({self.config.source})",
+            source=self.config.source,
+            state="valid",
+            expires_at=None,
+            last_error=None,
+            renewals=0,
+        )
+
+
+class _SharedCredentials(AioRefreshableCredentials):  # type: ignore[misc]
+    """botocore's refreshable credentials, with a way to renew them on purpose."""
+
+    async def renew(self) -> None:
+        async with self._refresh_lock:
+            try:
+                await self._protected_refresh(is_mandatory=True)
+            except RuntimeError as exc:  # botocore: "refreshed credentials are still expired"
+                raise CredentialsError(str(exc)) from None
+
+
+class RenewingProvider(CredentialProvider):
+    """Short-lived keys from Access Grants or AssumeRole, renewed before they expire."""
+
+    RETRY_FIRST = 5.0
+    RETRY_MAX = 300.0
+
+    def __init__(self, config: CredentialsConfig, region: str) -> None:
+        super().__init__(config, region)
+        self._base = self.session  # the long-term keys
+        # The session S3 clients are made from holds the short-lived keys from the
+        # start (empty and expired until the first renewal), so no client can fall
+        # back to the standard chain by accident.
+        self._credentials = _SharedCredentials(
+            access_key="",
+            secret_key="",
+            token="",
+            expiry_time=datetime(1970, 1, 1, tzinfo=timezone.utc),
+            refresh_using=self._fetch,
+            method=f"cpg-daemon-{config.source}",
+            # botocore's own on-demand refresh is the last resort, only in the final
+            # moments; the renewal loop renews well before that.
+            advisory_timeout=min(60.0, config.refresh_before / 2),
+            mandatory_timeout=min(30.0, config.refresh_before / 4),
+        )
+        self.session = aioboto3.Session(region_name=region)
+        self.session._session._credentials = self._credentials
+        self._expires_at: datetime | None = None
+        self._state: CredentialState = "refreshing"
+        self._last_error: str | None = None
+        self._renewals = 0
+        self._failures = 0
+        self._client: Any = None
+        self._lock = anyio.Lock()
+        self._attempted = anyio.Event()
+
+    # -- what others ask -------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return self._expires_at is not None and self._seconds_left() > 0
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return self._expires_at
+
+    def statistics(self) -> CredentialStatistics:
+        state = self._state
+        if state == "valid" and not self.usable:
+            state = "expired"
+        return CredentialStatistics(
+            target=self.config.target or self.config.role_arn,
+            source=self.config.source,
+            state=state,
+            expires_at=_iso(self._expires_at),
+            last_error=self._last_error,
+            renewals=self._renewals,
+        )
+
+    def _seconds_left(self) -> float:
+        if self._expires_at is None:
+            return 0.0
+        return (self._expires_at - datetime.now(timezone.utc)).total_seconds()
+
+    # -- renewing --------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Obtain keys, then renew them ahead of expiry until cancelled."""
+        async with AsyncExitStack() as stack:
+            self._client = await stack.enter_async_context(self._control_client())
+            task_status.started()
+            while True:
+                if await self.renew_now():
+                    wait = self._seconds_left() - self.config.refresh_before
+                    wait -= random.uniform(0, min(60.0, self.config.refresh_before * 0.1))
+                else:
+                    wait = min(self.RETRY_FIRST * 2 ** min(self._failures - 1, 10), self.RETRY_MAX)
+                    if self.usable:  # retry while the keys last, well before they end
+                        wait = min(wait, max(self._seconds_left() / 4, 1.0))
+                await anyio.sleep(max(wait, 0.5))
+
+    async def renew_now(self) -> bool:
+        async with self._lock:
+            if self._client is None:  # used outside run(), e.g. by `check`
+                async with self._control_client() as client:
+                    self._client = client
+                    try:
+                        return await self._renew()
+                    finally:
+                        self._client = None
+            return await self._renew()
+
+    async def first_attempt(self) -> bool:
+        await self._attempted.wait()
+        return self.usable
+
+    async def _renew(self) -> bool:
+        try:
+            return await self._renew_once()
+        finally:
+            self._attempted.set()
+
+    async def _renew_once(self) -> bool:
+        was_usable = self.usable
+        if self._state != "valid" or not was_usable:
+            self._state = "refreshing"
+        try:
+            await self._credentials.renew()
+        except CredentialsError as exc:
+            self._failures += 1
+            self._last_error = str(exc)
+            self._state = "valid" if self.usable else "error"
+            log.warning(
+                "credentials_renewal_failed",
+                target=self.statistics().target,
+                error=str(exc),
+                keys_valid_for_s=round(max(self._seconds_left(), 0.0)),
+            )
+            return False
+        self._failures = 0
+        self._last_error = None
+        self._state = "valid"
+        self._renewals += 1
+        log.info(
+            "credentials_renewed",
+            target=self.statistics().target,
+            expires_at=_iso(self._expires_at),
+            valid_for_s=round(self._seconds_left()),
+        )
+        if not was_usable:
+            self._notify()
+        return True
+
+    def _control_client(self) -> Any:
+        service = "s3control" if self.config.source == "access-grants" else "sts"
+        client = self._base.client(
+            service,
+            region_name=self._region,
+            endpoint_url=self.config.endpoint_url or None,
+            config=AioConfig(
+                retries={"mode": "standard", "total_max_attempts": 3},
+                connect_timeout=10,
+                read_timeout=30,
+            ),
+        )
+        return _ControlClient(client, self.config.endpoint_url)
+
+    async def _fetch(self) -> dict[str, str]:
+        """New keys, as botocore's refresh metadata. Raises CredentialsError, one sentence."""
+        if self._client is None:
+            raise CredentialsError("the credentials provider is not running")
+        try:
+            if self.config.source == "access-grants":
+                reply = await self._client.get_data_access(
+                    AccountId=self.config.account_id,
+                    Target=self.config.target,
+                    Permission=self.config.permission,
+                    DurationSeconds=int(self.config.duration),
+                )
+            else:
+                reply = await self._client.assume_role(
+                    RoleArn=self.config.role_arn,
+                    RoleSessionName=f"cpg-daemon-{socket.gethostname()}"[:64],
+                    DurationSeconds=int(self.config.duration),
+                )
+        except (ClientError, BotoCoreError) as exc:
+            raise CredentialsError(self._explain(exc)) from None
+        keys = reply["Credentials"]
+        expiration = keys["Expiration"]
+        if expiration.tzinfo is None:
+            expiration = expiration.replace(tzinfo=timezone.utc)
+        self._expires_at = expiration
+        return {
+            "access_key": keys["AccessKeyId"],
+            "secret_key": keys["SecretAccessKey"],
+            "token": keys["SessionToken"],
+            "expiry_time": expiration.isoformat(),
+        }
+
+    def _explain(self, exc: ClientError | BotoCoreError) -> str:
+        """One sentence a person can act on, for the errors people actually hit."""
+        what = "S3 Access Grants" if self.config.source == "access-grants" else "STS AssumeRole"
+        keys = f"profile {self.config.profile!r}" if self.config.profile else "the environment"
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return (
+                f"{what}: no long-term keys found ({keys}, or {CREDENTIALS_FILE_NAME} in "
+                "$CREDENTIALS_DIRECTORY)"
+            )
+        if isinstance(exc, EndpointConnectionError):
+            return f"{what}: cannot reach the endpoint ({exc}); check the network and any proxy"
+        if not isinstance(exc, ClientError):
+            return f"{what}: {exc}"
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        message = str(error.get("Message", ""))
+        wrong_region = re.search(r"arn:aws[\w-]*:s3:([a-z0-9-]+):", message)
+        if code == "AccessDenied" and wrong_region and wrong_region.group(1) != "us-east-1":
+            return (
+                f"{what}: the request went to region {wrong_region.group(1)}, but the "
+                'grants are in us-east-1: set [s3] region = "us-east-1"'
+            )
+        if code == "AccessDenied" and "no matching grant" in message.lower():
+            return (
+                f"{what}: no grant matches target {self.config.target}; use exactly the "
+                "prefix you were granted, ending in /*"
+            )
+        if code in (
+            "InvalidAccessKeyId",
+            "InvalidClientTokenId",
+            "SignatureDoesNotMatch",
+            "UnrecognizedClientException",
+            "ExpiredToken",
+        ):
+            return f"{what}: the long-term keys ({keys}) were refused ({code}); check them"
+        if code == "RequestTimeTooSkewed":
+            return f"{what}: this machine's clock is wrong (RequestTimeTooSkewed); enable NTP"
+        if code == "AccessDenied":
+            return f"{what}: access denied: {message}"
+        return f"{what}: {code}: {message}"
+
+
+class _ControlClient:
+    """An S3 Control or STS client context that keeps a custom endpoint's host.
+
+    botocore puts the account id in front of the S3 Control host
+    (``309624411020.s3-control...``), also for a custom endpoint such as a
+    private deployment or a local test server, where that name does not
+    resolve; with a custom endpoint, the request's host is put back.
+    """
+
+    def __init__(self, client_context: Any, endpoint_url: str) -> None:
+        self._context = client_context
+        self._endpoint = urlsplit(endpoint_url) if endpoint_url else None
+
+    async def __aenter__(self) -> Any:
+        client = await self._context.__aenter__()
+        if self._endpoint is not None:
+            client.meta.events.register("before-send.s3-control", self._keep_host)
+        return client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._context.__aexit__(*exc)
+
+    def _keep_host(self, request: Any, **_: Any) -> None:
+        assert self._endpoint is not None
+        url = urlsplit(request.url)
+        request.url = urlunsplit(url._replace(netloc=self._endpoint.netloc))
+        request.headers["Host"] = self._endpoint.netloc
+
+
+def make_provider(entry: CredentialsConfig, region: str) -> CredentialProvider:
+    if entry.source in ("access-grants", "assume-role"):
+        return RenewingProvider(entry, region)
+    return CredentialProvider(entry, region)
+
+
 def build_providers(config: Config) -> list[CredentialProvider]:
-    """One provider per ``[credentials]`` entry; fails early for sources not built yet."""
-    file = str(config.path) if config.path else "<config>"
-    providers = []
-    for index, entry in enumerate(config.credentials):
-        if entry.source in ("access-grants", "assume-role"):
-            key = (
-                "credentials.source"
-                if len(config.credentials) == 1
-                else (f"credentials[{index}].source")
-            )
-            raise ConfigError(
-                file,
-                key,
-                f"source {entry.source!r} is not available in this version of cpg-daemon yet; "
-                'use "profile" or "environment" with keys that can write to the destination',
-            )
-        providers.append(CredentialProvider(entry, config.s3.region))
-    return providers
+    """One provider per ``[credentials]`` entry."""
+    return [make_provider(entry, config.s3.region) for entry in config.credentials]
 
 
 def provider_for(
@@ -100,3 +426,9 @@ def provider_for(
             file, key, f"no [credentials] target covers {destination} (targets: {targets})"
         )
     return max(covering, key=lambda p: len(p.config.target))
+
+
+def seconds_until(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    return moment.timestamp() - time.time()

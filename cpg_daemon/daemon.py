@@ -17,7 +17,7 @@ import structlog
 
 from cpg_daemon import __version__
 from cpg_daemon.config import Config
-from cpg_daemon.credentials import build_providers, provider_for
+from cpg_daemon.credentials import CredentialProvider, build_providers, provider_for
 from cpg_daemon.errors import CpgError
 from cpg_daemon.journal import Journal, JournalStatistics
 from cpg_daemon.scheduler import Scheduler
@@ -45,6 +45,7 @@ class Daemon:
         self._force = anyio.Event()
         self._running = anyio.Event()
         self._journal: Journal | None = None
+        self._providers: list[CredentialProvider] = []
 
     def request_stop(self) -> None:
         """Begin a graceful stop, as SIGTERM does."""
@@ -100,7 +101,11 @@ class Daemon:
                     stores,
                     workers=config.s3.max_concurrency,
                     file_attempts=config.daemon.file_attempts,
+                    providers=watch_providers,
                 )
+                for provider in providers:
+                    provider.on_usable(scheduler.wake)
+                self._providers = providers
                 await self._supervise(journal, scheduler, stores)
         finally:
             self._journal = None
@@ -113,6 +118,8 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             if self._handle_signals:
                 tg.start_soon(self._signals)
+            for provider in self._providers:
+                await tg.start(provider.run)
             await tg.start(scheduler.run)
             watchers = [
                 Watcher(w, journal, scheduler.wake, self.config.daemon.rescan_interval)

@@ -341,9 +341,15 @@ class Journal:
 
         return await self._run(self._tx, work)
 
-    async def requeue(self, file_id: int) -> None:
-        """Put an in-flight file back without counting an attempt (shutdown, paused credentials)."""
-        await self._update(file_id, "state='queued'", ())
+    async def requeue(self, file_id: int, error: str | None = None) -> None:
+        """Put an in-flight file back without counting an attempt (shutdown, credentials).
+
+        ``error``, when given, is remembered as the file's last error.
+        """
+        if error is None:
+            await self._update(file_id, "state='queued'", ())
+        else:
+            await self._update(file_id, "state='queued', last_error=?", (error,))
 
     async def retry_failed(self, watch: str | None = None) -> int:
         """Failed files back to the queue with fresh attempts (``cpg-daemon retry``)."""

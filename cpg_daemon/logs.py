@@ -53,3 +53,26 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    # Libraries log through the standard library (botocore, asyncio): render their
+    # warnings the same way, so the output stays one format.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _redact,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
+    # A failed renewal is reported by cpg_daemon.credentials, in one sentence.
+    logging.getLogger("aiobotocore.credentials").setLevel(logging.CRITICAL)

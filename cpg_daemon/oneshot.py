@@ -19,8 +19,9 @@ import anyio
 import structlog
 
 from cpg_daemon.config import CredentialsConfig, S3Config, WatchConfig
-from cpg_daemon.credentials import CredentialProvider
+from cpg_daemon.credentials import make_provider
 from cpg_daemon.daemon import remote_sizes
+from cpg_daemon.errors import CredentialsError
 from cpg_daemon.journal import Journal
 from cpg_daemon.keys import S3Location
 from cpg_daemon.scheduler import Scheduler
@@ -85,8 +86,14 @@ async def upload(
         await journal.reset_in_flight()
         # A file that failed in an earlier run gets its attempts back.
         await journal.retry_failed()
-        provider = CredentialProvider(credentials, s3.region)
-        async with ObjectStore.connect(provider.session, s3) as store:
+        provider = make_provider(credentials, s3.region)
+        async with (
+            ObjectStore.connect(provider.session, s3) as store,
+            anyio.create_task_group() as keys,
+        ):
+            await keys.start(provider.run)
+            if not await provider.first_attempt():
+                raise CredentialsError(provider.statistics().last_error or "no credentials")
             sizes = await remote_sizes(store, destination.bucket, destination.prefix)
             watcher = Watcher(
                 watch, journal, lambda: None, rescan_interval=3600, remote_sizes=sizes
@@ -100,11 +107,14 @@ async def upload(
                 {WATCH_NAME: store},
                 workers=s3.max_concurrency,
                 file_attempts=file_attempts,
+                providers={WATCH_NAME: provider},
             )
+            provider.on_usable(scheduler.wake)
             async with anyio.create_task_group() as tg:
                 await tg.start(scheduler.run)
                 await _wait_until_done(journal, progress, started)
                 tg.cancel_scope.cancel()
+            keys.cancel_scope.cancel()
         records = await journal.records(WATCH_NAME)
     finally:
         await journal.close()

@@ -23,8 +23,10 @@ from anyio.abc import TaskStatus
 
 from cpg_daemon import files
 from cpg_daemon.config import WatchConfig
+from cpg_daemon.credentials import CredentialProvider
 from cpg_daemon.errors import (
     CpgError,
+    CredentialsError,
     FileChangedError,
     RetryableError,
     SkipFileError,
@@ -37,6 +39,8 @@ from cpg_daemon.uploader import Uploader
 log = structlog.get_logger("cpg_daemon.scheduler")
 
 RECENT_ERRORS = 20
+CREDENTIALS_PREFIX = "credentials:"
+"""Marks a last error as a refusal of the keys (see Scheduler._credentials_refused)."""
 IDLE_POLL = 5.0
 """Seconds the feeder sleeps at most when nothing is due (a wake-up cuts it short)."""
 
@@ -76,6 +80,7 @@ class Scheduler:
         stores: Mapping[str, ObjectStore],
         workers: int,
         file_attempts: int,
+        providers: Mapping[str, CredentialProvider] | None = None,
     ) -> None:
         self._journal = journal
         self._uploader = uploader
@@ -83,6 +88,8 @@ class Scheduler:
         self._stores = dict(stores)
         self._workers = workers
         self._file_attempts = file_attempts
+        self._providers = dict(providers or {})
+        """Each watch's credentials: a watch whose keys are not usable is not fed."""
         self._busy = 0
         self._paused: set[str] = set()
         self._paused_all = False
@@ -149,6 +156,7 @@ class Scheduler:
             # Only configured watches: rows of a watch removed from the configuration
             # stay in the journal untouched until it comes back.
             active = [] if self._paused_all else sorted(set(self._watches) - self._paused)
+            active = [w for w in active if w not in self._providers or self._providers[w].usable]
             idle = max(1, self._workers - self._busy)
             records = await self._journal.claim(idle, active)
             if records:
@@ -189,25 +197,53 @@ class Scheduler:
                 await self._journal.forget(record.id)
             except FileChangedError:
                 await self._changed(store, record, path, watch)
+            except CredentialsError as exc:
+                await self._credentials_refused(store, record, path, exc)
             except SkipFileError as exc:
                 await self._uploader.abort(store, record)
                 await self._fail(record, path, str(exc))
             except RetryableError as exc:
-                if record.attempts + 1 >= self._file_attempts:
-                    await self._uploader.abort(store, record)
-                    await self._fail(record, path, f"{exc} (after {record.attempts + 1} attempts)")
-                else:
-                    delay = backoff(record.attempts)
-                    log.warning("retry_later", error=str(exc), seconds=round(delay, 1))
-                    self._remember(path, record.key, str(exc))
-                    await self._journal.mark_retry(record.id, str(exc), time.time() + delay)
-                    self.wake()
+                await self._retry_or_fail(store, record, path, str(exc))
             except CpgError as exc:
                 await self._fail(record, path, str(exc))
             else:
                 if outcome == "changed":
                     await self._journal.requeue(record.id)
                     self.wake()
+
+    async def _credentials_refused(
+        self, store: ObjectStore, record: FileRecord, path: Path, exc: CredentialsError
+    ) -> None:
+        """The keys were refused or could not be had: never a reason for a file to fail.
+
+        The keys are renewed at once and the file retried with them, without
+        counting an attempt; while there are no usable keys its watch is not
+        fed at all. Only when freshly renewed keys are refused again does the
+        retry count, so a key that can never work still ends in a visible failure.
+        """
+        provider = self._providers.get(record.watch)
+        error = f"{CREDENTIALS_PREFIX} {exc}"
+        renewed = provider is not None and await provider.renew_now()
+        refused_before = (record.last_error or "").startswith(CREDENTIALS_PREFIX)
+        if provider is not None and (not provider.usable or (renewed and not refused_before)):
+            log.warning("credentials_refused", error=str(exc), renewed=renewed)
+            await self._journal.requeue(record.id, error)
+            self.wake()
+            return
+        await self._retry_or_fail(store, record, path, error)
+
+    async def _retry_or_fail(
+        self, store: ObjectStore, record: FileRecord, path: Path, error: str
+    ) -> None:
+        if record.attempts + 1 >= self._file_attempts:
+            await self._uploader.abort(store, record)
+            await self._fail(record, path, f"{error} (after {record.attempts + 1} attempts)")
+            return
+        delay = backoff(record.attempts)
+        log.warning("retry_later", error=error, seconds=round(delay, 1))
+        self._remember(path, record.key, error)
+        await self._journal.mark_retry(record.id, error, time.time() + delay)
+        self.wake()
 
     async def _changed(
         self, store: ObjectStore, record: FileRecord, path: Path, watch: WatchConfig

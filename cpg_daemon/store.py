@@ -195,6 +195,13 @@ class ObjectStore:
             except ClientError as exc:
                 if _code(exc) in ("404", "NoSuchKey", "NotFound"):
                     return None
+                if _code(exc) == "400":
+                    # A HEAD reply has no body to say why; S3 answers expired or
+                    # invalid session keys with a bare 400.
+                    raise CredentialsError(
+                        f"HeadObject s3://{bucket}/{key}: 400 Bad Request (expired or "
+                        "invalid keys, most likely)"
+                    ) from None
                 raise
         checksums: dict[str, str] = {
             name: str(reply[f"Checksum{name}"])

@@ -25,8 +25,13 @@ def write_config(
     watches: list[dict[str, Any]],
     s3: dict[str, Any] | None = None,
     daemon: dict[str, Any] | None = None,
+    credentials: dict[str, Any] | list[dict[str, Any]] | None = None,
 ) -> Path:
-    """A TOML config with the given watches (dicts of [[watch]] keys)."""
+    """A TOML config with the given watches (dicts of [[watch]] keys).
+
+    ``credentials``: one [credentials] table, or a list for [[credentials]] tables;
+    by default the standard chain (``source = "environment"``).
+    """
 
     def value(v: Any) -> str:
         return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
@@ -41,7 +46,15 @@ def write_config(
     lines += [f"{k} = {value(v)}" for k, v in (daemon or {}).items()]
     lines += ["[s3]", f"endpoint_url = {value(endpoint_url)}"]
     lines += [f"{k} = {value(v)}" for k, v in (s3 or {}).items()]
-    lines += ["[credentials]", 'source = "environment"']
+    if credentials is None:
+        credentials = {"source": "environment"}
+    if isinstance(credentials, dict):
+        lines.append("[credentials]")
+        lines += [f"{k} = {value(v)}" for k, v in credentials.items()]
+    else:
+        for table in credentials:
+            lines.append("[[credentials]]")
+            lines += [f"{k} = {value(v)}" for k, v in table.items()]
     for watch in watches:
         lines.append("[[watch]]")
         lines += [f"{k} = {value(v)}" for k, v in watch.items()]

@@ -1,0 +1,332 @@
+"""Short-lived keys from S3 Access Grants (and STS AssumeRole), renewed by the daemon itself.
+
+The grants endpoint is a local fake speaking S3 Control's and STS's wire formats
+(tests/fakes.py) that mints keys living a few seconds; S3 is the real moto server
+behind a proxy that refuses unknown and expired keys as S3 does. If renewal were
+broken, uploads here would fail: the long-term keys the daemon starts with are not
+accepted by S3 at all.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TEST_SECRET_ACCESS_KEY
+from daemonproc import Daemon, journal_rows, wait_until, write_config
+from fakes import AuthProxy, FakeControlPlane, KeyRegistry
+from s3server import S3Server
+
+ACCOUNT = "309624411020"
+PREFIX = "cpg0001-test/broad/images/"
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def plane(bucket: str) -> Iterator[FakeControlPlane]:
+    registry = KeyRegistry(lifetime=3.0)
+    with FakeControlPlane(
+        registry, grants=[f"s3://{bucket}/cpg0001-test/*"], expected_account_id=ACCOUNT
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server, plane: FakeControlPlane) -> Iterator[AuthProxy]:
+    with AuthProxy(s3_server.endpoint_url, plane.registry) as server:
+        yield server
+
+
+def grant(plane: FakeControlPlane, bucket: str, **overrides: Any) -> dict[str, Any]:
+    table: dict[str, Any] = {
+        "source": "access-grants",
+        "account_id": ACCOUNT,
+        "target": f"s3://{bucket}/cpg0001-test/*",
+        "permission": "READWRITE",
+        "duration": "15m",  # the fake grants at most its own lifetime (seconds)
+        "refresh_before": "1s",
+        "endpoint_url": plane.endpoint_url,
+    }
+    table.update(overrides)
+    return table
+
+
+def config(
+    tmp_path: Path,
+    watch: Path,
+    proxy: AuthProxy,
+    credentials: dict[str, Any] | list[dict[str, Any]],
+    destination: str,
+    **s3: Any,
+) -> Path:
+    return write_config(
+        tmp_path / "config.toml",
+        state_dir=tmp_path / "state",
+        endpoint_url=proxy.endpoint_url,
+        watches=[
+            {"name": "plates", "path": str(watch), "destination": destination, "settle": "0.5s"}
+        ],
+        s3=s3 or None,
+        credentials=credentials,
+    )
+
+
+def write(path: Path, data: bytes) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def object_bytes(s3_client: Any, bucket: str, key: str) -> bytes | None:
+    try:
+        body: bytes = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except s3_client.exceptions.NoSuchKey:
+        return None
+    return body
+
+
+def wait_objects(s3_client: Any, bucket: str, files: dict[str, bytes], timeout: float) -> None:
+    wait_until(
+        lambda: all(object_bytes(s3_client, bucket, PREFIX + k) == v for k, v in files.items()),
+        timeout,
+        f"{len(files)} objects to hold their files' bytes",
+    )
+
+
+def assert_no_secrets(text: str, plane: FakeControlPlane) -> None:
+    for keys in plane.registry.mints:
+        assert keys.secret_access_key not in text
+        assert keys.session_token not in text
+    assert TEST_SECRET_ACCESS_KEY not in text
+
+
+def test_uploads_run_through_several_key_lifetimes(
+    tmp_path: Path,
+    plane: FakeControlPlane,
+    proxy: AuthProxy,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    watch = tmp_path / "outbox"
+    rng = random.Random(3)
+    files = {f"plate/{i:02d}.tiff": rng.randbytes(200_000) for i in range(10)}
+    files["plate/big.sqlite"] = rng.randbytes(24 * MiB)  # multipart, across renewals
+    for rel, data in files.items():
+        write(watch / rel, data)
+    cfg = config(
+        tmp_path,
+        watch,
+        proxy,
+        grant(plane, bucket),
+        f"s3://{bucket}/{PREFIX}",
+        part_size="5MiB",
+        multipart_threshold="5MiB",
+        max_concurrency=2,
+        max_bandwidth="3MB",  # about 9 s of uploading: three key lifetimes or more
+    )
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
+    try:
+        wait_objects(s3_client, bucket, files, timeout=60)
+    finally:
+        assert daemon.terminate() == 0
+    rows = journal_rows(tmp_path / "state")
+    assert [r["state"] for r in rows] == ["uploaded"] * len(files)
+    calls = plane.data_access_calls
+    assert len(calls) >= 3, "the keys were not renewed"
+    assert {(c.target, c.permission, c.account_id) for c in calls} == {
+        (f"s3://{bucket}/cpg0001-test/*", "READWRITE", ACCOUNT)
+    }
+    assert all(c.duration_seconds == 900 for c in calls)
+    assert proxy.rejections.get("InvalidAccessKeyId", 0) == 0  # never the long-term keys
+    assert proxy.rejections.get("ExpiredToken", 0) == 0  # renewed before, not after, expiry
+    events = daemon.events()
+    started = next(e for e in events if e.get("event") == "multipart_started")
+    done = next(
+        e for e in events if e.get("event") == "uploaded" and e["key"].endswith("big.sqlite")
+    )
+    renewals_during = [
+        e
+        for e in events
+        if e.get("event") == "credentials_renewed"
+        and started["timestamp"] < e["timestamp"] < done["timestamp"]
+    ]
+    assert renewals_during, "the multipart upload did not outlive its first keys"
+    assert_no_secrets(daemon.log_text(), plane)
+
+
+def test_outage_longer_than_the_keys_pauses_uploads_and_they_resume(
+    tmp_path: Path,
+    plane: FakeControlPlane,
+    proxy: AuthProxy,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    watch = tmp_path / "outbox"
+    first = {"before/a.tiff": write(watch / "before/a.tiff", b"before the outage")}
+    cfg = config(tmp_path, watch, proxy, grant(plane, bucket), f"s3://{bucket}/{PREFIX}")
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
+    try:
+        wait_objects(s3_client, bucket, first, timeout=30)
+        plane.registry.down = True  # the grants endpoint goes away ...
+        time.sleep(plane.registry.lifetime + 1.0)  # ... for longer than the keys live
+        during = {
+            f"during/{i}.tiff": write(watch / f"during/{i}.tiff", b"x" * i) for i in range(1, 6)
+        }
+        time.sleep(3.0)
+        rows = journal_rows(tmp_path / "state")
+        assert not [r for r in rows if r["state"] == "failed"], "a file failed for lack of keys"
+        assert all(object_bytes(s3_client, bucket, PREFIX + k) is None for k in during)
+        failures = [e for e in daemon.events() if e.get("event") == "credentials_renewal_failed"]
+        assert failures and failures[-1]["keys_valid_for_s"] == 0
+        plane.registry.down = False  # back: uploads resume by themselves
+        wait_objects(s3_client, bucket, during, timeout=45)
+    finally:
+        assert daemon.terminate() == 0
+    rows = journal_rows(tmp_path / "state")
+    assert [r["state"] for r in rows] == ["uploaded"] * 6
+    assert_no_secrets(daemon.log_text(), plane)
+
+
+def test_keys_refused_by_s3_are_renewed_at_once(
+    tmp_path: Path,
+    plane: FakeControlPlane,
+    proxy: AuthProxy,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    plane.registry.lifetime = 3600.0  # long-lived: only a refusal can trigger a renewal
+    watch = tmp_path / "outbox"
+    cfg = config(tmp_path, watch, proxy, grant(plane, bucket), f"s3://{bucket}/{PREFIX}")
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
+    try:
+        wait_objects(s3_client, bucket, {"a.tiff": write(watch / "a.tiff", b"a")}, timeout=30)
+        minted = len(plane.registry.mints)
+        plane.registry.expire()  # revoked on the server side while the daemon trusts them
+        wait_objects(s3_client, bucket, {"b.tiff": write(watch / "b.tiff", b"b")}, timeout=30)
+    finally:
+        assert daemon.terminate() == 0
+    assert proxy.rejections.get("ExpiredToken", 0) >= 1
+    assert len(plane.registry.mints) == minted + 1
+    assert any(e.get("event") == "credentials_refused" for e in daemon.events())
+    rows = journal_rows(tmp_path / "state")
+    assert [(r["state"], r["attempts"]) for r in rows] == [("uploaded", 0), ("uploaded", 0)]
+
+
+def test_assume_role_keys_are_renewed_too(
+    tmp_path: Path,
+    plane: FakeControlPlane,
+    proxy: AuthProxy,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    watch = tmp_path / "outbox"
+    role = {
+        "source": "assume-role",
+        "role_arn": f"arn:aws:iam::{ACCOUNT}:role/cpg-upload",
+        "duration": "15m",
+        "refresh_before": "1s",
+        "endpoint_url": plane.endpoint_url,
+    }
+    cfg = config(tmp_path, watch, proxy, role, f"s3://{bucket}/{PREFIX}", max_bandwidth="200kB")
+    files = {f"{i}.tiff": write(watch / f"{i}.tiff", os.urandom(150_000)) for i in range(8)}
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
+    try:
+        wait_objects(s3_client, bucket, files, timeout=60)
+    finally:
+        assert daemon.terminate() == 0
+    calls = plane.assume_role_calls
+    assert len(calls) >= 2
+    assert {c.role_arn for c in calls} == {role["role_arn"]}
+    assert_no_secrets(daemon.log_text(), plane)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cpg_daemon", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_destination_outside_every_grant_is_refused_up_front(
+    tmp_path: Path, plane: FakeControlPlane, proxy: AuthProxy, bucket: str
+) -> None:
+    (tmp_path / "outbox").mkdir()
+    grants = [
+        grant(plane, bucket, target=f"s3://{bucket}/cpg0001-test/*"),
+        grant(plane, bucket, target=f"s3://{bucket}/cpg0002-other/*"),
+    ]
+    cfg = config(tmp_path, tmp_path / "outbox", proxy, grants, f"s3://{bucket}/cpg0003-x/images/")
+    for command in (["check", "--offline"], ["run"]):
+        result = run_cli(*command, "-c", str(cfg))
+        assert result.returncode == 2, result.stderr
+        assert f"s3://{bucket}/cpg0003-x/images/" in result.stderr
+        assert f"s3://{bucket}/cpg0001-test/*" in result.stderr
+        assert "watch[0].destination" in result.stderr
+
+
+def test_check_obtains_keys_once_per_grant_and_proves_write_access(
+    tmp_path: Path, plane: FakeControlPlane, proxy: AuthProxy, s3_client: Any, bucket: str
+) -> None:
+    plane.registry.lifetime = 3600.0
+    (tmp_path / "outbox").mkdir()
+    cfg = config(
+        tmp_path, tmp_path / "outbox", proxy, grant(plane, bucket), f"s3://{bucket}/{PREFIX}"
+    )
+    result = run_cli("check", "-c", str(cfg))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"credentials s3://{bucket}/cpg0001-test/*: obtained, valid until 20" in result.stdout
+    assert "write access to" in result.stdout
+    assert len(plane.data_access_calls) == 1
+    assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    assert_no_secrets(result.stdout + result.stderr, plane)
+
+
+@pytest.mark.parametrize(
+    ("setup", "sentence"),
+    [
+        ("no-grant", "no grant matches target"),
+        ("wrong-region", "the request went to region us-west-2, but the grants are in us-east-1"),
+        ("bad-keys", "the long-term keys (the environment) were refused (InvalidAccessKeyId)"),
+        ("unreachable", "cannot reach the endpoint"),
+    ],
+)
+def test_access_grants_errors_people_hit_read_as_one_sentence(
+    tmp_path: Path,
+    plane: FakeControlPlane,
+    proxy: AuthProxy,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    setup: str,
+    sentence: str,
+) -> None:
+    (tmp_path / "outbox").mkdir()
+    table = grant(plane, bucket)
+    if setup == "no-grant":
+        plane.grants = [f"s3://{bucket}/cpg9999-someone-else/*"]
+    elif setup == "wrong-region":
+        plane.registry.fail_with = (
+            403,
+            "AccessDenied",
+            f"User: arn:aws:iam::{ACCOUNT}:user/x is not authorized to perform: "
+            f"s3:GetDataAccess on resource: arn:aws:s3:us-west-2:{ACCOUNT}:access-grants/default",
+        )
+    elif setup == "bad-keys":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    else:
+        table["endpoint_url"] = "http://127.0.0.1:9"  # nothing listens there
+    cfg = config(tmp_path, tmp_path / "outbox", proxy, table, f"s3://{bucket}/{PREFIX}")
+    result = run_cli("check", "-c", str(cfg))
+    assert result.returncode == 1
+    assert sentence in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert_no_secrets(result.stdout + result.stderr, plane)
