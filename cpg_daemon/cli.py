@@ -32,6 +32,7 @@ from cpg_daemon.config import (
 )
 from cpg_daemon.credentials import (
     CredentialProvider,
+    ProfileMissingError,
     RenewingProvider,
     build_providers,
     provider_for,
@@ -258,15 +259,19 @@ def _upload(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     interactive = sys.stderr.isatty() and not args.quiet
     logs.configure("console" if interactive else "json", "warning" if interactive else "info")
-    summary = anyio.run(
-        lambda: oneshot.upload(
-            watch,
-            s3,
-            credentials,
-            args.state_dir or oneshot.default_state_dir(),
-            progress=interactive,
+    try:
+        summary = anyio.run(
+            lambda: oneshot.upload(
+                watch,
+                s3,
+                credentials,
+                args.state_dir or oneshot.default_state_dir(),
+                progress=interactive,
+            )
         )
-    )
+    except ProfileMissingError as exc:
+        print(f"cpg-daemon upload: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     rate = summary.bytes / summary.seconds if summary.seconds > 0 else 0.0
     print(
         f"{summary.files} files: {summary.uploaded} uploaded, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -177,6 +178,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None) -> Config:
 
 
 T = TypeVar("T")
+_SECRET_KEY = re.compile(r"secret|access_key|session_token|password", re.IGNORECASE)
 
 
 class _Reader:
@@ -190,11 +192,18 @@ class _Reader:
 
     def only_keys(self, table: Mapping[str, Any], where: str, known: tuple[str, ...]) -> None:
         for key in table:
+            name = f"{where}.{key}" if where else key
+            if _SECRET_KEY.search(key):
+                self.fail(
+                    name,
+                    "keys do not belong in the configuration file, which is not a secret: "
+                    "put them in the AWS credentials file of the profile (mode 0600), or "
+                    "give them to the service with systemd's LoadCredential=aws-credentials:...",
+                )
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 allowed = ", ".join(known)
-                name = f"{where}.{key}" if where else key
                 self.fail(name, f"unknown key{hint} (known keys here: {allowed})")
 
     def table(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:

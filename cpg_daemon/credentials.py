@@ -38,6 +38,7 @@ import anyio.to_thread
 import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.credentials import AioRefreshableCredentials
+from aiobotocore.session import AioSession
 from anyio.abc import TaskStatus
 from botocore.exceptions import (
     BotoCoreError,
@@ -48,7 +49,7 @@ from botocore.exceptions import (
 )
 
 from cpg_daemon.config import Config, CredentialsConfig
-from cpg_daemon.errors import ConfigError, CredentialsError
+from cpg_daemon.errors import ConfigError, CpgError, CredentialsError
 from cpg_daemon.keys import S3Location
 
 log = structlog.get_logger("cpg_daemon.credentials")
@@ -80,6 +81,16 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat(timespec="seconds")
 
 
+class ProfileMissingError(CpgError):
+    """The configured AWS profile exists in none of the files botocore reads."""
+
+    def __init__(self, profile: str) -> None:
+        super().__init__(
+            f"no AWS profile named {profile!r} in ~/.aws/config, ~/.aws/credentials "
+            f"(of the user running cpg-daemon) or $CREDENTIALS_DIRECTORY/{CREDENTIALS_FILE_NAME}"
+        )
+
+
 class CredentialProvider:
     """Keys for one ``[credentials]`` entry, handed out as an aioboto3 Session.
 
@@ -94,15 +105,19 @@ class CredentialProvider:
         self._listeners: list[Callable[[], None]] = []
 
     def _long_term_session(self) -> aioboto3.Session:
-        profile = self.config.profile if self.config.source != "environment" else ""
-        session = aioboto3.Session(profile_name=profile or None, region_name=self._region)
+        core = AioSession()
         directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
         if directory and (Path(directory) / CREDENTIALS_FILE_NAME).is_file():
             # systemd LoadCredential=aws-credentials:/etc/cpg-daemon/aws-credentials
-            session._session.set_config_variable(
+            core.set_config_variable(
                 "credentials_file", str(Path(directory) / CREDENTIALS_FILE_NAME)
             )
-        return session
+        profile = self.config.profile if self.config.source != "environment" else ""
+        if profile:
+            if profile not in core.available_profiles:
+                raise ProfileMissingError(profile)
+            core.set_config_variable("profile", profile)
+        return aioboto3.Session(botocore_session=core, region_name=self._region)
 
     def covers(self, destination: S3Location) -> bool:
         """Whether this entry's target covers a destination (no target covers all)."""
@@ -411,8 +426,17 @@ def make_provider(entry: CredentialsConfig, region: str) -> CredentialProvider:
 
 
 def build_providers(config: Config) -> list[CredentialProvider]:
-    """One provider per ``[credentials]`` entry."""
-    return [make_provider(entry, config.s3.region) for entry in config.credentials]
+    """One provider per ``[credentials]`` entry; a missing profile is a ConfigError."""
+    providers = []
+    for index, entry in enumerate(config.credentials):
+        try:
+            providers.append(make_provider(entry, config.s3.region))
+        except ProfileMissingError as exc:
+            where = "credentials" if len(config.credentials) == 1 else f"credentials[{index}]"
+            raise ConfigError(
+                str(config.path or "<config>"), f"{where}.profile", str(exc)
+            ) from None
+    return providers
 
 
 def provider_for(

@@ -330,3 +330,108 @@ def test_access_grants_errors_people_hit_read_as_one_sentence(
     assert sentence in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert_no_secrets(result.stdout + result.stderr, plane)
+
+
+def test_each_watch_uses_the_grant_that_covers_it(
+    tmp_path: Path, plane: FakeControlPlane, proxy: AuthProxy, s3_client: Any, bucket: str
+) -> None:
+    plane.registry.lifetime = 3600.0
+    plane.grants = [f"s3://{bucket}/cpg0001-test/*", f"s3://{bucket}/cpg0002-other/*"]
+    grants = [
+        grant(plane, bucket, target=f"s3://{bucket}/cpg0001-test/*"),
+        grant(plane, bucket, target=f"s3://{bucket}/cpg0002-other/*"),
+    ]
+    first, second = tmp_path / "one", tmp_path / "two"
+    write(first / "a.tiff", b"one")
+    write(second / "b.tiff", b"two")
+    cfg = write_config(
+        tmp_path / "config.toml",
+        state_dir=tmp_path / "state",
+        endpoint_url=proxy.endpoint_url,
+        watches=[
+            {
+                "name": "one",
+                "path": str(first),
+                "destination": f"s3://{bucket}/cpg0001-test/x/",
+                "settle": "0.5s",
+            },
+            {
+                "name": "two",
+                "path": str(second),
+                "destination": f"s3://{bucket}/cpg0002-other/y/",
+                "settle": "0.5s",
+            },
+        ],
+        credentials=grants,
+    )
+    daemon = Daemon(cfg, tmp_path / "daemon.log")
+    try:
+        wait_until(
+            lambda: (
+                object_bytes(s3_client, bucket, "cpg0001-test/x/a.tiff") == b"one"
+                and object_bytes(s3_client, bucket, "cpg0002-other/y/b.tiff") == b"two"
+            ),
+            30,
+            "both watches to upload",
+        )
+    finally:
+        assert daemon.terminate() == 0
+    assert sorted(c.target or "" for c in plane.data_access_calls) == [
+        f"s3://{bucket}/cpg0001-test/*",
+        f"s3://{bucket}/cpg0002-other/*",
+    ]
+
+
+def test_long_term_keys_from_systemd_load_credential(
+    tmp_path: Path,
+    plane: FakeControlPlane,
+    proxy: AuthProxy,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plane.registry.lifetime = 3600.0
+    directory = tmp_path / "credentials"  # what systemd makes for LoadCredential=
+    directory.mkdir()
+    (directory / "aws-credentials").write_text(
+        "[cpg_staging]\naws_access_key_id = testing\n"
+        f"aws_secret_access_key = {TEST_SECRET_ACCESS_KEY}\n"
+    )
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(directory))
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    (tmp_path / "outbox").mkdir()
+    table = grant(plane, bucket, profile="cpg_staging")
+    cfg = config(tmp_path, tmp_path / "outbox", proxy, table, f"s3://{bucket}/{PREFIX}")
+    result = run_cli("check", "-c", str(cfg))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [c.caller_access_key_id for c in plane.data_access_calls] == ["testing"]
+
+
+def test_keys_written_into_the_config_file_are_refused_without_echoing_them(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[credentials]\nsource = "environment"\n'
+        'aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"\n'
+    )
+    result = run_cli("check", "--offline", "-c", str(cfg))
+    assert result.returncode == 2
+    assert "credentials.aws_secret_access_key" in result.stderr
+    assert "do not belong in the configuration file" in result.stderr
+    assert "wJalrXUtnFEMI" not in result.stdout + result.stderr
+
+
+def test_a_profile_that_does_not_exist_is_a_configuration_error(
+    tmp_path: Path, plane: FakeControlPlane, proxy: AuthProxy, bucket: str
+) -> None:
+    (tmp_path / "outbox").mkdir()
+    table = grant(plane, bucket, profile="cpg_staging")
+    cfg = config(tmp_path, tmp_path / "outbox", proxy, table, f"s3://{bucket}/{PREFIX}")
+    result = run_cli("run", "-c", str(cfg))
+    assert result.returncode == 2
+    assert "credentials.profile" in result.stderr
+    assert "no AWS profile named 'cpg_staging'" in result.stderr
+    upload = run_cli("upload", str(tmp_path / "outbox"), f"s3://{bucket}/x/", "--profile", "nope")
+    assert upload.returncode == 2
+    assert "no AWS profile named 'nope'" in upload.stderr
