@@ -8,6 +8,7 @@ failed, 2 a bad configuration.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -19,10 +20,12 @@ from typing import Any
 
 import anyio
 
-from cpg_daemon import __version__, logs
+from cpg_daemon import __version__, control, logs
+from cpg_daemon import status as status_view
 from cpg_daemon.checksums import CHECKSUM_NAMES, encode
 from cpg_daemon.config import (
     CANNED_ACLS,
+    DEFAULT_SOCKET,
     Config,
     CredentialsConfig,
     S3Config,
@@ -55,6 +58,18 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="configuration file (default: $CPG_DAEMON_CONFIG, then /etc/cpg-daemon/config.toml)",
     )
+
+
+def _socket_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-s",
+        "--socket",
+        type=Path,
+        default=None,
+        help="the daemon's control socket (default: the config's daemon.socket, then "
+        f"{DEFAULT_SOCKET})",
+    )
+    _config_arg(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upload.add_argument("--quiet", action="store_true", help="no progress line")
 
+    status = commands.add_parser("status", help="what the running daemon is doing")
+    _socket_args(status)
+    status.add_argument("--json", action="store_true", help="the status object, for scripts")
+    for name, text in (
+        ("pause", "stop starting new uploads (in-flight parts finish)"),
+        ("resume", "start new uploads again"),
+        ("retry", "queue failed files again"),
+        ("rescan", "walk the watched folders again now"),
+    ):
+        command = commands.add_parser(name, help=f"{text}; all watches, or one")
+        command.add_argument("watch", nargs="?", metavar="WATCH", help="a watch's name")
+        _socket_args(command)
+
     demo = commands.add_parser(
         "demo", help="run the whole pipeline on this machine against a local S3 server"
     )
@@ -114,7 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": _run, "check": _check, "upload": _upload, "demo": _demo}
+    handlers = {
+        "run": _run,
+        "check": _check,
+        "upload": _upload,
+        "demo": _demo,
+        "status": _status,
+        "pause": _control,
+        "resume": _control,
+        "retry": _control,
+        "rescan": _control,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
@@ -136,7 +174,15 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     logs.configure(config.daemon.log_format, config.daemon.log_level)
-    anyio.run(daemon.run, config)
+    try:
+        anyio.run(daemon.run, config)
+    except Exception as exc:  # a task group's errors arrive grouped
+        inner = getattr(exc, "exceptions", None)
+        if not inner or not all(isinstance(e, CpgError) for e in inner):
+            raise
+        for error in inner:
+            print(f"cpg-daemon: {error}", file=sys.stderr)
+        return EXIT_PROBLEM
     return EXIT_OK
 
 
@@ -299,3 +345,51 @@ def _demo(args: argparse.Namespace) -> int:
     once = args.once or not sys.stdout.isatty()
     result: int = anyio.run(demo.run_demo, once)
     return result
+
+
+EXIT_NO_DAEMON = 3
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    """-s, else the config's daemon.socket (when there is a config), else the default."""
+    if args.socket is not None:
+        return Path(args.socket)
+    path = args.config or default_config_path()
+    if args.config is None and not path.exists():
+        return DEFAULT_SOCKET
+    return load_config(path).daemon.socket
+
+
+def _ask(args: argparse.Namespace, command: str, arguments: dict[str, Any]) -> Any:
+    return control.request(_socket_path(args), command, arguments)
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        result = _ask(args, "status", {})
+    except control.NoDaemonError as exc:
+        print(f"cpg-daemon status: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(status_view.render(result))
+    return EXIT_OK
+
+
+def _control(args: argparse.Namespace) -> int:
+    arguments = {} if args.watch is None else {"watch": args.watch}
+    try:
+        result = _ask(args, args.command, arguments)
+    except control.NoDaemonError as exc:
+        print(f"cpg-daemon {args.command}: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except control.CommandError as exc:
+        print(f"cpg-daemon {args.command}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    if args.command == "retry":
+        print(f"{result['requeued']} failed files queued again ({', '.join(result['watches'])})")
+    else:
+        verb = {"pause": "paused", "resume": "resumed", "rescan": "rescanning"}[args.command]
+        print(f"{verb}: {', '.join(result[verb])}")
+    return EXIT_OK

@@ -10,17 +10,22 @@ the next start resumes from there. A second signal skips the wait.
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from datetime import datetime, timezone
+from typing import Any
 
 import anyio
 import structlog
 
 from cpg_daemon import __version__
 from cpg_daemon.config import Config
+from cpg_daemon.control import CommandError, ControlServer, Registry, prepare_socket_path
 from cpg_daemon.credentials import CredentialProvider, build_providers, provider_for
 from cpg_daemon.errors import CpgError
 from cpg_daemon.journal import Journal, JournalStatistics
 from cpg_daemon.scheduler import Scheduler
+from cpg_daemon.status import gather
 from cpg_daemon.store import ObjectStore
 from cpg_daemon.uploader import Uploader
 from cpg_daemon.watcher import Watcher
@@ -46,6 +51,8 @@ class Daemon:
         self._running = anyio.Event()
         self._journal: Journal | None = None
         self._providers: list[CredentialProvider] = []
+        self._state = "starting"
+        self._started_at = datetime.now(timezone.utc)
 
     def request_stop(self) -> None:
         """Begin a graceful stop, as SIGTERM does."""
@@ -67,6 +74,7 @@ class Daemon:
             watch.name: provider_for(providers, watch.destination, file, f"watch[{i}].destination")
             for i, watch in enumerate(config.watches)
         }
+        await anyio.to_thread.run_sync(prepare_socket_path, config.daemon.socket)
         journal = await Journal.open(config.daemon.state_dir / JOURNAL_NAME)
         self._journal = journal
         try:
@@ -106,25 +114,35 @@ class Daemon:
                 for provider in providers:
                     provider.on_usable(scheduler.wake)
                 self._providers = providers
-                await self._supervise(journal, scheduler, stores)
+                await self._supervise(journal, scheduler, uploader, stores)
         finally:
             self._journal = None
             await journal.close()
         log.info("stopped")
 
     async def _supervise(
-        self, journal: Journal, scheduler: Scheduler, stores: dict[str, ObjectStore]
+        self,
+        journal: Journal,
+        scheduler: Scheduler,
+        uploader: Uploader,
+        stores: dict[str, ObjectStore],
     ) -> None:
+        watchers = [
+            Watcher(w, journal, scheduler.wake, self.config.daemon.rescan_interval)
+            for w in self.config.watches
+        ]
+        control = ControlServer(
+            self.config.daemon.socket,
+            self._commands(journal, scheduler, uploader, watchers),
+            self.config.daemon.socket_group,
+        )
         async with anyio.create_task_group() as tg:
             if self._handle_signals:
                 tg.start_soon(self._signals)
+            await tg.start(control.run)
             for provider in self._providers:
                 await tg.start(provider.run)
             await tg.start(scheduler.run)
-            watchers = [
-                Watcher(w, journal, scheduler.wake, self.config.daemon.rescan_interval)
-                for w in self.config.watches
-            ]
             watching = anyio.CancelScope()
 
             async def watch_all() -> None:
@@ -137,10 +155,12 @@ class Daemon:
                                 await self._list_destination(watcher, stores)
                             await group.start(watcher.run)
                         log.info("running")
+                        self._state = "running"
                         self._running.set()
 
             tg.start_soon(watch_all)
             await self._stopping.wait()
+            self._state = "stopping"
             for watcher in watchers:
                 watcher.stop()
             watching.cancel()
@@ -158,6 +178,86 @@ class Daemon:
                 await self._force.wait()
                 drain.cancel_scope.cancel()
             tg.cancel_scope.cancel()
+
+    def _commands(
+        self,
+        journal: Journal,
+        scheduler: Scheduler,
+        uploader: Uploader,
+        watchers: list[Watcher],
+    ) -> Registry:
+        """The control socket's commands; adding one is one entry here."""
+        names = [w.name for w in self.config.watches]
+
+        def chosen(args: Mapping[str, Any]) -> str | None:
+            watch = args.get("watch")
+            if watch is None:
+                return None
+            if watch not in names:
+                known = ", ".join(names) or "none"
+                raise CommandError(f"no watch named {watch!r} (watches: {known})")
+            return str(watch)
+
+        def selected(watch: str | None) -> list[str]:
+            return names if watch is None else [watch]
+
+        async def status(args: Mapping[str, Any]) -> dict[str, Any]:
+            stats = scheduler.statistics()
+            state = self._state
+            if state == "running" and (stats.paused_all or set(names) <= set(stats.paused)):
+                state = "paused"
+            return gather(
+                state=state,
+                started_at=self._started_at,
+                watches=self.config.watches,
+                journal=await journal.statistics(),
+                scheduler=stats,
+                uploader=uploader.statistics(),
+                watchers=[w.statistics() for w in watchers],
+                credentials=[p.statistics() for p in self._providers],
+            )
+
+        async def pause(args: Mapping[str, Any]) -> dict[str, Any]:
+            watch = chosen(args)
+            scheduler.pause(watch)
+            return {"paused": selected(watch)}
+
+        async def resume(args: Mapping[str, Any]) -> dict[str, Any]:
+            watch = chosen(args)
+            scheduler.resume(watch)
+            return {"resumed": selected(watch)}
+
+        async def retry(args: Mapping[str, Any]) -> dict[str, Any]:
+            watch = chosen(args)
+            count = await journal.retry_failed(watch)
+            scheduler.wake()
+            return {"requeued": count, "watches": selected(watch)}
+
+        async def rescan(args: Mapping[str, Any]) -> dict[str, Any]:
+            watch = chosen(args)
+            for watcher in watchers:
+                if watch is None or watcher.watch.name == watch:
+                    watcher.request_rescan()
+            return {"rescanning": selected(watch)}
+
+        registry = Registry()
+
+        async def help_(args: Mapping[str, Any]) -> dict[str, str]:
+            return registry.help()
+
+        registry.add(
+            "status", status, "what the daemon is doing, as one JSON object", mutating=False
+        )
+        registry.add(
+            "pause", pause, "stop starting new files (all watches, or args.watch)", mutating=True
+        )
+        registry.add("resume", resume, "start new files again (all, or args.watch)", mutating=True)
+        registry.add("retry", retry, "queue failed files again (all, or args.watch)", mutating=True)
+        registry.add(
+            "rescan", rescan, "walk the watched folders now (all, or args.watch)", mutating=True
+        )
+        registry.add("help", help_, "the commands and what they do", mutating=False)
+        return registry
 
     @staticmethod
     async def _list_destination(watcher: Watcher, stores: dict[str, ObjectStore]) -> None:

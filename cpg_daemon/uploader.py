@@ -10,6 +10,7 @@ in flight is bounded by ``max_concurrency`` x the largest request body
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -54,6 +55,34 @@ class UploaderStatistics:
     requests_in_flight: int
     bytes_sent: int
     files_uploaded: int
+    throughput_bytes_per_s: float
+    """Bytes sent per second over the last THROUGHPUT_WINDOW seconds."""
+
+
+THROUGHPUT_WINDOW = 20.0
+
+
+class _Rate:
+    """Bytes per second over a sliding window, from (time, bytes) samples."""
+
+    def __init__(self, window: float) -> None:
+        self._window = window
+        self._samples: deque[tuple[float, int]] = deque()
+        self._sum = 0
+
+    def add(self, amount: int) -> None:
+        self._samples.append((time.monotonic(), amount))
+        self._sum += amount
+        self._trim()
+
+    def per_second(self) -> float:
+        self._trim()
+        return self._sum / self._window
+
+    def _trim(self) -> None:
+        horizon = time.monotonic() - self._window
+        while self._samples and self._samples[0][0] < horizon:
+            self._sum -= self._samples.popleft()[1]
 
 
 @dataclass
@@ -75,10 +104,20 @@ class Uploader:
         self._checksum: ChecksumName = s3.checksum
         self._bytes_sent = 0
         self._files_uploaded = 0
+        self._rate = _Rate(THROUGHPUT_WINDOW)
 
     def statistics(self) -> UploaderStatistics:
         stats = self._limiter.statistics()
-        return UploaderStatistics(stats.borrowed_tokens, self._bytes_sent, self._files_uploaded)
+        return UploaderStatistics(
+            stats.borrowed_tokens,
+            self._bytes_sent,
+            self._files_uploaded,
+            round(self._rate.per_second(), 1),
+        )
+
+    def _sent(self, amount: int) -> None:
+        self._bytes_sent += amount
+        self._rate.add(amount)
 
     async def upload(self, store: ObjectStore, record: FileRecord, path: Path) -> Outcome:
         """Upload one file. Raises an error class from ``errors`` when it cannot."""
@@ -145,7 +184,7 @@ class Uploader:
             body, digest = await files.read_range(path, 0, record.size, expected, self._checksum)
             await self._throttle.consume(record.size)
             etag = await store.put_object(record.bucket, record.key, body, encode(digest))
-            self._bytes_sent += record.size
+            self._sent(record.size)
         algorithm = ALGORITHMS[self._checksum]
         return etag, algorithm.object_checksum([PartDigest(digest, record.size)], multipart=False)
 
@@ -298,7 +337,7 @@ class Uploader:
                     record.bucket, record.key, upload_id, part.number, body, encode(digest)
                 )
                 del body  # the slot is released below: the body must be gone by then
-                self._bytes_sent += part.length
+                self._sent(part.length)
                 await self._journal.add_part(
                     record.id, upload_id, PartRecord(part.number, etag, encode(digest), part.length)
                 )

@@ -1,0 +1,283 @@
+"""The control socket: a Unix stream socket speaking newline-delimited JSON.
+
+One request per line, one reply per line::
+
+    {"v": 1, "command": "pause", "args": {"watch": "batch8"}}
+    {"v": 1, "ok": true, "result": {...}}
+    {"v": 1, "ok": false, "error": "..."}
+
+Commands live in a registry (name -> handler, help text, whether it changes
+anything), so adding one is one entry. Every client gets its own task, with a
+read timeout and a line-length limit, so a slow or broken client cannot stall
+the daemon. Commands that change anything check the peer's credentials
+(SO_PEERCRED): root, the daemon's own user, or a member of the socket's group.
+No TCP listener exists for control.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import json
+import os
+import pwd
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+from anyio.abc import TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from cpg_daemon.errors import FatalError
+
+log = structlog.get_logger("cpg_daemon.control")
+
+PROTOCOL_VERSION = 1
+MAX_LINE = 64 * 1024
+READ_TIMEOUT = 30.0
+CLIENT_TIMEOUT = 10.0
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+
+
+class CommandError(Exception):
+    """A request the daemon understood but cannot do (unknown watch, say): an error reply."""
+
+
+@dataclass(frozen=True)
+class Command:
+    handler: Handler
+    help: str
+    mutating: bool
+
+
+class Registry:
+    """Command names -> handlers, with their help text."""
+
+    def __init__(self) -> None:
+        self.commands: dict[str, Command] = {}
+
+    def add(self, name: str, handler: Handler, help: str, *, mutating: bool) -> None:
+        self.commands[name] = Command(handler, help, mutating)
+
+    def help(self) -> dict[str, str]:
+        return {name: command.help for name, command in sorted(self.commands.items())}
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_of(sock: socket.socket) -> Peer | None:
+    """The connecting process's pid, uid and gid (Linux SO_PEERCRED), or None."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid)
+
+
+def may_change(peer: Peer | None, group: str) -> bool:
+    """Root, the daemon's own user, or a member of the socket group."""
+    if peer is None:
+        return False
+    if peer.uid in (0, os.getuid()):
+        return True
+    if not group:
+        return False
+    try:
+        entry = grp.getgrnam(group)
+    except KeyError:
+        return False
+    if peer.gid == entry.gr_gid:
+        return True
+    try:
+        user = pwd.getpwuid(peer.uid).pw_name
+    except KeyError:
+        return False
+    return user in entry.gr_mem
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Create the socket's folder (0750); replace a stale socket; refuse a live one.
+
+    Called before anything else at start-up, so a second daemon stops before it
+    opens the journal.
+    """
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o750)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise FatalError(f"{path} exists and is not a socket; remove it or choose another")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise FatalError(f"cannot check the control socket {path}: {exc}") from None
+        path.unlink()  # left behind by a daemon that crashed
+        return
+    finally:
+        probe.close()
+    raise FatalError(
+        f"another cpg-daemon is already running and listening on {path}; "
+        "stop it first (or give this one its own daemon.socket and daemon.state_dir)"
+    )
+
+
+class ControlServer:
+    """Serves the registry on the daemon's socket until cancelled."""
+
+    def __init__(self, path: Path, registry: Registry, group: str = "") -> None:
+        self.path = path
+        self.registry = registry
+        self.group = group
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        await anyio.to_thread.run_sync(prepare_socket_path, self.path)
+        listener = await anyio.create_unix_listener(self.path)
+        try:
+            await anyio.to_thread.run_sync(self._set_permissions)
+            log.info("control_socket_listening", socket=str(self.path))
+            task_status.started()
+            async with listener:
+                await listener.serve(self._serve_client)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._remove)
+
+    def _set_permissions(self) -> None:
+        os.chmod(self.path, 0o660)
+        if self.group:
+            try:
+                os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
+            except (KeyError, PermissionError) as exc:
+                log.warning("socket_group_not_set", group=self.group, error=str(exc))
+
+    def _remove(self) -> None:
+        try:
+            if stat.S_ISSOCK(self.path.lstat().st_mode):
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def _serve_client(self, stream: anyio.abc.SocketStream) -> None:
+        peer = peer_of(stream.extra(anyio.abc.SocketAttribute.raw_socket))
+        buffered = BufferedByteReceiveStream(stream)
+        async with stream:
+            while True:
+                try:
+                    with anyio.fail_after(READ_TIMEOUT):
+                        line = await buffered.receive_until(b"\n", MAX_LINE)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
+                    return
+                except anyio.DelimiterNotFound:
+                    await _reply(
+                        stream, {"ok": False, "error": f"request longer than {MAX_LINE} bytes"}
+                    )
+                    return
+                except TimeoutError:
+                    return
+                reply = await self._answer(line, peer)
+                try:
+                    await _reply(stream, reply)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    return
+
+    async def _answer(self, line: bytes, peer: Peer | None) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return {"ok": False, "error": "not a JSON object: send one JSON object per line"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "not a JSON object: send one JSON object per line"}
+        version = request.get("v", PROTOCOL_VERSION)
+        if version != PROTOCOL_VERSION:
+            return {"ok": False, "error": f"protocol version {version!r} is not {PROTOCOL_VERSION}"}
+        name = request.get("command")
+        command = self.registry.commands.get(name) if isinstance(name, str) else None
+        if command is None:
+            known = ", ".join(sorted(self.registry.commands))
+            return {"ok": False, "error": f"unknown command {name!r} (commands: {known})"}
+        args = request.get("args", {})
+        if not isinstance(args, dict):
+            return {"ok": False, "error": "args must be a JSON object"}
+        if command.mutating and not may_change(peer, self.group):
+            return {
+                "ok": False,
+                "error": f"permission denied: {name} needs root, the daemon's user or "
+                f"membership of the socket group{f' {self.group!r}' if self.group else ''}",
+            }
+        try:
+            result = await command.handler(args)
+        except CommandError as exc:
+            return {"ok": False, "error": str(exc)}
+        if command.mutating:
+            log.info("control_command", command=name, args=args, peer_uid=peer and peer.uid)
+        return {"ok": True, "result": result}
+
+
+async def _reply(stream: anyio.abc.SocketStream, reply: dict[str, Any]) -> None:
+    body = json.dumps({"v": PROTOCOL_VERSION, **reply}, default=str) + "\n"
+    with anyio.fail_after(READ_TIMEOUT):
+        await stream.send(body.encode())
+
+
+class NoDaemonError(Exception):
+    """Nothing answered on the socket; the message says what was tried and why it failed."""
+
+
+def request(path: Path, command: str, args: Mapping[str, Any] | None = None) -> Any:
+    """Send one command to the running daemon (blocking; for the command line)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(CLIENT_TIMEOUT)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise NoDaemonError(
+                f"no cpg-daemon is listening on {path}: the daemon is not running, or it "
+                "uses another socket (see daemon.socket, or pass -s / -c)"
+            ) from None
+        except ConnectionRefusedError:
+            raise NoDaemonError(
+                f"no cpg-daemon is listening on {path} (a stale socket: the daemon is not running)"
+            ) from None
+        except PermissionError:
+            raise NoDaemonError(
+                f"permission denied on {path}: run as root, the daemon's user, or a member "
+                "of daemon.socket_group"
+            ) from None
+        except OSError as exc:
+            raise NoDaemonError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        line = json.dumps({"v": PROTOCOL_VERSION, "command": command, "args": dict(args or {})})
+        sock.sendall(line.encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise NoDaemonError(f"the daemon on {path} closed the connection")
+            reply += chunk
+    except TimeoutError:
+        raise NoDaemonError(
+            f"the daemon on {path} did not answer in {CLIENT_TIMEOUT:g} s"
+        ) from None
+    finally:
+        sock.close()
+    answer = json.loads(reply)
+    if not answer.get("ok"):
+        raise CommandError(str(answer.get("error")))
+    return answer.get("result")
