@@ -23,11 +23,12 @@ import aioboto3
 import anyio
 import anyio.to_thread
 
-from cpg_daemon import logs
+from cpg_daemon import control, logs
 from cpg_daemon.config import Config, CredentialsConfig, DaemonConfig, S3Config, WatchConfig
 from cpg_daemon.daemon import Daemon
 from cpg_daemon.files import FileStat, whole_file_checksum
 from cpg_daemon.keys import parse_s3_uri
+from cpg_daemon.status import render
 from cpg_daemon.store import ObjectStore
 from cpg_daemon.units import format_size
 
@@ -203,6 +204,11 @@ async def run_demo(once: bool) -> int:
                 )
                 await anyio.to_thread.run_sync(os.rename, staging / BATCH, outbox / BATCH)
                 await _show_progress(daemon, len(sizes), total)
+                print("cpg-daemon status (asked over the control socket):")
+                reply = await anyio.to_thread.run_sync(
+                    control.request, config.daemon.socket, "status", None
+                )
+                print("  " + render(reply).replace("\n", "\n  "))
                 matched, problems = await _verify(config, watch)
                 for problem in problems:
                     print(f"  {problem}")
