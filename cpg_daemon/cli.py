@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what the running daemon is doing")
     _socket_args(status)
     status.add_argument("--json", action="store_true", help="the status object, for scripts")
+    status.add_argument(
+        "-w", "--watch", action="store_true", help="refresh every second with progress bars"
+    )
     for name, text in (
         ("pause", "stop starting new uploads (in-flight parts finish)"),
         ("resume", "start new uploads again"),
@@ -365,6 +368,8 @@ def _ask(args: argparse.Namespace, command: str, arguments: dict[str, Any]) -> A
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.watch and not args.json:
+        return _status_live(args)
     try:
         result = _ask(args, "status", {})
     except control.NoDaemonError as exc:
@@ -393,3 +398,23 @@ def _control(args: argparse.Namespace) -> int:
         verb = {"pause": "paused", "resume": "resumed", "rescan": "rescanning"}[args.command]
         print(f"{verb}: {', '.join(result[verb])}")
     return EXIT_OK
+
+
+def _status_live(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    path = _socket_path(args)
+    console = Console()
+    try:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                try:
+                    view = status_view.live_view(control.request(path, "status"))
+                except control.NoDaemonError as exc:
+                    view = Text(f"{exc} (retrying; Ctrl-C to stop)", style="yellow")
+                live.update(view, refresh=True)
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        return EXIT_OK

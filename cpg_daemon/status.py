@@ -147,3 +147,32 @@ def render(status: dict[str, Any], errors: int = 5) -> str:
         lines.append("recent errors:")
         lines += [f"  {e['at']} {e['path']}: {e['error']}" for e in recent]
     return "\n".join(lines)
+
+
+def live_view(status: dict[str, Any]) -> Any:
+    """The status as a rich renderable with a progress bar per watch (``status --watch``)."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
+    head, *_ = render(status, errors=0).split("\n", 1)
+    table = Table(box=None, pad_edge=False, expand=False)
+    for column in ("watch", "progress", "uploaded", "uploading", "queued", "failed", "to go"):
+        table.add_column(column, justify="left" if column in ("watch", "progress") else "right")
+    for watch in status["watches"]:
+        files, data = watch["files"], watch["bytes"]
+        total = data["uploaded"] + data["queued"]
+        name = watch["name"] + (" [paused]" if watch["paused"] else "")
+        table.add_row(
+            name,
+            ProgressBar(total=max(total, 1), completed=data["uploaded"] if total else 1, width=30),
+            f"{files['uploaded']:,}",
+            f"{files['uploading']:,}",
+            f"{files['queued']:,}",
+            Text(f"{files['failed']:,}", style="red" if files["failed"] else ""),
+            format_size(data["queued"]),
+        )
+    rest = render(status, errors=5).split("\n")
+    footer = [line for line in rest[1:] if not line.startswith(("watch ", "    "))]
+    return Group(Text(head, style="bold"), table, Text("\n".join(footer)))
