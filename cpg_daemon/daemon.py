@@ -24,6 +24,7 @@ from cpg_daemon.control import CommandError, ControlServer, Registry, prepare_so
 from cpg_daemon.credentials import CredentialProvider, build_providers, provider_for
 from cpg_daemon.errors import CpgError
 from cpg_daemon.journal import Journal, JournalStatistics
+from cpg_daemon.metrics import MetricsServer
 from cpg_daemon.scheduler import Scheduler
 from cpg_daemon.status import gather
 from cpg_daemon.store import ObjectStore
@@ -131,15 +132,18 @@ class Daemon:
             Watcher(w, journal, scheduler.wake, self.config.daemon.rescan_interval)
             for w in self.config.watches
         ]
+        registry = self._commands(journal, scheduler, uploader, watchers)
         control = ControlServer(
-            self.config.daemon.socket,
-            self._commands(journal, scheduler, uploader, watchers),
-            self.config.daemon.socket_group,
+            self.config.daemon.socket, registry, self.config.daemon.socket_group
         )
         async with anyio.create_task_group() as tg:
             if self._handle_signals:
                 tg.start_soon(self._signals)
             await tg.start(control.run)
+            if self.config.daemon.metrics_listen:
+                status = registry.commands["status"].handler
+                metrics = MetricsServer(self.config.daemon.metrics_listen, lambda: status({}))
+                await tg.start(metrics.run)
             for provider in self._providers:
                 await tg.start(provider.run)
             await tg.start(scheduler.run)

@@ -396,3 +396,42 @@ def test_watch_folder_created_after_start_is_picked_up(
         _wait_object(s3_client, bucket, PREFIX + "plate/a.tiff", b"a", timeout=15)
     finally:
         assert daemon.terminate() == 0
+
+
+def test_metrics_endpoint_reports_what_was_uploaded(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(
+        tmp_path / "metrics.toml",
+        state_dir=layout["state"],
+        endpoint_url=s3_server.endpoint_url,
+        watches=[
+            {
+                "name": "plates",
+                "path": str(layout["watch"]),
+                "destination": f"s3://{bucket}/{PREFIX}",
+                "settle": "0.5s",
+            }
+        ],
+        daemon={"metrics_listen": f"127.0.0.1:{port}"},
+    )
+    for i in range(3):
+        _write(layout["watch"] / f"{i}.tiff", b"x" * (100 + i))
+    daemon = Daemon(config, tmp_path / "metrics.log")
+    try:
+        for i in range(3):
+            _wait_object(s3_client, bucket, f"{PREFIX}{i}.tiff", b"x" * (100 + i))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    finally:
+        assert daemon.terminate() == 0
+    assert 'cpg_daemon_files_uploaded_total{watch="plates"} 3.0' in text
+    assert 'cpg_daemon_bytes_uploaded_total{watch="plates"} 303.0' in text
+    assert 'cpg_daemon_files_queued{watch="plates"} 0.0' in text
+    assert 'cpg_daemon_credentials_valid{target="(environment)"} 1.0' in text

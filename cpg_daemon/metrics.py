@@ -1,0 +1,133 @@
+"""An OpenMetrics / Prometheus text endpoint for fleets of acquisition servers (optional).
+
+Off unless ``daemon.metrics_listen`` is set (e.g. ``"127.0.0.1:9464"``). The
+numbers come from the same snapshot as ``cpg-daemon status``, taken when the
+endpoint is scraped; the exposition format is the standard client library's.
+The tiny HTTP server runs in the daemon's task group like everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+from anyio.abc import TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+log = structlog.get_logger("cpg_daemon.metrics")
+
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def metric_families(status: dict[str, Any]) -> Iterator[Metric]:
+    """The status object as metric families."""
+    files = CounterMetricFamily(
+        "cpg_daemon_files_uploaded", "Files uploaded (journal)", labels=["watch"]
+    )
+    data = CounterMetricFamily(
+        "cpg_daemon_bytes_uploaded", "Bytes of files uploaded (journal)", labels=["watch"]
+    )
+    failed = GaugeMetricFamily(
+        "cpg_daemon_files_failed", "Files in the failed state", labels=["watch"]
+    )
+    queued = GaugeMetricFamily(
+        "cpg_daemon_files_queued", "Files waiting or uploading", labels=["watch"]
+    )
+    queued_bytes = GaugeMetricFamily(
+        "cpg_daemon_bytes_queued", "Bytes waiting or uploading", labels=["watch"]
+    )
+    paused = GaugeMetricFamily(
+        "cpg_daemon_watch_paused", "1 when the watch is paused", labels=["watch"]
+    )
+    for watch in status["watches"]:
+        name = [watch["name"]]
+        files.add_metric(name, watch["files"]["uploaded"])
+        data.add_metric(name, watch["bytes"]["uploaded"])
+        failed.add_metric(name, watch["files"]["failed"])
+        queued.add_metric(name, watch["files"]["queued"] + watch["files"]["uploading"])
+        queued_bytes.add_metric(name, watch["bytes"]["queued"])
+        paused.add_metric(name, 1 if watch["paused"] else 0)
+    yield from (files, data, failed, queued, queued_bytes, paused)
+    yield GaugeMetricFamily(
+        "cpg_daemon_throughput_bytes_per_second",
+        "Upload throughput over the last 20 s",
+        value=status["throughput_bytes_per_s"],
+    )
+    expiry = GaugeMetricFamily(
+        "cpg_daemon_credentials_seconds_to_expiry",
+        "Seconds until the current short-lived keys expire",
+        labels=["target"],
+    )
+    valid = GaugeMetricFamily(
+        "cpg_daemon_credentials_valid", "1 when the keys are valid", labels=["target"]
+    )
+    now = datetime.now(timezone.utc)
+    for cred in status["credentials"]:
+        if cred["expires_at"]:
+            left = (datetime.fromisoformat(cred["expires_at"]) - now).total_seconds()
+            expiry.add_metric([cred["target"]], left)
+        valid.add_metric([cred["target"]], 1 if cred["state"] == "valid" else 0)
+    yield expiry
+    yield valid
+
+
+class _Snapshot:
+    """A collector over one status object (the registry API is synchronous)."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        return metric_families(self._status)
+
+
+def exposition(status: dict[str, Any]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(status))
+    return generate_latest(registry)
+
+
+class MetricsServer:
+    """Answers every HTTP GET with the current metrics."""
+
+    def __init__(self, listen: str, snapshot: Snapshot) -> None:
+        host, _, port = listen.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self._snapshot = snapshot
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
+        log.info("metrics_listening", address=f"{self.host}:{self.port}")
+        task_status.started()
+        async with listener:
+            await listener.serve(self._answer)
+
+    async def _answer(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            buffered = BufferedByteReceiveStream(stream)
+            try:
+                with anyio.fail_after(10):
+                    head = await buffered.receive_until(b"\r\n\r\n", 16 * 1024)
+            except (anyio.EndOfStream, anyio.DelimiterNotFound, anyio.IncompleteRead, TimeoutError):
+                return
+            if not head.startswith(b"GET "):
+                await stream.send(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            body = exposition(await self._snapshot())
+            header = (
+                "HTTP/1.1 200 OK\r\n"
+                "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            try:
+                await stream.send(header.encode() + body)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
