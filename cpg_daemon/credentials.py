@@ -200,10 +200,10 @@ class RenewingProvider(CredentialProvider):
         self._state: CredentialState = "refreshing"
         self._last_error: str | None = None
         self._renewals = 0
-        self._failures = 0
         self._client: Any = None
         self._lock = anyio.Lock()
         self._attempted = anyio.Event()
+        self._unusable_since: float | None = None
 
     # -- what others ask -------------------------------------------------------------
 
@@ -241,17 +241,29 @@ class RenewingProvider(CredentialProvider):
             self._client = await stack.enter_async_context(self._control_client())
             task_status.started()
             while True:
-                if await self.renew_now():
-                    wait = self._seconds_left() - self.config.refresh_before
-                    wait -= random.uniform(0, min(60.0, self.config.refresh_before * 0.1))
-                else:
-                    wait = min(self.RETRY_FIRST * 2 ** min(self._failures - 1, 10), self.RETRY_MAX)
-                    if self.usable:  # retry while the keys last, well before they end
-                        wait = min(wait, max(self._seconds_left() / 4, 1.0))
-                await anyio.sleep(max(wait, 0.5))
+                renewed = await self.renew_now()
+                await anyio.sleep(self._next_attempt_in(renewed))
+
+    def _next_attempt_in(self, renewed: bool) -> float:
+        """Seconds until the loop tries again."""
+        left = self._seconds_left()
+        if renewed:
+            # refresh_before ahead of the returned expiry, with jitter; but never in the
+            # first half of the keys' life (a server may grant less than refresh_before).
+            wait = left - self.config.refresh_before
+            wait -= random.uniform(0, min(60.0, self.config.refresh_before * 0.1))
+            return max(wait, left / 2, 0.5)
+        if self.usable:  # retry while the keys last, well before they end
+            return max(left / 4, 1.0)
+        # No usable keys: back off with the length of the outage (5 s, ... 5 min).
+        outage = time.monotonic() - (self._unusable_since or time.monotonic())
+        return min(max(outage / 2, self.RETRY_FIRST), self.RETRY_MAX)
 
     async def renew_now(self) -> bool:
+        seen = self._renewals
         async with self._lock:
+            if self._renewals != seen:
+                return self.usable  # renewed while we waited: one renewal serves them all
             if self._client is None:  # used outside run(), e.g. by `check`
                 async with self._control_client() as client:
                     self._client = client
@@ -278,9 +290,10 @@ class RenewingProvider(CredentialProvider):
         try:
             await self._credentials.renew()
         except CredentialsError as exc:
-            self._failures += 1
             self._last_error = str(exc)
             self._state = "valid" if self.usable else "error"
+            if not self.usable and self._unusable_since is None:
+                self._unusable_since = time.monotonic()
             log.warning(
                 "credentials_renewal_failed",
                 target=self.statistics().target,
@@ -288,10 +301,10 @@ class RenewingProvider(CredentialProvider):
                 keys_valid_for_s=round(max(self._seconds_left(), 0.0)),
             )
             return False
-        self._failures = 0
         self._last_error = None
         self._state = "valid"
         self._renewals += 1
+        self._unusable_since = None
         log.info(
             "credentials_renewed",
             target=self.statistics().target,
