@@ -43,10 +43,11 @@ from anyio.abc import TaskStatus
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    EndpointConnectionError,
+    HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cpg_daemon.config import Config, CredentialsConfig
 from cpg_daemon.errors import ConfigError, CpgError, CredentialsError
@@ -370,8 +371,11 @@ class RenewingProvider(CredentialProvider):
                 f"{what}: no long-term keys found ({keys}, or {CREDENTIALS_FILE_NAME} in "
                 "$CREDENTIALS_DIRECTORY)"
             )
-        if isinstance(exc, EndpointConnectionError):
-            return f"{what}: cannot reach the endpoint ({exc}); check the network and any proxy"
+        if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+            return (
+                f"{what}: cannot reach the endpoint, or it did not answer ({exc}); check the "
+                "network and any proxy"
+            )
         if not isinstance(exc, ClientError):
             return f"{what}: {exc}"
         error = exc.response.get("Error", {})

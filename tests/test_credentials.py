@@ -9,6 +9,7 @@ accepted by S3 at all.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -185,6 +186,12 @@ def test_outage_longer_than_the_keys_pauses_uploads_and_they_resume(
         assert all(object_bytes(s3_client, bucket, PREFIX + k) is None for k in during)
         failures = [e for e in daemon.events() if e.get("event") == "credentials_renewal_failed"]
         assert failures and failures[-1]["keys_valid_for_s"] == 0
+        status = json.loads(run_cli("status", "--json", "-c", str(cfg)).stdout)
+        (cred,) = status["credentials"]
+        assert cred["state"] in ("expired", "error")
+        assert "cannot reach the endpoint" in cred["last_error"]
+        assert status["files"]["failed"] == 0
+        print("status during the outage:", json.dumps(cred))
         plane.registry.down = False  # back: uploads resume by themselves
         wait_objects(s3_client, bucket, during, timeout=45)
     finally:
