@@ -375,6 +375,9 @@ def _status(args: argparse.Namespace) -> int:
     except control.NoDaemonError as exc:
         print(f"cpg-daemon status: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
+    except control.CommandError as exc:
+        print(f"cpg-daemon status: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
     if args.json:
         print(json.dumps(result, indent=2))
     else:

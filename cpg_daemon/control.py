@@ -109,14 +109,18 @@ def may_change(peer: Peer | None, group: str) -> bool:
     return user in entry.gr_mem
 
 
-def prepare_socket_path(path: Path) -> None:
-    """Create the socket's folder (0750); replace a stale socket; refuse a live one.
+def prepare_socket_path(path: Path, group: str = "") -> None:
+    """Create the socket's folder (0750, in the socket group); replace a stale socket;
+    refuse a live one.
 
     Called before anything else at start-up, so a second daemon stops before it
     opens the journal.
     """
     if not path.parent.exists():
         path.parent.mkdir(parents=True, mode=0o750)
+        os.chmod(path.parent, 0o750)  # whatever the umask (systemd's UMask=0077, say)
+        if group:
+            _chgrp(path.parent, group)
     if not path.exists() and not path.is_symlink():
         return
     if not stat.S_ISSOCK(path.lstat().st_mode):
@@ -138,6 +142,13 @@ def prepare_socket_path(path: Path) -> None:
     )
 
 
+def _chgrp(path: Path, group: str) -> None:
+    try:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    except (KeyError, PermissionError) as exc:
+        log.warning("socket_group_not_set", path=str(path), group=group, error=str(exc))
+
+
 class ControlServer:
     """Serves the registry on the daemon's socket until cancelled."""
 
@@ -147,14 +158,22 @@ class ControlServer:
         self.group = group
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        await anyio.to_thread.run_sync(prepare_socket_path, self.path)
+        await anyio.to_thread.run_sync(prepare_socket_path, self.path, self.group)
         listener = await anyio.create_unix_listener(self.path)
         try:
             await anyio.to_thread.run_sync(self._set_permissions)
             log.info("control_socket_listening", socket=str(self.path))
             task_status.started()
-            async with listener:
-                await listener.serve(self._serve_client)
+            async with listener, anyio.create_task_group() as clients:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except (OSError, anyio.BrokenResourceError) as exc:
+                        # Out of descriptors, say: the clients wait, the daemon goes on.
+                        log.warning("control_accept_failed", error=str(exc.__cause__ or exc))
+                        await anyio.sleep(0.5)
+                        continue
+                    clients.start_soon(self._serve_client, stream)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._remove)
@@ -162,10 +181,7 @@ class ControlServer:
     def _set_permissions(self) -> None:
         os.chmod(self.path, 0o660)
         if self.group:
-            try:
-                os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
-            except (KeyError, PermissionError) as exc:
-                log.warning("socket_group_not_set", group=self.group, error=str(exc))
+            _chgrp(self.path, self.group)
 
     def _remove(self) -> None:
         try:
@@ -175,6 +191,14 @@ class ControlServer:
             pass
 
     async def _serve_client(self, stream: anyio.abc.SocketStream) -> None:
+        """One client's requests; nothing a client sends can end the daemon."""
+        try:
+            await self._converse(stream)
+        except Exception as exc:  # a bug in a handler must not stop the uploads
+            log.error("control_client_failed", error=repr(exc))
+            await stream.aclose()
+
+    async def _converse(self, stream: anyio.abc.SocketStream) -> None:
         peer = peer_of(stream.extra(anyio.abc.SocketAttribute.raw_socket))
         buffered = BufferedByteReceiveStream(stream)
         async with stream:
@@ -200,7 +224,7 @@ class ControlServer:
     async def _answer(self, line: bytes, peer: Peer | None) -> dict[str, Any]:
         try:
             request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deep
             return {"ok": False, "error": "not a JSON object: send one JSON object per line"}
         if not isinstance(request, dict):
             return {"ok": False, "error": "not a JSON object: send one JSON object per line"}

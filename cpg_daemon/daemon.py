@@ -75,7 +75,9 @@ class Daemon:
             watch.name: provider_for(providers, watch.destination, file, f"watch[{i}].destination")
             for i, watch in enumerate(config.watches)
         }
-        await anyio.to_thread.run_sync(prepare_socket_path, config.daemon.socket)
+        await anyio.to_thread.run_sync(
+            prepare_socket_path, config.daemon.socket, config.daemon.socket_group
+        )
         journal = await Journal.open(config.daemon.state_dir / JOURNAL_NAME)
         self._journal = journal
         try:
@@ -208,7 +210,8 @@ class Daemon:
         async def status(args: Mapping[str, Any]) -> dict[str, Any]:
             stats = scheduler.statistics()
             state = self._state
-            if state == "running" and (stats.paused_all or set(names) <= set(stats.paused)):
+            everything = stats.paused_all or (names and set(names) <= set(stats.paused))
+            if state == "running" and everything:
                 state = "paused"
             return gather(
                 state=state,

@@ -115,6 +115,9 @@ class Scheduler:
         if watch is None:
             self._paused_all = False
             self._paused.clear()
+        elif self._paused_all:  # everything was paused: all but this one stay paused
+            self._paused_all = False
+            self._paused = set(self._watches) - {watch}
         else:
             self._paused.discard(watch)
         self.wake()

@@ -36,14 +36,14 @@ def write_config(
     def value(v: Any) -> str:
         return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
 
-    lines = [
-        "[daemon]",
-        f"state_dir = {value(str(state_dir))}",
-        f"socket = {value(str(state_dir / 'control.sock'))}",
-        'log_format = "json"',
-        'log_level = "debug"',
-    ]
-    lines += [f"{k} = {value(v)}" for k, v in (daemon or {}).items()]
+    settings = {
+        "state_dir": str(state_dir),
+        "socket": str(state_dir / "control.sock"),
+        "log_format": "json",
+        "log_level": "debug",
+        **(daemon or {}),
+    }
+    lines = ["[daemon]"] + [f"{k} = {value(v)}" for k, v in settings.items()]
     lines += ["[s3]", f"endpoint_url = {value(endpoint_url)}"]
     lines += [f"{k} = {value(v)}" for k, v in (s3 or {}).items()]
     if credentials is None:
