@@ -133,3 +133,23 @@ def journal_rows(state_dir: Path) -> list[dict[str, Any]]:
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute("SELECT * FROM files ORDER BY id")]
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``cpg-daemon ARGS...`` as a subprocess, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "cpg_daemon", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def object_bytes(s3_client: Any, bucket: str, key: str) -> bytes | None:
+    """An object's bytes, or None when there is no such object."""
+    try:
+        body: bytes = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except s3_client.exceptions.NoSuchKey:
+        return None
+    return body

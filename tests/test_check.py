@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from daemonproc import write_config
+from daemonproc import run_cli, write_config
 from s3server import S3Server
 
 
 def _check(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cpg_daemon", "check", "-c", str(config), *extra],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli("check", "-c", str(config), *extra)
 
 
 def test_check_proves_write_access_and_leaves_nothing_behind(

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import TEST_SECRET_ACCESS_KEY
-from daemonproc import Daemon, journal_rows, wait_until, write_config
+from daemonproc import Daemon, journal_rows, object_bytes, run_cli, wait_until, write_config
 from fakes import AuthProxy, FakeControlPlane, KeyRegistry
 from s3server import S3Server
 
@@ -83,14 +81,6 @@ def write(path: Path, data: bytes) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
-
-
-def object_bytes(s3_client: Any, bucket: str, key: str) -> bytes | None:
-    try:
-        body: bytes = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except s3_client.exceptions.NoSuchKey:
-        return None
-    return body
 
 
 def wait_objects(s3_client: Any, bucket: str, files: dict[str, bytes], timeout: float) -> None:
@@ -252,16 +242,6 @@ def test_assume_role_keys_are_renewed_too(
     assert len(calls) >= 2
     assert {c.role_arn for c in calls} == {role["role_arn"]}
     assert_no_secrets(daemon.log_text(), plane)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cpg_daemon", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_destination_outside_every_grant_is_refused_up_front(

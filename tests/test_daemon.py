@@ -11,25 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonproc import Daemon, journal_rows, wait_until, write_config
+from daemonproc import Daemon, journal_rows, object_bytes, wait_until, write_config
 from s3server import S3Server
 
 MiB = 1024 * 1024
-
-
-def _object_bytes(s3_client: Any, bucket: str, key: str) -> bytes | None:
-    try:
-        body: bytes = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except s3_client.exceptions.NoSuchKey:
-        return None
-    return body
 
 
 def _wait_object(
     s3_client: Any, bucket: str, key: str, expected: bytes, timeout: float = 30
 ) -> None:
     wait_until(
-        lambda: _object_bytes(s3_client, bucket, key) == expected,
+        lambda: object_bytes(s3_client, bucket, key) == expected,
         timeout,
         f"s3://{bucket}/{key} to hold the file's bytes",
     )
@@ -158,7 +150,7 @@ def test_file_still_being_written_is_uploaded_only_once_settled(
         thread = threading.Thread(target=writer)
         thread.start()
         while thread.is_alive():
-            early = _object_bytes(s3_client, bucket, key)
+            early = object_bytes(s3_client, bucket, key)
             if early is not None:
                 seen_early.append(early)
             time.sleep(0.2)
@@ -373,7 +365,7 @@ def test_ready_marker_holds_a_folder_back_until_it_appears(
         daemon.wait_for_event("running")
         _wait_object(s3_client, bucket, PREFIX + "top-level.csv", b"t")
         time.sleep(2.0)  # several settle periods: the folder without its marker must wait
-        assert _object_bytes(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff") is None
+        assert object_bytes(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff") is None
         _write(layout["watch"] / "Batch1" / "UPLOAD_READY", b"")
         _wait_object(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff", b"a")
     finally:
