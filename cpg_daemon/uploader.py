@@ -76,8 +76,12 @@ class _Rate:
         self._trim()
 
     def per_second(self) -> float:
+        """Over the window, or since the first sample in it (at least 1 s) when that is less."""
         self._trim()
-        return self._sum / self._window
+        if not self._samples:
+            return 0.0
+        span = min(self._window, max(time.monotonic() - self._samples[0][0], 1.0))
+        return self._sum / span
 
     def _trim(self) -> None:
         horizon = time.monotonic() - self._window
