@@ -467,9 +467,3 @@ def provider_for(
             file, key, f"no [credentials] target covers {destination} (targets: {targets})"
         )
     return max(covering, key=lambda p: len(p.config.target))
-
-
-def seconds_until(moment: datetime | None) -> float | None:
-    if moment is None:
-        return None
-    return moment.timestamp() - time.time()

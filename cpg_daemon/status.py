@@ -156,7 +156,7 @@ def live_view(status: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    head, *_ = render(status, errors=0).split("\n", 1)
+    head, *rest = render(status, errors=5).split("\n")
     table = Table(box=None, pad_edge=False, expand=False)
     for column in ("watch", "progress", "uploaded", "uploading", "queued", "failed", "to go"):
         table.add_column(column, justify="left" if column in ("watch", "progress") else "right")
@@ -173,6 +173,5 @@ def live_view(status: dict[str, Any]) -> Any:
             Text(f"{files['failed']:,}", style="red" if files["failed"] else ""),
             format_size(data["queued"]),
         )
-    rest = render(status, errors=5).split("\n")
-    footer = [line for line in rest[1:] if not line.startswith(("watch ", "    "))]
+    footer = [line for line in rest if not line.startswith(("watch ", "    "))]
     return Group(Text(head, style="bold"), table, Text("\n".join(footer)))
