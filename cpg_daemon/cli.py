@@ -20,6 +20,11 @@ from typing import Any
 
 import anyio
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
 from cpg_daemon import __version__, control, logs
 from cpg_daemon import status as status_view
 from cpg_daemon.checksums import CHECKSUM_NAMES, encode
@@ -131,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=f"{text}; all watches, or one")
         command.add_argument("watch", nargs="?", metavar="WATCH", help="a watch's name")
         _socket_args(command)
+    reload = commands.add_parser(
+        "reload",
+        help="make the running daemon read its configuration file again (as SIGHUP); "
+        "exits 1 and changes nothing if the file is invalid",
+    )
+    _socket_args(reload)
 
     demo = commands.add_parser(
         "demo", help="run the whole pipeline on this machine against a local S3 server"
@@ -139,6 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--once",
         action="store_true",
         help="exit once the sample is uploaded and verified (default when not on a terminal)",
+    )
+
+    service = commands.add_parser(
+        "install-service",
+        help="the systemd unit for this installation, on stdout or written to --output",
+    )
+    _config_arg(service)
+    service.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the unit here (atomically, mode 0644), e.g. /etc/systemd/system/",
+    )
+    service.add_argument(
+        "--user", default="cpg-daemon", help="the daemon's user (default: cpg-daemon)"
+    )
+    service.add_argument("--group", default=None, help="the daemon's group (default: --user)")
+    service.add_argument(
+        "--aws-credentials",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="hand this AWS credentials file (root-only) to the daemon with LoadCredential=",
     )
     return parser
 
@@ -155,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "resume": _control,
         "retry": _control,
         "rescan": _control,
+        "reload": _reload,
+        "install-service": _install_service,
     }
     try:
         return handlers[args.command](args)
@@ -333,6 +371,37 @@ def _upload(args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if summary.failed else EXIT_OK
 
 
+def _install_service(args: argparse.Namespace) -> int:
+    from cpg_daemon import service
+
+    try:
+        installation, notes = service.installation(
+            args.config or default_config_path(),
+            user=args.user,
+            group=args.group,
+            aws_credentials=args.aws_credentials,
+        )
+        unit = service.render(installation)
+    except ValueError as exc:
+        print(f"cpg-daemon install-service: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for note in notes:
+        print(f"cpg-daemon install-service: note: {note}", file=sys.stderr)
+    if args.output is None:
+        print(unit, end="")
+        return EXIT_OK
+    try:
+        path = service.write_unit(unit, args.output)
+    except OSError as exc:
+        print(f"cpg-daemon install-service: cannot write {args.output}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    print(
+        f"wrote {path}; now `systemctl daemon-reload`, then `systemctl enable --now "
+        f"{path.name}` (first install) or `systemctl restart {path.name}`"
+    )
+    return EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     try:
         import moto  # noqa: F401 - only checks that the local S3 server is installed
@@ -363,21 +432,26 @@ def _socket_path(args: argparse.Namespace) -> Path:
     return load_config(path).daemon.socket
 
 
-def _ask(args: argparse.Namespace, command: str, arguments: dict[str, Any]) -> Any:
-    return control.request(_socket_path(args), command, arguments)
+def _ask(
+    args: argparse.Namespace, command: str, arguments: dict[str, Any], path: Path | None = None
+) -> tuple[Any, int | None]:
+    """The daemon's answer, or None and the exit status after printing why there is none."""
+    try:
+        return control.request(path or _socket_path(args), command, arguments), None
+    except control.NoDaemonError as exc:
+        print(f"cpg-daemon {command}: {exc}", file=sys.stderr)
+        return None, EXIT_NO_DAEMON
+    except control.CommandError as exc:
+        print(f"cpg-daemon {command}: {exc}", file=sys.stderr)
+        return None, EXIT_PROBLEM
 
 
 def _status(args: argparse.Namespace) -> int:
     if args.watch and not args.json:
         return _status_live(args)
-    try:
-        result = _ask(args, "status", {})
-    except control.NoDaemonError as exc:
-        print(f"cpg-daemon status: {exc}", file=sys.stderr)
-        return EXIT_NO_DAEMON
-    except control.CommandError as exc:
-        print(f"cpg-daemon status: {exc}", file=sys.stderr)
-        return EXIT_PROBLEM
+    result, failed = _ask(args, "status", {})
+    if failed is not None:
+        return failed
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -387,19 +461,49 @@ def _status(args: argparse.Namespace) -> int:
 
 def _control(args: argparse.Namespace) -> int:
     arguments = {} if args.watch is None else {"watch": args.watch}
-    try:
-        result = _ask(args, args.command, arguments)
-    except control.NoDaemonError as exc:
-        print(f"cpg-daemon {args.command}: {exc}", file=sys.stderr)
-        return EXIT_NO_DAEMON
-    except control.CommandError as exc:
-        print(f"cpg-daemon {args.command}: {exc}", file=sys.stderr)
-        return EXIT_PROBLEM
+    result, failed = _ask(args, args.command, arguments)
+    if failed is not None:
+        return failed
     if args.command == "retry":
         print(f"{result['requeued']} failed files queued again ({', '.join(result['watches'])})")
     else:
         verb = {"pause": "paused", "resume": "resumed", "rescan": "rescanning"}[args.command]
         print(f"{verb}: {', '.join(result[verb])}")
+    return EXIT_OK
+
+
+def _reload_socket(args: argparse.Namespace) -> Path:
+    """The socket to ask for a reload, even when the edited config no longer loads.
+
+    The daemon must hear of a broken file (it keeps its old configuration and
+    shows the error in status), so only ``daemon.socket`` is read here.
+    """
+    try:
+        return _socket_path(args)
+    except ConfigError:
+        path = args.config or default_config_path()
+        try:
+            value = tomllib.loads(path.read_text(encoding="utf-8"))["daemon"]["socket"]
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError):
+            return DEFAULT_SOCKET
+        return Path(value) if isinstance(value, str) and value else DEFAULT_SOCKET
+
+
+def _reload(args: argparse.Namespace) -> int:
+    result, failed = _ask(args, "reload", {}, _reload_socket(args))
+    if failed is not None:
+        return failed
+    changes = "; ".join(
+        f"{what} {', '.join(result[what])}"
+        for what in ("added", "removed", "changed")
+        if result[what]
+    )
+    print(f"configuration reloaded: {changes or 'no watch changed'}")
+    if result["restart_needed"]:
+        print(
+            "restart the daemon to apply: " + ", ".join(result["restart_needed"]),
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

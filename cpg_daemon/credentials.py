@@ -24,7 +24,7 @@ import random
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -101,7 +101,7 @@ class CredentialProvider:
 
     def __init__(self, config: CredentialsConfig, region: str) -> None:
         self.config = config
-        self._region = region
+        self.region = region
         self.session = self._long_term_session()
         self._listeners: list[Callable[[], None]] = []
 
@@ -118,7 +118,7 @@ class CredentialProvider:
             if profile not in core.available_profiles:
                 raise ProfileMissingError(profile)
             core.set_config_variable("profile", profile)
-        return aioboto3.Session(botocore_session=core, region_name=self._region)
+        return aioboto3.Session(botocore_session=core, region_name=self.region)
 
     def covers(self, destination: S3Location) -> bool:
         """Whether this entry's target covers a destination (no target covers all)."""
@@ -320,7 +320,7 @@ class RenewingProvider(CredentialProvider):
         service = "s3control" if self.config.source == "access-grants" else "sts"
         client = self._base.client(
             service,
-            region_name=self._region,
+            region_name=self.region,
             endpoint_url=self.config.endpoint_url or None,
             config=AioConfig(
                 retries={"mode": "standard", "total_max_attempts": 3},
@@ -442,10 +442,20 @@ def make_provider(entry: CredentialsConfig, region: str) -> CredentialProvider:
     return CredentialProvider(entry, region)
 
 
-def build_providers(config: Config) -> list[CredentialProvider]:
-    """One provider per ``[credentials]`` entry; a missing profile is a ConfigError."""
+def build_providers(
+    config: Config, running: Sequence[CredentialProvider] = ()
+) -> list[CredentialProvider]:
+    """One provider per ``[credentials]`` entry; a missing profile is a ConfigError.
+
+    On a reload, ``running`` are the providers in use: an entry that did not
+    change keeps its provider, and with it its keys and renewal schedule.
+    """
     providers = []
     for index, entry in enumerate(config.credentials):
+        same = [p for p in running if p.config == entry and p.region == config.s3.region]
+        if same:
+            providers.append(same[0])
+            continue
         try:
             providers.append(make_provider(entry, config.s3.region))
         except ProfileMissingError as exc:

@@ -9,31 +9,49 @@ the next start resumes from there. A second signal skips the wait.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import signal
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import anyio
 import structlog
+from anyio.abc import TaskStatus
 
-from cpg_daemon import __version__
-from cpg_daemon.config import Config
-from cpg_daemon.control import CommandError, ControlServer, Registry, prepare_socket_path
+from cpg_daemon import __version__, logs
+from cpg_daemon.config import Config, WatchConfig, load_config
+from cpg_daemon.control import (
+    CommandError,
+    ControlServer,
+    Handler,
+    Registry,
+    prepare_socket_path,
+)
 from cpg_daemon.credentials import CredentialProvider, build_providers, provider_for
-from cpg_daemon.errors import CpgError
+from cpg_daemon.errors import ConfigError, CpgError
 from cpg_daemon.journal import Journal, JournalStatistics
 from cpg_daemon.metrics import MetricsServer
 from cpg_daemon.scheduler import Scheduler
 from cpg_daemon.status import gather
 from cpg_daemon.store import ObjectStore
+from cpg_daemon.systemd import Notifier
+from cpg_daemon.units import format_size
 from cpg_daemon.uploader import Uploader
 from cpg_daemon.watcher import Watcher
 
 log = structlog.get_logger("cpg_daemon.daemon")
 
 JOURNAL_NAME = "journal.sqlite3"
+STATUS_INTERVAL = 5.0
+"""Seconds between refreshes of the STATUS= line systemd shows."""
+START_EXTENSION = 90.0
+"""While starting, systemd is told every 30 s to wait this much longer (EXTEND_TIMEOUT_USEC)."""
+STOP_MARGIN = 10.0
+"""Seconds asked for on stopping beyond daemon.drain_timeout, to close the journal."""
 
 
 async def remote_sizes(store: ObjectStore, bucket: str, prefix: str) -> dict[str, int]:
@@ -41,19 +59,40 @@ async def remote_sizes(store: ObjectStore, bucket: str, prefix: str) -> dict[str
     return {obj.key: obj.size async for obj in store.list_objects(bucket, prefix)}
 
 
+@dataclass
+class _RunningWatch:
+    watcher: Watcher
+    scope: anyio.CancelScope
+
+
 class Daemon:
     """One run of the daemon: ``await Daemon(config).run()``."""
 
-    def __init__(self, config: Config, *, handle_signals: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        handle_signals: bool = True,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
         self._handle_signals = handle_signals
+        self._notifier = notifier or Notifier()
         self._stopping = anyio.Event()
         self._force = anyio.Event()
         self._running = anyio.Event()
         self._journal: Journal | None = None
         self._providers: list[CredentialProvider] = []
+        self._provider_scopes: dict[int, anyio.CancelScope] = {}
+        self._stores: dict[int, ObjectStore] = {}
+        """One S3 client per provider, by ``id(provider)``; open until the daemon stops."""
+        self._watchers: dict[str, _RunningWatch] = {}
         self._state = "starting"
         self._started_at = datetime.now(timezone.utc)
+        self._reload_lock = anyio.Lock()
+        self._config_loaded_at = self._started_at
+        self._reload_error: str | None = None
+        self._restart_needed: tuple[str, ...] = ()
 
     def request_stop(self) -> None:
         """Begin a graceful stop, as SIGTERM does."""
@@ -95,13 +134,10 @@ class Daemon:
                 watches=[w.name for w in config.watches],
             )
             async with AsyncExitStack() as stack:
-                by_provider = {
-                    id(p): await stack.enter_async_context(
-                        ObjectStore.connect(p.session, config.s3)
+                for provider in providers:
+                    self._stores[id(provider)] = await stack.enter_async_context(
+                        ObjectStore.connect(provider.session, config.s3)
                     )
-                    for p in providers
-                }
-                stores = {name: by_provider[id(p)] for name, p in watch_providers.items()}
                 uploader = Uploader(
                     journal, config.s3, anyio.CapacityLimiter(config.s3.max_concurrency)
                 )
@@ -109,7 +145,7 @@ class Daemon:
                     journal,
                     uploader,
                     {w.name: w for w in config.watches},
-                    stores,
+                    {name: self._stores[id(p)] for name, p in watch_providers.items()},
                     workers=config.s3.max_concurrency,
                     file_attempts=config.daemon.file_attempts,
                     providers=watch_providers,
@@ -117,9 +153,10 @@ class Daemon:
                 for provider in providers:
                     provider.on_usable(scheduler.wake)
                 self._providers = providers
-                await self._supervise(journal, scheduler, uploader, stores)
+                await self._supervise(journal, scheduler, uploader, stack)
         finally:
             self._journal = None
+            self._notifier.close()
             await journal.close()
         log.info("stopped")
 
@@ -128,47 +165,56 @@ class Daemon:
         journal: Journal,
         scheduler: Scheduler,
         uploader: Uploader,
-        stores: dict[str, ObjectStore],
+        stack: AsyncExitStack,
     ) -> None:
-        watchers = [
-            Watcher(w, journal, scheduler.wake, self.config.daemon.rescan_interval)
-            for w in self.config.watches
-        ]
-        registry = self._commands(journal, scheduler, uploader, watchers)
+        registry = self._commands(journal, scheduler, uploader, stack)
         control = ControlServer(
             self.config.daemon.socket, registry, self.config.daemon.socket_group
         )
+        status = registry.commands["status"].handler
         async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            interval = self._notifier.watchdog_interval()
+            if interval is not None:
+                tg.start_soon(self._notifier.keep_alive, interval)
             if self._handle_signals:
-                tg.start_soon(self._signals)
+                tg.start_soon(self._signals, registry.commands["reload"].handler)
             await tg.start(control.run)
             if self.config.daemon.metrics_listen:
-                status = registry.commands["status"].handler
                 metrics = MetricsServer(self.config.daemon.metrics_listen, lambda: status({}))
                 await tg.start(metrics.run)
             for provider in self._providers:
-                await tg.start(provider.run)
+                await self._start_provider(provider)
             await tg.start(scheduler.run)
             watching = anyio.CancelScope()
 
             async def watch_all() -> None:
                 with watching:
                     async with anyio.create_task_group() as group:
-                        for watcher in watchers:
-                            if journal.created:
-                                # A new journal may sit beside data uploaded before: list
-                                # the destination so those files are checked, not re-sent.
-                                await self._list_destination(watcher, stores)
-                            await group.start(watcher.run)
+                        self._watch_group = group
+                        known = set((await journal.statistics()).by_watch)
+                        for watch in self.config.watches:
+                            await self._start_watch(watch, journal, scheduler, known, wait=True)
                         log.info("running")
                         self._state = "running"
                         self._running.set()
+                        self._notifier.ready(status_line(await status({})))
+                        await anyio.sleep_forever()  # a reload may add watches later
 
             tg.start_soon(watch_all)
+            if self._notifier.enabled:
+                tg.start_soon(self._extend_start)
+                tg.start_soon(self._report_status, status)
             await self._stopping.wait()
             self._state = "stopping"
-            for watcher in watchers:
-                watcher.stop()
+            busy = scheduler.statistics().busy
+            drain_timeout = self.config.daemon.drain_timeout
+            self._notifier.stopping(
+                f"stopping: letting {busy} uploads finish (at most {drain_timeout:g} s)",
+                drain_timeout + STOP_MARGIN,
+            )
+            for running in self._watchers.values():
+                running.watcher.stop()
             watching.cancel()
             scheduler.drain()
             async with anyio.create_task_group() as drain:
@@ -185,44 +231,226 @@ class Daemon:
                 drain.cancel_scope.cancel()
             tg.cancel_scope.cancel()
 
+    async def _start_provider(self, provider: CredentialProvider) -> None:
+        scope = anyio.CancelScope()
+        self._provider_scopes[id(provider)] = scope
+
+        async def run(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await provider.run(task_status=task_status)
+
+        await self._task_group.start(run)
+
+    async def _start_watch(
+        self,
+        watch: WatchConfig,
+        journal: Journal,
+        scheduler: Scheduler,
+        known: set[str],
+        *,
+        wait: bool,
+    ) -> None:
+        """Start one watch's watcher (with ``wait``, until its first walk has begun).
+
+        A watch the journal has never seen may point at data uploaded before
+        (by hand, or by a lost journal): its destination is listed first, so
+        those files are checked on the server rather than sent again.
+        """
+        watcher = Watcher(watch, journal, scheduler.wake, self.config.daemon.rescan_interval)
+        scope = anyio.CancelScope()
+        self._watchers[watch.name] = _RunningWatch(watcher, scope)
+
+        async def run(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                if watch.name not in known:
+                    await self._list_destination(watcher, scheduler.store(watch.name))
+                await watcher.run(task_status=task_status)
+
+        if wait:
+            await self._watch_group.start(run)
+        else:  # a reload: listing a large destination must not hold up the reply
+            self._watch_group.start_soon(run)
+
+    async def _extend_start(self) -> None:
+        """Listing a large destination before the first walk may outlast TimeoutStartSec."""
+        while not self._running.is_set():
+            self._notifier.extend_timeout(START_EXTENSION)
+            with anyio.move_on_after(START_EXTENSION / 3):
+                await self._running.wait()
+
+    async def _report_status(self, status: Handler) -> None:
+        """Keep systemd's one-line STATUS= (``systemctl status``) current."""
+        while not self._stopping.is_set():
+            await anyio.sleep(STATUS_INTERVAL)
+            if self._state == "running":
+                self._notifier.status(status_line(await status({})))
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def _reload(
+        self, journal: Journal, scheduler: Scheduler, stack: AsyncExitStack
+    ) -> dict[str, Any]:
+        """Read the configuration file again and apply it (SIGHUP, ``cpg-daemon reload``).
+
+        Watches are added, removed or changed and credentials entries swapped
+        without touching the queue or the uploads in flight. A configuration
+        that does not load, or that leaves a watch without credentials, changes
+        nothing: the old one keeps running and the error shows in status.
+        Settings that only take effect at start are reported as needing a restart.
+        """
+        if self._state in ("starting", "stopping"):
+            raise CommandError(f"the daemon is {self._state}; reload once it is running")
+        async with self._reload_lock:
+            self._notifier.reloading()
+            try:
+                return await self._apply(journal, scheduler, stack)
+            except ConfigError as exc:
+                self._reload_error = str(exc)
+                log.error(
+                    "reload_failed",
+                    error=str(exc),
+                    consequence="the previous configuration keeps running",
+                )
+                raise CommandError(
+                    f"configuration not reloaded, the previous one keeps running: {exc}"
+                ) from None
+            finally:
+                self._notifier.ready("reloaded")
+
+    async def _apply(
+        self, journal: Journal, scheduler: Scheduler, stack: AsyncExitStack
+    ) -> dict[str, Any]:
+        old = self.config
+        if old.path is None:
+            raise ConfigError("<config>", "", "the daemon was started without a configuration file")
+        new = await anyio.to_thread.run_sync(load_config, old.path)
+        restart_needed = restart_only_changes(old, new)
+        # What needs a restart keeps its running value until then.
+        new = dataclasses.replace(
+            new,
+            s3=old.s3,
+            daemon=dataclasses.replace(
+                new.daemon,
+                state_dir=old.daemon.state_dir,
+                socket=old.daemon.socket,
+                socket_group=old.daemon.socket_group,
+                metrics_listen=old.daemon.metrics_listen,
+            ),
+        )
+        file = str(old.path)
+        # Everything that can fail is done before anything changes.
+        providers = build_providers(new, self._providers)
+        watch_providers = {
+            watch.name: provider_for(providers, watch.destination, file, f"watch[{i}].destination")
+            for i, watch in enumerate(new.watches)
+        }
+        for provider in providers:
+            if id(provider) not in self._stores:
+                self._stores[id(provider)] = await stack.enter_async_context(
+                    ObjectStore.connect(provider.session, new.s3)
+                )
+                provider.on_usable(scheduler.wake)
+                await self._start_provider(provider)
+        for provider in self._providers:
+            if provider not in providers:
+                # Its renewals stop; its client stays open for uploads still in flight.
+                self._provider_scopes.pop(id(provider)).cancel()
+        self._providers = providers
+
+        before = {w.name: w for w in old.watches}
+        after = {w.name: w for w in new.watches}
+        rescan_changed = old.daemon.rescan_interval != new.daemon.rescan_interval
+        removed = sorted(set(before) - set(after))
+        added = sorted(set(after) - set(before))
+        changed = sorted(
+            name
+            for name in set(before) & set(after)
+            if before[name] != after[name] or rescan_changed
+        )
+        self.config = new
+        scheduler.reconfigure(
+            after,
+            {name: self._stores[id(p)] for name, p in watch_providers.items()},
+            watch_providers,
+            file_attempts=new.daemon.file_attempts,
+        )
+        for name in removed + changed:
+            running = self._watchers.pop(name)
+            running.watcher.stop()
+            running.scope.cancel()
+        known = set((await journal.statistics()).by_watch)
+        for name in added + changed:
+            await self._start_watch(after[name], journal, scheduler, known, wait=False)
+        if (new.daemon.log_level, new.daemon.log_format) != (
+            old.daemon.log_level,
+            old.daemon.log_format,
+        ):
+            logs.configure(new.daemon.log_format, new.daemon.log_level)
+        self._config_loaded_at = datetime.now(timezone.utc)
+        self._reload_error = None
+        self._restart_needed = restart_needed
+        result = {
+            "added": added,
+            "removed": removed,
+            "changed": changed,
+            "restart_needed": list(restart_needed),
+        }
+        log.info("reloaded", **result)
+        if restart_needed:
+            log.warning(
+                "restart_needed",
+                settings=list(restart_needed),
+                consequence="these settings keep their old values until the daemon restarts",
+            )
+        return result
+
     def _commands(
         self,
         journal: Journal,
         scheduler: Scheduler,
         uploader: Uploader,
-        watchers: list[Watcher],
+        stack: AsyncExitStack,
     ) -> Registry:
         """The control socket's commands; adding one is one entry here."""
-        names = [w.name for w in self.config.watches]
+
+        def names() -> list[str]:
+            return [w.name for w in self.config.watches]
 
         def chosen(args: Mapping[str, Any]) -> str | None:
             watch = args.get("watch")
             if watch is None:
                 return None
-            if watch not in names:
-                known = ", ".join(names) or "none"
+            if watch not in names():
+                known = ", ".join(names()) or "none"
                 raise CommandError(f"no watch named {watch!r} (watches: {known})")
             return str(watch)
 
         def selected(watch: str | None) -> list[str]:
-            return names if watch is None else [watch]
+            return names() if watch is None else [watch]
 
         async def status(args: Mapping[str, Any]) -> dict[str, Any]:
             stats = scheduler.statistics()
             state = self._state
-            everything = stats.paused_all or (names and set(names) <= set(stats.paused))
+            everything = stats.paused_all or (names() and set(names()) <= set(stats.paused))
             if state == "running" and everything:
                 state = "paused"
-            return gather(
+            reply = gather(
                 state=state,
                 started_at=self._started_at,
                 watches=self.config.watches,
                 journal=await journal.statistics(),
                 scheduler=stats,
                 uploader=uploader.statistics(),
-                watchers=[w.statistics() for w in watchers],
+                watchers=[r.watcher.statistics() for r in self._watchers.values()],
                 credentials=[p.statistics() for p in self._providers],
             )
+            reply["config"] = {
+                "path": str(self.config.path) if self.config.path else None,
+                "loaded_at": self._config_loaded_at.isoformat(timespec="seconds"),
+                "reload_error": self._reload_error,
+                "restart_needed": list(self._restart_needed),
+            }
+            return reply
 
         async def pause(args: Mapping[str, Any]) -> dict[str, Any]:
             watch = chosen(args)
@@ -242,10 +470,13 @@ class Daemon:
 
         async def rescan(args: Mapping[str, Any]) -> dict[str, Any]:
             watch = chosen(args)
-            for watcher in watchers:
-                if watch is None or watcher.watch.name == watch:
-                    watcher.request_rescan()
+            for running in self._watchers.values():
+                if watch is None or running.watcher.watch.name == watch:
+                    running.watcher.request_rescan()
             return {"rescanning": selected(watch)}
+
+        async def reload(args: Mapping[str, Any]) -> dict[str, Any]:
+            return await self._reload(journal, scheduler, stack)
 
         registry = Registry()
 
@@ -263,16 +494,20 @@ class Daemon:
         registry.add(
             "rescan", rescan, "walk the watched folders now (all, or args.watch)", mutating=True
         )
+        registry.add(
+            "reload",
+            reload,
+            "read the configuration file again (as SIGHUP); refused if it is invalid",
+            mutating=True,
+        )
         registry.add("help", help_, "the commands and what they do", mutating=False)
         return registry
 
     @staticmethod
-    async def _list_destination(watcher: Watcher, stores: dict[str, ObjectStore]) -> None:
+    async def _list_destination(watcher: Watcher, store: ObjectStore) -> None:
         destination = watcher.watch.destination
         try:
-            watcher.remote_sizes = await remote_sizes(
-                stores[watcher.watch.name], destination.bucket, destination.prefix
-            )
+            watcher.remote_sizes = await remote_sizes(store, destination.bucket, destination.prefix)
         except CpgError as exc:
             log.warning(
                 "destination_not_listed",
@@ -282,11 +517,15 @@ class Daemon:
             )
             watcher.check_all_first_walk = True
 
-    async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def _signals(self, reload: Handler) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if not self._stopping.is_set():
+                if signum == signal.SIGHUP:
+                    log.info("reloading", signal=name)
+                    with contextlib.suppress(CommandError):  # logged; the old config runs on
+                        await reload({})
+                elif not self._stopping.is_set():
                     log.info("stopping", signal=name)
                     self._stopping.set()
                 else:
@@ -294,6 +533,36 @@ class Daemon:
                     self._force.set()
 
 
+def restart_only_changes(old: Config, new: Config) -> tuple[str, ...]:
+    """Settings that differ between two configurations but only apply at start."""
+    changed = [
+        f"daemon.{name}"
+        for name in ("state_dir", "socket", "socket_group", "metrics_listen")
+        if getattr(old.daemon, name) != getattr(new.daemon, name)
+    ]
+    changed += [
+        f"s3.{field.name}"
+        for field in dataclasses.fields(old.s3)
+        if getattr(old.s3, field.name) != getattr(new.s3, field.name)
+    ]
+    return tuple(changed)
+
+
+def status_line(status: Mapping[str, Any]) -> str:
+    """The one line ``systemctl status`` shows (sd_notify STATUS=)."""
+    files = status["files"]
+    line = (
+        f"{status['state']}: {files['uploaded']:,} uploaded, {files['uploading']:,} uploading, "
+        f"{files['queued']:,} queued, {files['failed']:,} failed"
+    )
+    rate = status["throughput_bytes_per_s"]
+    if rate > 0:
+        line += f"; {format_size(rate)}/s"
+    if status.get("config", {}).get("reload_error"):
+        line += "; last reload failed (see cpg-daemon status)"
+    return line
+
+
 async def run(config: Config) -> None:
-    """Run the daemon until SIGTERM/SIGINT."""
+    """Run the daemon until SIGTERM/SIGINT (SIGHUP reloads the configuration)."""
     await Daemon(config).run()

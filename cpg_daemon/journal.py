@@ -431,7 +431,11 @@ class Journal:
         checksum_algorithm: str,
         checksum: str,
     ) -> bool:
-        """The object is complete. False when the row changed meanwhile (file re-queued)."""
+        """The object is complete. False when the row changed meanwhile (file re-queued).
+
+        A row changes under an upload when the file changed, or when a reload
+        gave its watch another destination (the object went to the old key).
+        """
 
         def work(db: sqlite3.Connection) -> bool:
             now = time.time()
@@ -439,7 +443,8 @@ class Journal:
                 "UPDATE files SET state='uploaded', etag=?, checksum_algorithm=?, checksum=?, "
                 "upload_id=NULL, upload_size=NULL, upload_mtime_ns=NULL, part_size=NULL, "
                 "check_remote=0, last_error=NULL, uploaded_at=?, updated_at=? "
-                "WHERE id=? AND state='uploading' AND size=? AND mtime_ns=?",
+                "WHERE id=? AND state='uploading' AND size=? AND mtime_ns=? AND bucket=? "
+                "AND key=?",
                 (
                     etag,
                     checksum_algorithm,
@@ -449,6 +454,8 @@ class Journal:
                     record.id,
                     record.size,
                     record.mtime_ns,
+                    record.bucket,
+                    record.key,
                 ),
             ).rowcount
             # The upload is complete either way: it is no longer an open upload.

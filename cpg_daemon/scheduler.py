@@ -122,6 +122,26 @@ class Scheduler:
             self._paused.discard(watch)
         self.wake()
 
+    def reconfigure(
+        self,
+        watches: Mapping[str, WatchConfig],
+        stores: Mapping[str, ObjectStore],
+        providers: Mapping[str, CredentialProvider],
+        *,
+        file_attempts: int,
+    ) -> None:
+        """A reload: feed these watches from now on. Files in flight finish as they began."""
+        self._file_attempts = file_attempts
+        self._watches = dict(watches)
+        self._stores = dict(stores)
+        self._providers = dict(providers)
+        self._paused &= set(watches)
+        self.wake()
+
+    def store(self, watch: str) -> ObjectStore:
+        """The S3 client a watch's uploads use."""
+        return self._stores[watch]
+
     def drain(self) -> None:
         """Stop starting files; those in flight carry on."""
         self._draining = True
@@ -174,7 +194,9 @@ class Scheduler:
     async def _worker(self, receive: anyio.abc.ObjectReceiveStream[FileRecord]) -> None:
         async with receive:
             async for record in receive:
-                if self._draining:  # claimed before the drain began: leave it for next time
+                if self._draining or record.watch not in self._watches:
+                    # Claimed before a drain began or its watch was removed by a
+                    # reload: leave it queued for next time.
                     await self._journal.requeue(record.id)
                     continue
                 if self._busy == 0:

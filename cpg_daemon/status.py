@@ -142,6 +142,14 @@ def render(status: dict[str, Any], errors: int = 5) -> str:
         if cred.get("last_error"):
             text += f" (last error: {cred['last_error']})"
         lines.append(text)
+    config = status.get("config") or {}
+    if config.get("reload_error"):
+        lines.append(
+            f"config: the last reload failed, the previous configuration is running: "
+            f"{config['reload_error']}"
+        )
+    if config.get("restart_needed"):
+        lines.append(f"config: restart the daemon to apply {', '.join(config['restart_needed'])}")
     recent = status["recent_errors"][:errors]
     if recent:
         lines.append("recent errors:")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ def _config(
     *,
     name: str,
     s3: dict[str, Any] | None = None,
+    daemon: dict[str, Any] | None = None,
     **watch: Any,
 ) -> Path:
     """A config with one watch "plates" of the layout's outbox (settle 1 s unless given)."""
@@ -70,6 +72,7 @@ def _config(
             }
         ],
         s3=s3,
+        daemon=daemon,
     )
 
 
@@ -81,10 +84,13 @@ def _start(
     *,
     settle: str = "1s",
     s3: dict[str, Any] | None = None,
+    daemon: dict[str, Any] | None = None,
     name: str = "run",
 ) -> Daemon:
     destination = f"s3://{bucket}/cpg0001-test/broad/images/"
-    config = _config(tmp_path, layout, s3_server, destination, name=name, s3=s3, settle=settle)
+    config = _config(
+        tmp_path, layout, s3_server, destination, name=name, s3=s3, daemon=daemon, settle=settle
+    )
     daemon = Daemon(config, tmp_path / f"{name}.log")
     daemon.wait_for_event("running")
     return daemon
@@ -215,6 +221,65 @@ def test_kill_9_during_multipart_resumes_without_resending_parts(
     assert head["ContentLength"] == len(data)
     assert journal_rows(layout["state"])[0]["state"] == "uploaded"
     # Nothing is left open on the server.
+    assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_sigterm_mid_multipart_exits_0_by_the_deadline_and_the_next_start_completes(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    s3 = {
+        "part_size": "5MiB",
+        "multipart_threshold": "5MiB",
+        "max_concurrency": 2,
+        "max_bandwidth": "5MB",  # 40 MiB take about 8 s: neither stop below can wait for it
+    }
+    data = os.urandom(40 * MiB)
+    key = f"{PREFIX}big/plate.sqlite"
+    _write(layout["watch"] / "big/plate.sqlite", data)
+    os.utime(layout["watch"] / "big/plate.sqlite", (time.time() - 3600, time.time() - 3600))
+    mark = s3_server.mark()
+
+    def parts_sent() -> set[int]:
+        requests = s3_server.upload_part_requests(bucket, key, since=mark)
+        return {int(r.query["partNumber"]) for r in requests if r.status == 200}
+
+    # 1. SIGTERM: in-flight parts get daemon.drain_timeout, then the daemon exits 0.
+    graceful = _start(
+        tmp_path, layout, s3_server, bucket, s3=s3, daemon={"drain_timeout": "2s"}, name="term"
+    )
+    wait_until(lambda: parts_sent(), 30, "a first part")
+    stop_at = time.monotonic()
+    assert graceful.terminate() == 0, graceful.log_text()
+    assert time.monotonic() - stop_at < 2 + 5
+    assert any(e.get("event") == "drain_timeout" for e in graceful.events())
+    after_first = parts_sent()
+    assert len(after_first) < 8, "the upload finished; the test proves nothing"
+    assert journal_rows(layout["state"])[0]["upload_id"] is not None
+
+    # 2. A second signal does not wait for the (long) deadline.
+    forced = _start(
+        tmp_path, layout, s3_server, bucket, s3=s3, daemon={"drain_timeout": "60s"}, name="force"
+    )
+    wait_until(lambda: len(parts_sent()) > len(after_first), 30, "another part")
+    forced.process.send_signal(signal.SIGTERM)
+    forced.wait_for_event("stopping")
+    stop_at = time.monotonic()
+    assert forced.terminate() == 0, forced.log_text()
+    assert time.monotonic() - stop_at < 10
+    assert any(e.get("event") == "stopping_now" for e in forced.events())
+    after_second = parts_sent()
+    assert len(after_second) < 8, "the upload finished; the test proves nothing"
+
+    # 3. The next start finishes the same multipart upload, no part sent twice.
+    final = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="final")
+    try:
+        _wait_object(s3_client, bucket, key, data, timeout=60)
+    finally:
+        assert final.terminate() == 0
+    requests = s3_server.upload_part_requests(bucket, key, since=mark)
+    assert len({r.query["uploadId"] for r in requests}) == 1, "the upload was restarted"
+    succeeded = [int(r.query["partNumber"]) for r in requests if r.status == 200]
+    assert sorted(succeeded) == list(range(1, 9)), "a part was sent twice or not at all"
     assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
