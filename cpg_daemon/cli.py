@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _socket_args(reload)
 
+    verify = commands.add_parser(
+        "verify",
+        help="compare every local file with its staged object (presence, size, checksum)",
+    )
+    verify.add_argument("watch", nargs="?", metavar="WATCH", help="only this watch")
+    verify.add_argument(
+        "--report", type=Path, metavar="PATH", help="write every file's line as CSV here"
+    )
+    verify.add_argument(
+        "--quick", action="store_true", help="presence and size only (no checksums)"
+    )
+    verify.add_argument(
+        "--via-daemon",
+        action="store_true",
+        help="let the running daemon do it with its own credentials (over its socket)",
+    )
+    _socket_args(verify)
+
     demo = commands.add_parser(
         "demo", help="run the whole pipeline on this machine against a local S3 server"
     )
@@ -186,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": _check,
         "upload": _upload,
         "demo": _demo,
+        "verify": _verify,
         "status": _status,
         "pause": _control,
         "resume": _control,
@@ -400,6 +420,92 @@ def _install_service(args: argparse.Namespace) -> int:
         f"{path.name}` (first install) or `systemctl restart {path.name}`"
     )
     return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from cpg_daemon import verify
+
+    if args.via_daemon:
+        arguments = {"quick": args.quick, "rows": args.report is not None}
+        if args.watch:
+            arguments["watch"] = args.watch
+        path = _socket_path(args)
+        try:
+            reply = control.request(path, "verify", arguments, timeout=VERIFY_TIMEOUT)
+        except control.NoDaemonError as exc:
+            print(f"cpg-daemon verify: {exc}", file=sys.stderr)
+            return EXIT_NO_DAEMON
+        except control.CommandError as exc:
+            print(f"cpg-daemon verify: {exc}", file=sys.stderr)
+            return EXIT_PROBLEM
+        result = verify.Result([verify.Row(**row) for row in reply["rows"]], reply["seconds"])
+        summary = reply["summary"]
+    else:
+        config = _load(args)
+        if args.watch:
+            try:
+                config = replace(config, watches=(config.watch(args.watch),))
+            except KeyError as exc:
+                print(f"cpg-daemon verify: {exc.args[0]}", file=sys.stderr)
+                return EXIT_PROBLEM
+        logs.configure("console", "error")
+        result = anyio.run(_verify_here, config, args.quick)
+        summary = result.summary()
+    different = [row for row in result.rows if row.status != "match"]
+    for row in different[:VERIFY_SHOWN]:
+        where = row.path or row.key
+        detail = ""
+        if row.status == "size_mismatch":
+            detail = f" (local {row.local_size:,} bytes, staged {row.remote_size:,})"
+        elif row.status == "checksum_mismatch":
+            detail = (
+                f" ({row.checksum_algorithm} local {row.local_checksum}, "
+                f"staged {row.remote_checksum})"
+            )
+        print(f"{row.status}: {where}{detail}")
+    if len(different) > VERIFY_SHOWN:
+        print(f"... and {len(different) - VERIFY_SHOWN:,} more (see --report)")
+    if args.report is not None:
+        with open(args.report, "w", encoding="utf-8", newline="") as out:
+            verify.write_report(result.rows, out)
+        print(f"report: {args.report}")
+    print(summary)
+    return EXIT_OK if not different else EXIT_PROBLEM
+
+
+VERIFY_SHOWN = 50
+"""Differences printed before "see --report"."""
+VERIFY_TIMEOUT = 24 * 3600.0
+"""How long ``verify --via-daemon`` waits for the daemon's answer."""
+
+
+async def _verify_here(config: Config, quick: bool) -> Any:
+    """Verify with this process's own credentials (the config's, as the daemon would)."""
+    from cpg_daemon import verify
+    from cpg_daemon.daemon import JOURNAL_NAME
+
+    file = str(config.path)
+    providers = build_providers(config)
+    for provider in providers:
+        if isinstance(provider, RenewingProvider) and not await provider.renew_now():
+            raise CpgError(
+                f"credentials {provider.statistics().target}: {provider.statistics().last_error}"
+            )
+    async with AsyncExitStack() as stack:
+        stores = {
+            id(p): await stack.enter_async_context(ObjectStore.connect(p.session, config.s3))
+            for p in providers
+        }
+        watches = [
+            (w, stores[id(provider_for(providers, w.destination, file, f"watch[{i}]"))])
+            for i, w in enumerate(config.watches)
+        ]
+        return await verify.verify(
+            watches,
+            config.daemon.state_dir / JOURNAL_NAME,
+            quick=quick,
+            concurrency=config.s3.max_concurrency,
+        )
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -264,10 +264,16 @@ class NoDaemonError(Exception):
     """Nothing answered on the socket; the message says what was tried and why it failed."""
 
 
-def request(path: Path, command: str, args: Mapping[str, Any] | None = None) -> Any:
+def request(
+    path: Path,
+    command: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    timeout: float = CLIENT_TIMEOUT,
+) -> Any:
     """Send one command to the running daemon (blocking; for the command line)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(CLIENT_TIMEOUT)
+    sock.settimeout(timeout)
     try:
         try:
             sock.connect(str(path))
@@ -297,7 +303,7 @@ def request(path: Path, command: str, args: Mapping[str, Any] | None = None) -> 
             reply += chunk
     except TimeoutError:
         raise NoDaemonError(
-            f"the daemon on {path} did not answer in {CLIENT_TIMEOUT:g} s"
+            f"the daemon on {path} did not answer in {timeout:g} s"
         ) from None
     finally:
         sock.close()

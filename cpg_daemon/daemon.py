@@ -22,7 +22,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from cpg_daemon import __version__, logs
+from cpg_daemon import __version__, logs, verify
 from cpg_daemon.config import Config, WatchConfig, load_config
 from cpg_daemon.control import (
     CommandError,
@@ -475,6 +475,27 @@ class Daemon:
                     running.watcher.request_rescan()
             return {"rescanning": selected(watch)}
 
+        async def verify_(args: Mapping[str, Any]) -> dict[str, Any]:
+            watch = chosen(args)
+            result = await verify.verify(
+                [
+                    (w, scheduler.store(w.name))
+                    for w in self.config.watches
+                    if watch is None or w.name == watch
+                ],
+                self.config.daemon.state_dir / JOURNAL_NAME,
+                quick=bool(args.get("quick")),
+                concurrency=self.config.s3.max_concurrency,
+            )
+            rows = [r for r in result.rows if args.get("rows") or r.status != "match"]
+            return {
+                "ok": result.ok,
+                "summary": result.summary(),
+                "counts": dict(result.counts),
+                "seconds": result.seconds,
+                "rows": list(verify.row_dicts(rows)),
+            }
+
         async def reload(args: Mapping[str, Any]) -> dict[str, Any]:
             return await self._reload(journal, scheduler, stack)
 
@@ -493,6 +514,12 @@ class Daemon:
         registry.add("retry", retry, "queue failed files again (all, or args.watch)", mutating=True)
         registry.add(
             "rescan", rescan, "walk the watched folders now (all, or args.watch)", mutating=True
+        )
+        registry.add(
+            "verify",
+            verify_,
+            "compare local files with staged objects (args.watch, args.quick, args.rows)",
+            mutating=False,
         )
         registry.add(
             "reload",

@@ -11,14 +11,16 @@ import errno
 import hashlib
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, cast
 
 import anyio.to_thread
 
-from cpg_daemon.checksums import ALGORITHMS, ChecksumName, encode
+from cpg_daemon.checksums import ALGORITHMS, Algorithm, ChecksumName, encode
 from cpg_daemon.errors import FileChangedError, SkipFileError, VanishedError
 
 READ_CHUNK = 8 * 1024 * 1024
@@ -150,3 +152,58 @@ def whole_file_checksum_sync(path: Path, checksum: ChecksumName, expected: FileS
 
 async def whole_file_checksum(path: Path, checksum: ChecksumName, expected: FileStat) -> str:
     return await anyio.to_thread.run_sync(whole_file_checksum_sync, path, checksum, expected)
+
+
+def file_digests(
+    path: Path, name: str, expected: FileStat, part_size: int = 0
+) -> tuple[bytes, list[bytes]]:
+    """One pass over a file: its digest and, with ``part_size``, each part's digest.
+
+    ``name`` is a checksum algorithm (CRC32C, CRC32, CRC64NVME, SHA256) or MD5
+    (what an ETag is made of). For checking objects someone else uploaded,
+    whose checksums may be composite (they depend on the part layout).
+    """
+    if name == "MD5":
+        new: Callable[[], Any] = hashlib.md5
+    elif ALGORITHMS[cast("ChecksumName", name)].crc is not None:
+        algorithm = ALGORITHMS[cast("ChecksumName", name)]
+        new = partial(_Crc, algorithm)
+    else:
+        new = hashlib.sha256
+    whole = new()
+    parts: list[bytes] = []
+    part = new()
+    in_part = 0
+    with _os_errors(path), open(path, "rb") as handle:
+        _check(path, handle.fileno(), expected)
+        while chunk := handle.read(READ_CHUNK):
+            whole.update(chunk)
+            view = memoryview(chunk)
+            while part_size and view:
+                take = min(len(view), part_size - in_part)
+                part.update(view[:take])
+                in_part += take
+                view = view[take:]
+                if in_part == part_size:
+                    parts.append(part.digest())
+                    part, in_part = new(), 0
+        _check(path, handle.fileno(), expected)
+    if part_size and in_part:
+        parts.append(part.digest())
+    return whole.digest(), parts
+
+
+class _Crc:
+    """A CRC with hashlib's update/digest interface."""
+
+    def __init__(self, algorithm: Algorithm) -> None:
+        assert algorithm.crc is not None
+        self._crc = algorithm.crc
+        self._width = algorithm.width
+        self._value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._value = self._crc(data, self._value)  # type: ignore[arg-type]
+
+    def digest(self) -> bytes:
+        return self._value.to_bytes(self._width, "big")

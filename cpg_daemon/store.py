@@ -216,6 +216,22 @@ class ObjectStore:
             checksum_type=reply.get("ChecksumType"),
         )
 
+    async def first_part_size(self, bucket: str, key: str) -> tuple[int, int] | None:
+        """A multipart object's (size of part 1, number of parts), or None when unknown.
+
+        For recomputing a composite checksum or ETag, whose value depends on
+        where the uploader cut the parts (all but the last one equal).
+        """
+        with translate_errors(f"HeadObject s3://{bucket}/{key} part 1"):
+            try:
+                reply = await self._client.head_object(Bucket=bucket, Key=key, PartNumber=1)
+            except ClientError as exc:
+                if _code(exc) in ("404", "NoSuchKey", "NotFound", "400", "InvalidPartNumber"):
+                    return None
+                raise
+        count = reply.get("PartsCount")
+        return (int(reply["ContentLength"]), int(count)) if count else None
+
     async def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[RemoteObject]:
         """Every object under a prefix (ListObjectsV2, paginated)."""
         with translate_errors(f"ListObjectsV2 s3://{bucket}/{prefix}"):

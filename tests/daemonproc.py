@@ -132,7 +132,12 @@ def journal_rows(state_dir: Path) -> list[dict[str, Any]]:
         return []
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         db.row_factory = sqlite3.Row
-        return [dict(row) for row in db.execute("SELECT * FROM files ORDER BY id")]
+        try:
+            return [dict(row) for row in db.execute("SELECT * FROM files ORDER BY id")]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # the daemon is creating the journal right now
+                return []
+            raise
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

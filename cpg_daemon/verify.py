@@ -1,0 +1,339 @@
+"""``cpg-daemon verify``: proof that staging holds exactly what the disk holds.
+
+For each watch the destination is listed (ListObjectsV2) and the watched folder
+walked with the watch's own filter; each local file is then matched with its
+object by key, size and content checksum:
+
+- An object whose ETag is the one the journal recorded when this daemon
+  uploaded it is that upload, byte for byte, so its checksum is the one S3
+  reported then (one listing proves 100,000 objects; no request per object).
+  The local side is the checksum computed while reading the file for that
+  upload, while the file's size and mtime are unchanged; otherwise it is
+  computed from the disk again.
+- Any other object (uploaded by hand, by another machine, overwritten since)
+  is asked for its own checksum (HeadObject, checksum mode) and the file is
+  read to compute the same: whole-object CRCs directly, composite checksums
+  and multipart ETags from the part layout S3 reports for part 1. An object
+  with neither a checksum nor a usable ETag is ``unverified``.
+
+Statuses: match, missing, size_mismatch, checksum_mismatch, extra (an object
+with no local file), unverified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from cpg_daemon import files
+from cpg_daemon.checksums import ALGORITHMS, ChecksumName, encode
+from cpg_daemon.config import WatchConfig
+from cpg_daemon.errors import CpgError
+from cpg_daemon.keys import PathFilter, object_key
+from cpg_daemon.store import ObjectStore, RemoteObject
+from cpg_daemon.units import format_size
+from cpg_daemon.watcher import Seen, scan_folder
+
+log = structlog.get_logger("cpg_daemon.verify")
+
+STATUSES = (
+    "match",
+    "missing",
+    "size_mismatch",
+    "checksum_mismatch",
+    "extra",
+    "unverified",
+)
+REPORT_HEADER = (
+    "path",
+    "key",
+    "local_size",
+    "remote_size",
+    "checksum_algorithm",
+    "local_checksum",
+    "remote_checksum",
+    "status",
+)
+DISK_READERS = 4
+"""Files read at once to compute checksums (the disk, not the network, is the limit)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the report."""
+
+    path: str
+    key: str
+    local_size: int | None
+    remote_size: int | None
+    checksum_algorithm: str
+    local_checksum: str
+    remote_checksum: str
+    status: str
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """What the journal recorded when the file was uploaded."""
+
+    key: str
+    size: int
+    mtime_ns: int
+    etag: str
+    algorithm: str
+    checksum: str
+
+
+@dataclass
+class Result:
+    rows: list[Row]
+    seconds: float
+
+    @property
+    def counts(self) -> Counter[str]:
+        return Counter(row.status for row in self.rows)
+
+    @property
+    def ok(self) -> bool:
+        return all(row.status == "match" for row in self.rows)
+
+    def summary(self) -> str:
+        counts = self.counts
+        local = [row for row in self.rows if row.status != "extra"]
+        size = sum(row.local_size or 0 for row in local)
+        return (
+            "verify: "
+            + ", ".join(f"{counts[status]:,} {status}" for status in STATUSES)
+            + f"; {len(local):,} local files ({format_size(size)}) in {self.seconds:.1f} s"
+        )
+
+
+def journal_uploads(journal: Path, watch: str) -> dict[str, Uploaded] | None:
+    """The uploads the journal recorded for a watch, read-only; None when unreadable.
+
+    Read with a separate read-only connection, so a running daemon (the
+    journal's owner) is not disturbed.
+    """
+    if not journal.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT rel_path, key, size, mtime_ns, etag, checksum_algorithm, checksum "
+                "FROM files WHERE watch=? AND state='uploaded'",
+                (watch,),
+            ).fetchall()
+    except sqlite3.Error as exc:
+        log.warning("journal_not_read", journal=str(journal), error=str(exc))
+        return None
+    return {
+        os.fsdecode(rel): Uploaded(key, size, mtime, etag or "", algo or "", checksum or "")
+        for rel, key, size, mtime, etag, algo, checksum in rows
+    }
+
+
+def walk(root: Path, path_filter: PathFilter) -> dict[str, Seen]:
+    """Every file under a watch that the watch would upload (runs in a thread)."""
+    found: dict[str, Seen] = {}
+    stack = [""]
+    while stack:
+        seen, folders = scan_folder(root, stack.pop(), path_filter)
+        stack.extend(folders)
+        found.update((item.rel_path, item) for item in seen)
+    return found
+
+
+def _etag(value: str) -> str:
+    return value.strip('"')
+
+
+class Verifier:
+    """Compares one watch's files with its destination."""
+
+    def __init__(
+        self,
+        watch: WatchConfig,
+        store: ObjectStore,
+        journal: Path | None,
+        *,
+        quick: bool = False,
+        concurrency: int = 16,
+    ) -> None:
+        self.watch = watch
+        self._store = store
+        self._journal = journal
+        self._quick = quick
+        self._concurrency = concurrency
+        self._disk = anyio.CapacityLimiter(DISK_READERS)
+
+    async def run(self) -> list[Row]:
+        watch = self.watch
+        bucket, prefix = watch.destination.bucket, watch.destination.prefix
+        local = await anyio.to_thread.run_sync(
+            walk, watch.path, PathFilter(watch.include, watch.exclude)
+        )
+        remote = {obj.key: obj async for obj in self._store.list_objects(bucket, prefix)}
+        recorded: dict[str, Uploaded] | None = None
+        if self._journal is not None and not self._quick:
+            recorded = await anyio.to_thread.run_sync(journal_uploads, self._journal, watch.name)
+        uploads = recorded or {}
+        rows: list[Row] = []
+        to_check: list[tuple[str, str, Seen, RemoteObject]] = []
+        for rel, seen in local.items():
+            key = object_key(prefix, rel)
+            path = str(watch.path / rel)
+            obj = remote.pop(key, None)
+            if obj is None:
+                rows.append(Row(path, key, seen.size, None, "", "", "", "missing"))
+            elif obj.size != seen.size:
+                rows.append(Row(path, key, seen.size, obj.size, "", "", "", "size_mismatch"))
+            elif self._quick:
+                rows.append(Row(path, key, seen.size, obj.size, "", "", "", "match"))
+            elif (row := self._known(rel, key, seen, obj, uploads.get(rel))) is not None:
+                rows.append(row)
+            else:
+                to_check.append((rel, key, seen, obj))
+        pending = iter(to_check)
+
+        async def checker() -> None:
+            for rel, key, seen, obj in pending:
+                rows.append(await self._check(rel, key, seen, obj))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(self._concurrency, len(to_check))):
+                tg.start_soon(checker)
+        rows += [Row("", key, None, obj.size, "", "", "", "extra") for key, obj in remote.items()]
+        rows.sort(key=lambda row: row.key)
+        return rows
+
+    def _known(
+        self, rel: str, key: str, seen: Seen, obj: RemoteObject, uploaded: Uploaded | None
+    ) -> Row | None:
+        """The row, when the journal proves both sides without reading anything."""
+        if (
+            uploaded is None
+            or uploaded.key != key
+            or not uploaded.checksum
+            or not uploaded.etag
+            or _etag(uploaded.etag) != _etag(obj.etag)
+            or (uploaded.size, uploaded.mtime_ns) != (seen.size, seen.mtime_ns)
+        ):
+            return None
+        return Row(
+            str(self.watch.path / rel),
+            key,
+            seen.size,
+            obj.size,
+            uploaded.algorithm,
+            uploaded.checksum,
+            uploaded.checksum,
+            "match",
+        )
+
+    async def _check(self, rel: str, key: str, seen: Seen, listed: RemoteObject) -> Row:
+        path = self.watch.path / rel
+        bucket = self.watch.destination.bucket
+        base = Row(str(path), key, seen.size, listed.size, "", "", "", "unverified")
+        try:
+            head = await self._store.head(bucket, key)
+            if head is None:
+                return dataclasses.replace(base, remote_size=None, status="missing")
+            expected = files.FileStat(seen.size, seen.mtime_ns)
+            for name, value in head.checksums.items():
+                local = await self._local_checksum(path, expected, name, value, head)
+                if local is not None:
+                    status = "match" if local == value else "checksum_mismatch"
+                    return _with(base, head.size, name, local, value, status)
+            etag = _etag(head.etag)
+            local = await self._local_checksum(path, expected, "MD5", etag, head)
+            if local is not None:
+                status = "match" if local == etag else "checksum_mismatch"
+                return _with(base, head.size, "ETag-MD5", local, etag, status)
+        except CpgError as exc:  # a file that vanished or cannot be read: say so, go on
+            log.warning("verify_file_failed", key=key, error=str(exc))
+        return base
+
+    async def _local_checksum(
+        self, path: Path, expected: files.FileStat, name: str, value: str, head: RemoteObject
+    ) -> str | None:
+        """The file's checksum in the form the object reports ``value``; None if unknowable."""
+        multipart = "-" in _etag(head.etag)
+        if name != "MD5" and name not in ALGORITHMS:
+            return None
+        crc = name != "MD5" and ALGORITHMS[cast("ChecksumName", name)].crc is not None
+        composite = multipart and ("-" in value or head.checksum_type == "COMPOSITE" or not crc)
+        if multipart and head.checksum_type is None and crc and "-" not in value:
+            # Not said which: try the whole-object form first, then the composite one.
+            whole = await self._digest(path, expected, name)
+            if whole == value:
+                return whole
+            composite = True
+        if not composite:
+            if name == "MD5" and multipart:
+                return None
+            return await self._digest(path, expected, name)
+        layout = await self._store.first_part_size(self.watch.destination.bucket, head.key)
+        if layout is None:
+            return None
+        part_size, count = layout
+        if count < 1 or not (count - 1) * part_size < expected.size <= count * part_size:
+            return None
+        async with self._disk:
+            _, parts = await anyio.to_thread.run_sync(
+                files.file_digests, path, name, expected, part_size
+            )
+        joined = b"".join(parts)
+        if name == "MD5":
+            return f"{hashlib.md5(joined).hexdigest()}-{len(parts)}"
+        digest = encode(ALGORITHMS[cast("ChecksumName", name)].digest(joined))
+        return f"{digest}-{len(parts)}" if "-" in value else digest
+
+    async def _digest(self, path: Path, expected: files.FileStat, name: str) -> str:
+        async with self._disk:
+            whole, _ = await anyio.to_thread.run_sync(files.file_digests, path, name, expected)
+        return whole.hex() if name == "MD5" else encode(whole)
+
+
+def _with(base: Row, size: int, algorithm: str, local: str, remote: str, status: str) -> Row:
+    return Row(base.path, base.key, base.local_size, size, algorithm, local, remote, status)
+
+
+async def verify(
+    watches: Iterable[tuple[WatchConfig, ObjectStore]],
+    journal: Path | None,
+    *,
+    quick: bool = False,
+    concurrency: int = 16,
+) -> Result:
+    """Verify watches one after another (each one's requests run concurrently)."""
+    started = time.monotonic()
+    rows: list[Row] = []
+    for watch, store in watches:
+        verifier = Verifier(watch, store, journal, quick=quick, concurrency=concurrency)
+        rows += await verifier.run()
+    return Result(rows, time.monotonic() - started)
+
+
+def write_report(rows: Iterable[Row], out: TextIO) -> None:
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(REPORT_HEADER)
+    for row in rows:
+        writer.writerow(["" if value is None else value for value in asdict(row).values()])
+
+
+def row_dicts(rows: Iterable[Row]) -> Iterator[dict[str, Any]]:
+    return (asdict(row) for row in rows)
