@@ -48,6 +48,7 @@ from cpg_daemon.credentials import (
 )
 from cpg_daemon.errors import ConfigError, CpgError
 from cpg_daemon.keys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
+from cpg_daemon.plan import describe_plan, plan_watch
 from cpg_daemon.store import ObjectStore
 from cpg_daemon.units import format_size, parse_size
 
@@ -252,6 +253,7 @@ def _check(args: argparse.Namespace) -> int:
     file = str(config.path)
     providers = build_providers(config)
     problems = 0
+    logs.configure("console", "error")  # the folder walk's debug events stay quiet
     print(f"configuration {config.path}: valid")
     print(f"journal: {config.daemon.state_dir}")
     if not config.watches:
@@ -266,6 +268,11 @@ def _check(args: argparse.Namespace) -> int:
         elif not os.access(watch.path, os.R_OK | os.X_OK):
             print(f"  problem: {watch.path} is not readable by this user")
             problems += 1
+        else:
+            plan = plan_watch(watch)
+            for line in describe_plan(plan):
+                print(line)
+            problems += plan.problems
     if args.offline:
         return EXIT_PROBLEM if problems else EXIT_OK
     logs.configure("console", "error")

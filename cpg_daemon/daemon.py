@@ -23,6 +23,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from cpg_daemon import __version__, logs, verify
+from cpg_daemon.batches import BatchTracker
 from cpg_daemon.config import Config, WatchConfig, load_config
 from cpg_daemon.control import (
     CommandError,
@@ -87,6 +88,7 @@ class Daemon:
         self._stores: dict[int, ObjectStore] = {}
         """One S3 client per provider, by ``id(provider)``; open until the daemon stops."""
         self._watchers: dict[str, _RunningWatch] = {}
+        self._batches: BatchTracker | None = None
         self._state = "starting"
         self._started_at = datetime.now(timezone.utc)
         self._reload_lock = anyio.Lock()
@@ -167,6 +169,9 @@ class Daemon:
         uploader: Uploader,
         stack: AsyncExitStack,
     ) -> None:
+        batches = BatchTracker(journal, self.config.watches, self._settling)
+        scheduler.on_finished(lambda record: batches.touch(record.watch, record.rel_path))
+        self._batches = batches
         registry = self._commands(journal, scheduler, uploader, stack)
         control = ControlServer(
             self.config.daemon.socket, registry, self.config.daemon.socket_group
@@ -186,6 +191,7 @@ class Daemon:
             for provider in self._providers:
                 await self._start_provider(provider)
             await tg.start(scheduler.run)
+            await tg.start(batches.run)
             watching = anyio.CancelScope()
 
             async def watch_all() -> None:
@@ -217,6 +223,7 @@ class Daemon:
                 running.watcher.stop()
             watching.cancel()
             scheduler.drain()
+            batches.stop()
             async with anyio.create_task_group() as drain:
 
                 async def until_idle() -> None:
@@ -224,6 +231,7 @@ class Daemon:
                         await scheduler.wait_idle()
                     if deadline.cancelled_caught:
                         log.warning("drain_timeout", seconds=self.config.daemon.drain_timeout)
+                    await batches.wait_hooks()  # a running hook's grace; then it is killed
                     drain.cancel_scope.cancel()
 
                 drain.start_soon(until_idle)
@@ -374,6 +382,8 @@ class Daemon:
             watch_providers,
             file_attempts=new.daemon.file_attempts,
         )
+        if self._batches is not None:
+            self._batches.reconfigure(new.watches)
         for name in removed + changed:
             running = self._watchers.pop(name)
             running.watcher.stop()
@@ -443,6 +453,7 @@ class Daemon:
                 uploader=uploader.statistics(),
                 watchers=[r.watcher.statistics() for r in self._watchers.values()],
                 credentials=[p.statistics() for p in self._providers],
+                batches=self._batches.statistics() if self._batches else None,
             )
             reply["config"] = {
                 "path": str(self.config.path) if self.config.path else None,
@@ -543,6 +554,11 @@ class Daemon:
                 consequence="each file found now is looked up on the server before upload",
             )
             watcher.check_all_first_walk = True
+
+    def _settling(self, watch: str, folder: str) -> bool:
+        """Whether files under a watch's top-level folder may still reach the journal."""
+        running = self._watchers.get(watch)
+        return running is None or running.watcher.settling_under(folder)
 
     async def _signals(self, reload: Handler) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Literal, ParamSpec, TypeVar, cast
 
@@ -63,6 +63,20 @@ CREATE TABLE IF NOT EXISTS parts (
     checksum TEXT NOT NULL,          -- base64 of the part's raw checksum ('' when none)
     size INTEGER NOT NULL,
     PRIMARY KEY (file_id, upload_id, part_number)
+);
+CREATE TABLE IF NOT EXISTS batches (  -- the last completion of each batch (batches.py)
+    watch TEXT NOT NULL,
+    name TEXT NOT NULL,              -- the top-level folder below the watch root
+    destination TEXT NOT NULL,       -- s3://bucket/prefix/name/
+    files INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    first_uploaded_at REAL NOT NULL,
+    last_uploaded_at REAL NOT NULL,
+    last_change REAL NOT NULL,       -- latest updated_at of its files: a later one is news
+    completed_at REAL NOT NULL,
+    hook_state TEXT NOT NULL,        -- none, queued, running, ok or failed
+    hook_detail TEXT,
+    PRIMARY KEY (watch, name)
 );
 """
 
@@ -132,6 +146,54 @@ class JournalStatistics:
         files = sum(states[state].files for states in self.by_watch.values() if state in states)
         size = sum(states[state].bytes for states in self.by_watch.values() if state in states)
         return Counts(files, size)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A batch's completion, as remembered in the ``batches`` table."""
+
+    watch: str
+    name: str
+    destination: str
+    files: int
+    bytes: int
+    first_uploaded_at: float
+    last_uploaded_at: float
+    last_change: float
+    completed_at: float
+    hook_state: str
+    hook_detail: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """The files of one batch (a top-level folder of a watch) as the journal has them."""
+
+    files: int
+    uploaded: int
+    bytes: int
+    first_uploaded_at: float | None
+    last_uploaded_at: float | None
+    last_change: float | None
+    """The latest ``updated_at`` of its files."""
+    recorded: BatchRecord | None
+    """Its last recorded completion, if any."""
+
+
+_BATCH_COLUMNS = (
+    "watch, name, destination, files, bytes, first_uploaded_at, last_uploaded_at, last_change, "
+    "completed_at, hook_state, hook_detail"
+)
+
+
+def _batch_range(name: str) -> tuple[bytes, bytes]:
+    """Bounds of the rel_paths under a top-level folder: ``name/`` <= rel_path < ``name0``.
+
+    ``0`` is the byte after ``/``, so the range is exactly the folder's files,
+    and one range scan of the (watch, rel_path) index finds them.
+    """
+    folder = os.fsencode(name)
+    return folder + b"/", folder + b"0"
 
 
 _COLUMNS = (
@@ -279,15 +341,19 @@ class Journal:
         return queued
 
     async def record_rejected(self, watch: str, rel_path: str, key: str, error: str) -> None:
-        """A file that can never be uploaded as it is (say, a name S3 cannot take): failed."""
+        """A file that can never be uploaded as it is (say, a name S3 cannot take): failed.
+
+        The empty bucket marks it: ``retry`` and a restart leave such rows alone.
+        """
 
         def work(db: sqlite3.Connection) -> None:
             now = time.time()
             db.execute(
                 "INSERT INTO files (watch, rel_path, bucket, key, size, mtime_ns, state, "
                 "last_error, discovered_at, updated_at) VALUES (?, ?, '', ?, 0, 0, 'failed', ?, "
-                "?, ?) ON CONFLICT (watch, rel_path) DO UPDATE SET state='failed', "
-                "last_error=excluded.last_error, updated_at=excluded.updated_at",
+                "?, ?) ON CONFLICT (watch, rel_path) DO UPDATE SET state='failed', bucket='', "
+                "key=excluded.key, last_error=excluded.last_error, "
+                "updated_at=excluded.updated_at",
                 (watch, os.fsencode(rel_path), key, error, now, now),
             )
 
@@ -541,5 +607,94 @@ class Journal:
             ):
                 by_watch.setdefault(watch, {})[state] = Counts(files, size)
             return JournalStatistics(by_watch)
+
+        return await self._run(work)
+
+    # -- batches (top-level folders of a watch; batches.py) ----------------------------
+
+    async def batch_names(self, watch: str) -> list[str]:
+        """The top-level folders of a watch that hold files.
+
+        A skip scan of the (watch, rel_path) index: one short lookup per folder,
+        whatever the number of files in it.
+        """
+
+        def work() -> list[str]:
+            names: list[str] = []
+            after = b""
+            while True:
+                row = self._db.execute(
+                    "SELECT rel_path FROM files WHERE watch=? AND rel_path>=? "
+                    "AND instr(rel_path, X'2F') > 0 ORDER BY rel_path LIMIT 1",
+                    (watch, after),
+                ).fetchone()
+                if row is None:
+                    return names
+                folder = bytes(row[0]).partition(b"/")[0]
+                names.append(os.fsdecode(folder))
+                after = folder + b"0"
+
+        return await self._run(work)
+
+    async def batch_progress(self, watch: str, name: str) -> BatchProgress:
+        """Counts, bytes and times of a batch's files, and its last recorded completion."""
+        low, high = _batch_range(name)
+
+        def work() -> BatchProgress:
+            files, uploaded, size, first, last, change = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(state='uploaded'), 0), COALESCE(SUM(size), 0), "
+                "MIN(uploaded_at), MAX(uploaded_at), MAX(updated_at) FROM files "
+                "WHERE watch=? AND rel_path>=? AND rel_path<?",
+                (watch, low, high),
+            ).fetchone()
+            row = self._db.execute(
+                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE watch=? AND name=?", (watch, name)
+            ).fetchone()
+            recorded = None if row is None else BatchRecord(*row)
+            return BatchProgress(files, uploaded, size, first, last, change, recorded)
+
+        return await self._run(work)
+
+    async def record_batch(self, batch: BatchRecord) -> None:
+        """Remember a batch's completion, in place of the one before."""
+        values = astuple(batch)
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT OR REPLACE INTO batches ({_BATCH_COLUMNS}) "
+                f"VALUES ({','.join('?' * len(values))})",
+                values,
+            )
+
+        await self._run(self._tx, work)
+
+    async def set_batch_hook(self, batch: BatchRecord, state: str, detail: str | None) -> bool:
+        """Where a completion's hook stands; False once a later completion replaced it."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            return (
+                db.execute(
+                    "UPDATE batches SET hook_state=?, hook_detail=? "
+                    "WHERE watch=? AND name=? AND completed_at=?",
+                    (state, detail, batch.watch, batch.name, batch.completed_at),
+                ).rowcount
+                == 1
+            )
+
+        return await self._run(self._tx, work)
+
+    async def completed_batches(
+        self, *, hook_state: str | None = None, limit: int = -1
+    ) -> list[BatchRecord]:
+        """Recorded completions, latest first (those whose hook is in ``hook_state``)."""
+
+        def work() -> list[BatchRecord]:
+            where, args = ("WHERE hook_state=?", (hook_state,)) if hook_state else ("", ())
+            rows = self._db.execute(
+                f"SELECT {_BATCH_COLUMNS} FROM batches {where} "
+                "ORDER BY completed_at DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            return [BatchRecord(*row) for row in rows]
 
         return await self._run(work)

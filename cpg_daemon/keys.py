@@ -27,6 +27,7 @@ MAX_KEY_BYTES = 1024
 
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def key_problem(key: str) -> str | None:
         return "the file name is not valid UTF-8, and S3 keys must be"
     if len(encoded) > MAX_KEY_BYTES:
         return f"the object key is {len(encoded)} bytes long; S3 allows at most {MAX_KEY_BYTES}"
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+    if _CONTROL.search(key):
         return "the file name contains control characters (such as a newline)"
     return None
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,12 +98,21 @@ class Scheduler:
         self._idle = anyio.Event()
         self._idle.set()
         self._recent: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
+        self._finished: list[Callable[[FileRecord], None]] = []
 
     # -- control -------------------------------------------------------------------------
 
     def wake(self) -> None:
         """New work may be due: look at the queue now."""
         self._wake_event.set()
+
+    def on_finished(self, callback: Callable[[FileRecord], None]) -> None:
+        """Call ``callback(record)`` (quick, no I/O) whenever a worker is done with a file.
+
+        Done means uploaded, failed, re-queued or forgotten: the file's row may
+        have changed (the batch tracker looks at its folder later).
+        """
+        self._finished.append(callback)
 
     def pause(self, watch: str | None = None) -> None:
         if watch is None:
@@ -205,6 +214,8 @@ class Scheduler:
                 try:
                     await self._process(record)
                 finally:
+                    for callback in self._finished:
+                        callback(record)
                     self._busy -= 1
                     if self._busy == 0:
                         self._idle.set()

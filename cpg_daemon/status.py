@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cpg_daemon import __version__
+from cpg_daemon.batches import BatchStatistics, timestamp
 from cpg_daemon.config import WatchConfig
 from cpg_daemon.credentials import CredentialStatistics
 from cpg_daemon.journal import FILE_STATES, JournalStatistics
@@ -32,6 +33,7 @@ def gather(
     uploader: UploaderStatistics,
     watchers: Sequence[WatcherStatistics],
     credentials: Sequence[CredentialStatistics],
+    batches: BatchStatistics | None = None,
 ) -> dict[str, Any]:
     """The status object (required fields per INTERFACE.md, and a few more)."""
     settling = {w.name: w for w in watchers}
@@ -54,6 +56,7 @@ def gather(
                     "uploaded": states["uploaded"].bytes if "uploaded" in states else 0,
                 },
                 "error": watcher.error if watcher else None,
+                "structure": _structure(watch, watcher),
             }
         )
     total_files: dict[str, int] = {s: journal.total(s).files for s in FILE_STATES}
@@ -84,7 +87,72 @@ def gather(
         ],
         "watches": per_watch,
         "recent_errors": [dataclasses.asdict(e) for e in reversed(scheduler.recent_errors)],
+        "batches": _batches(batches),
     }
+
+
+def _structure(watch: WatchConfig, watcher: WatcherStatistics | None) -> dict[str, Any]:
+    """The gallery folder rules' findings for one watch (``structure`` in the config)."""
+    reject = watch.structure == "reject"
+    return {
+        "policy": watch.structure,
+        "warnings": watcher.structure_findings if watcher else 0,
+        "rejected": watcher.structure_rejected if watcher else 0,
+        "examples": [
+            {
+                "folder": f.folder,
+                "rule": f.rule,
+                "message": f.message,
+                "pointer": f.pointer,
+                "rejected": reject and f.required,
+            }
+            for f in (watcher.structure_examples if watcher else ())
+        ],
+    }
+
+
+def _batches(stats: BatchStatistics | None) -> dict[str, Any]:
+    """Completed batches, latest first, and where their on_batch_complete hooks stand."""
+    completed = [
+        {
+            "watch": b.watch,
+            "batch": b.name,
+            "destination": b.destination,
+            "files": b.files,
+            "bytes": b.bytes,
+            "first_uploaded_at": timestamp(b.first_uploaded_at),
+            "last_uploaded_at": timestamp(b.last_uploaded_at),
+            "completed_at": timestamp(b.completed_at),
+            "hook": b.hook_state,
+            "hook_detail": b.hook_detail,
+        }
+        for b in (stats.completed if stats else ())
+    ]
+    return {
+        "completed": completed,
+        "following": stats.following if stats else 0,
+        "hooks_queued": stats.hooks_queued if stats else 0,
+        "hooks_running": stats.hooks_running if stats else 0,
+    }
+
+
+def _batch_lines(batches: dict[str, Any], shown: int = 5) -> list[str]:
+    """The latest completed batches, with their hooks' outcome."""
+    completed = batches.get("completed") or []
+    if not completed:
+        return []
+    lines = ["batches complete (latest first):"]
+    for b in completed[:shown]:
+        text = (
+            f"  {b['completed_at']} {b['watch']}/{b['batch']}: {b['files']:,} files, "
+            f"{format_size(b['bytes'])} -> {b['destination']}"
+        )
+        if b["hook"] != "none":
+            text += f"; hook {b['hook']}"
+            if b.get("hook_detail") and b["hook"] != "ok":
+                text += f" ({b['hook_detail']})"
+        lines.append(text)
+    return lines
 
 
 def duration(seconds: float) -> str:
@@ -112,6 +180,26 @@ def _counts(files: dict[str, int]) -> str:
     return text
 
 
+def _structure_lines(structure: dict[str, Any], shown: int = 3) -> list[str]:
+    """A watch's structure findings, a few of them spelled out."""
+    count, rejected = structure.get("warnings", 0), structure.get("rejected", 0)
+    if not count and not rejected:
+        return []
+    plural = "" if count == 1 else "s"
+    line = f"    structure ({structure['policy']}): {count:,} warning{plural} (per folder and rule)"
+    if rejected:
+        line += f", {rejected:,} files kept out"
+    lines = [line]
+    for example in structure["examples"][:shown]:
+        action = "kept out" if example["rejected"] else "warning"
+        lines.append(
+            f"      {action} [{example['rule']}] {example['folder']}: {example['message']}"
+        )
+    if count > shown:
+        lines.append(f"      ... {count - shown:,} more: `status --json`, or the log")
+    return lines
+
+
 def render(status: dict[str, Any], errors: int = 5) -> str:
     """The status object as a person reads it."""
     lines = [
@@ -133,6 +221,7 @@ def render(status: dict[str, Any], errors: int = 5) -> str:
         lines.append(f"    {_counts(watch['files'])}")
         if watch.get("error"):
             lines.append(f"    problem: {watch['error']}")
+        lines += _structure_lines(watch.get("structure") or {})
     now = datetime.now(timezone.utc)
     for cred in status["credentials"]:
         text = f"credentials {cred['target']}: {cred['state']}"
@@ -150,6 +239,7 @@ def render(status: dict[str, Any], errors: int = 5) -> str:
         )
     if config.get("restart_needed"):
         lines.append(f"config: restart the daemon to apply {', '.join(config['restart_needed'])}")
+    lines += _batch_lines(status.get("batches") or {})
     recent = status["recent_errors"][:errors]
     if recent:
         lines.append("recent errors:")

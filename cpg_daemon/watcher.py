@@ -30,6 +30,7 @@ from anyio.abc import TaskStatus
 from cpg_daemon.config import WatchConfig
 from cpg_daemon.journal import Discovered, Journal
 from cpg_daemon.keys import PathFilter, key_problem, object_key
+from cpg_daemon.structure import Finding, blocking, check_key
 
 log = structlog.get_logger("cpg_daemon.watcher")
 
@@ -37,6 +38,8 @@ MISSING_ROOT_POLL = 2.0
 """Seconds between looks for a watched folder that does not exist (yet)."""
 BATCH = 500
 """Settled files handed to the journal in one transaction."""
+STRUCTURE_EXAMPLES = 20
+"""Structure findings kept for status (the log has every one, once per folder and rule)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,12 @@ class WatcherStatistics:
     last_scan_seconds: float | None
     watching: bool
     error: str | None
+    structure_findings: int = 0
+    """Distinct (folder, rule) structure findings seen since the watch started."""
+    structure_examples: tuple[Finding, ...] = ()
+    """The first ``STRUCTURE_EXAMPLES`` of them."""
+    structure_rejected: int = 0
+    """Files kept out by ``structure = "reject"``."""
 
 
 def scan_folder(root: Path, rel_dir: str, path_filter: PathFilter) -> tuple[list[Seen], list[str]]:
@@ -126,6 +135,11 @@ class Watcher:
         self._rescan_now = anyio.Event()
         self._stop = anyio.Event()
         self._rejected: set[str] = set()
+        self._structure_seen: set[tuple[str, str]] = set()
+        self._structure_examples: list[Finding] = []
+        self._structure_rejected = 0
+        self._kept_out: dict[str, tuple[int, int, bool]] = {}
+        """rel_path -> (size, mtime_ns, recorded as failed) of files ``reject`` kept out."""
 
     def stop(self) -> None:
         """Stop following events promptly (the event thread checks this every 50 ms)."""
@@ -139,10 +153,26 @@ class Watcher:
             self._last_scan_seconds,
             self._watching,
             self._error,
+            structure_findings=len(self._structure_seen),
+            structure_examples=tuple(self._structure_examples),
+            structure_rejected=self._structure_rejected,
         )
 
     def request_rescan(self) -> None:
         self._rescan_now.set()
+
+    def settling_under(self, folder: str) -> bool:
+        """Whether a file under this top-level folder may not have reached the journal yet.
+
+        True until the first walk has finished (it may not have seen the folder
+        yet), and while a file under it is seen but not settled. One pass over
+        the files settling, as each tick of ``_settle_loop`` makes; ``list``
+        copies the keys in one step, safe from ``_restat`` in its thread.
+        """
+        if self._scans == 0:
+            return True
+        prefix = folder + "/"
+        return any(rel.startswith(prefix) for rel in list(self._pending))
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch until cancelled. Ready once the first walk has begun."""
@@ -237,6 +267,8 @@ class Watcher:
                         self.watch.name, seen.rel_path, shown, problem
                     )
                 continue
+            if self.watch.structure != "off" and await self._keep_out(seen, key):
+                continue
             check = self.check_all_first_walk or (
                 self.remote_sizes is not None and self.remote_sizes.get(key) == seen.size
             )
@@ -256,6 +288,57 @@ class Watcher:
         if batch:
             queued += await self._record(batch)
         return queued
+
+    async def _keep_out(self, seen: Seen, key: str) -> bool:
+        """Applies the gallery's folder rules to a key; True when ``reject`` keeps it out.
+
+        Each (folder, rule) is logged once; a file kept out is recorded as failed
+        with the rule's message, once per version of the file (not at every
+        rescan). A file uploaded before the policy became ``reject`` stays
+        uploaded until it changes.
+        """
+        findings = check_key(key)
+        if not findings:
+            return False
+        reject = blocking(findings) if self.watch.structure == "reject" else None
+        for finding in findings:
+            if (finding.folder, finding.rule) in self._structure_seen:
+                continue
+            self._structure_seen.add((finding.folder, finding.rule))
+            if len(self._structure_examples) < STRUCTURE_EXAMPLES:
+                self._structure_examples.append(finding)
+            log.warning(
+                "structure_rejected" if reject and finding.required else "structure_warning",
+                watch=self.watch.name,
+                rule=finding.rule,
+                folder=finding.folder,
+                message=finding.message,
+                pointer=finding.pointer,
+                path=str(self._root / seen.rel_path),
+            )
+        if reject is None:
+            return False
+        version = (seen.size, seen.mtime_ns)
+        before = self._kept_out.get(seen.rel_path)
+        if before is not None and before[:2] == version:
+            return True  # handled at an earlier walk
+        row = await self._journal.get(self.watch.name, seen.rel_path)
+        if row is not None and (row.state, row.key, row.size, row.mtime_ns) == (
+            "uploaded",
+            key,
+            *version,
+        ):
+            self._kept_out[seen.rel_path] = (*version, False)
+            return True
+        if row is not None and row.state == "uploading":
+            return True  # queued before the policy said reject; decided at the next walk
+        if before is None or not before[2]:
+            self._structure_rejected += 1
+        self._kept_out[seen.rel_path] = (*version, True)
+        await self._journal.record_rejected(
+            self.watch.name, seen.rel_path, key, f'kept out by structure = "reject": {reject}'
+        )
+        return True
 
     async def _record(self, batch: list[Discovered]) -> int:
         queued = await self._journal.record_discovered(self.watch.name, batch)

@@ -67,6 +67,20 @@ def bucket(s3_client: Any) -> str:
     return name
 
 
+@pytest.fixture
+def layout(tmp_path: Path) -> dict[str, Path]:
+    """Folders for a daemon test: the watched one, the state dir, a staging area, hooks."""
+    paths = {
+        "watch": tmp_path / "outbox",
+        "state": tmp_path / "state",
+        "staging": tmp_path / "staging",
+        "hooks": tmp_path / "hooks",
+    }
+    for path in paths.values():
+        path.mkdir()
+    return paths
+
+
 SLOW_STEP_CPU_SECONDS = 0.25
 """A step of the event loop that uses this much CPU is a blocking call on the loop."""
 SLOW_STEP_WALL_SECONDS = 1.0

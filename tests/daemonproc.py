@@ -114,6 +114,13 @@ class Daemon:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
+def write_file(path: Path, data: bytes) -> bytes:
+    """Write a file (and its folders); returns the bytes, to compare with the object."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
 def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while True:

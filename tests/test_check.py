@@ -64,3 +64,62 @@ def test_check_reports_a_destination_it_cannot_write_and_a_missing_folder(
     assert online.returncode == 1
     assert f"cannot write to s3://{bucket}-nope/x/" in online.stdout
     assert "bucket does not exist" in online.stdout
+
+
+def test_check_offline_prints_the_plan_and_every_structure_warning(tmp_path: Path) -> None:
+    """A dry run: files, bytes, the first keys, the warnings, and what reject keeps out."""
+    outbox = tmp_path / "outbox"
+    sizes = {f"images/P1/r01c01f0{i}p01-ch1.tiff": 1000 for i in range(1, 8)}
+    sizes["images/P1/odd name.tiff"] = 10  # advice: uploaded even under reject
+    sizes["Plate 2/x.tiff"] = 5  # a plate outside images/, with a space: kept out by reject
+    sizes[".hidden/never.tiff"] = 1  # excluded, as the daemon does
+    for rel, size in sizes.items():
+        (outbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (outbox / rel).write_bytes(b"x" * size)
+    prefix = "cpg0123-example/broad/images/2024_04_01_Batch8/"
+
+    def config(structure: str) -> Path:
+        return write_config(
+            tmp_path / f"{structure}.toml",
+            state_dir=tmp_path / "state",
+            endpoint_url="http://127.0.0.1:9",
+            watches=[
+                {
+                    "name": "plates",
+                    "path": str(outbox),
+                    "destination": f"s3://bucket/{prefix}",
+                    "structure": structure,
+                }
+            ],
+        )
+
+    warn = _check(config("warn"), "--offline")
+    assert warn.returncode == 0, warn.stdout + warn.stderr  # warnings are not problems
+    lines = warn.stdout.splitlines()
+    plan = lines.index(next(line for line in lines if line.startswith("  plan: ")))
+    assert lines[plan].startswith("  plan: 9 files, 6.9 KiB (7,015 bytes) to upload")
+    assert lines[plan + 1 : plan + 7] == [
+        f"    {prefix}Plate 2/x.tiff",
+        f"    {prefix}images/P1/odd name.tiff",
+        *(f"    {prefix}images/P1/r01c01f0{i}p01-ch1.tiff" for i in range(1, 4)),
+        "    ... and 4 more",
+    ]
+    out = warn.stdout
+    assert 'structure (structure = "warn"): 3 warnings, one per folder and rule:' in out
+    assert f"      {prefix}Plate 2/ (1 file, required): folder 'Plate 2' in batch folder" in out
+    assert f"      {prefix}Plate 2/ (1 file, required): folder name 'Plate 2' contains" in out
+    assert f"      {prefix}images/P1/ (1 file, advice): file name 'odd name.tiff'" in out
+    assert "    [batch-content] see Cell Painting Gallery data_structure.md" in out
+    assert 'with structure = "reject", 1 file (5 B) would be kept out' in out
+    assert ".hidden" not in out
+
+    reject = _check(config("reject"), "--offline")
+    assert reject.returncode == 1  # the daemon would keep a file out: a problem to fix
+    assert "  plan: 8 files, 6.8 KiB (7,010 bytes) to upload" in reject.stdout
+    assert f"    {prefix}Plate 2/x.tiff" not in reject.stdout
+    assert 'problem: 1 file (5 B) kept out by structure = "reject"' in reject.stdout
+
+    off = _check(config("off"), "--offline")
+    assert off.returncode == 0
+    assert "  plan: 9 files" in off.stdout
+    assert 'structure: not checked (structure = "off")' in off.stdout

@@ -11,8 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-from daemonproc import Daemon, journal_rows, object_bytes, wait_until, write_config
+from daemonproc import Daemon, journal_rows, object_bytes, wait_until, write_config, write_file
 from s3server import S3Server
 
 MiB = 1024 * 1024
@@ -26,24 +25,6 @@ def _wait_object(
         timeout,
         f"s3://{bucket}/{key} to hold the file's bytes",
     )
-
-
-def _write(path: Path, data: bytes) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
-
-
-@pytest.fixture
-def layout(tmp_path: Path) -> dict[str, Path]:
-    paths = {
-        "watch": tmp_path / "outbox",
-        "state": tmp_path / "state",
-        "staging": tmp_path / "staging",
-    }
-    for path in paths.values():
-        path.mkdir()
-    return paths
 
 
 def _config(
@@ -105,15 +86,17 @@ def test_batch_moved_into_watch_is_uploaded_and_sigterm_exits_0(
     rng = random.Random(1)
     batch = layout["staging"] / "2024_04_01_Batch1"
     files = {
-        "plate A/r01c01f01p01-ch1.tiff": _write(
+        "plate A/r01c01f01p01-ch1.tiff": write_file(
             batch / "plate A/r01c01f01p01-ch1.tiff", rng.randbytes(300_000)
         ),
-        "plate A/r01c01f01p01-ch2.tiff": _write(
+        "plate A/r01c01f01p01-ch2.tiff": write_file(
             batch / "plate A/r01c01f01p01-ch2.tiff", rng.randbytes(200_000)
         ),
-        "illum/Plate_IllumDNA.npy": _write(batch / "illum/Plate_IllumDNA.npy", rng.randbytes(1000)),
-        "naïve 日本.csv": _write(batch / "naïve 日本.csv", b"a,b\n1,2\n"),
-        ".hidden": _write(batch / ".hidden", b"never uploaded"),
+        "illum/Plate_IllumDNA.npy": write_file(
+            batch / "illum/Plate_IllumDNA.npy", rng.randbytes(1000)
+        ),
+        "naïve 日本.csv": write_file(batch / "naïve 日本.csv", b"a,b\n1,2\n"),
+        ".hidden": write_file(batch / ".hidden", b"never uploaded"),
     }
     daemon = _start(tmp_path, layout, s3_server, bucket)
     try:
@@ -185,7 +168,7 @@ def test_kill_9_during_multipart_resumes_without_resending_parts(
     key = f"{PREFIX}big/plate.sqlite"
     start_mark = s3_server.mark()
     first = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="first")
-    _write(layout["watch"] / "big/plate.sqlite", data)
+    write_file(layout["watch"] / "big/plate.sqlite", data)
     # Backdate the file so it is settled at once (as a file copied with its mtime is).
     os.utime(layout["watch"] / "big/plate.sqlite", (time.time() - 3600, time.time() - 3600))
     wait_until(
@@ -235,7 +218,7 @@ def test_sigterm_mid_multipart_exits_0_by_the_deadline_and_the_next_start_comple
     }
     data = os.urandom(40 * MiB)
     key = f"{PREFIX}big/plate.sqlite"
-    _write(layout["watch"] / "big/plate.sqlite", data)
+    write_file(layout["watch"] / "big/plate.sqlite", data)
     os.utime(layout["watch"] / "big/plate.sqlite", (time.time() - 3600, time.time() - 3600))
     mark = s3_server.mark()
 
@@ -291,7 +274,7 @@ def test_restart_and_lost_journal_do_not_upload_again(
     files = {f"plate/{i:03d}.tiff": rng.randbytes(50_000) for i in range(20)}
     files["plate/big.sqlite"] = rng.randbytes(6 * MiB)  # multipart
     for rel, data in files.items():
-        _write(layout["watch"] / rel, data)
+        write_file(layout["watch"] / rel, data)
     daemon = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="first")
     try:
         for rel, data in files.items():
@@ -333,11 +316,11 @@ def test_changed_file_is_uploaded_again(
     tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
 ) -> None:
     path = layout["watch"] / "profiles.csv"
-    _write(path, b"version 1\n")
+    write_file(path, b"version 1\n")
     daemon = _start(tmp_path, layout, s3_server, bucket, settle="0.5s")
     try:
         _wait_object(s3_client, bucket, PREFIX + "profiles.csv", b"version 1\n")
-        _write(path, b"version 2 (longer)\n")
+        write_file(path, b"version 2 (longer)\n")
         _wait_object(s3_client, bucket, PREFIX + "profiles.csv", b"version 2 (longer)\n")
     finally:
         assert daemon.terminate() == 0
@@ -347,8 +330,8 @@ def test_name_s3_cannot_take_is_failed_visibly_and_others_continue(
     tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
 ) -> None:
     long_name = "/".join(["d" * 200] * 5) + "/image.tiff"  # a legal path, a 1000+ byte key
-    _write(layout["watch"] / long_name, b"data")
-    _write(layout["watch"] / "fine.tiff", b"fine")
+    write_file(layout["watch"] / long_name, b"data")
+    write_file(layout["watch"] / "fine.tiff", b"fine")
     daemon = _start(tmp_path, layout, s3_server, bucket)
     try:
         _wait_object(s3_client, bucket, PREFIX + "fine.tiff", b"fine")
@@ -367,12 +350,12 @@ def test_symlinks_and_special_files_are_never_uploaded(
     tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
 ) -> None:
     secret = tmp_path / "outside" / "passwd"
-    _write(secret, b"root:x:0:0::/root:/bin/bash\n")
+    write_file(secret, b"root:x:0:0::/root:/bin/bash\n")
     (layout["watch"] / "plate").mkdir()
     os.symlink(secret, layout["watch"] / "plate" / "passwd")  # a file link out of the watch
     os.symlink(secret.parent, layout["watch"] / "outside-dir")  # a folder link out of it
     os.mkfifo(layout["watch"] / "plate" / "pipe")
-    _write(layout["watch"] / "plate" / "real.tiff", b"image")
+    write_file(layout["watch"] / "plate" / "real.tiff", b"image")
     daemon = _start(tmp_path, layout, s3_server, bucket)
     try:
         _wait_object(s3_client, bucket, PREFIX + "plate/real.tiff", b"image")
@@ -387,7 +370,7 @@ def test_symlinks_and_special_files_are_never_uploaded(
 def test_restart_gives_failed_files_another_round(
     tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
 ) -> None:
-    _write(layout["watch"] / "a.tiff", b"a")
+    write_file(layout["watch"] / "a.tiff", b"a")
     # Files for a bucket that does not exist fail with a clear reason ...
     config = _config(tmp_path, layout, s3_server, f"s3://{bucket}-missing/x/", name="missing")
     daemon = Daemon(config, tmp_path / "missing.log")
@@ -423,15 +406,15 @@ def test_ready_marker_holds_a_folder_back_until_it_appears(
         settle="0.5s",
         ready_marker="UPLOAD_READY",
     )
-    _write(layout["watch"] / "Batch1" / "plate" / "a.tiff", b"a")
-    _write(layout["watch"] / "top-level.csv", b"t")
+    write_file(layout["watch"] / "Batch1" / "plate" / "a.tiff", b"a")
+    write_file(layout["watch"] / "top-level.csv", b"t")
     daemon = Daemon(config, tmp_path / "marker.log")
     try:
         daemon.wait_for_event("running")
         _wait_object(s3_client, bucket, PREFIX + "top-level.csv", b"t")
         time.sleep(2.0)  # several settle periods: the folder without its marker must wait
         assert object_bytes(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff") is None
-        _write(layout["watch"] / "Batch1" / "UPLOAD_READY", b"")
+        write_file(layout["watch"] / "Batch1" / "UPLOAD_READY", b"")
         _wait_object(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff", b"a")
     finally:
         assert daemon.terminate() == 0
@@ -447,7 +430,7 @@ def test_watch_folder_created_after_start_is_picked_up(
     try:
         daemon.wait_for_event("watch_path_missing")
         staged = layout["staging"] / "outbox"
-        _write(staged / "plate" / "a.tiff", b"a")
+        write_file(staged / "plate" / "a.tiff", b"a")
         os.rename(staged, layout["watch"])
         # Well before the 10-minute rescan: the daemon notices the folder itself.
         _wait_object(s3_client, bucket, PREFIX + "plate/a.tiff", b"a", timeout=15)
@@ -479,7 +462,7 @@ def test_metrics_endpoint_reports_what_was_uploaded(
         daemon={"metrics_listen": f"127.0.0.1:{port}"},
     )
     for i in range(3):
-        _write(layout["watch"] / f"{i}.tiff", b"x" * (100 + i))
+        write_file(layout["watch"] / f"{i}.tiff", b"x" * (100 + i))
     daemon = Daemon(config, tmp_path / "metrics.log")
     try:
         for i in range(3):

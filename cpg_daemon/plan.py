@@ -1,0 +1,181 @@
+"""The dry-run plan ``cpg-daemon check`` prints: what each watch would upload, and why not.
+
+One walk of the watched folder with the watcher's own rules (``scan_folder``,
+the include/exclude globs, the ready marker, names S3 cannot take, and the
+gallery's folder rules under the watch's ``structure`` policy), touching no
+server and no journal. Settle times are ignored: a file still being written
+would be uploaded once it settles.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from cpg_daemon.config import WatchConfig
+from cpg_daemon.keys import PathFilter, key_problem, object_key
+from cpg_daemon.structure import RULES, Finding, check_key
+from cpg_daemon.units import format_size
+from cpg_daemon.watcher import scan_folder
+
+FIRST_KEYS = 5
+"""Keys of the plan shown by name."""
+BAD_NAMES_SHOWN = 5
+
+
+@dataclass
+class FolderFinding:
+    """One structure finding, as many files in its folder share it."""
+
+    finding: Finding
+    files: int = 0
+
+
+@dataclass
+class WatchPlan:
+    """What one walk of a watch found."""
+
+    watch: WatchConfig
+    files: int = 0
+    """Files that would be uploaded."""
+    bytes: int = 0
+    first_keys: list[str] = field(default_factory=list)
+    findings: dict[tuple[str, str], FolderFinding] = field(default_factory=dict)
+    """(folder, rule) -> finding and how many files have it, in the order found."""
+    blocked_files: int = 0
+    """Files with a finding that ``structure = "reject"`` keeps out (whatever the policy)."""
+    blocked_bytes: int = 0
+    bad_names: list[tuple[str, str]] = field(default_factory=list)
+    """(path below the watch, why S3 cannot take its key)."""
+    held_back: int = 0
+    """Files in top-level folders that have no ready marker yet."""
+    seconds: float = 0.0
+
+    @property
+    def problems(self) -> int:
+        """What the daemon would fail or keep out: names S3 cannot take, and rejects.
+
+        Structure warnings are not problems: under ``warn`` the files are uploaded
+        as they are, which is what the policy asks for.
+        """
+        rejected = self.watch.structure == "reject" and self.blocked_files > 0
+        return len(self.bad_names) + int(rejected)
+
+
+def plan_watch(watch: WatchConfig) -> WatchPlan:
+    """Walks ``watch.path`` (in sorted order, so the plan reads the same every time)."""
+    started = time.monotonic()
+    plan = WatchPlan(watch)
+    path_filter = PathFilter(watch.include, watch.exclude)
+    marker = watch.ready_marker
+    marked: dict[str, bool] = {}
+    rules = watch.structure != "off"
+    reject = watch.structure == "reject"
+    stack = [""]
+    while stack:
+        files, folders = scan_folder(watch.path, stack.pop(), path_filter)
+        stack.extend(sorted(folders, reverse=True))
+        for seen in sorted(files, key=lambda s: s.rel_path):
+            rel = seen.rel_path
+            if marker:
+                top, sep, rest = rel.partition("/")
+                if (sep and rest == marker) or (not sep and top == marker):
+                    continue
+                if sep:
+                    if top not in marked:
+                        marked[top] = (watch.path / top / marker).is_file()
+                    if not marked[top]:
+                        plan.held_back += 1
+                        continue
+            key = object_key(watch.destination.prefix, rel)
+            problem = key_problem(key)
+            if problem is not None:
+                shown = rel.encode("utf-8", "backslashreplace").decode("utf-8")
+                plan.bad_names.append((shown, problem))
+                continue
+            if rules and _note(plan, check_key(key), seen.size) and reject:
+                continue
+            plan.files += 1
+            plan.bytes += seen.size
+            if len(plan.first_keys) < FIRST_KEYS:
+                plan.first_keys.append(key)
+    plan.seconds = time.monotonic() - started
+    return plan
+
+
+def _note(plan: WatchPlan, findings: list[Finding], size: int) -> bool:
+    """Counts a file's findings; True when one of them would keep it out under reject."""
+    blocked = False
+    for finding in findings:
+        entry = plan.findings.get((finding.folder, finding.rule))
+        if entry is None:
+            entry = plan.findings[finding.folder, finding.rule] = FolderFinding(finding)
+        entry.files += 1
+        blocked = blocked or finding.required
+    if blocked:
+        plan.blocked_files += 1
+        plan.blocked_bytes += size
+    return blocked
+
+
+def _files(count: int) -> str:
+    return f"{count:,} file" if count == 1 else f"{count:,} files"
+
+
+def describe_plan(plan: WatchPlan) -> list[str]:
+    """The plan as indented lines under the watch's ``watch NAME: PATH -> DEST`` line."""
+    watch = plan.watch
+    lines = [
+        f"  plan: {_files(plan.files)}, {format_size(plan.bytes)} ({plan.bytes:,} bytes) to upload "
+        f"(walked in {plan.seconds:.1f} s)"
+    ]
+    lines += [f"    {key}" for key in plan.first_keys]
+    if plan.files > len(plan.first_keys):
+        lines.append(f"    ... and {plan.files - len(plan.first_keys):,} more")
+    if plan.held_back:
+        lines.append(
+            f"  held back: {_files(plan.held_back)} in folders without {watch.ready_marker} yet"
+        )
+    if plan.bad_names:
+        lines.append(f"  problem: {_files(len(plan.bad_names))} with names S3 cannot take:")
+        lines += [f"    {rel}: {why}" for rel, why in plan.bad_names[:BAD_NAMES_SHOWN]]
+        if len(plan.bad_names) > BAD_NAMES_SHOWN:
+            lines.append(f"    ... and {len(plan.bad_names) - BAD_NAMES_SHOWN:,} more")
+    if watch.structure == "off":
+        lines.append('  structure: not checked (structure = "off")')
+        return lines
+    if not plan.findings:
+        lines.append(
+            f'  structure: follows the gallery\'s folder rules (structure = "{watch.structure}")'
+        )
+        return lines
+    lines.append(
+        f'  structure (structure = "{watch.structure}"): {len(plan.findings):,} warnings, '
+        "one per folder and rule:"
+    )
+    by_rule: dict[str, list[FolderFinding]] = {}
+    for entry in plan.findings.values():
+        by_rule.setdefault(entry.finding.rule, []).append(entry)
+    for rule in sorted(by_rule, key=list(RULES).index):
+        entries = by_rule[rule]
+        lines.append(f"    [{rule}] see {entries[0].finding.pointer}")
+        for entry in entries:
+            kind = "required" if entry.finding.required else "advice"
+            lines.append(
+                f"      {entry.finding.folder} ({_files(entry.files)}, {kind}): "
+                f"{entry.finding.message}"
+            )
+    blocked = f"{_files(plan.blocked_files)} ({format_size(plan.blocked_bytes)})"
+    if watch.structure == "reject" and plan.blocked_files:
+        lines.append(
+            f'  problem: {blocked} kept out by structure = "reject" (marked failed, '
+            "with the rule, until the names are fixed)"
+        )
+    elif plan.blocked_files:
+        lines.append(
+            f'  with structure = "reject", {blocked} would be kept out; '
+            f'with "{watch.structure}" they are uploaded as they are'
+        )
+    else:
+        lines.append('  with structure = "reject" nothing would be kept out (all are advice)')
+    return lines

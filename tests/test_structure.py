@@ -1,0 +1,549 @@
+"""The gallery's folder rules: on the documented trees, on bad names, and in the daemon.
+
+The example keys are the trees drawn in the Cell Painting Gallery's
+``data_structure.md`` (JUMP ``cpg0016-jump/source_4`` and the pooled
+``cpg0021-periscope``), written out as object keys.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonproc import Daemon, journal_rows, object_bytes, run_cli, wait_until, write_config
+from hypothesis import given
+from hypothesis import strategies as st
+from s3server import S3Server
+
+from cpg_daemon.config import WatchConfig
+from cpg_daemon.journal import Journal
+from cpg_daemon.keys import parse_s3_uri
+from cpg_daemon.structure import RULES, WORKSPACE_FOLDERS, Finding, blocking, check_key
+from cpg_daemon.watcher import Watcher
+
+JUMP = "cpg0016-jump/source_4/"
+BATCH = "2021_04_26_Batch1"
+JUMP_TREE = [
+    # images/: illumination functions per plate, and the plates as the microscope wrote them
+    *(
+        f"{JUMP}images/{BATCH}/illum/BR00117035/BR00117035_Illum{channel}.npy"
+        for channel in (
+            "AGP",
+            "Brightfield",
+            "Brightfield_H",
+            "Brightfield_L",
+            "DNA",
+            "ER",
+            "Mito",
+            "RNA",
+        )
+    ),
+    f"{JUMP}images/{BATCH}/illum/BR00117036/BR00117036_IllumDNA.npy",
+    f"{JUMP}images/{BATCH}/images/BR00117035__2021-05-02T16_02_51-Measurement1/Images/"
+    "r01c01f01p01-ch1sk1fk1fl1.tiff",
+    f"{JUMP}images/{BATCH}/images/BR00117035__2021-05-02T16_02_51-Measurement1/Images/"
+    "Index.idx.xml",
+    f"{JUMP}images/{BATCH}/images/BR00117036__2021-05-02T18_01_40-Measurement1/Images/"
+    "r16c24f09p01-ch5sk1fk1fl1.tiff",
+    f"{JUMP}images/2021_05_31_Batch2/images/BR00121331__2021-06-01T10_00_00-Measurement1/x.tiff",
+    # workspace/
+    *(
+        f"{JUMP}workspace/analysis/{BATCH}/BR00117035/analysis/BR00117035-A01-1/{name}"
+        for name in ("Cells.csv", "Cytoplasm.csv", "Experiment.csv", "Image.csv", "Nuclei.csv")
+    ),
+    f"{JUMP}workspace/analysis/{BATCH}/BR00117035/analysis/BR00117035-A01-1/outlines/"
+    "A01_s1--cell_outlines.png",
+    f"{JUMP}workspace/analysis/{BATCH}/BR00117035/analysis/BR00117035-A01-1/outlines/"
+    "A01_s1--nuclei_outlines.png",
+    f"{JUMP}workspace/backend/{BATCH}/BR00117035/BR00117035.csv",
+    f"{JUMP}workspace/backend/{BATCH}/BR00117035/BR00117035.sqlite",
+    f"{JUMP}workspace/load_data_csv/{BATCH}/BR00117035/load_data.csv.gz",
+    f"{JUMP}workspace/load_data_csv/{BATCH}/BR00117035/load_data_with_illum.csv.gz",
+    f"{JUMP}workspace/metadata/external_metadata/external_metadata.tsv",
+    f"{JUMP}workspace/metadata/platemaps/{BATCH}/barcode_platemap.csv",
+    f"{JUMP}workspace/metadata/platemaps/{BATCH}/platemap/OAA01.02.03.04.A.txt",
+    f"{JUMP}workspace/quality_control/heatmap/{BATCH}/BR00117035/BR00117035_cell_count.png",
+    f"{JUMP}workspace/profiles/{BATCH}/BR00117035/BR00117035.csv.gz",
+    f"{JUMP}workspace/profiles/{BATCH}/BR00117035/"
+    "BR00117035_normalized_feature_select_negcon_plate.csv.gz",
+    f"{JUMP}workspace/segmentation/cellpose_c632b05b6930/model/README.md",
+    f"{JUMP}workspace/segmentation/cellpose_c632b05b6930/objects/{BATCH}/BR00117036/"
+    "BR00117036.zarr/source_4__2021_04_26_Batch1__BR00117036__A01__1/.zgroup",
+    f"{JUMP}workspace/segmentation/cellpose_c632b05b6930/objects/{BATCH}/BR00117036/"
+    "channel_mapping.json",
+    # workspace_dl/
+    f"{JUMP}workspace_dl/collated/efficientnet_v2_imagenet1k_s_feature_vector_2_ec756ff/"
+    "collated.parquet",
+    f"{JUMP}workspace_dl/consensus/efficientnet_v2_imagenet1k_s_feature_vector_2_ec756ff/"
+    "consensus.parquet",
+    f"{JUMP}workspace_dl/embeddings/efficientnet_v2_imagenet1k_s_feature_vector_2_ec756ff/"
+    f"{BATCH}/BR00117035/A01-1/embedding.parquet",
+    f"{JUMP}workspace_dl/embeddings/efficientnet_v2_imagenet1k_s_feature_vector_2_ec756ff/"
+    f"{BATCH}/BR00117035/A01/1/embedding.npz",
+    f"{JUMP}workspace_dl/profiles/efficientnet_v2_imagenet1k_s_feature_vector_2_ec756ff/"
+    f"{BATCH}/BR00117035/BR00117035.parquet",
+]
+
+PERISCOPE = "cpg0021-periscope/broad/images/20210422_6W_CP257/"
+PERISCOPE_TREE = [
+    *(
+        f"{PERISCOPE}illum/CP257A/CP257A_{name}.npy"
+        for name in (
+            "IllumAGP",
+            "IllumDNA",
+            "IllumER",
+            "IllumMito",
+            "IllumRNA",
+            "Cycle1_IllumA",
+            "Cycle1_IllumC",
+            "Cycle1_IllumDNA",
+            "Cycle1_IllumG",
+            "Cycle1_IllumT",
+        )
+    ),
+    f"{PERISCOPE}illum/CP257B/CP257B_IllumDNA_Round1.npy",
+    f"{PERISCOPE}images_aligned/CP257A/x.tiff",
+    f"{PERISCOPE}images_corrected_cropped/CP257A-Well1-0/CorrDNA/CorrDNA_Site_1.tiff",
+    f"{PERISCOPE}images_corrected_cropped/CP257A-Well1-0/CorrDNA/CorrDNA_Site_10.tiff",
+    f"{PERISCOPE}images_corrected_cropped/CP257A-Well1-0/Cycle01_A/x.tiff",
+    f"{PERISCOPE}images_corrected/barcoding/CP257A-Well1-0/"
+    "Plate_CP257A_Well_1_Site_0_Cycle01_A.tiff",
+    f"{PERISCOPE}images_corrected/painting/CP257A-Well1-1/x.tiff",
+    f"{PERISCOPE}images/CP257A/10X_c1-SBS-1/"
+    "Well1_Point1_0000_ChannelDAPI,Cy3,A594,Cy5,Cy7_Seq0000.nd2",
+    f"{PERISCOPE}images/CP257A/10X_c2-SBS-2/"
+    "Well1_Point1_0001_ChannelDAPI,Cy3,A594,Cy5,Cy7_Seq0001.nd2",
+    f"{PERISCOPE}images/CP257A/20X_CP_CP257A/x.nd2",
+    "cpg0021-periscope/broad/images/20200805_A549_WG_Screen/images/P1/x.tiff",
+    "cpg0021-periscope/broad/workspace/publication_data/2022_PERISCOPE/hits.csv",
+]
+
+OTHER_DOCUMENTED = [
+    # the uploading tutorial's destinations
+    "cpg0123-example/broad/images/2024_04_01_Batch8/images/Plate1/r01c01f01p01-ch1.tiff",
+    "cpg0123-example/broad/workspace/profiles/2024_04_01_Batch8/Plate1/Plate1.csv.gz",
+    # the arrayed z-stack example, project names with '_' and several '-', a source
+    # aggregated from several, and versioned assembled profiles
+    "cpg0001-cellpainting-protocol/broad/images/2020_01_02_Test/images_projected/P1/x.tiff",
+    "cpg0026-lacoste_haghighi-rare-diseases/broad/images/2019_01_01_B1/images/P1/x.tiff",
+    "cpg0016-jump-assembled/source_all/workspace/profiles_assembled/compound_no_source7/"
+    "v1.0/profiles_var_mad_int_featselect.parquet",
+    *(f"cpg0016-jump/source_1/workspace/{folder}/x/y.csv" for folder in WORKSPACE_FOLDERS),
+]
+
+
+def _rules(key: str) -> list[str]:
+    return [f.rule for f in check_key(key)]
+
+
+@pytest.mark.parametrize("key", JUMP_TREE + PERISCOPE_TREE + OTHER_DOCUMENTED)
+def test_the_trees_in_the_gallerys_documentation_follow_the_rules(key: str) -> None:
+    assert check_key(key) == []
+
+
+BAD = [
+    # (key, rule, required, words the message names)
+    ("CPG0123-Example/broad/images/2024_04_01_B/images/P1/x.tiff", "project-name", True,
+     ["'CPG0123-Example'", "lower case", "'cpg0123-example'"]),
+    ("myproject/broad/images/2024_04_01_B/images/P1/x.tiff", "project-name", True,
+     ["'myproject'", "cpgNNNN-<name>"]),
+    ("cpg0123/broad/images/2024_04_01_B/images/P1/x.tiff", "project-name", True, ["'cpg0123'"]),
+    ("cpg0123-example/broad/Images/2024_04_01_B/images/P1/x.tiff", "area", True,
+     ["'Images'", "lower case"]),
+    ("cpg0123-example/broad/raw/2024_04_01_B/x.tiff", "area", True,
+     ["'raw'", "images/, workspace/ or workspace_dl/"]),
+    ("cpg0123-example/broad/x.tiff", "layout", True, ["'cpg0123-example/broad/'"]),
+    ("cpg0123-example/broad/images/x.tiff", "layout", True, ["batch folder"]),
+    ("cpg0123-example/broad/images/Batch8/images/P1/x.tiff", "batch-name", False,
+     ["'Batch8'", "YYYY_MM_DD_<batch-name>"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/Plate1/x.tiff", "batch-content", True,
+     ["'Plate1'", "images/, illum/ or images_<manipulation>/"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/Illum/P1/P1_IllumDNA.npy", "batch-content",
+     True, ["'Illum'", "lower case"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/notes.txt", "batch-content", True,
+     ["directly in batch folder"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/illum/P1_IllumDNA.npy", "illum-layout", True,
+     ["<plate-name>"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/illum/P1/old/P1_IllumDNA.npy", "illum-layout",
+     True, ["too deep"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/illum/P1/P1_IllumDNA.mat", "illum-name", True,
+     ["'P1_IllumDNA.mat'", "'P1_Illum<Channel>.npy'"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/illum/P1/P2_IllumDNA.npy", "illum-name", True,
+     ["'P2_IllumDNA.npy'", "'P1_Illum<Channel>.npy'"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/illum/P1/P1_DNA.npy", "illum-name", True,
+     ["'P1_DNA.npy'"]),
+    ("cpg0123-example/broad/workspace/profile/B/P/x.csv", "workspace-folder", False,
+     ["'profile'", "spelling"]),
+    ("cpg0123-example/broad/workspace/readme.txt", "workspace-folder", False,
+     ["directly in"]),
+    ("cpg0123-example/broad/workspace_dl/features/m/x.parquet", "workspace-dl-folder", False,
+     ["'features'"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/images/Plate 1/x.tiff", "whitespace", True,
+     ["'Plate 1'"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/images/P\t1/x.tiff", "whitespace", True, []),
+    ("cpg0123-example/broad/images/2024_04_01_B/images/P#1(copy)/x.tiff", "characters", True,
+     ["'P#1(copy)'", "'#'", "'('", "')'"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/images/Plätte/x.tiff", "characters", True,
+     ["'ä'"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/images/P1/r01 c01.tiff", "file-name", False,
+     ["'r01 c01.tiff'", "whitespace"]),
+    ("cpg0123-example/broad/images/2024_04_01_B/images/P1/x&y.tiff", "file-name", False,
+     ["'&'"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "rule", "required", "words"), BAD)
+def test_each_bad_name_is_flagged_by_its_rule_with_a_clear_message(
+    key: str, rule: str, required: bool, words: list[str]
+) -> None:
+    findings = [f for f in check_key(key) if f.rule == rule]
+    assert len(findings) == 1, check_key(key)
+    finding = findings[0]
+    assert finding.required is required
+    assert finding.required is RULES[rule].required
+    for word in words:
+        assert word in finding.message
+    assert finding.pointer == RULES[rule].pointer
+    assert "http" not in finding.pointer and finding.pointer.startswith("Cell Painting Gallery")
+    assert key.startswith(finding.folder) and finding.folder.endswith("/")
+    assert str(finding).startswith(f"[{rule}] {finding.message}")
+
+
+def test_a_key_with_several_problems_gets_each_outermost_first() -> None:
+    key = "cpg0123-example/broad/images/Batch8/Plate 1/r01 c01.tiff"
+    findings = check_key(key)
+    assert [f.rule for f in findings] == [
+        "batch-name",
+        "batch-content",
+        "whitespace",
+        "file-name",
+    ]
+    assert [f.folder for f in findings] == [
+        "cpg0123-example/broad/images/Batch8/",
+        "cpg0123-example/broad/images/Batch8/Plate 1/",
+        "cpg0123-example/broad/images/Batch8/Plate 1/",
+        "cpg0123-example/broad/images/Batch8/Plate 1/",
+    ]
+    blocked = blocking(findings)
+    assert blocked is not None and blocked.rule == "batch-content"
+    assert blocking([f for f in findings if not f.required]) is None
+
+
+def test_findings_of_one_folder_are_shared_by_all_its_files() -> None:
+    """So the daemon and ``check`` can report each once per folder."""
+    folder = "cpg0123-example/broad/images/Batch8/"
+    a = check_key(folder + "images/P1/a.tiff")
+    b = check_key(folder + "images/P2/b.tiff")
+    assert a == b == [next(f for f in a if f.rule == "batch-name")]
+    assert a[0].folder == folder
+
+
+# -- properties ----------------------------------------------------------------------------
+
+_WORD = st.text(string.ascii_letters + string.digits, min_size=1, max_size=8)
+_NAME = st.builds(
+    lambda first, rest: first + rest,
+    _WORD,
+    st.text(string.ascii_letters + string.digits + "_-.", max_size=12),
+)
+_PROJECT = st.builds(
+    lambda number, name: f"cpg{number:04d}-{name}",
+    st.integers(0, 9999),
+    st.text(string.ascii_lowercase + string.digits, min_size=1, max_size=10),
+)
+_BATCH = st.builds(
+    lambda y, m, d, name: f"{y:04d}_{m:02d}_{d:02d}_{name}",
+    st.integers(1990, 2100),
+    st.integers(1, 12),
+    st.integers(1, 31),
+    _NAME,
+)
+
+
+@st.composite
+def _good_key(draw: st.DrawFn) -> str:
+    base = f"{draw(_PROJECT)}/{draw(_NAME)}/"
+    area = draw(st.sampled_from(["images", "illum", "workspace", "workspace_dl"]))
+    tail = draw(st.lists(_NAME, min_size=1, max_size=4))
+    if area == "workspace":
+        return (
+            base + f"workspace/{draw(st.sampled_from(sorted(WORKSPACE_FOLDERS)))}/" + "/".join(tail)
+        )
+    if area == "workspace_dl":
+        folder = draw(st.sampled_from(["collated", "consensus", "embeddings", "profiles"]))
+        return base + f"workspace_dl/{folder}/" + "/".join(tail)
+    batch = draw(_BATCH)
+    if area == "illum":
+        plate = draw(_WORD)
+        channel = draw(_WORD)
+        return base + f"images/{batch}/illum/{plate}/{plate}_Illum{channel}.npy"
+    level = draw(st.sampled_from(["images", "images_projected", "images_corrected_cropped"]))
+    return base + f"images/{batch}/{level}/" + "/".join(tail)
+
+
+@given(_good_key())
+def test_any_key_built_from_allowed_parts_passes(key: str) -> None:
+    assert check_key(key) == []
+
+
+@given(_good_key(), st.data())
+def test_whitespace_in_any_folder_below_the_project_is_flagged_and_required(
+    key: str, data: st.DataObject
+) -> None:
+    parts = key.split("/")
+    depth = data.draw(st.integers(1, len(parts) - 2))
+    space = data.draw(st.sampled_from([" ", "\t", "\u00a0"]))
+    cut = data.draw(st.integers(0, len(parts[depth])))
+    parts[depth] = parts[depth][:cut] + space + parts[depth][cut:]
+    bad = "/".join(parts)
+    found = [f for f in check_key(bad) if f.rule == "whitespace"]
+    assert found and found[0].required
+    assert found[0].folder == "/".join(parts[: depth + 1]) + "/"
+    assert blocking(check_key(bad)) is not None
+
+
+@given(st.text(max_size=120))
+def test_any_key_gives_findings_of_known_rules_about_folders_of_that_key(key: str) -> None:
+    for finding in check_key(key):
+        assert finding.rule in RULES
+        assert key.startswith(finding.folder)
+        assert finding.folder == "" or finding.folder.endswith("/")
+        assert finding.message and finding.pointer
+
+
+# -- the watcher ---------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_reject_after_warn_fails_queued_files_for_good_and_leaves_uploaded_ones(
+    tmp_path: Path,
+) -> None:
+    """A switch to reject: what was queued is kept out (and `retry` leaves it), uploads stay."""
+    root = tmp_path / "outbox"
+    for rel in ("Plate 1/queued.tiff", "Plate 1/uploaded.tiff", "images/P1/fine.tiff"):
+        _write(root / rel, rel.encode())
+    destination = parse_s3_uri("s3://bucket/cpg0123-example/broad/images/2024_04_01_B/")
+    journal = await Journal.open(tmp_path / "journal.sqlite3")
+    try:
+        warn = WatchConfig("w", root, destination, settle=0.0, structure="warn")
+        await Watcher(warn, journal, lambda: None, 600.0).scan()
+        claimed = await journal.claim(10)
+        for record in claimed:
+            if record.rel_path == "Plate 1/uploaded.tiff":
+                assert await journal.mark_uploaded(
+                    record, etag="e", checksum_algorithm="CRC32C", checksum="c"
+                )
+            else:
+                await journal.mark_failed(record.id, "a network error")  # retry would queue it
+
+        reject = WatchConfig("w", root, destination, settle=0.0, structure="reject")
+        watcher = Watcher(reject, journal, lambda: None, 600.0)
+        await watcher.scan()
+        await watcher.scan()  # a rescan changes nothing more
+        rows = {r.rel_path: r for r in await journal.records()}
+        assert rows["Plate 1/uploaded.tiff"].state == "uploaded"
+        assert rows["Plate 1/queued.tiff"].state == "failed"
+        assert str(rows["Plate 1/queued.tiff"].last_error).startswith(
+            'kept out by structure = "reject": [batch-content]'
+        )
+        assert rows["images/P1/fine.tiff"].state == "failed"  # the network error, retried below
+        assert await journal.retry_failed() == 1
+        row = await journal.get("w", "Plate 1/queued.tiff")
+        assert row is not None and row.state == "failed" and row.bucket == ""
+        stats = watcher.statistics()
+        assert stats.structure_rejected == 1
+        assert {(f.rule, f.folder) for f in stats.structure_examples} == {
+            ("batch-content", destination.prefix + "Plate 1/"),
+            ("whitespace", destination.prefix + "Plate 1/"),
+        }
+    finally:
+        await journal.close()
+
+
+# -- the daemon ----------------------------------------------------------------------------
+
+
+def _write(path: Path, data: bytes) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+def _status(config: Path) -> dict[str, Any]:
+    result = run_cli("status", "--json", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+def _daemon(tmp_path: Path, s3_server: S3Server, destination: str, **watch: Any) -> Daemon:
+    config = write_config(
+        tmp_path / "config.toml",
+        state_dir=tmp_path / "state",
+        endpoint_url=s3_server.endpoint_url,
+        watches=[
+            {
+                "name": "plates",
+                "path": str(tmp_path / "outbox"),
+                "destination": destination,
+                "settle": "1s",
+                **watch,
+            }
+        ],
+    )
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    daemon.wait_for_event("running")
+    return daemon
+
+
+def test_reject_keeps_offending_files_out_visibly_and_uploads_the_rest(
+    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    outbox = tmp_path / "outbox"
+    good = {
+        "images/Plate1/r01c01f01p01-ch1.tiff": b"image",
+        "illum/Plate1/Plate1_IllumDNA.npy": b"illum",
+        "images/Plate1/odd name.tiff": b"advice only: uploaded",
+    }
+    bad = {
+        "Plate 2/r01c01f01p01-ch1.tiff": "batch-content",  # a plate outside images/
+        "illum/Plate1/notes.txt": "illum-name",
+    }
+    for rel, data in good.items():
+        _write(outbox / rel, data)
+    for rel in bad:
+        _write(outbox / rel, b"kept out")
+    prefix = "cpg0123-example/broad/images/2024_04_01_Batch8/"
+    daemon = _daemon(tmp_path, s3_server, f"s3://{bucket}/{prefix}", structure="reject")
+    try:
+        for rel, data in good.items():
+            wait_until(
+                lambda rel=rel, data=data: object_bytes(s3_client, bucket, prefix + rel) == data,
+                30,
+                f"{rel} on the server",
+            )
+
+        def failed() -> list[dict[str, Any]]:
+            return [r for r in journal_rows(tmp_path / "state") if r["state"] == "failed"]
+
+        wait_until(lambda: len(failed()) == 2, 30, "both offending files to be marked failed")
+        status = _status(daemon.config)
+        text = run_cli("status", "-c", str(daemon.config)).stdout
+        retried = run_cli("retry", "-c", str(daemon.config))
+        assert retried.returncode == 0 and retried.stdout.startswith("0 failed files"), retried
+    finally:
+        assert daemon.terminate() == 0
+    listed = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert listed == {prefix + rel for rel in good}
+    reasons = {row["rel_path"].decode(): row["last_error"] for row in failed()}
+    assert set(reasons) == set(bad)
+    for rel, rule in bad.items():
+        assert reasons[rel].startswith(f'kept out by structure = "reject": [{rule}]')
+        assert "Cell Painting Gallery data_structure.md" in reasons[rel]
+    watch = status["watches"][0]
+    assert watch["files"]["failed"] == 2 and watch["files"]["uploaded"] == 3
+    structure = watch["structure"]
+    assert structure["policy"] == "reject" and structure["rejected"] == 2
+    rejected = {(e["rule"], e["folder"]) for e in structure["examples"] if e["rejected"]}
+    assert ("batch-content", prefix + "Plate 2/") in rejected
+    assert ("illum-name", prefix + "illum/Plate1/") in rejected
+    warned = {e["rule"] for e in structure["examples"] if not e["rejected"]}
+    assert warned == {"file-name"}
+    assert "structure (reject): 4 warnings (per folder and rule), 2 files kept out" in text
+    assert f"kept out [batch-content] {prefix}Plate 2/: folder 'Plate 2'" in text
+    events = daemon.events()
+    assert {(e["rule"], e["folder"]) for e in events if e.get("event") == "structure_rejected"} >= (
+        rejected
+    )
+
+
+def test_warn_uploads_everything_and_reports_each_folder_and_rule_once(
+    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    outbox = tmp_path / "outbox"
+    files = [
+        "Batch9/images/P1/a.tiff",  # batch-name, for three files
+        "Batch9/images/P1/b.tiff",
+        "Batch9/images/P2/c.tiff",
+        "2024_01_01_B/Plate X/d.tiff",  # batch-content and whitespace, for two files
+        "2024_01_01_B/Plate X/e.tiff",
+        "2024_01_01_B/images/P1/f.tiff",  # fine
+    ]
+    for rel in files:
+        _write(outbox / rel, rel.encode())
+    prefix = "cpg0123-example/broad/images/"
+    daemon = _daemon(tmp_path, s3_server, f"s3://{bucket}/{prefix}")  # structure: the default
+    try:
+        for rel in files:
+            wait_until(
+                lambda rel=rel: object_bytes(s3_client, bucket, prefix + rel) == rel.encode(),
+                30,
+                f"{rel} on the server",
+            )
+        scans = sum(1 for e in daemon.events() if e.get("event") == "scanned")
+        assert run_cli("rescan", "-c", str(daemon.config)).returncode == 0
+        wait_until(
+            lambda: sum(1 for e in daemon.events() if e.get("event") == "scanned") > scans,
+            30,
+            "a second walk",
+        )
+        status = _status(daemon.config)
+        text = run_cli("status", "-c", str(daemon.config)).stdout
+    finally:
+        assert daemon.terminate() == 0
+    expected = {
+        ("batch-name", prefix + "Batch9/"),
+        ("batch-content", prefix + "2024_01_01_B/Plate X/"),
+        ("whitespace", prefix + "2024_01_01_B/Plate X/"),
+    }
+    warnings = Counter(
+        (e["rule"], e["folder"]) for e in daemon.events() if e.get("event") == "structure_warning"
+    )
+    assert warnings == Counter(dict.fromkeys(expected, 1))
+    assert not [e for e in daemon.events() if e.get("event") == "structure_rejected"]
+    one = next(e for e in daemon.events() if e.get("rule") == "batch-name")
+    assert one["watch"] == "plates" and one["level"] == "warning"
+    assert "'Batch9'" in one["message"] and "data_structure.md" in one["pointer"]
+    watch = status["watches"][0]
+    assert watch["files"]["uploaded"] == len(files) and watch["files"]["failed"] == 0
+    structure = watch["structure"]
+    assert structure["policy"] == "warn" and structure["warnings"] == 3
+    assert structure["rejected"] == 0
+    assert {(e["rule"], e["folder"]) for e in structure["examples"]} == expected
+    assert not any(e["rejected"] for e in structure["examples"])
+    assert "structure (warn): 3 warnings" in text
+    assert f"[batch-name] {prefix}Batch9/: batch folder 'Batch9'" in text
+
+
+def test_off_checks_nothing(
+    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    _write(tmp_path / "outbox" / "Plate 1" / "x.tiff", b"x")
+    daemon = _daemon(tmp_path, s3_server, f"s3://{bucket}/whatever/", structure="off")
+    try:
+        wait_until(
+            lambda: object_bytes(s3_client, bucket, "whatever/Plate 1/x.tiff") == b"x",
+            30,
+            "the file on the server",
+        )
+        status = _status(daemon.config)
+    finally:
+        assert daemon.terminate() == 0
+    assert not [e for e in daemon.events() if str(e.get("event", "")).startswith("structure")]
+    assert status["watches"][0]["structure"] == {
+        "policy": "off",
+        "warnings": 0,
+        "rejected": 0,
+        "examples": [],
+    }
+
+
+def test_finding_is_a_frozen_value() -> None:
+    finding = check_key("x.tiff")[0]
+    assert isinstance(finding, Finding)
+    with pytest.raises(AttributeError):
+        finding.rule = "other"  # type: ignore[misc]
