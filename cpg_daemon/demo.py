@@ -38,6 +38,7 @@ import urllib.request
 from array import array
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,10 +49,9 @@ import anyio.to_thread
 
 from cpg_daemon import control, logs
 from cpg_daemon.checksums import ChecksumName
-from cpg_daemon.config import Config, WatchConfig, load_config
+from cpg_daemon.config import Config, load_config
 from cpg_daemon.daemon import JOURNAL_NAME, Daemon
 from cpg_daemon.errors import FatalError
-from cpg_daemon.files import FileStat, whole_file_checksum
 from cpg_daemon.status import live_view, render
 from cpg_daemon.store import ObjectStore
 from cpg_daemon.units import format_size
@@ -83,6 +83,8 @@ IMAGE_SIDE = 320
 CELLS_PER_SITE = 2200
 """Rows per site in each compartment's table: a 25 MiB SQLite file, sent in 8 MiB parts."""
 CHECKSUM: ChecksumName = "CRC32C"
+VERIFY_TIMEOUT = 60.0
+"""Seconds the demo waits for the daemon's verify of one watch."""
 SERVER_START_TIMEOUT = 30.0
 UPLOAD_TIMEOUT = 120.0
 """Seconds without the whole sample uploaded before the demo stops waiting and verifies."""
@@ -406,54 +408,6 @@ async def _create_bucket(endpoint_url: str) -> None:
 # Verification.
 
 
-@dataclass(frozen=True)
-class WatchVerification:
-    """One watch compared with its destination, in the words of ``cpg-daemon verify``."""
-
-    watch: str
-    statuses: dict[str, str]
-    """Object key -> match, missing, size_mismatch, checksum_mismatch or extra."""
-
-    @property
-    def matched(self) -> int:
-        return sum(status == "match" for status in self.statuses.values())
-
-    @property
-    def problems(self) -> list[tuple[str, str]]:
-        return sorted((key, s) for key, s in self.statuses.items() if s != "match")
-
-
-def _local_files(root: Path) -> list[Path]:
-    return sorted(path for path in root.rglob("*") if path.is_file())
-
-
-async def verify_watch(store: ObjectStore, watch: WatchConfig) -> WatchVerification:
-    """Every local file against its object (size, whole-file CRC32C), and objects with no file.
-
-    The demo's stand-in for ``cpg-daemon verify`` (issue #6), with its statuses:
-    when that command exists, the demo calls it here instead.
-    """
-    bucket, prefix = watch.destination.bucket, watch.destination.prefix
-    statuses: dict[str, str] = {}
-    for path in await anyio.to_thread.run_sync(_local_files, watch.path):
-        key = prefix + path.relative_to(watch.path).as_posix()
-        remote = await store.head(bucket, key)
-        info = await anyio.to_thread.run_sync(path.stat)
-        if remote is None:
-            statuses[key] = "missing"
-        elif remote.size != info.st_size:
-            statuses[key] = "size_mismatch"
-        else:
-            local = await whole_file_checksum(
-                path, CHECKSUM, FileStat(info.st_size, info.st_mtime_ns)
-            )
-            same = remote.checksums.get(CHECKSUM) == local
-            statuses[key] = "match" if same else "checksum_mismatch"
-    async for obj in store.list_objects(bucket, prefix):
-        statuses.setdefault(obj.key, "extra")
-    return WatchVerification(watch.name, statuses)
-
-
 async def _bucket_layout(store: ObjectStore) -> list[str]:
     """One line per folder of objects under the demo project, as the gallery lays them out."""
     folders: dict[str, list[int]] = {}
@@ -619,29 +573,38 @@ class _Demo:
         _say("  " + render(reply).replace("\n", "\n  "))
 
     async def _verify(self, config: Config, sample_files: int) -> None:
-        """Every watch against its destination; sets the verdict."""
+        """``cpg-daemon verify``, asked of the running daemon per watch; sets the verdict."""
         _say(
-            f"verify (the demo's own check until `cpg-daemon verify` exists): every file's size "
-            f"and whole-file {CHECKSUM} against its object"
+            "cpg-daemon verify (asked over the control socket, as `verify --via-daemon` does): "
+            f"every file's presence, size and {CHECKSUM} against its object"
         )
-        results = []
-        async with ObjectStore.connect(aioboto3.Session(), config.s3) as store:
-            for watch in config.watches:
-                result = await verify_watch(store, watch)
-                results.append(result)
-                _say(
-                    f"  {result.watch:<10} {result.matched} files match, "
-                    f"{len(result.problems)} problems, under {watch.destination}"
+        matched = problems = 0
+        for watch in config.watches:
+            reply = await anyio.to_thread.run_sync(
+                partial(
+                    control.request,
+                    config.daemon.socket,
+                    "verify",
+                    {"watch": watch.name},
+                    timeout=VERIFY_TIMEOUT,
                 )
-                for key, problem in result.problems:
-                    _say(f"    {problem}: {key}")
-            layout = await _bucket_layout(store)
-        matched = sum(r.matched for r in results)
-        problems = sum(len(r.problems) for r in results)
+            )
+            counts = reply["counts"]
+            differ = sum(n for status, n in counts.items() if status != "match")
+            matched += counts.get("match", 0)
+            problems += differ
+            _say(
+                f"  {watch.name:<10} {counts.get('match', 0)} files match, "
+                f"{differ} differ, under {watch.destination}"
+            )
+            for row in reply["rows"]:
+                _say(f"    {row['status']}: {row['key']}")
         _say(
             f"verify: {matched} files match their objects (size and {CHECKSUM}), {problems} differ"
         )
         self.verdict = 0 if problems == 0 and matched == sample_files else 1
+        async with ObjectStore.connect(aioboto3.Session(), config.s3) as store:
+            layout = await _bucket_layout(store)
         _say("in the bucket now, laid out as in the Cell Painting Gallery:")
         for line in layout:
             _say(f"  {line}")
