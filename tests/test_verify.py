@@ -205,10 +205,12 @@ def test_verify_via_the_running_daemon_and_one_watch_by_name(
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"{len(files)} match" in result.stdout
         assert {row["status"] for row in _report(report).values()} == {"match"}
-        (tmp_path / "outbox" / "Batch1/late.tiff").write_bytes(b"late")  # not settled yet
+        # A name S3 cannot take (a newline) is never uploaded: it stays missing.
+        (tmp_path / "outbox" / "Batch1/bad\nname.tiff").write_bytes(b"never staged")
         result = run_cli("verify", "--via-daemon", "-c", str(config), "images")
         assert result.returncode == 1
-        assert f"missing: {tmp_path / 'outbox' / 'Batch1/late.tiff'}" in result.stdout
+        assert f"missing: {tmp_path / 'outbox' / 'Batch1/bad'}" in result.stdout
+        assert "1 missing" in result.stdout
         unknown = run_cli("verify", "--via-daemon", "-c", str(config), "nope")
         assert unknown.returncode == 1
         assert "no watch named 'nope'" in unknown.stderr
