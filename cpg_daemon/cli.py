@@ -225,6 +225,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PROBLEM
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a task group's errors arrive grouped (ExceptionGroup)
+        errors = _known_errors(exc)
+        if errors is None:
+            raise
+        for error in errors:
+            print(f"cpg-daemon: {error}", file=sys.stderr)
+        return EXIT_CONFIG if all(isinstance(e, ConfigError) for e in errors) else EXIT_PROBLEM
+
+
+def _known_errors(exc: BaseException) -> list[CpgError] | None:
+    """The errors inside a (nested) exception group, if all are ours; else None."""
+    inner = getattr(exc, "exceptions", None)
+    if inner is None:
+        return [exc] if isinstance(exc, CpgError) else None
+    found: list[CpgError] = []
+    for error in inner:
+        leaves = _known_errors(error)
+        if leaves is None:
+            return None
+        found += leaves
+    return found
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -236,15 +257,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _load(args)
     logs.configure(config.daemon.log_format, config.daemon.log_level)
-    try:
-        anyio.run(daemon.run, config)
-    except Exception as exc:  # a task group's errors arrive grouped
-        inner = getattr(exc, "exceptions", None)
-        if not inner or not all(isinstance(e, CpgError) for e in inner):
-            raise
-        for error in inner:
-            print(f"cpg-daemon: {error}", file=sys.stderr)
-        return EXIT_PROBLEM
+    anyio.run(daemon.run, config)
     return EXIT_OK
 
 

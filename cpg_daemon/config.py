@@ -302,7 +302,12 @@ def _path(value: object) -> Path:
     text = _string(value)
     if not text:
         raise ValueError("a path cannot be empty")
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~name" for a user this machine does not know
+        raise ValueError(
+            f"{text!r}: '~' names no home directory here; write the full path"
+        ) from None
     if not path.is_absolute():
         raise ValueError(f"{text!r} is not an absolute path; write the full path from /")
     return path

@@ -16,6 +16,7 @@ No TCP listener exists for control.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import json
@@ -35,7 +36,7 @@ import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from cpg_daemon.errors import FatalError
+from cpg_daemon.errors import CpgError, FatalError
 
 log = structlog.get_logger("cpg_daemon.control")
 
@@ -209,9 +210,10 @@ class ControlServer:
                 except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                     return
                 except anyio.DelimiterNotFound:
-                    await _reply(
-                        stream, {"ok": False, "error": f"request longer than {MAX_LINE} bytes"}
-                    )
+                    too_long = {"ok": False, "error": f"request longer than {MAX_LINE} bytes"}
+                    # The client may be gone already: not an error of ours.
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        await _reply(stream, too_long)
                     return
                 except TimeoutError:
                     return
@@ -247,7 +249,7 @@ class ControlServer:
             }
         try:
             result = await command.handler(args)
-        except CommandError as exc:
+        except (CommandError, CpgError) as exc:  # CpgError: a missing bucket in verify, say
             return {"ok": False, "error": str(exc)}
         if command.mutating:
             log.info("control_command", command=name, args=args, peer_uid=peer and peer.uid)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import os
 import signal
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -33,7 +36,7 @@ from cpg_daemon.control import (
     prepare_socket_path,
 )
 from cpg_daemon.credentials import CredentialProvider, build_providers, provider_for
-from cpg_daemon.errors import ConfigError, CpgError
+from cpg_daemon.errors import ConfigError, CpgError, FatalError
 from cpg_daemon.journal import Journal, JournalStatistics
 from cpg_daemon.metrics import MetricsServer
 from cpg_daemon.scheduler import Scheduler
@@ -53,6 +56,27 @@ START_EXTENSION = 90.0
 """While starting, systemd is told every 30 s to wait this much longer (EXTEND_TIMEOUT_USEC)."""
 STOP_MARGIN = 10.0
 """Seconds asked for on stopping beyond daemon.drain_timeout, to close the journal."""
+LOCK_NAME = "daemon.lock"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on the state directory: one daemon per journal.
+
+    The control socket only catches a second daemon with the same socket; one with a
+    socket of its own would share the journal. The kernel drops the lock when the
+    process dies, so a crash leaves nothing stale. Returns the descriptor to close.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FatalError(
+            f"another cpg-daemon is already running on the state directory {state_dir}; "
+            "stop it first (or give this one its own daemon.state_dir)"
+        ) from None
+    return fd
 
 
 async def remote_sizes(store: ObjectStore, bucket: str, prefix: str) -> dict[str, int]:
@@ -119,7 +143,12 @@ class Daemon:
         await anyio.to_thread.run_sync(
             prepare_socket_path, config.daemon.socket, config.daemon.socket_group
         )
-        journal = await Journal.open(config.daemon.state_dir / JOURNAL_NAME)
+        lock = await anyio.to_thread.run_sync(lock_state_dir, config.daemon.state_dir)
+        try:
+            journal = await Journal.open(config.daemon.state_dir / JOURNAL_NAME)
+        except BaseException:
+            os.close(lock)
+            raise
         self._journal = journal
         try:
             requeued = await journal.reset_in_flight()
@@ -160,6 +189,7 @@ class Daemon:
             self._journal = None
             self._notifier.close()
             await journal.close()
+            os.close(lock)
         log.info("stopped")
 
     async def _supervise(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -145,6 +146,33 @@ def journal_rows(state_dir: Path) -> list[dict[str, Any]]:
             if "no such table" in str(exc):  # the daemon is creating the journal right now
                 return []
             raise
+
+
+def exchange(path: Path, payload: bytes, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Send raw bytes on a fresh connection, half-close, read every reply line until EOF.
+
+    A daemon that closes early (a reset, a broken pipe) counts as a closed connection;
+    a daemon that neither answers nor closes fails the test with a timeout.
+    """
+    data = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    assert data == b"" or data.endswith(b"\n"), f"a reply line was cut short: {data[-200:]!r}"
+    return [json.loads(line) for line in data.splitlines()]
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonproc import Daemon, journal_rows, wait_until, write_config
+from daemonproc import Daemon, exchange, journal_rows, wait_until, write_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from s3server import S3Server
@@ -52,33 +52,6 @@ def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CPG_DAEMON, *args], capture_output=True, text=True, timeout=timeout, env=env
     )
-
-
-def exchange(path: Path, payload: bytes, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """Send raw bytes on a fresh connection, half-close, read every reply line until EOF.
-
-    A daemon that closes early (a reset, a broken pipe) counts as a closed connection;
-    a daemon that neither answers nor closes fails the test with a timeout.
-    """
-    data = b""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        try:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    assert data == b"" or data.endswith(b"\n"), f"a reply line was cut short: {data[-200:]!r}"
-    return [json.loads(line) for line in data.splitlines()]
 
 
 def ask(path: Path, command: str, args: dict[str, Any] | None = None) -> Any:
