@@ -9,8 +9,11 @@ object) and without it (HeadObject per object, each file read again).
     .venv/bin/python bench/verify.py --files 100000 --runs 3
     .venv/bin/python bench/verify.py --files 2000 --runs 1     # a smoke run
 
-The server is moto's, on 127.0.0.1; staging 100,000 objects into it takes a few
-minutes (untimed).
+The server is moto's (the default) or `rclone serve s3` (`--server rclone`, from
+the bench's own venv: see bench/compare.py), on 127.0.0.1. moto is slow at listing
+(it sorts the whole bucket for every page of 1,000), so it dominates the figure
+with the journal; rclone shows the client's own cost. Staging 100,000 objects
+takes a few minutes (untimed).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,13 +34,47 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import aioboto3  # noqa: E402
-from plate import start_moto  # noqa: E402
+from plate import free_port, start_moto  # noqa: E402
 
 from cpg_daemon.checksums import ALGORITHMS, encode  # noqa: E402
 from cpg_daemon.journal import Discovered, Journal  # noqa: E402
 
 BUCKET = "bench-verify"
 PREFIX = "cpg0001-bench/broad/images/"
+
+
+def start_rclone(base: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`rclone serve s3` on an empty folder, keys bench/bench."""
+    rclone = HERE / ".venv" / "bin" / "rclone"
+    if not rclone.exists():
+        raise SystemExit(f"{rclone} is missing: set up the bench venv (see bench/compare.py)")
+    served = base / "served"
+    served.mkdir()
+    port = free_port()
+    log = open(base / "rclone.log", "wb")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen(
+        [
+            str(rclone),
+            "serve",
+            "s3",
+            str(served),
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            "bench,bench",
+            "--config",
+            "/dev/null",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("rclone serve s3 did not start")
 
 
 def make_files(root: Path, count: int) -> list[str]:
@@ -118,13 +156,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--server", choices=("moto", "rclone"), default="moto")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cpg-bench-verify-") as tmp:
         base = Path(tmp)
         root, state, bare = base / "outbox", base / "state", base / "no-journal"
         for folder in (root, state, bare):
             folder.mkdir()
-        server, endpoint = start_moto(base / "moto.log")
+        if args.server == "rclone":
+            server, endpoint = start_rclone(base)
+        else:
+            server, endpoint = start_moto(base / "moto.log")
         try:
             names = make_files(root, args.files)
             started = time.monotonic()
@@ -140,7 +182,7 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait()
-    print(f"verify of {args.files:,} objects, median of {args.runs} runs:")
+    print(f"verify of {args.files:,} objects on {args.server}, median of {args.runs} runs:")
     medians = {}
     for name, runs in results.items():
         wall = statistics.median(r[0] for r in runs)
