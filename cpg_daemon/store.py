@@ -8,6 +8,7 @@ before they reach us.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -154,6 +155,35 @@ def _load_models(session: aioboto3.Session) -> None:
         loader.load_data(name)
 
 
+PER_OBJECT_ENDPOINT_PARAMETERS = ("Key", "Prefix", "CopySource")
+"""Endpoint rule-set parameters that change with every object."""
+
+
+def unreferenced_endpoint_parameters(session: aioboto3.Session) -> tuple[str, ...]:
+    """The per-object parameters S3's endpoint rule set declares but never refers to.
+
+    botocore resolves the endpoint of every request by evaluating that rule set,
+    about 1 ms of CPU, behind an LRU cache keyed by the rule set's parameters.
+    Those include the object key, so with a new key per request the cache never
+    hits. The rule set declares ``Key`` (and ``Prefix``, ``CopySource``) but none
+    of its rules refers to them, so the endpoint cannot depend on them, and they
+    can be left out: the cache then works per bucket. Checked on the rule set in
+    use, so a future one that refers to them keeps them. Blocking: call in a thread.
+    """
+    loader = session._session.get_component("data_loader")
+    ruleset = json.dumps(loader.load_service_model("s3", "endpoint-rule-set-1"))
+    return tuple(
+        name for name in PER_OBJECT_ENDPOINT_PARAMETERS if json.dumps({"ref": name}) not in ruleset
+    )
+
+
+def _leave_out_endpoint_parameters(client: Any, names: tuple[str, ...]) -> None:
+    definitions = getattr(getattr(client, "_ruleset_resolver", None), "_param_definitions", None)
+    if isinstance(definitions, dict):  # botocore's own; nothing to do if that ever changes
+        for name in names:
+            definitions.pop(name, None)
+
+
 class ObjectStore:
     """S3 operations for one set of credentials."""
 
@@ -166,6 +196,7 @@ class ObjectStore:
     @asynccontextmanager
     async def connect(cls, session: aioboto3.Session, s3: S3Config) -> AsyncIterator[ObjectStore]:
         await anyio.to_thread.run_sync(_load_models, session)
+        unreferenced = await anyio.to_thread.run_sync(unreferenced_endpoint_parameters, session)
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(
                 session.client(
@@ -175,6 +206,7 @@ class ObjectStore:
                     config=client_config(s3),
                 )
             )
+            _leave_out_endpoint_parameters(client, unreferenced)
             yield cls(client, s3)
 
     def _acl_args(self) -> dict[str, str]:
