@@ -110,6 +110,31 @@ def exercise(
     captured.cli("check", "--offline", "-c", str(config))
 
 
+def start_workload(
+    config: Path, outbox: Path, failing: Path, state: Path
+) -> tuple[Daemon, Path]:
+    """Two uploads (one multipart) and a failure; returns once they are done, and the socket."""
+    write_file(outbox / "Batch1/a.csv", b"a,b\n1,2\n")
+    write_file(outbox / "Batch1/big.sqlite", os.urandom(6 * MiB))
+    write_file(failing / "Batch9/lost.csv", b"x\n")
+    daemon = Daemon(config, config.parent / "daemon.log")
+    sock = state / "control.sock"
+    try:
+        wait_until(
+            lambda: (
+                sorted(r["state"] for r in journal_rows(state))
+                == ["failed", "uploaded", "uploaded"]
+            ),
+            60,
+            "two uploads and one failure",
+        )
+        assert_socket_private(sock)
+    except BaseException:
+        daemon.kill()
+        raise
+    return daemon, sock
+
+
 def test_long_term_keys_from_the_environment_never_appear(
     tmp_path: Path, s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -139,27 +164,13 @@ def test_long_term_keys_from_the_environment_never_appear(
             },
         ],
     )
-    write_file(outbox / "Batch1/a.csv", b"a,b\n1,2\n")
-    write_file(outbox / "Batch1/big.sqlite", os.urandom(6 * MiB))
-    write_file(failing / "Batch9/lost.csv", b"x\n")
-    daemon = Daemon(config, tmp_path / "daemon.log")
-    sock = state / "control.sock"
+    daemon, sock = start_workload(config, outbox, failing, state)
     try:
-        wait_until(
-            lambda: (
-                sorted(r["state"] for r in journal_rows(state))
-                == ["failed", "uploaded", "uploaded"]
-            ),
-            60,
-            "two uploads and one failure",
-        )
-        assert_socket_private(sock)
         wait_until(lambda: list(tmp_path.glob("hook-output-*")), 30, "the batch hook")
         exercise(captured, config, sock, tmp_path, "env")
         status = captured.ask(sock, "status")["result"]
         assert status["recent_errors"], status
         # The one-shot command, to a bucket that does not exist.
-        # (It prints a traceback today: test_bad_input.py has the xfail for that.)
         captured.cli(
             "upload",
             str(outbox),
@@ -230,21 +241,8 @@ def test_access_grants_session_keys_never_appear(
             },
         ],
     )
-    write_file(outbox / "Batch1/a.csv", b"a,b\n1,2\n")
-    write_file(outbox / "Batch1/big.sqlite", os.urandom(6 * MiB))
-    write_file(failing / "Batch9/lost.csv", b"x\n")
-    daemon = Daemon(config, tmp_path / "daemon.log")
-    sock = state / "control.sock"
+    daemon, sock = start_workload(config, outbox, failing, state)
     try:
-        wait_until(
-            lambda: (
-                sorted(r["state"] for r in journal_rows(state))
-                == ["failed", "uploaded", "uploaded"]
-            ),
-            60,
-            "two uploads and one failure",
-        )
-        assert_socket_private(sock)
         exercise(captured, config, sock, tmp_path, "grants")
         # The grants endpoint fails, then goes away: errors in status, check and the log.
         plane.registry.fail_with = (403, "AccessDenied", "No matching grant found.")
