@@ -385,6 +385,7 @@ class Watcher:
                 continue
             try:
                 self._watching = True
+                established = False
                 async for changes in watchfiles.awatch(
                     self._root,
                     watch_filter=None,
@@ -395,8 +396,16 @@ class Watcher:
                     ignore_permission_denied=True,
                     stop_event=self._stop,
                     rust_timeout=1000,
+                    yield_on_timeout=True,
                 ):
-                    await self._on_changes(changes)
+                    if not established:
+                        # The first yield means the kernel now reports events. A file
+                        # created after the walk passed its folder but before that
+                        # had no event: walk again, so it waits for no periodic rescan.
+                        established = True
+                        self.request_rescan()
+                    if changes:
+                        await self._on_changes(changes)
             except OSError as exc:
                 self._watching = False
                 if force_polling:
