@@ -21,7 +21,7 @@ from typing import Any, cast
 import anyio.to_thread
 
 from cpg_daemon.checksums import ALGORITHMS, Algorithm, ChecksumName, encode
-from cpg_daemon.errors import FileChangedError, SkipFileError, VanishedError
+from cpg_daemon.errors import FileChangedError, RetryableError, SkipFileError, VanishedError
 
 READ_CHUNK = 8 * 1024 * 1024
 
@@ -45,6 +45,9 @@ def _os_errors(path: Path) -> Iterator[None]:
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             raise VanishedError(f"{path} no longer exists") from None
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            # The process or the system ran out of something: the file is fine.
+            raise RetryableError(f"cannot open {path} now: {exc.strerror}") from None
         raise SkipFileError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 

@@ -36,6 +36,8 @@ log = structlog.get_logger("cpg_daemon.watcher")
 
 MISSING_ROOT_POLL = 2.0
 """Seconds between looks for a watched folder that does not exist (yet)."""
+WALK_RETRY = 10.0
+"""Seconds before walking again after a folder could not be read (EMFILE, EACCES...)."""
 BATCH = 500
 """Settled files handed to the journal in one transaction."""
 STRUCTURE_EXAMPLES = 20
@@ -135,6 +137,8 @@ class Watcher:
         self._rescan_now = anyio.Event()
         self._stop = anyio.Event()
         self._rejected: set[str] = set()
+        self._walk_incomplete = False
+        """A folder could not be read during the last walk: walk again after WALK_RETRY."""
         self._structure_seen: set[tuple[str, str]] = set()
         self._structure_examples: list[Finding] = []
         self._structure_rejected = 0
@@ -185,7 +189,9 @@ class Watcher:
                 # Only the first walk after a lost journal needs these.
                 self.remote_sizes = None
                 self.check_all_first_walk = False
-                with anyio.move_on_after(self._rescan_interval):
+                wait = WALK_RETRY if self._walk_incomplete else self._rescan_interval
+                self._walk_incomplete = False
+                with anyio.move_on_after(wait):
                     await self._rescan_now.wait()
                 self._rescan_now = anyio.Event()
 
@@ -206,9 +212,22 @@ class Watcher:
         stack = [rel_dir]
         while stack:
             folder = stack.pop()
-            found, folders = await anyio.to_thread.run_sync(
-                scan_folder, self._root, folder, self._filter
-            )
+            try:
+                found, folders = await anyio.to_thread.run_sync(
+                    scan_folder, self._root, folder, self._filter
+                )
+            except OSError as exc:
+                # Unreadable, or no descriptor left (EMFILE): never a reason to stop
+                # watching. The folder is walked again soon, not at the next rescan.
+                log.warning(
+                    "folder_not_walked",
+                    watch=self.watch.name,
+                    path=str(self._root / folder),
+                    error=exc.strerror or str(exc),
+                    retry_in=WALK_RETRY,
+                )
+                self._walk_incomplete = True
+                continue
             stack.extend(folders)
             queued += await self._observe_many(found)
         if not rel_dir:
