@@ -63,6 +63,30 @@ def write_config(
     return path
 
 
+def one_watch_config(
+    path: Path,
+    *,
+    state_dir: Path,
+    endpoint_url: str,
+    watch_path: Path,
+    destination: str,
+    settle: str,
+    s3: dict[str, Any] | None = None,
+    daemon: dict[str, Any] | None = None,
+    **watch: Any,
+) -> Path:
+    """A config with one watch named "plates" (more of its keys in ``watch``)."""
+    table = {"name": "plates", "path": str(watch_path), "destination": destination}
+    return write_config(
+        path,
+        state_dir=state_dir,
+        endpoint_url=endpoint_url,
+        watches=[{**table, "settle": settle, **watch}],
+        s3=s3,
+        daemon=daemon,
+    )
+
+
 class Daemon:
     """``cpg-daemon run -c CONFIG`` as a subprocess, its output in a log file."""
 

@@ -18,9 +18,9 @@ from daemonproc import (
     Daemon,
     journal_rows,
     object_bytes,
+    one_watch_config,
     run_cli,
     wait_until,
-    write_config,
     write_file,
 )
 from s3server import S3Server
@@ -263,19 +263,14 @@ def _config(
     hook: str,
     settle: str = "0.5s",
 ) -> Path:
-    return write_config(
+    return one_watch_config(
         tmp_path / "batches.toml",
         state_dir=layout["state"],
         endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(layout["watch"]),
-                "destination": f"s3://{bucket}/{PREFIX}",
-                "settle": settle,
-                "on_batch_complete": hook,
-            }
-        ],
+        watch_path=layout["watch"],
+        destination=f"s3://{bucket}/{PREFIX}",
+        settle=settle,
+        on_batch_complete=hook,
     )
 
 

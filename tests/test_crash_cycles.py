@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonproc import Daemon, journal_rows, object_bytes, wait_until, write_config
+from daemonproc import (
+    Daemon,
+    journal_rows,
+    object_bytes,
+    one_watch_config,
+    wait_until,
+)
 from s3server import Request, S3Server
 
 CYCLES = int(os.environ.get("CPG_CRASH_CYCLES", "5"))
@@ -114,18 +120,13 @@ def test_kill_9_cycles_lose_nothing_and_send_nothing_twice(
     rng = random.Random(SEED)
     files = _workload(rng)
     portions = _portions(files, CYCLES)
-    config = write_config(
+    config = one_watch_config(
         tmp_path / "crash.toml",
         state_dir=layout["state"],
         endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(layout["watch"]),
-                "destination": f"s3://{bucket}/{PREFIX}",
-                "settle": "0.5s",
-            }
-        ],
+        watch_path=layout["watch"],
+        destination=f"s3://{bucket}/{PREFIX}",
+        settle="0.5s",
         s3={
             "part_size": "5MiB",
             "multipart_threshold": "5MiB",

@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemonproc import Daemon, journal_rows, object_bytes, wait_until, write_config, write_file
+from daemonproc import (
+    Daemon,
+    journal_rows,
+    object_bytes,
+    one_watch_config,
+    wait_until,
+    write_file,
+)
 from s3server import S3Server
 
 MiB = 1024 * 1024
@@ -34,26 +41,22 @@ def _config(
     destination: str,
     *,
     name: str,
+    settle: str = "1s",
     s3: dict[str, Any] | None = None,
     daemon: dict[str, Any] | None = None,
     **watch: Any,
 ) -> Path:
     """A config with one watch "plates" of the layout's outbox (settle 1 s unless given)."""
-    return write_config(
+    return one_watch_config(
         tmp_path / f"{name}.toml",
         state_dir=layout["state"],
         endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(layout["watch"]),
-                "destination": destination,
-                "settle": "1s",
-                **watch,
-            }
-        ],
+        watch_path=layout["watch"],
+        destination=destination,
+        settle=settle,
         s3=s3,
         daemon=daemon,
+        **watch,
     )
 
 
@@ -447,18 +450,13 @@ def test_metrics_endpoint_reports_what_was_uploaded(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = write_config(
+    config = one_watch_config(
         tmp_path / "metrics.toml",
         state_dir=layout["state"],
         endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(layout["watch"]),
-                "destination": f"s3://{bucket}/{PREFIX}",
-                "settle": "0.5s",
-            }
-        ],
+        watch_path=layout["watch"],
+        destination=f"s3://{bucket}/{PREFIX}",
+        settle="0.5s",
         daemon={"metrics_listen": f"127.0.0.1:{port}"},
     )
     for i in range(3):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from daemonproc import Daemon, run_cli, wait_until, write_config
+from daemonproc import Daemon, one_watch_config, run_cli, wait_until
 from s3server import S3Server
 
 from cpg_daemon import control
@@ -81,18 +81,13 @@ def manager(tmp_path: Path) -> Iterator[FakeManager]:
 def _daemon(tmp_path: Path, s3_server: S3Server, bucket: str, manager: FakeManager) -> Daemon:
     watch = tmp_path / "outbox"
     watch.mkdir(exist_ok=True)
-    config = write_config(
+    config = one_watch_config(
         tmp_path / "config.toml",
         state_dir=tmp_path / "state",
         endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(watch),
-                "destination": f"s3://{bucket}/cpg0001-test/broad/images/",
-                "settle": "1s",
-            }
-        ],
+        watch_path=watch,
+        destination=f"s3://{bucket}/cpg0001-test/broad/images/",
+        settle="1s",
     )
     manager.control_socket = tmp_path / "state" / "control.sock"
     return Daemon(config, tmp_path / "daemon.log")

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonproc import Daemon, journal_rows, object_bytes, run_cli, wait_until, write_config
+from daemonproc import (
+    Daemon,
+    journal_rows,
+    object_bytes,
+    one_watch_config,
+    run_cli,
+    wait_until,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from s3server import S3Server
@@ -381,19 +388,14 @@ def _status(config: Path) -> dict[str, Any]:
 
 
 def _daemon(tmp_path: Path, s3_server: S3Server, destination: str, **watch: Any) -> Daemon:
-    config = write_config(
+    config = one_watch_config(
         tmp_path / "config.toml",
         state_dir=tmp_path / "state",
         endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(tmp_path / "outbox"),
-                "destination": destination,
-                "settle": "1s",
-                **watch,
-            }
-        ],
+        watch_path=tmp_path / "outbox",
+        destination=destination,
+        settle="1s",
+        **watch,
     )
     daemon = Daemon(config, tmp_path / "daemon.log")
     daemon.wait_for_event("running")
