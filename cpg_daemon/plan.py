@@ -1,6 +1,6 @@
 """The dry-run plan ``cpg-daemon check`` prints: what each watch would upload, and why not.
 
-One walk of the watched folder with the watcher's own rules (``scan_folder``,
+One walk of the watched folder with the watcher's own rules (``watcher.walk``,
 the include/exclude globs, the ready marker, names S3 cannot take, and the
 gallery's folder rules under the watch's ``structure`` policy), touching no
 server and no journal. Settle times are ignored: a file still being written
@@ -16,7 +16,7 @@ from cpg_daemon.config import WatchConfig
 from cpg_daemon.keys import PathFilter, key_problem, object_key
 from cpg_daemon.structure import RULES, Finding, check_key
 from cpg_daemon.units import format_size
-from cpg_daemon.watcher import scan_folder
+from cpg_daemon.watcher import walk
 
 FIRST_KEYS = 5
 """Keys of the plan shown by name."""
@@ -71,34 +71,30 @@ def plan_watch(watch: WatchConfig) -> WatchPlan:
     marked: dict[str, bool] = {}
     rules = watch.structure != "off"
     reject = watch.structure == "reject"
-    stack = [""]
-    while stack:
-        files, folders = scan_folder(watch.path, stack.pop(), path_filter)
-        stack.extend(sorted(folders, reverse=True))
-        for seen in sorted(files, key=lambda s: s.rel_path):
-            rel = seen.rel_path
-            if marker:
-                top, sep, rest = rel.partition("/")
-                if (sep and rest == marker) or (not sep and top == marker):
+    for seen in walk(watch.path, path_filter):
+        rel = seen.rel_path
+        if marker:
+            top, sep, rest = rel.partition("/")
+            if (sep and rest == marker) or (not sep and top == marker):
+                continue
+            if sep:
+                if top not in marked:
+                    marked[top] = (watch.path / top / marker).is_file()
+                if not marked[top]:
+                    plan.held_back += 1
                     continue
-                if sep:
-                    if top not in marked:
-                        marked[top] = (watch.path / top / marker).is_file()
-                    if not marked[top]:
-                        plan.held_back += 1
-                        continue
-            key = object_key(watch.destination.prefix, rel)
-            problem = key_problem(key)
-            if problem is not None:
-                shown = rel.encode("utf-8", "backslashreplace").decode("utf-8")
-                plan.bad_names.append((shown, problem))
-                continue
-            if rules and _note(plan, check_key(key), seen.size) and reject:
-                continue
-            plan.files += 1
-            plan.bytes += seen.size
-            if len(plan.first_keys) < FIRST_KEYS:
-                plan.first_keys.append(key)
+        key = object_key(watch.destination.prefix, rel)
+        problem = key_problem(key)
+        if problem is not None:
+            shown = rel.encode("utf-8", "backslashreplace").decode("utf-8")
+            plan.bad_names.append((shown, problem))
+            continue
+        if rules and _note(plan, check_key(key), seen.size) and reject:
+            continue
+        plan.files += 1
+        plan.bytes += seen.size
+        if len(plan.first_keys) < FIRST_KEYS:
+            plan.first_keys.append(key)
     plan.seconds = time.monotonic() - started
     return plan
 

@@ -46,7 +46,7 @@ from cpg_daemon.errors import CpgError
 from cpg_daemon.keys import PathFilter, object_key
 from cpg_daemon.store import ObjectStore, RemoteObject
 from cpg_daemon.units import format_size
-from cpg_daemon.watcher import Seen, scan_folder
+from cpg_daemon.watcher import Seen, walk
 
 log = structlog.get_logger("cpg_daemon.verify")
 
@@ -146,15 +146,9 @@ def journal_uploads(journal: Path, watch: str) -> dict[str, Uploaded] | None:
     }
 
 
-def walk(root: Path, path_filter: PathFilter) -> dict[str, Seen]:
-    """Every file under a watch that the watch would upload (runs in a thread)."""
-    found: dict[str, Seen] = {}
-    stack = [""]
-    while stack:
-        seen, folders = scan_folder(root, stack.pop(), path_filter)
-        stack.extend(folders)
-        found.update((item.rel_path, item) for item in seen)
-    return found
+def local_files(root: Path, path_filter: PathFilter) -> dict[str, Seen]:
+    """Every file under a watch that the watch would upload, by path (runs in a thread)."""
+    return {seen.rel_path: seen for seen in walk(root, path_filter)}
 
 
 def _etag(value: str) -> str:
@@ -184,7 +178,7 @@ class Verifier:
         watch = self.watch
         bucket, prefix = watch.destination.bucket, watch.destination.prefix
         local = await anyio.to_thread.run_sync(
-            walk, watch.path, PathFilter(watch.include, watch.exclude)
+            local_files, watch.path, PathFilter(watch.include, watch.exclude)
         )
         remote = {obj.key: obj async for obj in self._store.list_objects(bucket, prefix)}
         recorded: dict[str, Uploaded] | None = None

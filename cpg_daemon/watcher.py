@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import stat as stat_module
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,18 @@ def scan_folder(root: Path, rel_dir: str, path_filter: PathFilter) -> tuple[list
         elif stat_module.S_ISLNK(mode):
             log.debug("symlink_skipped", path=str(folder / entry.name))
     return files, folders
+
+
+def walk(root: Path, path_filter: PathFilter) -> Iterator[Seen]:
+    """Every file below ``root`` that the filter accepts, folders and files in name order.
+
+    Blocking (runs ``scan_folder`` folder by folder): consume it in a worker thread.
+    """
+    stack = [""]
+    while stack:
+        files, folders = scan_folder(root, stack.pop(), path_filter)
+        stack.extend(sorted(folders, reverse=True))
+        yield from sorted(files, key=lambda seen: seen.rel_path)
 
 
 def stat_file(path: Path) -> Seen | None:
