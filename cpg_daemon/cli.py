@@ -449,15 +449,9 @@ def _verify(args: argparse.Namespace) -> int:
         arguments = {"quick": args.quick, "rows": args.report is not None}
         if args.watch:
             arguments["watch"] = args.watch
-        path = _socket_path(args)
-        try:
-            reply = control.request(path, "verify", arguments, timeout=VERIFY_TIMEOUT)
-        except control.NoDaemonError as exc:
-            print(f"cpg-daemon verify: {exc}", file=sys.stderr)
-            return EXIT_NO_DAEMON
-        except control.CommandError as exc:
-            print(f"cpg-daemon verify: {exc}", file=sys.stderr)
-            return EXIT_PROBLEM
+        reply, failed = _ask(args, "verify", arguments, timeout=VERIFY_TIMEOUT)
+        if failed is not None:
+            return failed
         result = verify.Result([verify.Row(**row) for row in reply["rows"]], reply["seconds"])
         summary = reply["summary"]
     else:
@@ -559,11 +553,16 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def _ask(
-    args: argparse.Namespace, command: str, arguments: dict[str, Any], path: Path | None = None
+    args: argparse.Namespace,
+    command: str,
+    arguments: dict[str, Any],
+    path: Path | None = None,
+    timeout: float = control.CLIENT_TIMEOUT,
 ) -> tuple[Any, int | None]:
     """The daemon's answer, or None and the exit status after printing why there is none."""
     try:
-        return control.request(path or _socket_path(args), command, arguments), None
+        path = path or _socket_path(args)
+        return control.request(path, command, arguments, timeout=timeout), None
     except control.NoDaemonError as exc:
         print(f"cpg-daemon {command}: {exc}", file=sys.stderr)
         return None, EXIT_NO_DAEMON
