@@ -353,6 +353,9 @@ class Watcher:
         before = self._kept_out.get(seen.rel_path)
         if before is not None and before[:2] == version:
             return True  # handled at an earlier walk
+        # Claimed before the journal is asked: a walk running meanwhile (a rescan
+        # beside the first walk) returns above instead of counting the file twice.
+        self._kept_out[seen.rel_path] = (*version, before is not None and before[2])
         row = await self._journal.get(self.watch.name, seen.rel_path)
         if row is not None and (row.state, row.key, row.size, row.mtime_ns) == (
             "uploaded",
@@ -362,7 +365,12 @@ class Watcher:
             self._kept_out[seen.rel_path] = (*version, False)
             return True
         if row is not None and row.state == "uploading":
-            return True  # queued before the policy said reject; decided at the next walk
+            # Queued before the policy said reject; decided at the next walk.
+            if before is None:
+                del self._kept_out[seen.rel_path]
+            else:
+                self._kept_out[seen.rel_path] = before
+            return True
         if before is None or not before[2]:
             self._structure_rejected += 1
         self._kept_out[seen.rel_path] = (*version, True)
