@@ -43,6 +43,8 @@ CANNED_ACLS = (
 LogFormat = Literal["json", "console", "auto"]
 CredentialSource = Literal["access-grants", "assume-role", "profile", "environment"]
 StructurePolicy = Literal["warn", "reject", "off"]
+DataPlane = Literal["auto", "crt", "botocore"]
+DATA_PLANES: tuple[DataPlane, ...] = ("auto", "crt", "botocore")
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,13 @@ class S3Config:
     checksum: ChecksumName = "CRC32C"
     max_bandwidth: int = 0
     """Bytes per second for all uploads together; 0 means unlimited."""
+    max_bytes_in_flight: int = 64 * 1024**2
+    """File bytes held in memory for requests in flight, all uploads together."""
     request_attempts: int = 5
-    """Attempts botocore makes at one request (standard retry mode) before giving up."""
+    """Attempts at one request (retrying throttling, 5xx and network errors) before giving up."""
+    data_plane: DataPlane = "auto"
+    """Who sends the file bytes: awscrt ("crt"), aiobotocore ("botocore"), or "auto"
+    (crt, unless an HTTP proxy is set for the endpoint: awscrt does not read proxy variables)."""
 
 
 @dataclass(frozen=True)
@@ -399,7 +406,9 @@ def _s3(reader: _Reader, table: Mapping[str, Any]) -> S3Config:
             "multipart_threshold",
             "checksum",
             "max_bandwidth",
+            "max_bytes_in_flight",
             "request_attempts",
+            "data_plane",
         ),
     )
     checksum = reader.get(table, w, "checksum", _choice(*CHECKSUM_NAMES), d.checksum)
@@ -420,9 +429,17 @@ def _s3(reader: _Reader, table: Mapping[str, Any]) -> S3Config:
         ),
         checksum=checksum,
         max_bandwidth=reader.get(table, w, "max_bandwidth", _optional_size, 0),
+        max_bytes_in_flight=reader.get(
+            table,
+            w,
+            "max_bytes_in_flight",
+            _size_range(MIN_PART_SIZE, MAX_PART_SIZE * 4),
+            d.max_bytes_in_flight,
+        ),
         request_attempts=reader.get(
             table, w, "request_attempts", _int_range(1, 50), d.request_attempts
         ),
+        data_plane=reader.get(table, w, "data_plane", _choice(*DATA_PLANES), d.data_plane),
     )
 
 

@@ -18,10 +18,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
-import anyio.to_thread
-
 from cpg_daemon.checksums import ALGORITHMS, Algorithm, ChecksumName, encode
 from cpg_daemon.errors import FileChangedError, RetryableError, SkipFileError, VanishedError
+from cpg_daemon.threads import FILES
 
 READ_CHUNK = 8 * 1024 * 1024
 
@@ -45,6 +44,8 @@ def _os_errors(path: Path) -> Iterator[None]:
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             raise VanishedError(f"{path} no longer exists") from None
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink where the file was
+            raise VanishedError(f"{path} is now a symbolic link, which is never followed") from None
         if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
             # The process or the system ran out of something: the file is fine.
             raise RetryableError(f"cannot open {path} now: {exc.strerror}") from None
@@ -58,7 +59,7 @@ def stat_sync(path: Path) -> FileStat:
 
 
 async def stat(path: Path) -> FileStat:
-    return await anyio.to_thread.run_sync(stat_sync, path)
+    return await FILES.run(stat_sync, path)
 
 
 def _check(path: Path, fd: int, expected: FileStat) -> None:
@@ -128,9 +129,7 @@ async def read_range(
 ) -> tuple[io.BytesIO, bytes]:
     """``length`` bytes at ``offset`` as a request body, and their raw checksum."""
     body = request_body(length)
-    digest = await anyio.to_thread.run_sync(
-        read_range_sync, path, offset, length, expected, checksum, body
-    )
+    digest = await FILES.run(read_range_sync, path, offset, length, expected, checksum, body)
     return body, digest
 
 
@@ -154,7 +153,7 @@ def whole_file_checksum_sync(path: Path, checksum: ChecksumName, expected: FileS
 
 
 async def whole_file_checksum(path: Path, checksum: ChecksumName, expected: FileStat) -> str:
-    return await anyio.to_thread.run_sync(whole_file_checksum_sync, path, checksum, expected)
+    return await FILES.run(whole_file_checksum_sync, path, checksum, expected)
 
 
 def file_digests(

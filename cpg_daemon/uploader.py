@@ -2,9 +2,10 @@
 
 The uploader owns the protocol with S3 for one file at a time; the scheduler
 decides which files, how often to retry and when to give up. Every request
-takes a slot of the one shared limiter *before* its bytes are read, so memory
-in flight is bounded by ``max_concurrency`` x the largest request body
-(``part_size`` for parts, ``multipart_threshold`` for single PUTs).
+takes its body's size from the shared memory budget (``max_bytes_in_flight``)
+and then a slot of the one shared limiter (``max_concurrency``), both *before*
+its bytes are read: file bytes in memory stay within the budget (a single body
+larger than the whole budget goes alone), and requests in flight within the limit.
 """
 
 from __future__ import annotations
@@ -48,6 +49,35 @@ class Throttle:
             self._next_free = start + amount / self.rate
         if start > now:
             await anyio.sleep(start - now)
+
+
+class MemoryBudget:
+    """Bytes of request bodies in memory, shared by all uploads, first come first served.
+
+    A request asks for its body's size before reading it (capped at the whole
+    budget, so an oversized body goes alone rather than never). Waiting is
+    FIFO: a large part is never starved by a stream of small files.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._queue = anyio.Lock()
+        self._freed = anyio.Event()
+
+    async def acquire(self, amount: int) -> int:
+        """Wait until ``amount`` fits; returns what to hand back to ``release``."""
+        amount = min(amount, self.limit)
+        async with self._queue:
+            while self.used + amount > self.limit:
+                self._freed = anyio.Event()
+                await self._freed.wait()
+            self.used += amount
+        return amount
+
+    def release(self, amount: int) -> None:
+        self.used -= amount
+        self._freed.set()
 
 
 @dataclass(frozen=True)
@@ -105,6 +135,7 @@ class Uploader:
         self._s3 = s3
         self._limiter = limiter
         self._throttle = Throttle(s3.max_bandwidth)
+        self._memory = MemoryBudget(s3.max_bytes_in_flight)
         self._checksum: ChecksumName = s3.checksum
         self._bytes_sent = 0
         self._files_uploaded = 0
@@ -126,9 +157,13 @@ class Uploader:
     async def upload(self, store: ObjectStore, record: FileRecord, path: Path) -> Outcome:
         """Upload one file. Raises an error class from ``errors`` when it cannot."""
         expected = files.FileStat(record.size, record.mtime_ns)
-        current = await files.stat(path)
-        if current != expected:
-            raise FileChangedError(f"{path} changed since it settled")
+        plain = record.size < self._s3.multipart_threshold and record.upload_id is None
+        if not plain or record.check_remote:
+            # (A plain PutObject needs no look first: its one read checks size and
+            # mtime before and after, one thread hop less per small file.)
+            current = await files.stat(path)
+            if current != expected:
+                raise FileChangedError(f"{path} changed since it settled")
         started = time.monotonic()
         with structlog.contextvars.bound_contextvars(path=str(path), key=record.key):
             if record.check_remote and record.upload_id is None:
@@ -184,11 +219,18 @@ class Uploader:
     async def _single(
         self, store: ObjectStore, record: FileRecord, path: Path, expected: files.FileStat
     ) -> tuple[str, str]:
-        async with self._limiter:
-            body, digest = await files.read_range(path, 0, record.size, expected, self._checksum)
-            await self._throttle.consume(record.size)
-            etag = await store.put_object(record.bucket, record.key, body, encode(digest))
-            self._sent(record.size)
+        held = await self._memory.acquire(record.size)
+        try:
+            async with self._limiter:
+                body, digest = await files.read_range(
+                    path, 0, record.size, expected, self._checksum
+                )
+                await self._throttle.consume(record.size)
+                etag = await store.put_object(record.bucket, record.key, body, encode(digest))
+                del body
+                self._sent(record.size)
+        finally:
+            self._memory.release(held)
         algorithm = ALGORITHMS[self._checksum]
         return etag, algorithm.object_checksum([PartDigest(digest, record.size)], multipart=False)
 
@@ -304,10 +346,14 @@ class Uploader:
             if known is not None and known.etag == part.etag:
                 digest = decode(known.checksum) if known.checksum else b""
             else:
-                async with self._limiter:
-                    _, digest = await files.read_range(
-                        path, wanted.offset, wanted.length, expected, self._checksum
-                    )
+                held = await self._memory.acquire(wanted.length)
+                try:
+                    async with self._limiter:
+                        _, digest = await files.read_range(
+                            path, wanted.offset, wanted.length, expected, self._checksum
+                        )
+                finally:
+                    self._memory.release(held)
                 if part.checksum and decode(part.checksum) != digest:
                     continue
                 await self._journal.add_part(
@@ -331,7 +377,7 @@ class Uploader:
         """Send parts concurrently under the shared limiter; the first error stops the rest."""
         errors: list[BaseException] = []
 
-        async def send(part: PartRange, borrower: object) -> None:
+        async def send(part: PartRange, borrower: object, held: int) -> None:
             try:
                 body, digest = await files.read_range(
                     path, part.offset, part.length, expected, self._checksum
@@ -351,15 +397,21 @@ class Uploader:
                 tg.cancel_scope.cancel()
             finally:
                 self._limiter.release_on_behalf_of(borrower)
+                self._memory.release(held)
 
         async with anyio.create_task_group() as tg:
             for part in ranges:
                 if errors:
                     break
-                # The slot is taken before the part is read: memory stays bounded.
+                # Memory and slot are taken before the part is read: memory stays bounded.
+                held = await self._memory.acquire(part.length)
                 borrower = object()
-                await self._limiter.acquire_on_behalf_of(borrower)
-                tg.start_soon(send, part, borrower)
+                try:
+                    await self._limiter.acquire_on_behalf_of(borrower)
+                except BaseException:
+                    self._memory.release(held)
+                    raise
+                tg.start_soon(send, part, borrower, held)
         if errors:
             raise _most_serious(errors)
 

@@ -7,7 +7,9 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from cpg_daemon.journal import Counts, Discovered, FileRecord, Journal, PartRecord
@@ -476,3 +478,71 @@ async def test_open_creates_missing_folders(tmp_path: Path, anyio_backend: str) 
         assert journal.created
     finally:
         await journal.close()
+
+
+# -- group commit --------------------------------------------------------------------
+
+
+async def test_many_files_finishing_at_once_each_get_their_own_answer(journal: Journal) -> None:
+    """Concurrent mark_uploaded calls share transactions, not outcomes."""
+    names = [f"plate/f{i:03d}.tif" for i in range(60)]
+    await journal.record_discovered("w", [found(n) for n in names])
+    claimed = {r.rel_path: r for r in await journal.claim(100)}
+    changed = names[::7]  # these files change on disk while being uploaded
+    await journal.record_discovered("w", [found(n, size=200) for n in changed])
+    results: dict[str, bool] = {}
+
+    async def finish(name: str) -> None:
+        results[name] = await journal.mark_uploaded(
+            claimed[name], etag=f'"{name}"', checksum_algorithm="CRC32C", checksum="c"
+        )
+
+    statements: list[str] = []
+    journal._db.set_trace_callback(statements.append)
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            tg.start_soon(finish, name)
+    journal._db.set_trace_callback(None)
+    commits = statements.count("COMMIT")
+    assert 1 <= commits <= len(names) // 4, commits  # grouped, not one commit per file
+    assert results == {n: n not in changed for n in names}
+    for name in names:
+        record = await only(journal, "w", name)
+        if name in changed:  # not uploaded: the worker re-queues it, as _process does
+            assert (record.state, record.size, record.etag) == ("uploading", 200, None)
+        else:
+            assert (record.state, record.etag) == ("uploaded", f'"{name}"')
+
+
+async def test_one_failing_call_in_a_group_leaves_the_others_done(journal: Journal) -> None:
+    await journal.record_discovered("w", [found("a"), found("b")])
+    a, b = sorted(await journal.claim(10), key=lambda r: r.rel_path)
+
+    def broken(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE files SET state='failed' WHERE id=?", (b.id,))
+        raise sqlite3.IntegrityError("this call fails after writing")
+
+    outcomes: dict[str, object] = {}
+
+    async def run(name: str, call: Any) -> None:
+        try:
+            outcomes[name] = await call()
+        except sqlite3.IntegrityError as exc:
+            outcomes[name] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            run,
+            "first",
+            lambda: journal.mark_uploaded(a, etag='"a"', checksum_algorithm="CRC32C", checksum="c"),
+        )
+        tg.start_soon(run, "broken", lambda: journal._grouped(broken))
+        tg.start_soon(
+            run,
+            "last",
+            lambda: journal.mark_uploaded(b, etag='"b"', checksum_algorithm="CRC32C", checksum="c"),
+        )
+    assert outcomes["first"] is True and outcomes["last"] is True
+    assert isinstance(outcomes["broken"], sqlite3.IntegrityError)
+    assert (await only(journal, "w", "a")).state == "uploaded"
+    assert (await only(journal, "w", "b")).state == "uploaded"  # the failed write was undone

@@ -655,31 +655,37 @@ async def test_unreachable_endpoint_retries_later_then_fails(
 class CountingStore(ObjectStore):
     """Counts PutObject and UploadPart calls in flight (each held a little longer)."""
 
-    def __init__(self, client: Any, s3: S3Config) -> None:
-        super().__init__(client, s3)
+    def __init__(self, client: Any, s3: S3Config, data_plane: Any = None) -> None:
+        super().__init__(client, s3, data_plane)
         self.in_flight = 0
         self.max_in_flight = 0
+        self.bytes_in_flight = 0
+        self.max_bytes_in_flight = 0
         self.calls = 0
 
     @asynccontextmanager
-    async def _counted(self) -> AsyncIterator[None]:
+    async def _counted(self, body: Any) -> AsyncIterator[None]:
+        size = len(body) if isinstance(body, bytes) else len(body.getvalue())
         self.in_flight += 1
+        self.bytes_in_flight += size
         self.calls += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.max_bytes_in_flight = max(self.max_bytes_in_flight, self.bytes_in_flight)
         try:
             await anyio.sleep(0.02)
             yield
         finally:
             self.in_flight -= 1
+            self.bytes_in_flight -= size
 
     async def put_object(self, bucket: str, key: str, body: bytes, checksum: str) -> str:
-        async with self._counted():
+        async with self._counted(body):
             return await super().put_object(bucket, key, body, checksum)
 
     async def upload_part(
         self, bucket: str, key: str, upload_id: str, number: int, body: bytes, checksum: str
     ) -> str:
-        async with self._counted():
+        async with self._counted(body):
             return await super().upload_part(bucket, key, upload_id, number, body, checksum)
 
 
@@ -709,6 +715,42 @@ async def test_requests_in_flight_are_bounded_by_the_limiter(
     assert store.calls == 30 + 6
     assert 2 <= store.max_in_flight <= 3
     assert store.in_flight == 0
+    for rel, data in contents.items():
+        assert object_bytes(s3_client, bucket, PREFIX + rel) == data
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("budget", [2 * PART + 4096, PART // 2])
+async def test_bytes_in_flight_stay_within_max_bytes_in_flight(
+    budget: int, tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    """Parts of several big files and small files share one memory budget; a body
+    larger than the whole budget goes alone instead of never."""
+    root = tmp_path / "watch"
+    contents = {
+        f"big{i}.bin": write_file(root / f"big{i}.bin", payload(3 * PART + i, 40 + i))
+        for i in range(3)
+    }
+    for i in range(12):
+        contents[f"small/{i:02d}.bin"] = write_file(root / f"small/{i:02d}.bin", payload(4000, i))
+    s3 = s3_config(s3_server.endpoint_url, max_bytes_in_flight=budget)
+    async with (
+        opened_journal(tmp_path / "journal.sqlite") as journal,
+        connected(CountingStore, s3) as store,
+    ):
+        uploader = Uploader(journal, s3, anyio.CapacityLimiter(8))
+        await discover(journal, root, bucket, sorted(contents))
+        scheduler = Scheduler(
+            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 8, 3
+        )
+        rows = await run_scheduler_until(scheduler, journal, all_settled, within=60)
+
+    assert {r.rel_path: r.state for r in rows} == dict.fromkeys(contents, "uploaded")
+    if budget > PART:
+        assert PART < store.max_bytes_in_flight <= budget
+    else:  # every part is bigger than the budget: one at a time, small files beside none
+        assert store.max_bytes_in_flight <= PART + 3
+    assert store.bytes_in_flight == 0
     for rel, data in contents.items():
         assert object_bytes(s3_client, bucket, PREFIX + rel) == data
 

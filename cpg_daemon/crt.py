@@ -1,0 +1,278 @@
+"""The data plane: the requests that carry file bytes, sent by the AWS Common Runtime.
+
+botocore spends about 1.5 ms of CPU in Python on every request (serialising,
+endpoint resolution, signing, event hooks, parsing the reply); with thousands of
+small files that is most of an upload's CPU (bench/RESULTS.md). awscrt, AWS's
+native runtime (behind the AWS CLI v2 and s3transfer's CRT mode, and already our
+CRC library), signs and sends a request in C for a fraction of that.
+
+Only PutObject and UploadPart go this way. Everything else (multipart
+create/complete/abort, ListParts, HeadObject, listings) stays on aiobotocore,
+and so do the credentials (refreshable, Access Grants: read afresh before every
+request) and the endpoint (S3's endpoint rule set, evaluated by botocore once per
+bucket). What a request carries is what botocore would send: the checksum we
+computed while reading (S3 checks the bytes against it), the canned ACL, and
+SigV4 with an unsigned payload, as botocore signs uploads over HTTPS. The CRT
+retries throttling, 5xx and network errors with backoff (``request_attempts`` in
+all); error replies are classified by ``store.classify``, botocore's table.
+
+awscrt reads no proxy variables: ``s3.data_plane = "auto"`` falls back to
+botocore when one is set for the endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+from urllib.parse import quote, urlsplit
+from xml.etree import ElementTree
+
+from awscrt import auth, http, s3
+from awscrt import io as crtio
+
+from cpg_daemon.config import S3Config
+from cpg_daemon.errors import CpgError, CredentialsError, RetryableError
+
+STALL_SECONDS = 120.0
+"""A request gets this long, plus time for its body at SLOWEST_RATE, before it is cancelled."""
+SLOWEST_RATE = 64 * 1024
+"""Bytes per second below which a request counts as stalled (botocore: a 120 s read timeout)."""
+
+
+def proxy_for(endpoint_url: str) -> str:
+    """The proxy the environment sets for the S3 endpoint ("" for AWS's), or "" for none.
+
+    Names the variable, never its value (a proxy URL may hold a password).
+    """
+    url = urlsplit(endpoint_url or "https://s3.amazonaws.com")
+    proxies = urllib.request.getproxies_environment()
+    if url.scheme not in proxies and "all" not in proxies:
+        return ""
+    if urllib.request.proxy_bypass(url.hostname or ""):
+        return ""
+    return f"{url.scheme}_proxy" if url.scheme in proxies else "all_proxy"
+
+
+def _retry_config(attempts: int) -> s3.S3RetryConfig:
+    """The CRT's standard retry mode with botocore's number of attempts (0 retries = none)."""
+    if attempts <= 1:  # the CRT reads max_retries=0 as "its default", not "none"
+        return s3.S3RetryConfig(retry_mode=s3.S3RetryMode.NONE)
+    return s3.S3RetryConfig(max_retries=attempts - 1)
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """Where one bucket's objects are: scheme, host[:port], path prefix, signing region."""
+
+    tls: bool
+    host: str
+    base_path: str
+    region: str
+
+
+_bootstrap: crtio.ClientBootstrap | None = None
+_bootstrap_lock = threading.Lock()
+
+
+def _shared_bootstrap() -> crtio.ClientBootstrap:
+    """One event-loop group and resolver for every CRT client of the process."""
+    global _bootstrap
+    with _bootstrap_lock:
+        if _bootstrap is None:
+            group = crtio.EventLoopGroup()
+            _bootstrap = crtio.ClientBootstrap(group, crtio.DefaultHostResolver(group))
+        return _bootstrap
+
+
+def _error_reply(body: bytes | None) -> tuple[str, str]:
+    """(Code, Message) of an S3 error document; empty strings when there is none."""
+    if not body:
+        return "", ""
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return "", ""
+    return root.findtext("Code") or "", root.findtext("Message") or ""
+
+
+_SERVER_ERRORS = {
+    "AWS_ERROR_S3_INTERNAL_ERROR": "the server failed (HTTP 5xx), on every attempt",
+    "AWS_ERROR_S3_SLOW_DOWN": "SlowDown: the server asked for fewer requests, on every attempt",
+}
+
+
+def _failure(
+    what: str, error: Exception | None, status: int, body: bytes | None, endpoint: str
+) -> CpgError:
+    from cpg_daemon.store import classify  # store imports this module
+
+    if status >= 300:
+        code, message = _error_reply(body)
+        return classify(what, code, status, message)
+    name = getattr(error, "name", type(error).__name__)
+    detail = f"{name}: {getattr(error, 'message', str(error))}"
+    if name in _SERVER_ERRORS:  # the CRT keeps no status or body for these
+        return RetryableError(f"{what}: {_SERVER_ERRORS[name]}")
+    if "AUTH" in name or "CREDENTIALS" in name:
+        return CredentialsError(f"{what}: cannot sign the request: {detail}")
+    if name.startswith(("AWS_IO_SOCKET", "AWS_IO_DNS")):
+        return RetryableError(f"{what}: cannot reach the S3 endpoint {endpoint}: {detail}")
+    if "TLS" in name:
+        return RetryableError(
+            f"{what}: TLS with the S3 endpoint {endpoint} failed (is its certificate "
+            f"trusted? AWS_CA_BUNDLE names extra ones): {detail}"
+        )
+    return RetryableError(f"{what}: the connection to the S3 endpoint {endpoint} failed: {detail}")
+
+
+class CrtDataPlane:
+    """PutObject and UploadPart through awscrt's S3 client, for one botocore client."""
+
+    def __init__(self, client: Any, s3_config: S3Config, ca_bundle: str | None) -> None:
+        self._botocore = client
+        self._config = s3_config
+        self._ca_bundle = ca_bundle
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._clients: dict[bool, s3.S3Client] = {}
+        self._signing: tuple[tuple[object, ...], auth.AwsSigningConfig] | None = None
+
+    def _client(self, tls: bool) -> s3.S3Client:
+        client = self._clients.get(tls)
+        if client is None:
+            options = None
+            if tls:
+                context = crtio.TlsContextOptions()
+                if self._ca_bundle:
+                    context.override_default_trust_store_from_path(None, self._ca_bundle)
+                options = crtio.ClientTlsContext(context).new_connection_options()
+            client = s3.S3Client(
+                bootstrap=_shared_bootstrap(),
+                region=self._config.region,
+                tls_mode=s3.S3RequestTlsMode.ENABLED if tls else s3.S3RequestTlsMode.DISABLED,
+                tls_connection_options=options,
+                max_active_connections_override=self._config.max_concurrency,
+                retry_config=_retry_config(self._config.request_attempts),
+                connect_timeout_ms=15_000,
+            )
+            self._clients[tls] = client
+        return client
+
+    async def _endpoint(self, bucket: str) -> _Endpoint:
+        """The bucket's endpoint, from botocore's endpoint rule set (cached per bucket)."""
+        endpoint = self._endpoints.get(bucket)
+        if endpoint is None:
+            operation = self._botocore.meta.service_model.operation_model("PutObject")
+            url, _, properties = await self._botocore._resolve_endpoint_ruleset(
+                operation, {"Bucket": bucket}, {}
+            )
+            schemes = (properties or {}).get("authSchemes") or [{}]
+            parts = urlsplit(url)
+            endpoint = _Endpoint(
+                tls=parts.scheme == "https",
+                host=parts.netloc,
+                base_path=parts.path.rstrip("/"),
+                region=schemes[0].get("signingRegion") or self._config.region,
+            )
+            self._endpoints[bucket] = endpoint
+        return endpoint
+
+    async def _signing_config(self, what: str, region: str) -> auth.AwsSigningConfig:
+        """SigV4 for S3 with the botocore client's current keys (refreshed if due)."""
+        signer = getattr(self._botocore, "_request_signer", None)
+        credentials = getattr(signer, "_credentials", None)
+        if credentials is None:
+            raise CredentialsError(f"{what}: Unable to locate credentials")
+        frozen = await credentials.get_frozen_credentials()
+        identity = (frozen.access_key, frozen.secret_key, frozen.token, region)
+        if self._signing is None or self._signing[0] != identity:
+            provider = auth.AwsCredentialsProvider.new_static(
+                frozen.access_key, frozen.secret_key, frozen.token
+            )
+            signing = auth.AwsSigningConfig(
+                algorithm=auth.AwsSigningAlgorithm.V4,
+                signature_type=auth.AwsSignatureType.HTTP_REQUEST_HEADERS,
+                credentials_provider=provider,
+                region=region,
+                service="s3",
+                use_double_uri_encode=False,
+                should_normalize_uri_path=False,
+                signed_body_value=auth.AwsSignedBodyValue.UNSIGNED_PAYLOAD,
+                signed_body_header_type=auth.AwsSignedBodyHeaderType.X_AMZ_CONTENT_SHA_256,
+            )
+            self._signing = (identity, signing)
+        return self._signing[1]
+
+    def _deadline(self, length: int) -> float:
+        rate = SLOWEST_RATE
+        if self._config.max_bandwidth:
+            rate = min(rate, max(1, self._config.max_bandwidth // self._config.max_concurrency))
+        return STALL_SECONDS + length / rate
+
+    async def put(
+        self,
+        what: str,
+        operation: str,
+        bucket: str,
+        key: str,
+        query: str,
+        headers: Sequence[tuple[str, str]],
+        body: BinaryIO,
+        length: int,
+    ) -> dict[str, str]:
+        """Send one PUT of ``length`` bytes of ``body`` (from its position); the reply's headers."""
+        endpoint = await self._endpoint(bucket)
+        signing = await self._signing_config(what, endpoint.region)
+        path = f"{endpoint.base_path}/{quote(key, safe='/~')}" + (f"?{query}" if query else "")
+        request = http.HttpRequest(
+            "PUT",
+            path,
+            http.HttpHeaders([("Host", endpoint.host), ("Content-Length", str(length)), *headers]),
+            body,
+        )
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[tuple[Exception | None, int, bytes | None]] = loop.create_future()
+        reply: dict[str, str] = {}
+
+        def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
+            if 200 <= status_code < 300:
+                reply.update((name.lower(), value) for name, value in headers)
+
+        def settle(outcome: tuple[Exception | None, int, bytes | None]) -> None:
+            if not finished.done():
+                finished.set_result(outcome)
+
+        def on_done(
+            error: Exception | None = None,
+            status_code: int | None = None,
+            error_body: bytes | None = None,
+            **_: Any,
+        ) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(settle, (error, status_code or 0, error_body))
+
+        sent = self._client(endpoint.tls).make_request(
+            type=s3.S3RequestType.DEFAULT,
+            operation_name=operation,
+            request=request,
+            signing_config=signing,
+            on_headers=on_headers,
+            on_done=on_done,
+        )
+        timeout = self._deadline(length)
+        try:
+            waited, _ = await asyncio.wait({finished}, timeout=timeout)
+            if not waited:
+                raise RetryableError(f"{what}: no reply within {timeout:.0f} s; cancelled")
+            error, status, error_body = finished.result()
+        except BaseException:
+            sent.cancel()
+            raise
+        if error is not None or not 200 <= status < 300:
+            url = f"{'https' if endpoint.tls else 'http'}://{endpoint.host}"
+            raise _failure(what, error, status, error_body, url)
+        return reply
