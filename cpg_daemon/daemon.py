@@ -125,7 +125,7 @@ class Daemon:
         self._stopping.set()
 
     async def wait_running(self) -> None:
-        """Return once every watcher has started its first walk."""
+        """Return once every watcher runs (its first walk follows within EVENTS_FIRST)."""
         await self._running.wait()
 
     async def journal_statistics(self) -> JournalStatistics:
@@ -288,7 +288,7 @@ class Daemon:
         *,
         wait: bool,
     ) -> None:
-        """Start one watch's watcher (with ``wait``, until its first walk has begun).
+        """Start one watch's watcher (with ``wait``, until it runs).
 
         A watch the journal has never seen may point at data uploaded before
         (by hand, or by a lost journal): its destination is listed first, so

@@ -37,6 +37,10 @@ log = structlog.get_logger("cpg_daemon.watcher")
 MISSING_ROOT_POLL = 2.0
 """Seconds between looks for a watched folder that does not exist (yet)."""
 WALK_RETRY = 10.0
+EVENTS_FIRST = 5.0
+"""Seconds the first walk waits for filesystem events to be live (inotify set up), so a
+file created during the walk cannot slip past both; after that it walks regardless,
+and walks again once they are."""
 """Seconds before walking again after a folder could not be read (EMFILE, EACCES...)."""
 BATCH = 500
 """Settled files handed to the journal in one transaction."""
@@ -145,6 +149,8 @@ class Watcher:
         self._scans = 0
         self._last_scan_seconds: float | None = None
         self._watching = False
+        self._events_live = anyio.Event()
+        self._first_walk_begun = False
         self._error: str | None = None
         self._rescan_now = anyio.Event()
         self._stop = anyio.Event()
@@ -191,12 +197,15 @@ class Watcher:
         return any(rel.startswith(prefix) for rel in list(self._pending))
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Watch until cancelled. Ready once the first walk has begun."""
+        """Watch until cancelled. Ready at once; the first walk begins when events are live."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._follow_events)
             tg.start_soon(self._settle_loop)
             task_status.started()
+            with anyio.move_on_after(EVENTS_FIRST):
+                await self._events_live.wait()
             while True:
+                self._first_walk_begun = True
                 await self.scan()
                 # Only the first walk after a lost journal needs these.
                 self.remote_sizes = None
@@ -438,11 +447,13 @@ class Watcher:
                     yield_on_timeout=True,
                 ):
                     if not established:
-                        # The first yield means the kernel now reports events. A file
-                        # created after the walk passed its folder but before that
-                        # had no event: walk again, so it waits for no periodic rescan.
+                        # The first yield means the kernel now reports events. If a
+                        # walk began before that, a file created after it passed its
+                        # folder had no event: walk again, not at the periodic rescan.
                         established = True
-                        self.request_rescan()
+                        if self._first_walk_begun:
+                            self.request_rescan()
+                        self._events_live.set()
                     if changes:
                         await self._on_changes(changes)
             except OSError as exc:

@@ -294,11 +294,16 @@ def test_restart_and_lost_journal_do_not_upload_again(
     daemon = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="restart")
     try:
         wait_until(all_uploaded, 30, "the journal to list every file as uploaded")
-        time.sleep(1.0)
+        daemon.wait_for_event("scanned")
+        time.sleep(2.0)  # time for a second walk, were there one
     finally:
         assert daemon.terminate() == 0
     writes = [r for r in s3_server.requests(since=mark) if r.method in ("PUT", "POST")]
     assert writes == []
+    # One walk: it waited for inotify to be live, so nothing calls for another one
+    # (on 1,000,000 files a second walk doubled the CPU of a start, bench/daemon.py).
+    walks = [e for e in daemon.events() if e.get("event") == "scanned"]
+    assert len(walks) == 1, walks
 
     # The journal is lost: the files are recognised on the server by size and checksum.
     shutil.rmtree(layout["state"])
