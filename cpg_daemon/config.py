@@ -74,8 +74,9 @@ class S3Config:
     checksum: ChecksumName = "CRC32C"
     max_bandwidth: int = 0
     """Bytes per second for all uploads together; 0 means unlimited."""
-    max_bytes_in_flight: int = 64 * 1024**2
-    """File bytes held in memory for requests in flight, all uploads together."""
+    max_bytes_in_flight: int = 48 * 1024**2
+    """File bytes held in memory for requests in flight, all uploads together (the
+    default keeps the whole process near 150 MiB while it uploads multi-GiB files)."""
     request_attempts: int = 5
     """Attempts at one request (retrying throttling, 5xx and network errors) before giving up."""
     data_plane: DataPlane = "auto"
