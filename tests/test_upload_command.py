@@ -245,7 +245,16 @@ class RecordingServer:
     def stop(self) -> list[dict[str, Any]]:
         self._call("stop-recording")
         text = self._call("download-recording")
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        # Entries are JSON objects one per line, but moto's threads writing at once can
+        # leave two on one line: read them one object at a time.
+        decoder, entries, at = json.JSONDecoder(), [], 0
+        while True:
+            while at < len(text) and text[at].isspace():
+                at += 1
+            if at == len(text):
+                return entries
+            entry, at = decoder.raw_decode(text, at)
+            entries.append(entry)
 
 
 @pytest.fixture(scope="module")
