@@ -689,6 +689,30 @@ class CountingStore(ObjectStore):
             return await super().upload_part(bucket, key, upload_id, number, body, checksum)
 
 
+async def upload_counted(
+    tmp_path: Path,
+    root: Path,
+    bucket: str,
+    contents: dict[str, bytes],
+    s3: S3Config,
+    requests: int,
+    within: float,
+) -> CountingStore:
+    """Upload ``contents`` with 8 workers and ``requests`` in flight; every file must land."""
+    async with (
+        opened_journal(tmp_path / "journal.sqlite") as journal,
+        connected(CountingStore, s3) as store,
+    ):
+        uploader = Uploader(journal, s3, anyio.CapacityLimiter(requests))
+        await discover(journal, root, bucket, sorted(contents))
+        scheduler = Scheduler(
+            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 8, 3
+        )
+        rows = await run_scheduler_until(scheduler, journal, all_settled, within=within)
+    assert {r.rel_path: r.state for r in rows} == dict.fromkeys(contents, "uploaded")
+    return store
+
+
 @pytest.mark.anyio
 async def test_requests_in_flight_are_bounded_by_the_limiter(
     tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
@@ -700,18 +724,7 @@ async def test_requests_in_flight_are_bounded_by_the_limiter(
     }
     contents["big.bin"] = write_file(root / "big.bin", payload(5 * PART + 1, 99))
     s3 = s3_config(s3_server.endpoint_url)
-    async with (
-        opened_journal(tmp_path / "journal.sqlite") as journal,
-        connected(CountingStore, s3) as store,
-    ):
-        uploader = Uploader(journal, s3, anyio.CapacityLimiter(3))
-        await discover(journal, root, bucket, sorted(contents))
-        scheduler = Scheduler(
-            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 8, 3
-        )
-        rows = await run_scheduler_until(scheduler, journal, all_settled, within=30)
-
-    assert {r.rel_path: r.state for r in rows} == dict.fromkeys(contents, "uploaded")
+    store = await upload_counted(tmp_path, root, bucket, contents, s3, requests=3, within=30)
     assert store.calls == 30 + 6
     assert 2 <= store.max_in_flight <= 3
     assert store.in_flight == 0
@@ -734,18 +747,7 @@ async def test_bytes_in_flight_stay_within_max_bytes_in_flight(
     for i in range(12):
         contents[f"small/{i:02d}.bin"] = write_file(root / f"small/{i:02d}.bin", payload(4000, i))
     s3 = s3_config(s3_server.endpoint_url, max_bytes_in_flight=budget)
-    async with (
-        opened_journal(tmp_path / "journal.sqlite") as journal,
-        connected(CountingStore, s3) as store,
-    ):
-        uploader = Uploader(journal, s3, anyio.CapacityLimiter(8))
-        await discover(journal, root, bucket, sorted(contents))
-        scheduler = Scheduler(
-            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 8, 3
-        )
-        rows = await run_scheduler_until(scheduler, journal, all_settled, within=60)
-
-    assert {r.rel_path: r.state for r in rows} == dict.fromkeys(contents, "uploaded")
+    store = await upload_counted(tmp_path, root, bucket, contents, s3, requests=8, within=60)
     if budget > PART:
         assert PART < store.max_bytes_in_flight <= budget
     else:  # every part is bigger than the budget: one at a time, small files beside none
