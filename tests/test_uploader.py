@@ -740,12 +740,17 @@ async def test_bytes_in_flight_stay_within_max_bytes_in_flight(
     """Parts of several big files and small files share one memory budget; a body
     larger than the whole budget goes alone instead of never."""
     root = tmp_path / "watch"
-    contents = {
-        f"big{i}.bin": write_file(root / f"big{i}.bin", payload(3 * PART + i, 40 + i))
-        for i in range(3)
-    }
-    for i in range(12):
-        contents[f"small/{i:02d}.bin"] = write_file(root / f"small/{i:02d}.bin", payload(4000, i))
+
+    def make() -> dict[str, bytes]:  # 47 MiB: in a thread, not as one step of the loop
+        made = {
+            f"big{i}.bin": write_file(root / f"big{i}.bin", payload(3 * PART + i, 40 + i))
+            for i in range(3)
+        }
+        for i in range(12):
+            made[f"small/{i:02d}.bin"] = write_file(root / f"small/{i:02d}.bin", payload(4000, i))
+        return made
+
+    contents = await anyio.to_thread.run_sync(make)
     s3 = s3_config(s3_server.endpoint_url, max_bytes_in_flight=budget)
     store = await upload_counted(tmp_path, root, bucket, contents, s3, requests=8, within=60)
     if budget > PART:
