@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _socket_args(verify)
 
+    recover = commands.add_parser(
+        "recover-journal",
+        help="with the daemon stopped: check the journal and, if it is damaged, move it "
+        "aside so the daemon can start again (it then lists S3 and sends nothing twice)",
+    )
+    _config_arg(recover)
+    recover.add_argument(
+        "--force",
+        action="store_true",
+        help="move the journal aside even if SQLite's integrity check finds nothing wrong",
+    )
+
     demo = commands.add_parser(
         "demo", help="run the whole pipeline on this machine against a local S3 server"
     )
@@ -214,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rescan": _control,
         "reload": _reload,
         "install-service": _install_service,
+        "recover-journal": _recover_journal,
     }
     try:
         return handlers[args.command](args)
@@ -409,6 +423,36 @@ def _upload(args: argparse.Namespace) -> int:
     for path, error in summary.failures:
         print(f"failed: {path}: {error}", file=sys.stderr)
     return EXIT_PROBLEM if summary.failed else EXIT_OK
+
+
+def _recover_journal(args: argparse.Namespace) -> int:
+    """Move a damaged journal aside (the daemon must be stopped: its lock is taken here)."""
+    from cpg_daemon.daemon import JOURNAL_NAME, lock_state_dir
+    from cpg_daemon.journal import check_integrity, move_aside
+
+    config = _load(args)
+    state_dir = config.daemon.state_dir
+    path = state_dir / JOURNAL_NAME
+    if not path.exists():
+        print(f"no journal at {path}: nothing to recover")
+        return EXIT_OK
+    lock = lock_state_dir(state_dir)  # FatalError (exit 1) while a daemon runs on it
+    try:
+        problem = check_integrity(path)
+        if problem == "ok" and not args.force:
+            print(f"the journal {path} is intact (SQLite integrity check: ok); nothing to do")
+            return EXIT_OK
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        moved = move_aside(path, f".damaged-{stamp}")
+    finally:
+        os.close(lock)
+    print(f"the journal {path}: {problem}")
+    print(
+        f"moved it to {moved} (keep it until staging is verified). Start the daemon again: "
+        "it lists each destination on S3 and uploads only what is missing or different; "
+        "then `cpg-daemon verify` proves staging complete"
+    )
+    return EXIT_OK
 
 
 def _install_service(args: argparse.Namespace) -> int:

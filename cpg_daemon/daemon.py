@@ -633,6 +633,8 @@ def status_line(status: Mapping[str, Any]) -> str:
         line += f"; {format_size(rate)}/s"
     if status.get("config", {}).get("reload_error"):
         line += "; last reload failed (see cpg-daemon status)"
+    if status.get("journal", {}).get("error"):
+        line += "; JOURNAL UNWRITABLE (disk full?), no new uploads (see cpg-daemon status)"
     return line
 
 

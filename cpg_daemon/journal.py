@@ -5,6 +5,12 @@ failed, and the queue itself: workers claim the next file from it, so memory
 does not grow with the number of queued files. One connection, used only from
 one worker thread at a time (never on the event loop). Each state change is one
 short transaction and is idempotent: doing it twice leaves the same row.
+
+When the journal cannot be written (the disk holding the state directory is
+full, or answers with I/O errors) a change is not lost and the daemon does not
+stop: the transaction is rolled back and the call waits, trying again every few
+seconds, until the write succeeds. While it waits nothing new is claimed, so
+the daemon takes no new work; ``write_error`` says why, for status and logs.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, cast
 
 import anyio
 import anyio.to_thread
+import structlog
 
 from cpg_daemon.errors import FatalError
 from cpg_daemon.threads import Threads
@@ -84,6 +92,68 @@ CREATE TABLE IF NOT EXISTS batches (  -- the last completion of each batch (batc
 P = ParamSpec("P")
 T = TypeVar("T")
 
+log = structlog.get_logger("cpg_daemon.journal")
+
+UNWRITABLE_RETRY = 5.0
+"""Seconds between attempts to write a journal whose disk is full or failing."""
+_UNWRITABLE_CODES = (13, 10)
+"""SQLITE_FULL and SQLITE_IOERR (primary result codes)."""
+_UNWRITABLE_MESSAGES = ("database or disk is full", "disk i/o error")
+
+
+_DAMAGED_CODES = (11, 26)
+"""SQLITE_CORRUPT and SQLITE_NOTADB."""
+RECOVER_HINT = (
+    "Recover with `cpg-daemon recover-journal` (give it the daemon's -c CONFIG): it moves "
+    "the damaged file aside, and the next start lists each destination on S3, so files "
+    "already uploaded are not sent again"
+)
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether ``exc`` says the journal file is corrupt or not a database at all."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+: the extended result code
+    if code is not None:
+        return code & 0xFF in _DAMAGED_CODES
+    return any(m in str(exc).lower() for m in ("malformed", "not a database"))
+
+
+def damaged_error(path: Path, problem: object) -> FatalError:
+    return FatalError(f"the journal {path} is damaged ({problem}). {RECOVER_HINT}")
+
+
+def check_integrity(path: Path) -> str:
+    """``ok``, or the first problem SQLite's full integrity check finds in the journal."""
+    try:
+        with closing(sqlite3.connect(path, isolation_level=None)) as db:
+            rows = db.execute("PRAGMA integrity_check(10)").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return "ok" if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows)
+
+
+def move_aside(path: Path, suffix: str) -> Path:
+    """Rename the journal and its -wal/-shm files to ``<name><suffix>``; returns the new path."""
+    for extra in ("-wal", "-shm"):
+        companion = path.with_name(path.name + extra)
+        if companion.exists():
+            companion.rename(path.with_name(path.name + suffix + extra))
+    target = path.with_name(path.name + suffix)
+    path.rename(target)
+    return target
+
+
+def _unwritable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the journal's disk is full or failing (not a bug, not corruption)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+: the extended result code
+    if code is not None:
+        return code & 0xFF in _UNWRITABLE_CODES
+    return any(m in str(exc).lower() for m in _UNWRITABLE_MESSAGES)
+
 
 @dataclass(frozen=True)
 class Discovered:
@@ -142,6 +212,10 @@ class JournalStatistics:
     """Files and bytes per watch and state."""
 
     by_watch: dict[str, dict[FileState, Counts]]
+    path: str = ""
+    write_error: str | None = None
+    """Why the journal cannot be written just now; no new uploads start meanwhile."""
+    write_error_since: float | None = None
 
     def total(self, state: FileState) -> Counts:
         files = sum(states[state].files for states in self.by_watch.values() if state in states)
@@ -249,6 +323,9 @@ class Journal:
         """One thread: SQLite work runs one call at a time, in order."""
         self._group: list[_Grouped[Any]] = []
         self._group_lock = anyio.Lock()
+        self.write_error: str | None = None
+        """Why the journal cannot be written just now (None: it can)."""
+        self.write_error_since: float | None = None
 
     @classmethod
     async def open(cls, path: Path) -> Journal:
@@ -275,12 +352,14 @@ class Journal:
                     f"journal {path} has schema version {row[0]}, this cpg-daemon reads "
                     f"{SCHEMA_VERSION}"
                 )
+            # About 0.5 s per million files: cheap next to uploading from a damaged queue.
+            problems = db.execute("PRAGMA quick_check(10)").fetchall()
+            if problems != [("ok",)]:
+                raise damaged_error(path, "; ".join(str(r[0]) for r in problems))
         except sqlite3.DatabaseError as exc:
-            raise FatalError(
-                f"cannot open the journal {path}: {exc}. If the file is corrupt, move it "
-                "aside and start again: files already uploaded are recognised on the server "
-                "and not sent twice"
-            ) from exc
+            if _damaged(exc):
+                raise damaged_error(path, exc) from exc
+            raise FatalError(f"cannot open the journal {path}: {exc}") from exc
         return cls(db, path, created)
 
     async def close(self) -> None:
@@ -290,9 +369,51 @@ class Journal:
     async def _run(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         def call() -> T:
             with self._lock:
-                return func(*args, **kwargs)
+                try:
+                    return func(*args, **kwargs)
+                except sqlite3.DatabaseError as exc:
+                    if _damaged(exc):
+                        raise damaged_error(self.path, exc) from exc
+                    raise
 
         return await self._thread.run(call)
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` in a transaction of its own, waiting while the journal is unwritable."""
+        while True:
+            try:
+                result = await self._run(self._tx, work)
+            except sqlite3.OperationalError as exc:
+                if not _unwritable(exc):
+                    raise
+                await self._wait_writable(exc)  # rolled back: safe to run again
+                continue
+            self._writable()
+            return result
+
+    async def _wait_writable(self, exc: BaseException) -> None:
+        """A write failed for want of space (or an I/O error): say so once, then wait."""
+        if self.write_error is None:
+            self.write_error = f"cannot write the journal {self.path}: {exc}"
+            self.write_error_since = time.time()
+            log.error(
+                "journal_unwritable",
+                journal=str(self.path),
+                error=str(exc),
+                hint=f"free space on the disk holding {self.path.parent}; no new uploads "
+                "start until the journal can be written, then they resume by themselves",
+            )
+        await anyio.sleep(UNWRITABLE_RETRY)
+
+    def _writable(self) -> None:
+        if self.write_error is not None:
+            log.warning(
+                "journal_writable",
+                journal=str(self.path),
+                seconds_unwritable=round(time.time() - (self.write_error_since or time.time())),
+            )
+            self.write_error = None
+            self.write_error_since = None
 
     async def _grouped(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` in one transaction with the other grouped calls that queued meanwhile.
@@ -304,14 +425,21 @@ class Journal:
         the thread and a commit per file. Shielded, like every journal call: a
         cancelled caller's work is still done, or reported failed, never half done.
         """
-        entry = _Grouped(work)
-        self._group.append(entry)
-        with anyio.CancelScope(shield=True):
-            async with self._group_lock:
-                if not entry.finished:
-                    group, self._group = self._group, []
-                    await self._run(self._tx_group, group)
-        return entry.result()
+        while True:
+            entry = _Grouped(work)
+            self._group.append(entry)
+            with anyio.CancelScope(shield=True):
+                async with self._group_lock:
+                    if not entry.finished:
+                        group, self._group = self._group, []
+                        await self._run(self._tx_group, group)
+            if entry.error is None or not _unwritable(entry.error):
+                if entry.error is None:
+                    self._writable()
+                elif _damaged(entry.error):
+                    raise damaged_error(self.path, entry.error) from entry.error
+                return entry.result()
+            await self._wait_writable(entry.error)  # its savepoint was rolled back
 
     def _tx_group(self, group: list[_Grouped[Any]]) -> None:
         db = self._db
@@ -339,10 +467,11 @@ class Journal:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             result = func(self._db)
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # a failed COMMIT may have rolled back already
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
         return result
 
     # -- discovery -------------------------------------------------------------------
@@ -354,7 +483,7 @@ class Journal:
         queued again (even if it was uploaded: it must be uploaded again). A
         known, unchanged file keeps its state, failed included.
         """
-        return await self._run(self._tx, lambda db: self._record_discovered(db, watch, found))
+        return await self._write(lambda db: self._record_discovered(db, watch, found))
 
     @staticmethod
     def _record_discovered(db: sqlite3.Connection, watch: str, found: Sequence[Discovered]) -> int:
@@ -420,7 +549,7 @@ class Journal:
                 (watch, os.fsencode(rel_path), key, error, now, now),
             )
 
-        await self._run(self._tx, work)
+        await self._write(work)
 
     # -- the queue -------------------------------------------------------------------
 
@@ -445,7 +574,7 @@ class Journal:
             )
             return [_record(row) for row in rows]
 
-        return await self._run(self._tx, work)
+        return await self._write(work)
 
     async def next_due(self, watches: Iterable[str] | None = None) -> float | None:
         """When the earliest queued file (of ``watches``, None = all) becomes due, or None."""
@@ -468,7 +597,7 @@ class Journal:
                 (time.time(),),
             ).rowcount
 
-        return await self._run(self._tx, work)
+        return await self._write(work)
 
     async def requeue(self, file_id: int, error: str | None = None) -> None:
         """Put an in-flight file back without counting an attempt (shutdown, credentials).
@@ -495,7 +624,7 @@ class Journal:
                 args,
             ).rowcount
 
-        return await self._run(self._tx, work)
+        return await self._write(work)
 
     # -- one file's progress -----------------------------------------------------------
 
@@ -506,7 +635,7 @@ class Journal:
                 (*args, time.time(), file_id),
             ).rowcount
 
-        return await self._run(self._tx, work)
+        return await self._write(work)
 
     async def start_upload(
         self, file_id: int, upload_id: str, part_size: int, size: int, mtime_ns: int
@@ -529,7 +658,7 @@ class Journal:
                 (time.time(), file_id),
             )
 
-        await self._run(self._tx, work)
+        await self._write(work)
 
     async def add_part(self, file_id: int, upload_id: str, part: PartRecord) -> None:
         def work(db: sqlite3.Connection) -> None:
@@ -626,7 +755,7 @@ class Journal:
         def work(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM files WHERE id=?", (file_id,))
 
-        await self._run(self._tx, work)
+        await self._write(work)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -669,7 +798,9 @@ class Journal:
                 "GROUP BY watch, state"
             ):
                 by_watch.setdefault(watch, {})[state] = Counts(files, size)
-            return JournalStatistics(by_watch)
+            return JournalStatistics(
+                by_watch, str(self.path), self.write_error, self.write_error_since
+            )
 
         return await self._run(work)
 
@@ -729,7 +860,7 @@ class Journal:
                 values,
             )
 
-        await self._run(self._tx, work)
+        await self._write(work)
 
     async def set_batch_hook(self, batch: BatchRecord, state: str, detail: str | None) -> bool:
         """Where a completion's hook stands; False once a later completion replaced it."""
@@ -744,7 +875,7 @@ class Journal:
                 == 1
             )
 
-        return await self._run(self._tx, work)
+        return await self._write(work)
 
     async def completed_batches(
         self, *, hook_state: str | None = None, limit: int = -1

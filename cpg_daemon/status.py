@@ -64,6 +64,7 @@ def gather(
     queued_bytes = journal.total("queued").bytes + journal.total("uploading").bytes
     throughput = uploader.throughput_bytes_per_s
     now = datetime.now(timezone.utc)
+    since = journal.write_error_since
     return {
         "version": __version__,
         "state": state,
@@ -88,6 +89,12 @@ def gather(
         "watches": per_watch,
         "recent_errors": [dataclasses.asdict(e) for e in reversed(scheduler.recent_errors)],
         "batches": _batches(batches),
+        "journal": {
+            "path": journal.path,
+            "writable": journal.write_error is None,
+            "error": journal.write_error,
+            "since": None if since is None else timestamp(since),
+        },
     }
 
 
@@ -215,6 +222,12 @@ def render(status: dict[str, Any], errors: int = 5) -> str:
     if status.get("eta_s") is not None:
         line += f", about {duration(status['eta_s'])} left"
     lines.append(line)
+    journal = status.get("journal") or {}
+    if journal.get("error"):
+        lines.append(
+            f"journal: UNWRITABLE since {journal['since']}, no new uploads start: "
+            f"{journal['error']}"
+        )
     for watch in status["watches"]:
         flag = "  [paused]" if watch["paused"] else ""
         lines.append(f"watch {watch['name']}: {watch['path']} -> {watch['destination']}{flag}")

@@ -1,0 +1,254 @@
+"""A bad environment: the state directory full, a corrupt journal, the inotify watch
+limit reached, the system clock jumping. The daemon runs as a real subprocess
+against the local S3 server; the disk is a real (small) tmpfs, the watch limit a
+real kernel limit (in a user namespace of the daemon's own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonproc import (
+    Daemon,
+    journal_rows,
+    object_bytes,
+    one_watch_config,
+    run_cli,
+    wait_until,
+    write_file,
+)
+from s3server import S3Server
+
+PREFIX = "cpg0001-env/broad/images/2024_01_01_Batch1/images/"
+
+
+def _config(tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, bucket: str) -> Path:
+    return one_watch_config(
+        tmp_path / "env.toml",
+        state_dir=layout["state"],
+        endpoint_url=s3_server.endpoint_url,
+        watch_path=layout["watch"],
+        destination=f"s3://{bucket}/{PREFIX}",
+        settle="0.3s",
+        daemon={"log_level": "info"},
+    )
+
+
+def _status(config: Path) -> dict[str, Any]:
+    result = run_cli("status", "--json", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def _all_uploaded(
+    state: Path, s3_client: Any, bucket: str, expected: dict[str, bytes]
+) -> bool:
+    rows = journal_rows(state)
+    if len(rows) != len(expected) or any(r["state"] != "uploaded" for r in rows):
+        return False
+    return all(object_bytes(s3_client, bucket, PREFIX + k) == v for k, v in expected.items())
+
+
+def _integrity(journal: Path) -> str:
+    with closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+# -- the state directory full -------------------------------------------------------------
+
+
+def _can_mount() -> bool:
+    return os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+@pytest.fixture
+def small_state_dir(layout: dict[str, Path]) -> Iterator[Path]:
+    """The state directory on a 3 MiB tmpfs of its own."""
+    state = layout["state"]
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(state)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Write a file until the filesystem holding ``folder`` has no space left."""
+    filler = folder / "filler"
+    chunk = b"\0" * 65536
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(chunk)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.skipif(not _can_mount(), reason="mounting a small tmpfs needs root")
+def test_state_dir_full_stops_new_work_and_recovers_without_corruption(
+    tmp_path: Path,
+    layout: dict[str, Path],
+    small_state_dir: Path,
+    s3_server: S3Server,
+    s3_client: Any,
+    bucket: str,
+) -> None:
+    config = _config(tmp_path, layout, s3_server, bucket)
+    expected = {f"before/f{i:03d}.tiff": os.urandom(100) for i in range(20)}
+    for rel, data in expected.items():
+        write_file(layout["watch"] / rel, data)
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        wait_until(
+            lambda: _all_uploaded(small_state_dir, s3_client, bucket, expected),
+            30,
+            "the first files uploaded",
+        )
+        filler = _fill(small_state_dir)
+        # New files arrive while nothing more fits on the journal's disk: each
+        # wave of them needs journal writes, which fail, until the daemon says so.
+        wave = 0
+        while not any(e.get("event") == "journal_unwritable" for e in daemon.events()):
+            assert wave < 20, "no journal_unwritable event: " + daemon.log_text()[-3000:]
+            for i in range(100):
+                rel = f"during/w{wave:02d}/f{i:03d}.tiff"
+                expected[rel] = os.urandom(100) + rel.encode()
+                write_file(layout["watch"] / rel, expected[rel])
+            wave += 1
+            time.sleep(1.0)
+        event = daemon.wait_for_event("journal_unwritable")
+        assert str(small_state_dir) in event["hint"]
+        status = _status(config)
+        assert status["journal"]["writable"] is False
+        assert "full" in status["journal"]["error"]
+        assert daemon.process.poll() is None, "the daemon must not exit while the disk is full"
+
+        filler.unlink()  # an administrator frees space
+        daemon.wait_for_event("journal_writable")
+        wait_until(
+            lambda: _all_uploaded(small_state_dir, s3_client, bucket, expected),
+            90,
+            f"all {len(expected)} files uploaded once space returned",
+        )
+        assert _status(config)["journal"]["writable"] is True
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    assert _integrity(small_state_dir / "journal.sqlite3") == "ok"
+    listed = s3_client.list_objects_v2(Bucket=bucket, MaxKeys=1000).get("Contents", [])
+    assert sorted(o["Key"] for o in listed) == sorted(PREFIX + k for k in expected)
+
+
+# -- a corrupt journal ----------------------------------------------------------------------
+
+
+def _scribble_over_a_page(journal: Path) -> None:
+    """Overwrite one page in the middle of the file, keeping the header: real damage."""
+    with open(journal, "r+b") as out:
+        size = out.seek(0, os.SEEK_END)
+        page = 4096
+        assert size >= 4 * page, f"journal too small to damage: {size} bytes"
+        out.seek((size // page // 2) * page)
+        out.write(b"\xa5" * page)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "page"])
+def test_corrupt_journal_refuses_to_start_and_recover_journal_gets_it_going(
+    tmp_path: Path,
+    layout: dict[str, Path],
+    s3_server: S3Server,
+    s3_client: Any,
+    bucket: str,
+    damage: str,
+) -> None:
+    config = _config(tmp_path, layout, s3_server, bucket)
+    expected = {f"Plate1/f{i:03d}.tiff": os.urandom(2000) for i in range(150)}
+    for rel, data in expected.items():
+        write_file(layout["watch"] / rel, data)
+    daemon = Daemon(config, tmp_path / "first.log")
+    try:
+        wait_until(
+            lambda: _all_uploaded(layout["state"], s3_client, bucket, expected),
+            60,
+            "the first files uploaded",
+        )
+    finally:
+        assert daemon.terminate() == 0
+    journal = layout["state"] / "journal.sqlite3"
+    if damage == "garbage":
+        journal.write_bytes(os.urandom(8192))
+    else:
+        _scribble_over_a_page(journal)
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "cpg_daemon", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "damaged" in refused.stderr and "cpg-daemon recover-journal" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    damaged_bytes = journal.read_bytes()  # refusing to start changed nothing
+
+    recovered = run_cli("recover-journal", "-c", str(config))
+    assert recovered.returncode == 0, recovered.stderr
+    aside = sorted(layout["state"].glob("journal.sqlite3.damaged-*"))
+    assert [p for p in aside if not p.name.endswith(("-wal", "-shm"))], recovered.stdout
+    assert aside[0].read_bytes() == damaged_bytes, "the damaged journal is kept for a person"
+    assert str(aside[0]) in recovered.stdout
+    again = run_cli("recover-journal", "-c", str(config))
+    assert again.returncode == 0 and "nothing to recover" in again.stdout
+
+    # The next start sends nothing already on S3 again, and takes new files.
+    expected["Plate2/new.tiff"] = b"arrived after the recovery"
+    write_file(layout["watch"] / "Plate2/new.tiff", expected["Plate2/new.tiff"])
+    mark = s3_server.mark()
+    daemon = Daemon(config, tmp_path / "after.log")
+    try:
+        wait_until(
+            lambda: _all_uploaded(layout["state"], s3_client, bucket, expected),
+            60,
+            "every file recorded uploaded after the recovery",
+        )
+    finally:
+        assert daemon.terminate() == 0
+    puts = [r for r in s3_server.requests(since=mark) if r.bucket == bucket and r.method == "PUT"]
+    assert [r.key for r in puts] == [PREFIX + "Plate2/new.tiff"]
+    assert _integrity(journal) == "ok"
+
+
+def test_recover_journal_refuses_while_the_daemon_runs_and_leaves_a_sound_journal(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, bucket: str
+) -> None:
+    config = _config(tmp_path, layout, s3_server, bucket)
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        daemon.wait_for_event("running")
+        busy = run_cli("recover-journal", "-c", str(config))
+        assert busy.returncode == 1
+        assert "already running" in busy.stderr
+    finally:
+        assert daemon.terminate() == 0
+    intact = run_cli("recover-journal", "-c", str(config))
+    assert intact.returncode == 0 and "intact" in intact.stdout
+    assert (layout["state"] / "journal.sqlite3").exists()
+    assert not list(layout["state"].glob("*.damaged-*"))
