@@ -37,11 +37,13 @@ log = structlog.get_logger("cpg_daemon.watcher")
 MISSING_ROOT_POLL = 2.0
 """Seconds between looks for a watched folder that does not exist (yet)."""
 WALK_RETRY = 10.0
+"""Seconds before walking again after a folder could not be read (EMFILE, EACCES...)."""
 EVENTS_FIRST = 5.0
 """Seconds the first walk waits for filesystem events to be live (inotify set up), so a
 file created during the walk cannot slip past both; after that it walks regardless,
 and walks again once they are."""
-"""Seconds before walking again after a folder could not be read (EMFILE, EACCES...)."""
+POLL_DELAY_MS = 2000
+"""When a watch has to poll (no inotify watches left), how often it looks at every file."""
 BATCH = 500
 """Settled files handed to the journal in one transaction."""
 STRUCTURE_EXAMPLES = 20
@@ -423,8 +425,16 @@ class Watcher:
         return found
 
     async def _follow_events(self) -> None:
-        """Turn filesystem events into observations; falls back to polling if inotify fails."""
+        """Turn filesystem events into observations; falls back to polling if inotify fails.
+
+        Unreadable folders are not ignored at first: watchfiles' option for that
+        ignores every error, the inotify watch limit included, and would leave the
+        rest of the tree silently unwatched. A first permission error is reported
+        and only then ignored (with the periodic rescan as the safety net); the
+        watch limit switches this watch to polling.
+        """
         force_polling: bool | None = None
+        ignore_denied = False
         while True:
             if not await anyio.to_thread.run_sync(self._root.is_dir):
                 await anyio.sleep(MISSING_ROOT_POLL)
@@ -439,9 +449,10 @@ class Watcher:
                     watch_filter=None,
                     recursive=True,
                     force_polling=force_polling,
+                    poll_delay_ms=POLL_DELAY_MS,
                     debounce=200,
                     step=50,
-                    ignore_permission_denied=True,
+                    ignore_permission_denied=ignore_denied,
                     stop_event=self._stop,
                     rust_timeout=1000,
                     yield_on_timeout=True,
@@ -458,6 +469,16 @@ class Watcher:
                         await self._on_changes(changes)
             except OSError as exc:
                 self._watching = False
+                if isinstance(exc, PermissionError) and not ignore_denied:
+                    log.warning(
+                        "folder_unreadable",
+                        watch=self.watch.name,
+                        error=str(exc),
+                        hint="files in a folder cpg-daemon cannot read are not uploaded; "
+                        "give the daemon's user read access. Watching the rest",
+                    )
+                    ignore_denied = True
+                    continue
                 if force_polling:
                     raise
                 log.warning(

@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -90,12 +90,13 @@ def one_watch_config(
 class Daemon:
     """``cpg-daemon run -c CONFIG`` as a subprocess, its output in a log file."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(self, config: Path, log_path: Path, wrapper: Sequence[str] = ()) -> None:
+        """``wrapper``: a command line the daemon runs under (``unshare ...``, say)."""
         self.config = config
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cpg_daemon", "run", "-c", str(config)],
+            [*wrapper, sys.executable, "-m", "cpg_daemon", "run", "-c", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=os.environ.copy(),

@@ -252,3 +252,54 @@ def test_recover_journal_refuses_while_the_daemon_runs_and_leaves_a_sound_journa
     assert intact.returncode == 0 and "intact" in intact.stdout
     assert (layout["state"] / "journal.sqlite3").exists()
     assert not list(layout["state"].glob("*.damaged-*"))
+
+
+# -- the inotify watch limit ----------------------------------------------------------------
+
+
+def _low_watch_limit(limit: int) -> list[str]:
+    """A command prefix: run in a user namespace of its own whose inotify limit is ``limit``.
+
+    ``/proc/sys/user/max_inotify_watches`` belongs to the user namespace, so this lowers
+    the real kernel limit for the daemon alone, not for the machine.
+    """
+    script = f'echo {limit} > /proc/sys/user/max_inotify_watches && exec "$@"'
+    return ["unshare", "--user", "--map-root-user", "sh", "-c", script, "sh"]
+
+
+def _user_namespaces_work() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run([*_low_watch_limit(3), "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _user_namespaces_work(), reason="needs unprivileged user namespaces")
+def test_inotify_watch_limit_falls_back_to_polling_with_a_warning(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    config = _config(tmp_path, layout, s3_server, bucket)
+    expected = {f"Plate{i}/Images/f.tiff": f"plate {i}".encode() for i in range(6)}
+    for rel, data in expected.items():  # 13 folders, more than the 4 watches allowed
+        write_file(layout["watch"] / rel, data)
+    daemon = Daemon(config, tmp_path / "daemon.log", wrapper=_low_watch_limit(4))
+    try:
+        warning = daemon.wait_for_event("events_unavailable_polling")
+        assert "max_user_watches" in warning["hint"] and warning["level"] == "warning"
+        wait_until(
+            lambda: _all_uploaded(layout["state"], s3_client, bucket, expected),
+            60,
+            "the files there at start uploaded",
+        )
+        # Files that arrive later are found by polling (the periodic walk is 10 minutes away).
+        for i in range(3):
+            rel = f"Plate9/Images/late{i}.tiff"
+            expected[rel] = f"late {i}".encode()
+            write_file(layout["watch"] / rel, expected[rel])
+        wait_until(
+            lambda: _all_uploaded(layout["state"], s3_client, bucket, expected),
+            30,
+            "files created after the fallback uploaded",
+        )
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
