@@ -118,6 +118,8 @@ def _failure(
     detail = f"{name}: {getattr(error, 'message', str(error))}"
     if name in _SERVER_ERRORS:  # the CRT keeps no status or body for these
         return RetryableError(f"{what}: {_SERVER_ERRORS[name]}")
+    if name == "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED":  # nor for this one
+        return classify(what, "RequestTimeTooSkewed", 403, "")
     if "AUTH" in name or "CREDENTIALS" in name:
         return CredentialsError(f"{what}: cannot sign the request: {detail}")
     if name.startswith(("AWS_IO_SOCKET", "AWS_IO_DNS")):

@@ -727,6 +727,21 @@ class Journal:
 
         return await self._grouped(work)
 
+    async def shift_due(self, seconds: float) -> int:
+        """Move every queued file's due time by ``seconds``, as the clock just moved.
+
+        A file that was due stays due, one that was waiting waits as long as it
+        would have. Returns how many files moved.
+        """
+
+        def work(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE files SET not_before=not_before+? WHERE state='queued' AND not_before>0",
+                (seconds,),
+            ).rowcount
+
+        return await self._write(work)
+
     async def mark_retry(self, file_id: int, error: str, not_before: float) -> None:
         """A failed attempt that will be tried again after ``not_before``."""
         await self._update(

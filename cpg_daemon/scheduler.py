@@ -43,6 +43,8 @@ CREDENTIALS_PREFIX = "credentials:"
 """Marks a last error as a refusal of the keys (see Scheduler._credentials_refused)."""
 IDLE_POLL = 5.0
 """Seconds the feeder sleeps at most when nothing is due (a wake-up cuts it short)."""
+CLOCK_JUMP = 5.0
+"""Seconds by which the wall clock must move against the monotonic clock to count as a jump."""
 
 
 def backoff(attempt: int) -> float:
@@ -99,6 +101,8 @@ class Scheduler:
         self._idle.set()
         self._recent: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
         self._finished: list[Callable[[FileRecord], None]] = []
+        self._clock_offset = time.time() - time.monotonic()
+        """Wall minus monotonic time: when it moves, the system clock was set."""
 
     # -- control -------------------------------------------------------------------------
 
@@ -185,6 +189,7 @@ class Scheduler:
             self._wake_event = anyio.Event()
             if self._draining:
                 await anyio.sleep_forever()
+            await self._follow_clock()
             # Only configured watches: rows of a watch removed from the configuration
             # stay in the journal untouched until it comes back.
             active = [] if self._paused_all else sorted(set(self._watches) - self._paused)
@@ -199,6 +204,27 @@ class Scheduler:
             timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.0, due - time.time()))
             with anyio.move_on_after(timeout):
                 await self._wake_event.wait()
+
+    async def _follow_clock(self) -> None:
+        """Keep retry and settle delays when the system clock is set (NTP stepping it, say).
+
+        The journal keeps due times as wall-clock times. Without this, setting the
+        clock back an hour would hold every file waiting for a retry an hour longer,
+        and setting it forward would retry them all at once.
+        """
+        offset = time.time() - time.monotonic()
+        jump = offset - self._clock_offset
+        if abs(jump) < CLOCK_JUMP:
+            return
+        self._clock_offset = offset
+        moved = await self._journal.shift_due(jump)
+        log.warning(
+            "clock_jumped",
+            seconds=round(jump, 1),
+            files_rescheduled=moved,
+            hint="the system clock was set; retry times moved with it. Keep NTP on: "
+            "S3 refuses requests from a clock more than 15 minutes off",
+        )
 
     async def _worker(self, receive: anyio.abc.ObjectReceiveStream[FileRecord]) -> None:
         async with receive:
@@ -278,6 +304,7 @@ class Scheduler:
         delay = backoff(record.attempts)
         log.warning("retry_later", error=error, seconds=round(delay, 1))
         self._remember(path, record.key, error)
+        await self._follow_clock()  # before a due time on the wall clock is written
         await self._journal.mark_retry(record.id, error, time.time() + delay)
         self.wake()
 
@@ -291,6 +318,7 @@ class Scheduler:
             await self._journal.forget(record.id)
             return
         log.info("changed_while_uploading", key=record.key)
+        await self._follow_clock()
         await self._journal.requeue_changed(
             record.id, now.size, now.mtime_ns, time.time() + watch.settle
         )

@@ -109,6 +109,11 @@ def classify(what: str, code: str, status: int, message: str) -> CpgError:
         return UploadGoneError(text)
     if code in _CREDENTIAL_CODES:
         return CredentialsError(text)
+    if code == "RequestTimeTooSkewed":  # retried: NTP may put the clock right meanwhile
+        return RetryableError(
+            f"{what}: this machine's clock differs from S3's by more than 15 minutes "
+            "(RequestTimeTooSkewed); enable NTP (timedatectl set-ntp true)"
+        )
     if code in _PER_FILE_CODES:
         return SkipFileError(f"{what}: {_PER_FILE_CODES[code]} ({code})")
     if code in _REGION_CODES:

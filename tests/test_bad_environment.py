@@ -6,12 +6,15 @@ real kernel limit (in a user namespace of the daemon's own).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -303,3 +306,113 @@ def test_inotify_watch_limit_falls_back_to_polling_with_a_warning(
         )
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+
+
+# -- the system clock jumping -------------------------------------------------------------
+
+
+def _libfaketime() -> str | None:
+    """The libfaketime the ``libfaketime`` package ships (it sets a process's clock)."""
+    try:
+        import libfaketime
+    except ImportError:
+        return None
+    library = Path(libfaketime.__file__).parent / "vendor/libfaketime/src/libfaketime.so.1"
+    return str(library) if library.is_file() else None
+
+
+class _LateRelay:
+    """A TCP relay to the S3 server on a port chosen now, listening only from ``open()``."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream = upstream_port
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = int(probe.getsockname()[1])
+        probe.close()
+        self._listener: socket.socket | None = None
+
+    def open(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", self._upstream)) as upstream:
+            back = threading.Thread(target=self._pipe, args=(upstream, client), daemon=True)
+            back.start()
+            self._pipe(client, upstream)
+            back.join()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.skipif(_libfaketime() is None, reason="needs the libfaketime package")
+def test_clock_set_back_an_hour_does_not_hold_retries_back_and_loses_nothing(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    mark = s3_server.mark()
+    relay = _LateRelay(s3_server.port)
+    config = one_watch_config(
+        tmp_path / "clock.toml",
+        state_dir=layout["state"],
+        endpoint_url=f"http://127.0.0.1:{relay.port}",
+        watch_path=layout["watch"],
+        destination=f"s3://{bucket}/{PREFIX}",
+        settle="1s",
+        daemon={"log_level": "info"},
+    )
+    offset = tmp_path / "clock-offset"
+    offset.write_text("+0\n")
+    clock = [
+        "env",
+        f"LD_PRELOAD={_libfaketime()}",
+        f"FAKETIME_TIMESTAMP_FILE={offset}",
+        "FAKETIME_NO_CACHE=1",
+        "FAKETIME_DONT_FAKE_MONOTONIC=1",  # only the wall clock is set, as NTP or date -s do
+    ]
+    expected = {"Plate1/a.tiff": b"before the jump"}
+    write_file(layout["watch"] / "Plate1/a.tiff", expected["Plate1/a.tiff"])
+    daemon = Daemon(config, tmp_path / "daemon.log", wrapper=clock)
+    try:
+        # S3 cannot be reached yet: the file waits for a retry a few seconds away.
+        retry = daemon.wait_for_event("retry_later", timeout=60)
+        assert retry["seconds"] < 60
+        offset.write_text("-3600\n")  # the clock is set back an hour
+        relay.open()  # and S3 can be reached again
+        jumped = daemon.wait_for_event("clock_jumped", timeout=30)
+        assert -3700 < jumped["seconds"] < -3500 and jumped["files_rescheduled"] == 1
+        wait_until(
+            lambda: _all_uploaded(layout["state"], s3_client, bucket, expected),
+            40,
+            "the retry, not an hour later",
+        )
+        offset.write_text("+7200\n")  # then forward, past where it was
+        expected["Plate1/b.tiff"] = b"after the jumps"
+        write_file(layout["watch"] / "Plate1/b.tiff", expected["Plate1/b.tiff"])
+        wait_until(
+            lambda: _all_uploaded(layout["state"], s3_client, bucket, expected),
+            40,
+            "a new file after the clock went forward",
+        )
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+        relay.close()
+    puts = [r for r in s3_server.requests(since=mark) if r.bucket == bucket and r.method == "PUT"]
+    assert sorted(r.key for r in puts) == sorted(PREFIX + k for k in expected)

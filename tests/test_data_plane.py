@@ -135,6 +135,7 @@ def error_server() -> Iterator[tuple[int, type[_ErrorReplies]]]:
         (403, "SignatureDoesNotMatch", CredentialsError, "SignatureDoesNotMatch"),
         (500, "InternalError", RetryableError, "InternalError|HTTP 5xx"),
         (503, "SlowDown", RetryableError, "SlowDown"),
+        (403, "RequestTimeTooSkewed", RetryableError, "clock differs from S3's"),
     ],
 )
 async def test_error_replies_are_classified_the_same_way(
