@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -136,11 +137,21 @@ def load_config(path: Path) -> Config:
     """Read and validate a configuration file."""
     file = str(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as stream:
+            mode = os.fstat(stream.fileno()).st_mode
+            raw = stream.read()
     except FileNotFoundError:
         raise ConfigError(file, "", "the configuration file does not exist") from None
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read the configuration file: {exc.strerror}") from None
+    if mode & stat.S_IWOTH and stat.S_ISREG(mode):
+        raise ConfigError(
+            file,
+            "",
+            f"the configuration file is writable by every user (mode {stat.S_IMODE(mode):04o}): "
+            "anyone could send the data elsewhere or have the daemon run their command. "
+            f"Fix it with: chmod o-w {path}",
+        )
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -376,6 +376,23 @@ def test_directory_instead_of_a_file(tmp_path: Path) -> None:
     assert str(tmp_path) in str(excinfo.value)
 
 
+@pytest.mark.parametrize(("mode", "refused"), [(0o666, True), (0o646, True), (0o664, False)])
+def test_a_config_every_user_may_write_is_refused(
+    tmp_path: Path, mode: int, refused: bool
+) -> None:
+    """It names the commands the daemon runs and where the data goes: not for everyone."""
+    path = tmp_path / "config.toml"
+    path.write_text('[s3]\nregion = "us-east-1"\n', encoding="utf-8")
+    path.chmod(mode)
+    if not refused:
+        assert load_config(path).s3.region == "us-east-1"
+        return
+    with pytest.raises(ConfigError, match="writable by every user") as excinfo:
+        load_config(path)
+    assert f"chmod o-w {path}" in str(excinfo.value)
+    assert str(excinfo.value).startswith(str(path))
+
+
 # -- the command line ---------------------------------------------------------------------
 
 
