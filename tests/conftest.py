@@ -31,6 +31,32 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         server.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_output() -> Iterator[None]:
+    """After the whole session: no test secret in any daemon log or command output.
+
+    The long-term test key and every key and token the fake control plane minted
+    are looked for in everything the daemons and commands of every test wrote.
+    """
+    yield
+    from daemonproc import CLI_OUTPUT, DAEMON_LOGS
+    from fakes import MINTED_SECRETS
+
+    secrets = [TEST_SECRET_ACCESS_KEY, *MINTED_SECRETS]
+    outputs = [(f"cpg-daemon {args}", text) for args, text in CLI_OUTPUT]
+    outputs += [
+        (str(log), log.read_text(encoding="utf-8", errors="replace"))
+        for log in DAEMON_LOGS
+        if log.exists()
+    ]
+    leaks = [(where, s[:6] + "...") for where, text in outputs for s in secrets if s in text]
+    assert leaks == [], f"secrets in output: {leaks[:10]}"
+    print(
+        f"\nsecret scan: {len(secrets)} secrets looked for in {len(DAEMON_LOGS)} daemon logs "
+        f"and {len(CLI_OUTPUT)} command outputs: none found"
+    )
+
+
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Dummy credentials and no config files, so no test can reach real AWS."""

@@ -17,6 +17,11 @@ from typing import Any
 
 DEFAULT_TIMEOUT = 30.0
 
+DAEMON_LOGS: list[Path] = []
+"""The log of every daemon subprocess of the session (conftest scans them for secrets)."""
+CLI_OUTPUT: list[tuple[str, str]] = []
+"""(command, stdout + stderr) of every ``run_cli`` of the session, scanned likewise."""
+
 
 def write_config(
     path: Path,
@@ -94,6 +99,7 @@ class Daemon:
         """``wrapper``: a command line the daemon runs under (``unshare ...``, say)."""
         self.config = config
         self.log_path = log_path
+        DAEMON_LOGS.append(log_path)
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "cpg_daemon", "run", "-c", str(config)],
@@ -202,13 +208,15 @@ def exchange(path: Path, payload: bytes, timeout: float = 10.0) -> list[dict[str
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``cpg-daemon ARGS...`` as a subprocess, its output captured as text."""
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "cpg_daemon", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
+    CLI_OUTPUT.append((" ".join(args), result.stdout + result.stderr))
+    return result
 
 
 def object_bytes(s3_client: Any, bucket: str, key: str) -> bytes | None:

@@ -138,6 +138,11 @@ class MintedKeys:
         }
 
 
+MINTED_SECRETS: list[str] = []
+"""Every secret key and session token any registry minted in this test session (conftest
+scans all the output of the session for them)."""
+
+
 class KeyRegistry:
     """Thread-safe store of minted temporary keys, plus control-plane failure switches.
 
@@ -173,6 +178,7 @@ class KeyRegistry:
         with self._lock:
             self._keys[keys.access_key_id] = keys
             self._mints.append(keys)
+            MINTED_SECRETS.extend((keys.secret_access_key, keys.session_token))
         return keys
 
     def check(self, access_key_id: str, session_token: str | None) -> str | None:
