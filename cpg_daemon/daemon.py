@@ -294,7 +294,13 @@ class Daemon:
         (by hand, or by a lost journal): its destination is listed first, so
         those files are checked on the server rather than sent again.
         """
-        watcher = Watcher(watch, journal, scheduler.wake, self.config.daemon.rescan_interval)
+        watcher = Watcher(
+            watch,
+            journal,
+            scheduler.wake,
+            self.config.daemon.rescan_interval,
+            on_rejected=scheduler.remember,
+        )
         scope = anyio.CancelScope()
         self._watchers[watch.name] = _RunningWatch(watcher, scope)
 

@@ -13,9 +13,11 @@ import io
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, cast
 
 from cpg_daemon.checksums import ALGORITHMS, Algorithm, ChecksumName, encode
@@ -52,14 +54,74 @@ def _os_errors(path: Path) -> Iterator[None]:
         raise SkipFileError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def stat_sync(path: Path) -> FileStat:
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)  # a symlink where the file was: ELOOP
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO where the file was: no wait for a writer
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+_ROOT: ContextVar[Path | None] = ContextVar("cpg_daemon_files_root", default=None)
+
+
+@contextmanager
+def confined_to(root: Path) -> Iterator[None]:
+    """Within this block (and tasks started in it), files are read only below ``root``."""
+    token = _ROOT.set(root)
+    try:
+        yield
+    finally:
+        _ROOT.reset(token)
+
+
+def _confine(path: Path, root: Path | None, actual: str) -> None:
+    """Raise VanishedError unless ``actual`` (a resolved path) is ``path`` below ``root``.
+
+    O_NOFOLLOW guards only the last component: a folder on the way replaced by a
+    symbolic link (to /etc, say) would still be followed. Comparing where the
+    file really is with where it should be catches that.
+    """
+    if root is None:
+        return
+    expected = os.path.join(os.path.realpath(root), os.path.relpath(path, root))
+    if actual != expected:
+        raise VanishedError(
+            f"{path} now leads out of its folder through a symbolic link, which is never followed"
+        )
+
+
+def _open_regular(path: Path, root: Path | None) -> int:
+    """A descriptor of the regular file at ``path``, never through a symlink, never blocking."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise VanishedError(f"{path} is no longer a regular file")
+        if root is not None:
+            try:
+                actual = os.readlink(f"/proc/self/fd/{fd}")  # where the open file really is
+            except OSError:  # no /proc: resolve the name instead
+                actual = os.path.join(os.path.realpath(path.parent), path.name)
+            _confine(path, root, actual)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def stat_sync(path: Path, root: Path | None = None) -> FileStat:
+    """Size and mtime of the regular file at ``path`` (below ``root``, when given)."""
     with _os_errors(path):
         st = os.stat(path, follow_symlinks=False)
+        if not S_ISREG(st.st_mode):
+            raise VanishedError(f"{path} is no longer a regular file")
+        if root is not None:
+            _confine(path, root, os.path.join(os.path.realpath(path.parent), path.name))
     return FileStat(st.st_size, st.st_mtime_ns)
 
 
 async def stat(path: Path) -> FileStat:
-    return await FILES.run(stat_sync, path)
+    return await FILES.run(stat_sync, path, _ROOT.get())
 
 
 def _check(path: Path, fd: int, expected: FileStat) -> None:
@@ -91,6 +153,7 @@ def read_range_sync(
     expected: FileStat,
     checksum: ChecksumName,
     body: io.BytesIO,
+    root: Path | None = None,
 ) -> bytes:
     """Fill ``body`` (from ``request_body(length)``) with the file's bytes; their checksum.
 
@@ -101,10 +164,11 @@ def read_range_sync(
     its buffer).
 
     Raises FileChangedError when the file's size or mtime differs from
-    ``expected`` before or after the read.
+    ``expected`` before or after the read, and VanishedError when ``path`` is
+    no longer a regular file below ``root``.
     """
     with _os_errors(path):
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd = _open_regular(path, root)
         try:
             _check(path, fd, expected)
             with body.getbuffer() as view:
@@ -125,21 +189,28 @@ def read_range_sync(
 
 
 async def read_range(
-    path: Path, offset: int, length: int, expected: FileStat, checksum: ChecksumName
+    path: Path,
+    offset: int,
+    length: int,
+    expected: FileStat,
+    checksum: ChecksumName,
 ) -> tuple[io.BytesIO, bytes]:
     """``length`` bytes at ``offset`` as a request body, and their raw checksum."""
     body = request_body(length)
-    digest = await FILES.run(read_range_sync, path, offset, length, expected, checksum, body)
+    root = _ROOT.get()
+    digest = await FILES.run(read_range_sync, path, offset, length, expected, checksum, body, root)
     return body, digest
 
 
-def whole_file_checksum_sync(path: Path, checksum: ChecksumName, expected: FileStat) -> str:
+def whole_file_checksum_sync(
+    path: Path, checksum: ChecksumName, expected: FileStat, root: Path | None = None
+) -> str:
     """The checksum of the whole file as S3 reports it for a full-object checksum."""
     algorithm = ALGORITHMS[checksum]
     crc = algorithm.crc
     value = 0
     sha = hashlib.sha256()
-    with _os_errors(path), open(path, "rb") as handle:
+    with _os_errors(path), os.fdopen(_open_regular(path, root), "rb") as handle:
         _check(path, handle.fileno(), expected)
         while chunk := handle.read(READ_CHUNK):
             if crc is not None:
@@ -153,7 +224,7 @@ def whole_file_checksum_sync(path: Path, checksum: ChecksumName, expected: FileS
 
 
 async def whole_file_checksum(path: Path, checksum: ChecksumName, expected: FileStat) -> str:
-    return await FILES.run(whole_file_checksum_sync, path, checksum, expected)
+    return await FILES.run(whole_file_checksum_sync, path, checksum, expected, _ROOT.get())
 
 
 def file_digests(
@@ -176,7 +247,7 @@ def file_digests(
     parts: list[bytes] = []
     part = new()
     in_part = 0
-    with _os_errors(path), open(path, "rb") as handle:
+    with _os_errors(path), os.fdopen(_open_regular(path, None), "rb") as handle:
         _check(path, handle.fileno(), expected)
         while chunk := handle.read(READ_CHUNK):
             whole.update(chunk)

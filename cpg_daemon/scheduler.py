@@ -250,7 +250,10 @@ class Scheduler:
         watch = self._watches[record.watch]
         store = self._stores[record.watch]
         path = watch.path / record.rel_path
-        with structlog.contextvars.bound_contextvars(watch=record.watch, path=str(path)):
+        with (
+            structlog.contextvars.bound_contextvars(watch=record.watch, path=str(path)),
+            files.confined_to(watch.path),  # a folder swapped for a symlink is not followed
+        ):
             try:
                 outcome = await self._uploader.upload(store, record, path)
             except VanishedError:
@@ -303,7 +306,7 @@ class Scheduler:
             return
         delay = backoff(record.attempts)
         log.warning("retry_later", error=error, seconds=round(delay, 1))
-        self._remember(path, record.key, error)
+        self.remember(path, record.key, error)
         await self._follow_clock()  # before a due time on the wall clock is written
         await self._journal.mark_retry(record.id, error, time.time() + delay)
         self.wake()
@@ -326,9 +329,10 @@ class Scheduler:
 
     async def _fail(self, record: FileRecord, path: Path, error: str) -> None:
         log.error("upload_failed", key=record.key, error=error)
-        self._remember(path, record.key, error)
+        self.remember(path, record.key, error)
         await self._journal.mark_failed(record.id, error)
 
-    def _remember(self, path: Path, key: str, error: str) -> None:
+    def remember(self, path: Path, key: str, error: str) -> None:
+        """List a failure among the recent errors ``status`` shows."""
         at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self._recent.append(RecentError(str(path), key, error, at))

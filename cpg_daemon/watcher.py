@@ -42,6 +42,8 @@ EVENTS_FIRST = 5.0
 """Seconds the first walk waits for filesystem events to be live (inotify set up), so a
 file created during the walk cannot slip past both; after that it walks regardless,
 and walks again once they are."""
+UNDECODABLE_BACKOFF = 60.0
+"""Most seconds between restarts of a poll that a name which is not UTF-8 stopped."""
 POLL_DELAY_MS = 2000
 """When a watch has to poll (no inotify watches left), how often it looks at every file."""
 BATCH = 500
@@ -55,6 +57,17 @@ class Seen:
     rel_path: str
     size: int
     mtime_ns: int
+
+
+def _undecodable_name(exc: BaseException) -> str | None:
+    """watchfiles' message if ``exc`` (or one inside it) says a name is not UTF-8."""
+    for inner in getattr(exc, "exceptions", ()):
+        found = _undecodable_name(inner)
+        if found is not None:
+            return found
+    if isinstance(exc, RuntimeError) and "Unable to decode path" in str(exc):
+        return str(exc)
+    return None
 
 
 @dataclass(frozen=True)
@@ -135,10 +148,13 @@ class Watcher:
         on_queued: Callable[[], None],
         rescan_interval: float,
         remote_sizes: dict[str, int] | None = None,
+        on_rejected: Callable[[Path, str, str], None] | None = None,
     ) -> None:
         self.watch = watch
         self._journal = journal
         self._on_queued = on_queued
+        self._on_rejected = on_rejected
+        """Told (path, key, reason) of each file kept out: a name S3 cannot take, say."""
         self._rescan_interval = rescan_interval
         self._filter = PathFilter(watch.include, watch.exclude)
         self._root = watch.path
@@ -305,9 +321,7 @@ class Watcher:
                     self._rejected.add(seen.rel_path)
                     shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
                     log.warning("bad_name", path=shown, error=problem)
-                    await self._journal.record_rejected(
-                        self.watch.name, seen.rel_path, shown, problem
-                    )
+                    await self._reject(seen.rel_path, shown, problem)
                 continue
             if self.watch.structure != "off" and await self._keep_out(seen, key):
                 continue
@@ -385,10 +399,14 @@ class Watcher:
         if before is None or not before[2]:
             self._structure_rejected += 1
         self._kept_out[seen.rel_path] = (*version, True)
-        await self._journal.record_rejected(
-            self.watch.name, seen.rel_path, key, f'kept out by structure = "reject": {reject}'
-        )
+        await self._reject(seen.rel_path, key, f'kept out by structure = "reject": {reject}')
         return True
+
+    async def _reject(self, rel_path: str, key: str, reason: str) -> None:
+        await self._journal.record_rejected(self.watch.name, rel_path, key, reason)
+        if self._on_rejected is not None:
+            shown = os.fsencode(rel_path).decode("utf-8", "backslashreplace")
+            self._on_rejected(self._root / shown, key, reason)
 
     async def _record(self, batch: list[Discovered]) -> int:
         queued = await self._journal.record_discovered(self.watch.name, batch)
@@ -435,6 +453,7 @@ class Watcher:
         """
         force_polling: bool | None = None
         ignore_denied = False
+        undecodable = 0
         while True:
             if not await anyio.to_thread.run_sync(self._root.is_dir):
                 await anyio.sleep(MISSING_ROOT_POLL)
@@ -488,6 +507,27 @@ class Watcher:
                     hint="raise fs.inotify.max_user_watches; polling this watch meanwhile",
                 )
                 force_polling = True
+            except Exception as exc:
+                self._watching = False
+                name = _undecodable_name(exc)
+                if name is None:
+                    raise
+                # watchfiles cannot report a name that is not UTF-8: with inotify not
+                # even one already in the tree, and a poll stops at its first change.
+                # Poll, and walk after each such stop (the walk handles those names).
+                undecodable += 1
+                if undecodable == 1:
+                    log.warning(
+                        "events_unavailable_name",
+                        watch=self.watch.name,
+                        error=name,
+                        hint="a file or folder name that is not UTF-8 stops filesystem "
+                        "events; rename it. Polling this watch meanwhile",
+                    )
+                force_polling = True
+                self.request_rescan()
+                await anyio.sleep(min(2.0**undecodable, UNDECODABLE_BACKOFF))
+                continue
             self._watching = False
             if self._stop.is_set():
                 await anyio.sleep_forever()  # stopped: wait for the cancellation that follows

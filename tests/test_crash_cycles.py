@@ -20,6 +20,7 @@ README's figure), the seed ``$CPG_CRASH_SEED``::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
@@ -96,6 +97,10 @@ def _parts_rows(state_dir: Path) -> int:
         return int(count)
 
 
+def _uploading(state_dir: Path) -> bool:
+    return any(r["state"] == "uploading" for r in journal_rows(state_dir))
+
+
 def _writes(request: Request) -> bool:
     """A request that writes the object: PutObject, UploadPart, Create/Complete multipart."""
     if request.method == "PUT":
@@ -140,6 +145,8 @@ def test_kill_9_cycles_lose_nothing_and_send_nothing_twice(
     """Key -> the request-log position by which the journal had recorded it uploaded."""
     at_kill: list[tuple[int, int]] = []
     """(files uploaded, files uploading) as each kill landed."""
+    multipart_at_kill = 0
+    """Kills that landed with a multipart upload open."""
     began = time.monotonic()
 
     def note_uploaded() -> None:
@@ -156,12 +163,16 @@ def test_kill_9_cycles_lose_nothing_and_send_nothing_twice(
                 time.sleep(rng.uniform(0.1, 1.5))  # sometimes while it is starting up
             else:
                 daemon.wait_for_event("running", timeout=60)
-                time.sleep(rng.uniform(0.3, 3.0))
+                # Mostly while files are being uploaded (if there are any left to do).
+                with contextlib.suppress(AssertionError):
+                    wait_until(lambda: _uploading(layout["state"]), 5, "an upload")
+                time.sleep(rng.uniform(0.0, 1.0))
         finally:
             daemon.kill()
         rows = journal_rows(layout["state"])
         states = Counter(r["state"] for r in rows)
         at_kill.append((states["uploaded"], states["uploading"]))
+        multipart_at_kill += any(r["upload_id"] is not None for r in rows)
         note_uploaded()
 
     final_mark = s3_server.mark()
@@ -233,7 +244,9 @@ def test_kill_9_cycles_lose_nothing_and_send_nothing_twice(
     print(
         f"\ncrash cycles: {CYCLES} kill -9 cycles survived (seed {SEED}), "
         f"{len(files)} files, {sum(len(d) for _, d in files)} bytes, "
-        f"{MULTIPART_FILES} multipart; (uploaded, uploading) at each kill: {at_kill}; "
+        f"{MULTIPART_FILES} multipart; kills with files uploading "
+        f"{sum(1 for _, busy in at_kill if busy)}, with a multipart upload open "
+        f"{multipart_at_kill}; (uploaded, uploading) at each kill: {at_kill}; "
         f"part requests {sum(r.is_upload_part for r in log)} "
         f"(parts {sum(-(-len(d) // (5 * MiB)) for _, d in files if len(d) > 5 * MiB)}), "
         f"upload ids per multipart file {sorted(len(v) for v in uploads_per_key.values())}; "
