@@ -10,6 +10,7 @@ the next start resumes from there. A second signal skips the wait.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import os
@@ -57,6 +58,7 @@ START_EXTENSION = 90.0
 STOP_MARGIN = 10.0
 """Seconds asked for on stopping beyond daemon.drain_timeout, to close the journal."""
 LOCK_NAME = "daemon.lock"
+PR_SET_DUMPABLE = 4
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -644,6 +646,19 @@ def status_line(status: Mapping[str, Any]) -> str:
     return line
 
 
+def forbid_core_dumps() -> None:
+    """Keep the keys in this process's memory out of core dumps and other users' reach.
+
+    prctl(PR_SET_DUMPABLE, 0): no core dump, no ptrace by processes of the same
+    user, and /proc/<pid>/ files (environ, mem) owned by root. Linux only; elsewhere
+    (or if it fails) nothing changes.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 async def run(config: Config) -> None:
     """Run the daemon until SIGTERM/SIGINT (SIGHUP reloads the configuration)."""
+    forbid_core_dumps()
     await Daemon(config).run()

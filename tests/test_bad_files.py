@@ -236,6 +236,8 @@ def test_unreadable_file_fails_with_its_reason_others_go_on_and_retry_sends_it(
     daemon = Daemon(config, tmp_path / "unreadable.log", wrapper=wrapper)
     try:
         daemon.wait_for_event("running")
+        if wrapper:  # not dumpable: no core dump of its keys, /proc/PID/environ root's only
+            assert os.stat(f"/proc/{daemon.process.pid}/environ").st_uid == 0
         _wait_object(s3_client, bucket, PREFIX + "plate/ok.csv", readable)
         [row] = wait_until(
             lambda: [r for r in journal_rows(open_layout["state"]) if r["state"] == "failed"],

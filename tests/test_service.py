@@ -110,6 +110,7 @@ def test_the_unit_is_a_notify_service_with_watchdog_reload_and_sandbox() -> None
         "CapabilityBoundingSet=",
         "SystemCallFilter=@system-service",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "LimitCORE=0",
     ):
         assert expected in lines, expected
 
