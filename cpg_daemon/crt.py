@@ -36,7 +36,7 @@ from awscrt import auth, http, s3
 from awscrt import io as crtio
 
 from cpg_daemon.config import S3Config
-from cpg_daemon.errors import CpgError, CredentialsError, RetryableError
+from cpg_daemon.errors import CpgError, CredentialsError, RetryableError, ThrottledError
 
 STALL_SECONDS = 120.0
 """A request gets this long, plus time for its body at SLOWEST_RATE, before it is cancelled."""
@@ -117,7 +117,8 @@ def _failure(
     name = getattr(error, "name", type(error).__name__)
     detail = f"{name}: {getattr(error, 'message', str(error))}"
     if name in _SERVER_ERRORS:  # the CRT keeps no status or body for these
-        return RetryableError(f"{what}: {_SERVER_ERRORS[name]}")
+        kind = ThrottledError if name == "AWS_ERROR_S3_SLOW_DOWN" else RetryableError
+        return kind(f"{what}: {_SERVER_ERRORS[name]}")
     if name == "AWS_ERROR_S3_REQUEST_TIME_TOO_SKEWED":  # nor for this one
         return classify(what, "RequestTimeTooSkewed", 403, "")
     if "AUTH" in name or "CREDENTIALS" in name:

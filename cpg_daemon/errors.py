@@ -31,6 +31,10 @@ class RetryableError(CpgError):
     """A transient failure (network, throttling, 5xx): try the file again later, with backoff."""
 
 
+class ThrottledError(RetryableError):
+    """S3 asked for fewer requests (SlowDown): the whole daemon backs off; not the file's fault."""
+
+
 class FileChangedError(RetryableError):
     """The file changed on disk while it was being read or uploaded: restart it once it settles."""
 

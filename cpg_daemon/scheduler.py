@@ -30,6 +30,7 @@ from cpg_daemon.errors import (
     FileChangedError,
     RetryableError,
     SkipFileError,
+    ThrottledError,
     VanishedError,
 )
 from cpg_daemon.journal import FileRecord, Journal
@@ -43,6 +44,9 @@ CREDENTIALS_PREFIX = "credentials:"
 """Marks a last error as a refusal of the keys (see Scheduler._credentials_refused)."""
 IDLE_POLL = 5.0
 """Seconds the feeder sleeps at most when nothing is due (a wake-up cuts it short)."""
+THROTTLE_FIRST = 1.0
+"""Seconds of the first pause after S3 says SlowDown; each pause after a probe doubles it."""
+THROTTLE_MAX = 60.0
 CLOCK_JUMP = 5.0
 """Seconds by which the wall clock must move against the monotonic clock to count as a jump."""
 
@@ -51,6 +55,54 @@ def backoff(attempt: int) -> float:
     """Seconds before attempt ``attempt + 1``: 5 s doubling to 15 min, with 20 % jitter."""
     base: float = min(5.0 * 2 ** min(attempt, 20), 900.0)
     return base * random.uniform(0.8, 1.2)
+
+
+class Throttle:
+    """The whole daemon's back-off when S3 asks for fewer requests (SlowDown).
+
+    A throttled file is put back, its attempts untouched (S3's load is not the
+    file's fault), new files wait out a pause, and then one file at a time goes
+    as a probe. Each probe throttled again doubles the pause (1 s to 60 s); each
+    success doubles the files allowed at once, back to ``max_concurrency``.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.allowed = workers
+        """Files in flight allowed now."""
+        self.until = 0.0
+        """Monotonic time at which the pause ends."""
+        self.level = 0
+        self.put_back = 0
+        """Files put back because S3 throttled them, in all."""
+        self.last_error: str | None = None
+
+    def hit(self, error: str) -> float | None:
+        """A file was throttled; returns the new pause, or None when one is running."""
+        self.put_back += 1
+        self.last_error = error
+        self.allowed = 1
+        now = time.monotonic()
+        if now < self.until:
+            return None
+        self.level = min(self.level + 1, 8)
+        pause: float = min(THROTTLE_FIRST * 2.0 ** (self.level - 1), THROTTLE_MAX)
+        pause *= random.uniform(0.8, 1.2)
+        self.until = now + pause
+        return pause
+
+    def success(self) -> None:
+        if self.allowed < self.workers:
+            self.allowed = min(self.workers, self.allowed * 2)
+            if self.allowed == self.workers:
+                self.level = 0
+
+    def pause_left(self) -> float:
+        return max(0.0, self.until - time.monotonic())
+
+    @property
+    def active(self) -> bool:
+        return self.allowed < self.workers or self.pause_left() > 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +121,12 @@ class SchedulerStatistics:
     paused_all: bool
     draining: bool
     recent_errors: tuple[RecentError, ...]
+    throttled: bool = False
+    """S3 asked for fewer requests: fewer files at once (``concurrency``), maybe a pause."""
+    concurrency: int = 0
+    pause_left: float = 0.0
+    put_back: int = 0
+    throttle_error: str | None = None
 
 
 class Scheduler:
@@ -101,6 +159,11 @@ class Scheduler:
         self._idle.set()
         self._recent: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
         self._finished: list[Callable[[FileRecord], None]] = []
+        self._throttle = Throttle(workers)
+        self._in_hand = 0
+        """Files handed to workers and not yet finished with."""
+        self._room = anyio.Event()
+        """Set when a worker finishes a file (the feeder may wait for one while throttled)."""
         self._clock_offset = time.time() - time.monotonic()
         """Wall minus monotonic time: when it moves, the system clock was set."""
 
@@ -172,6 +235,11 @@ class Scheduler:
             paused_all=self._paused_all,
             draining=self._draining,
             recent_errors=tuple(self._recent),
+            throttled=self._throttle.active,
+            concurrency=self._throttle.allowed,
+            pause_left=round(self._throttle.pause_left(), 1),
+            put_back=self._throttle.put_back,
+            throttle_error=self._throttle.last_error,
         )
 
     # -- running -------------------------------------------------------------------------
@@ -190,14 +258,27 @@ class Scheduler:
             if self._draining:
                 await anyio.sleep_forever()
             await self._follow_clock()
+            pause = self._throttle.pause_left()
+            if pause > 0:  # S3 asked for fewer requests
+                await anyio.sleep(pause)
+                continue
+            allowed = self._throttle.allowed
+            if allowed < self._workers and self._in_hand >= allowed:
+                self._room = anyio.Event()
+                await self._room.wait()  # a probe finished
+                continue
             # Only configured watches: rows of a watch removed from the configuration
             # stay in the journal untouched until it comes back.
             active = [] if self._paused_all else sorted(set(self._watches) - self._paused)
             active = [w for w in active if w not in self._providers or self._providers[w].usable]
-            idle = max(1, self._workers - self._busy)
+            if allowed < self._workers:
+                idle = allowed - self._in_hand
+            else:
+                idle = max(1, self._workers - self._busy)
             records = await self._journal.claim(idle, active)
             if records:
                 for record in records:
+                    self._in_hand += 1
                     await send.send(record)
                 continue
             due = await self._journal.next_due(active)
@@ -229,22 +310,29 @@ class Scheduler:
     async def _worker(self, receive: anyio.abc.ObjectReceiveStream[FileRecord]) -> None:
         async with receive:
             async for record in receive:
-                if self._draining or record.watch not in self._watches:
-                    # Claimed before a drain began or its watch was removed by a
-                    # reload: leave it queued for next time.
-                    await self._journal.requeue(record.id)
-                    continue
-                if self._busy == 0:
-                    self._idle = anyio.Event()  # set again when the last file finishes
-                self._busy += 1
                 try:
-                    await self._process(record)
+                    await self._work_on(record)
                 finally:
-                    for callback in self._finished:
-                        callback(record)
-                    self._busy -= 1
-                    if self._busy == 0:
-                        self._idle.set()
+                    self._in_hand -= 1
+                    self._room.set()
+
+    async def _work_on(self, record: FileRecord) -> None:
+        if self._draining or record.watch not in self._watches:
+            # Claimed before a drain began or its watch was removed by a
+            # reload: leave it queued for next time.
+            await self._journal.requeue(record.id)
+            return
+        if self._busy == 0:
+            self._idle = anyio.Event()  # set again when the last file finishes
+        self._busy += 1
+        try:
+            await self._process(record)
+        finally:
+            for callback in self._finished:
+                callback(record)
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.set()
 
     async def _process(self, record: FileRecord) -> None:
         watch = self._watches[record.watch]
@@ -264,6 +352,8 @@ class Scheduler:
                 await self._changed(store, record, path, watch)
             except CredentialsError as exc:
                 await self._credentials_refused(store, record, path, exc)
+            except ThrottledError as exc:
+                await self._throttled(record, path, str(exc))
             except SkipFileError as exc:
                 await self._uploader.abort(store, record)
                 await self._fail(record, path, str(exc))
@@ -272,9 +362,24 @@ class Scheduler:
             except CpgError as exc:
                 await self._fail(record, path, str(exc))
             else:
+                self._throttle.success()
                 if outcome == "changed":
                     await self._journal.requeue(record.id)
                     self.wake()
+
+    async def _throttled(self, record: FileRecord, path: Path, error: str) -> None:
+        """S3 throttled this file's requests: put it back, hold back the others."""
+        pause = self._throttle.hit(error)
+        if pause is not None:
+            log.warning(
+                "throttled",
+                error=error,
+                pause=round(pause, 1),
+                hint="S3 asked for fewer requests: pausing, then one file at a time until "
+                "it accepts them again; files are put back without using their attempts",
+            )
+            self.remember(path, record.key, error)
+        await self._journal.requeue(record.id, error)
 
     async def _credentials_refused(
         self, store: ObjectStore, record: FileRecord, path: Path, exc: CredentialsError

@@ -89,6 +89,14 @@ def gather(
         "watches": per_watch,
         "recent_errors": [dataclasses.asdict(e) for e in reversed(scheduler.recent_errors)],
         "batches": _batches(batches),
+        "throttle": {
+            "active": scheduler.throttled,
+            "concurrency": scheduler.concurrency,
+            "of": scheduler.workers,
+            "pause_left_s": scheduler.pause_left,
+            "files_put_back": scheduler.put_back,
+            "last_error": scheduler.throttle_error,
+        },
         "journal": {
             "path": journal.path,
             "writable": journal.write_error is None,
@@ -227,6 +235,14 @@ def render(status: dict[str, Any], errors: int = 5) -> str:
         lines.append(
             f"journal: UNWRITABLE since {journal['since']}, no new uploads start: "
             f"{journal['error']}"
+        )
+    throttle = status.get("throttle") or {}
+    if throttle.get("active"):
+        lines.append(
+            f"throttled: S3 asked for fewer requests; {throttle['concurrency']} of "
+            f"{throttle['of']} files at a time"
+            + (f", paused {throttle['pause_left_s']} s more" if throttle["pause_left_s"] else "")
+            + f" ({throttle['files_put_back']:,} files put back so far, none failed for it)"
         )
     for watch in status["watches"]:
         flag = "  [paused]" if watch["paused"] else ""

@@ -40,6 +40,7 @@ from cpg_daemon.errors import (
     CredentialsError,
     RetryableError,
     SkipFileError,
+    ThrottledError,
     UploadGoneError,
 )
 
@@ -90,6 +91,17 @@ _PER_FILE_CODES = {
 }
 
 
+_THROTTLE_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "BandwidthLimitExceeded",
+}
+"""Replies asking for fewer requests (botocore's standard retry mode's list, for S3)."""
+
 _REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IncorrectEndpoint"}
 """Replies to a request sent to another region than the bucket's."""
 
@@ -109,6 +121,8 @@ def classify(what: str, code: str, status: int, message: str) -> CpgError:
         return UploadGoneError(text)
     if code in _CREDENTIAL_CODES:
         return CredentialsError(text)
+    if code in _THROTTLE_CODES or status == 429:
+        return ThrottledError(text)
     if code == "RequestTimeTooSkewed":  # retried: NTP may put the clock right meanwhile
         return RetryableError(
             f"{what}: this machine's clock differs from S3's by more than 15 minutes "

@@ -19,7 +19,13 @@ from s3server import S3Server
 from cpg_daemon import crt
 from cpg_daemon.checksums import ALGORITHMS, PartDigest, encode
 from cpg_daemon.config import S3Config
-from cpg_daemon.errors import CredentialsError, RetryableError, SkipFileError, UploadGoneError
+from cpg_daemon.errors import (
+    CredentialsError,
+    RetryableError,
+    SkipFileError,
+    ThrottledError,
+    UploadGoneError,
+)
 from cpg_daemon.store import ObjectStore, choose_data_plane
 
 PLANES = ["crt", "botocore"]
@@ -134,7 +140,7 @@ def error_server() -> Iterator[tuple[int, type[_ErrorReplies]]]:
         (400, "ExpiredToken", CredentialsError, "ExpiredToken"),
         (403, "SignatureDoesNotMatch", CredentialsError, "SignatureDoesNotMatch"),
         (500, "InternalError", RetryableError, "InternalError|HTTP 5xx"),
-        (503, "SlowDown", RetryableError, "SlowDown"),
+        (503, "SlowDown", ThrottledError, "SlowDown"),
         (403, "RequestTimeTooSkewed", RetryableError, "clock differs from S3's"),
     ],
 )
