@@ -51,10 +51,19 @@ def no_secret_in_any_output() -> Iterator[None]:
     ]
     leaks = [(where, s[:6] + "...") for where, text in outputs for s in secrets if s in text]
     assert leaks == [], f"secrets in output: {leaks[:10]}"
-    print(
-        f"\nsecret scan: {len(secrets)} secrets looked for in {len(DAEMON_LOGS)} daemon logs "
+    _SUMMARY.append(
+        f"secret scan: {len(secrets)} secrets looked for in {len(DAEMON_LOGS)} daemon logs "
         f"and {len(CLI_OUTPUT)} command outputs: none found"
     )
+
+
+_SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The secret scan's figures, after the session (its fixture has finished by then)."""
+    for line in _SUMMARY:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)
