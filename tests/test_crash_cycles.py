@@ -9,7 +9,8 @@ flight when it is killed. After the last kill a clean run finishes the work, the
 - no part that got a 200 for an upload id is ever sent again for that upload id;
 - no object is written again (PutObject, UploadPart, Create/CompleteMultipartUpload)
   once the journal recorded it uploaded;
-- no multipart upload is left open on the server;
+- no multipart upload holding parts is left open on the server (an empty one, from a
+  kill between S3's reply to CreateMultipartUpload and the journal write, is counted);
 - the journal is consistent: every row uploaded, no upload id, no parts rows.
 
 The number of cycles is ``$CPG_CRASH_CYCLES`` (default 5, the CI form; 50 for the
@@ -225,8 +226,17 @@ def test_kill_9_cycles_lose_nothing_and_send_nothing_twice(
     ]
     assert late == [], f"objects written again after they were journaled uploaded: {late[:10]}"
 
-    # No multipart upload left open.
-    assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    # No multipart upload holding parts left open. A kill between S3's reply to
+    # CreateMultipartUpload and the journal write leaves an empty one the daemon never
+    # learned the id of (and the gallery's keys cannot list uploads): counted, not lost.
+    open_uploads = s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    holding = [
+        (u["Key"], u["UploadId"])
+        for u in open_uploads
+        if s3_client.list_parts(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]).get("Parts")
+        or any(r.is_upload_part and r.query["uploadId"] == u["UploadId"] for r in log)
+    ]
+    assert holding == [], f"multipart uploads with parts left open: {holding}"
 
     # The journal consistent.
     rows = journal_rows(layout["state"])
@@ -252,6 +262,8 @@ def test_kill_9_cycles_lose_nothing_and_send_nothing_twice(
         f"upload ids per multipart file {sorted(len(v) for v in uploads_per_key.values())}; "
         f"objects completed more than once (identical content, a kill between the "
         f"request and the journal write): {len(twice)} {sorted(twice.items())[:5]}; "
-        f"requests by the final run {final_requests}; "
+        f"requests by the final run {final_requests}; empty multipart uploads left open "
+        f"(a kill between S3's reply to CreateMultipartUpload and the journal write): "
+        f"{len(open_uploads)}; "
         f"lost: {len(lost)}; {seconds:.0f} s"
     )
