@@ -108,7 +108,15 @@ class CredentialProvider:
     def _long_term_session(self) -> aioboto3.Session:
         core = AioSession()
         directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
-        if directory and (Path(directory) / CREDENTIALS_FILE_NAME).is_file():
+        try:
+            handed_over = bool(directory) and (Path(directory) / CREDENTIALS_FILE_NAME).is_file()
+        except OSError as exc:
+            raise CredentialsError(
+                f"cannot look in $CREDENTIALS_DIRECTORY ({directory}) for the long-term keys: "
+                f"{exc.strerror}; systemd sets it for LoadCredential= and makes it readable "
+                "by the service's user only: run cpg-daemon as that user, or unset it"
+            ) from None
+        if handed_over:
             # systemd LoadCredential=aws-credentials:/etc/cpg-daemon/aws-credentials
             core.set_config_variable(
                 "credentials_file", str(Path(directory) / CREDENTIALS_FILE_NAME)

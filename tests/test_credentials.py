@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -426,3 +430,35 @@ def test_a_profile_that_does_not_exist_is_a_configuration_error(
     upload = run_cli("upload", str(tmp_path / "outbox"), f"s3://{bucket}/x/", "--profile", "nope")
     assert upload.returncode == 2
     assert "no AWS profile named 'nope'" in upload.stderr
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv, to run cpg-daemon as a user who may not read the folder",
+)
+def test_a_credentials_directory_it_may_not_read_is_one_sentence_not_a_traceback() -> None:
+    """systemd's $CREDENTIALS_DIRECTORY, inherited by a shell of another user, say."""
+    top = Path(tempfile.mkdtemp(prefix="cpg-credentials-"))
+    try:
+        top.chmod(0o755)
+        private = top / "credentials"
+        private.mkdir(mode=0o700)  # root's, as systemd makes it for the service's user
+        (private / "aws-credentials").write_text("[cpg_staging]\n")
+        cfg = top / "config.toml"
+        cfg.write_text('[credentials]\nsource = "profile"\nprofile = "cpg_staging"\n')
+        cfg.chmod(0o644)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        result = subprocess.run(
+            [*as_nobody, sys.executable, "-m", "cpg_daemon", "check", "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "CREDENTIALS_DIRECTORY": str(private), "HOME": str(top)},
+            cwd=top,
+        )
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"$CREDENTIALS_DIRECTORY ({private})" in result.stderr
+    assert "Permission denied" in result.stderr
