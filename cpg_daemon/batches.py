@@ -259,6 +259,9 @@ class BatchTracker:
         self._settling = settling
         self._hook_timeout = hook_timeout
         self._due: dict[tuple[str, str], float] = {}
+        self._ahead: dict[tuple[str, str], tuple[float, float]] = {}
+        """(watch, batch) -> (its last change, monotonic time first seen), for a last change
+        later than the wall clock (which was set back since)."""
         """(watch, batch) -> monotonic time at which to look at it."""
         self._wake = anyio.Event()
         self._recent: deque[BatchRecord] = deque(maxlen=RECENT)
@@ -364,7 +367,17 @@ class BatchTracker:
         if progress.files == 0 or progress.uploaded < progress.files:
             return  # the scheduler touches it again when those files are done
         assert progress.last_change is not None
-        wait = progress.last_change + config.settle - time.time()
+        now = time.time()
+        if progress.last_change > now:
+            # The clock was set back since: count the quiet time from when this change
+            # was first seen here, not from a wall-clock time that is still to come.
+            seen = self._ahead.get(key)
+            if seen is None or seen[0] != progress.last_change:
+                seen = self._ahead[key] = (progress.last_change, time.monotonic())
+            wait = seen[1] + config.settle - time.monotonic()
+        else:
+            self._ahead.pop(key, None)
+            wait = progress.last_change + config.settle - now
         if wait > 0:
             self._due[key] = time.monotonic() + wait
             return

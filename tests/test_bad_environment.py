@@ -321,6 +321,18 @@ def _libfaketime() -> str | None:
     return str(library) if library.is_file() else None
 
 
+def _settable_clock(offset: Path) -> list[str]:
+    """A command prefix giving the daemon a wall clock ``offset``'s content sets ("-3600")."""
+    offset.write_text("+0\n")
+    return [
+        "env",
+        f"LD_PRELOAD={_libfaketime()}",
+        f"FAKETIME_TIMESTAMP_FILE={offset}",
+        "FAKETIME_NO_CACHE=1",
+        "FAKETIME_DONT_FAKE_MONOTONIC=1",  # only the wall clock is set, as NTP or date -s do
+    ]
+
+
 class _LateRelay:
     """A TCP relay to the S3 server on a port chosen now, listening only from ``open()``."""
 
@@ -379,14 +391,7 @@ def test_clock_set_back_an_hour_does_not_hold_retries_back_and_loses_nothing(
         daemon={"log_level": "info"},
     )
     offset = tmp_path / "clock-offset"
-    offset.write_text("+0\n")
-    clock = [
-        "env",
-        f"LD_PRELOAD={_libfaketime()}",
-        f"FAKETIME_TIMESTAMP_FILE={offset}",
-        "FAKETIME_NO_CACHE=1",
-        "FAKETIME_DONT_FAKE_MONOTONIC=1",  # only the wall clock is set, as NTP or date -s do
-    ]
+    clock = _settable_clock(offset)
     expected = {"Plate1/a.tiff": b"before the jump"}
     write_file(layout["watch"] / "Plate1/a.tiff", expected["Plate1/a.tiff"])
     daemon = Daemon(config, tmp_path / "daemon.log", wrapper=clock)
@@ -416,3 +421,34 @@ def test_clock_set_back_an_hour_does_not_hold_retries_back_and_loses_nothing(
         relay.close()
     puts = [r for r in s3_server.requests(since=mark) if r.bucket == bucket and r.method == "PUT"]
     assert sorted(r.key for r in puts) == sorted(PREFIX + k for k in expected)
+
+
+@pytest.mark.skipif(_libfaketime() is None, reason="needs the libfaketime package")
+def test_clock_set_back_does_not_hold_a_batch_complete_back(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, bucket: str
+) -> None:
+    """A batch is complete once its files are uploaded and quiet for ``settle``: the clock
+    set back an hour in that quiet time must not make it an hour longer."""
+    config = one_watch_config(
+        tmp_path / "batch.toml",
+        state_dir=layout["state"],
+        endpoint_url=s3_server.endpoint_url,
+        watch_path=layout["watch"],
+        destination=f"s3://{bucket}/{PREFIX}",
+        settle="4s",
+        daemon={"log_level": "info"},
+    )
+    offset = tmp_path / "clock-offset"
+    daemon = Daemon(config, tmp_path / "daemon.log", wrapper=_settable_clock(offset))
+    try:
+        daemon.wait_for_event("running")
+        write_file(layout["watch"] / "Plate1/a.tiff", b"the batch's only file")
+        daemon.wait_for_event("uploaded")
+        offset.write_text("-3600\n")  # within the batch's 4 s of quiet
+        assert not any(e.get("event") == "batch_complete" for e in daemon.events()), (
+            "the batch completed before the clock was set: the test proves nothing"
+        )
+        complete = daemon.wait_for_event("batch_complete", timeout=30)
+        assert complete["batch"] == "Plate1"
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
