@@ -63,6 +63,11 @@ def _all_uploaded(
     return all(object_bytes(s3_client, bucket, PREFIX + k) == v for k, v in expected.items())
 
 
+def _drop(watch: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        write_file(watch / rel, data)
+
+
 def _integrity(journal: Path) -> str:
     with closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
         return str(db.execute("PRAGMA integrity_check").fetchone()[0])
@@ -117,8 +122,7 @@ def test_state_dir_full_stops_new_work_and_recovers_without_corruption(
 ) -> None:
     config = _config(tmp_path, layout, s3_server, bucket)
     expected = {f"before/f{i:03d}.tiff": os.urandom(100) for i in range(20)}
-    for rel, data in expected.items():
-        write_file(layout["watch"] / rel, data)
+    _drop(layout["watch"], expected)
     daemon = Daemon(config, tmp_path / "daemon.log")
     try:
         wait_until(
@@ -184,8 +188,7 @@ def test_corrupt_journal_refuses_to_start_and_recover_journal_gets_it_going(
 ) -> None:
     config = _config(tmp_path, layout, s3_server, bucket)
     expected = {f"Plate1/f{i:03d}.tiff": os.urandom(2000) for i in range(150)}
-    for rel, data in expected.items():
-        write_file(layout["watch"] / rel, data)
+    _drop(layout["watch"], expected)
     daemon = Daemon(config, tmp_path / "first.log")
     try:
         wait_until(
@@ -283,8 +286,7 @@ def test_inotify_watch_limit_falls_back_to_polling_with_a_warning(
 ) -> None:
     config = _config(tmp_path, layout, s3_server, bucket)
     expected = {f"Plate{i}/Images/f.tiff": f"plate {i}".encode() for i in range(6)}
-    for rel, data in expected.items():  # 13 folders, more than the 4 watches allowed
-        write_file(layout["watch"] / rel, data)
+    _drop(layout["watch"], expected)  # 13 folders, more than the 4 watches allowed
     daemon = Daemon(config, tmp_path / "daemon.log", wrapper=_low_watch_limit(4))
     try:
         warning = daemon.wait_for_event("events_unavailable_polling")

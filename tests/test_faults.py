@@ -130,6 +130,23 @@ def _wait_settled(state_dir: Path, count: int, timeout: float) -> list[dict[str,
     )
 
 
+def _upload_through(
+    tmp_path: Path,
+    layout: dict[str, Path],
+    proxy: FaultProxy,
+    bucket: str,
+    files: dict[str, bytes],
+    timeout: float,
+) -> list[dict[str, Any]]:
+    """Drop ``files``, run the daemon until each is settled, stop it; the journal rows."""
+    _drop(layout["watch"], files)
+    daemon = _start(tmp_path, layout, proxy, bucket)
+    try:
+        return _wait_settled(layout["state"], len(files), timeout)
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-4000:]
+
+
 def _lost(s3_client: Any, bucket: str, files: dict[str, bytes]) -> list[str]:
     return [
         rel for rel, data in files.items() if object_bytes(s3_client, bucket, PREFIX + rel) != data
@@ -468,12 +485,7 @@ def test_a_few_request_time_too_skewed_replies_do_not_fail_a_file(
         Rule(skewed, frozenset({"UploadPart"}), "part1.sqlite", "partNumber=1", times=1),
         Rule(skewed, frozenset({"UploadPart"}), "part2.sqlite", "partNumber=2", times=1),
     )
-    _drop(layout["watch"], files)
-    daemon = _start(tmp_path, layout, proxy, bucket)
-    try:
-        rows = _wait_settled(layout["state"], len(files), 60)
-    finally:
-        assert daemon.terminate() == 0, daemon.log_text()[-4000:]
+    rows = _upload_through(tmp_path, layout, proxy, bucket, files, 60)
     report = _report(proxy)
     assert proxy.faults == {"403 RequestTimeTooSkewed": 4}, report
     faulted = Counter(_plane(s) for s in proxy.seen() if s.fault)
@@ -506,12 +518,7 @@ def test_replies_cut_short_after_the_server_acted_still_end_correct(
         Rule(cut, frozenset({"CompleteMultipartUpload"}), "parts.sqlite", times=1),
         Rule(cut, frozenset({"CreateMultipartUpload"}), "created.sqlite", times=1),
     )
-    _drop(layout["watch"], files)
-    daemon = _start(tmp_path, layout, proxy, bucket)
-    try:
-        rows = _wait_settled(layout["state"], len(files), 60)
-    finally:
-        assert daemon.terminate() == 0, daemon.log_text()[-4000:]
+    rows = _upload_through(tmp_path, layout, proxy, bucket, files, 60)
     report = _report(proxy)
     print(f"\nreplies cut short: {report}; {_left_open(s3_client, bucket)}")
     assert proxy.faults == {"truncate": 6}, report
@@ -543,12 +550,7 @@ def test_request_that_is_never_answered_is_cancelled_and_retried(
         Rule(hang, frozenset({"PutObject"}), "crt.tiff", times=1),
         Rule(hang, frozenset({"PutObject"}), "botocore.tiff", times=1),
     )
-    _drop(layout["watch"], files)
-    daemon = _start(tmp_path, layout, proxy, bucket)
-    try:
-        rows = _wait_settled(layout["state"], len(files), 240)
-    finally:
-        assert daemon.terminate() == 0, daemon.log_text()[-4000:]
+    rows = _upload_through(tmp_path, layout, proxy, bucket, files, 240)
     report = _report(proxy)
     assert proxy.faults == {"hang": 2}, report
     assert {_plane(s) for s in proxy.seen() if s.fault} == {"crt", "botocore"}, report
