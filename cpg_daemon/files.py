@@ -91,6 +91,11 @@ def _confine(path: Path, root: Path | None, actual: str) -> None:
         )
 
 
+def _resolved(path: Path) -> str:
+    """``path`` with its folders' symlinks resolved (not its last component's)."""
+    return os.path.join(os.path.realpath(path.parent), path.name)
+
+
 def _open_regular(path: Path, root: Path | None) -> int:
     """A descriptor of the regular file at ``path``, never through a symlink, never blocking."""
     fd = os.open(path, _OPEN_FLAGS)
@@ -101,7 +106,7 @@ def _open_regular(path: Path, root: Path | None) -> int:
             try:
                 actual = os.readlink(f"/proc/self/fd/{fd}")  # where the open file really is
             except OSError:  # no /proc: resolve the name instead
-                actual = os.path.join(os.path.realpath(path.parent), path.name)
+                actual = _resolved(path)
             _confine(path, root, actual)
     except BaseException:
         os.close(fd)
@@ -116,7 +121,7 @@ def stat_sync(path: Path, root: Path | None = None) -> FileStat:
         if not S_ISREG(st.st_mode):
             raise VanishedError(f"{path} is no longer a regular file")
         if root is not None:
-            _confine(path, root, os.path.join(os.path.realpath(path.parent), path.name))
+            _confine(path, root, _resolved(path))
     return FileStat(st.st_size, st.st_mtime_ns)
 
 

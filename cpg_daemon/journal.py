@@ -110,14 +110,25 @@ RECOVER_HINT = (
 )
 
 
-def _damaged(exc: BaseException) -> bool:
-    """Whether ``exc`` says the journal file is corrupt or not a database at all."""
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return False
+def _says(exc: BaseException, codes: tuple[int, ...], messages: tuple[str, ...]) -> bool:
+    """Whether an SQLite error has one of these primary result codes (or, before
+    Python 3.11, which does not give the code, one of these messages)."""
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+: the extended result code
     if code is not None:
-        return code & 0xFF in _DAMAGED_CODES
-    return any(m in str(exc).lower() for m in ("malformed", "not a database"))
+        return code & 0xFF in codes
+    return any(m in str(exc).lower() for m in messages)
+
+
+def _damaged(exc: BaseException) -> bool:
+    """Whether ``exc`` says the journal file is corrupt or not a database at all."""
+    return isinstance(exc, sqlite3.DatabaseError) and _says(
+        exc, _DAMAGED_CODES, ("malformed", "not a database")
+    )
+
+
+def _problems(rows: list[Any]) -> str:
+    """An integrity check's answer as one line: ``ok``, or the problems it lists."""
+    return "ok" if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows)
 
 
 def damaged_error(path: Path, problem: object) -> FatalError:
@@ -131,7 +142,7 @@ def check_integrity(path: Path) -> str:
             rows = db.execute("PRAGMA integrity_check(10)").fetchall()
     except sqlite3.DatabaseError as exc:
         return str(exc)
-    return "ok" if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows)
+    return _problems(rows)
 
 
 def move_aside(path: Path, suffix: str) -> Path:
@@ -147,12 +158,9 @@ def move_aside(path: Path, suffix: str) -> Path:
 
 def _unwritable(exc: BaseException) -> bool:
     """Whether ``exc`` says the journal's disk is full or failing (not a bug, not corruption)."""
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+: the extended result code
-    if code is not None:
-        return code & 0xFF in _UNWRITABLE_CODES
-    return any(m in str(exc).lower() for m in _UNWRITABLE_MESSAGES)
+    return isinstance(exc, sqlite3.OperationalError) and _says(
+        exc, _UNWRITABLE_CODES, _UNWRITABLE_MESSAGES
+    )
 
 
 @dataclass(frozen=True)
@@ -353,9 +361,9 @@ class Journal:
                     f"{SCHEMA_VERSION}"
                 )
             # About 0.5 s per million files: cheap next to uploading from a damaged queue.
-            problems = db.execute("PRAGMA quick_check(10)").fetchall()
-            if problems != [("ok",)]:
-                raise damaged_error(path, "; ".join(str(r[0]) for r in problems))
+            problems = _problems(db.execute("PRAGMA quick_check(10)").fetchall())
+            if problems != "ok":
+                raise damaged_error(path, problems)
         except sqlite3.DatabaseError as exc:
             if _damaged(exc):
                 raise damaged_error(path, exc) from exc
