@@ -14,7 +14,7 @@ bucket). What a request carries is what botocore would send: the checksum we
 computed while reading (S3 checks the bytes against it), the canned ACL, and
 SigV4 with an unsigned payload, as botocore signs uploads over HTTPS. The CRT
 retries throttling, 5xx and network errors with backoff (``request_attempts`` in
-all); error replies are classified by ``store.classify``, botocore's table.
+all); error replies are classified by ``s3errors.classify``, the table botocore's use too.
 
 awscrt reads no proxy variables: ``s3.data_plane = "auto"`` falls back to
 botocore when one is set for the endpoint.
@@ -37,6 +37,7 @@ from awscrt import io as crtio
 
 from cpg_daemon.config import S3Config
 from cpg_daemon.errors import CpgError, CredentialsError, RetryableError, ThrottledError
+from cpg_daemon.s3errors import classify
 
 STALL_SECONDS = 120.0
 """A request gets this long, plus time for its body at SLOWEST_RATE, before it is cancelled."""
@@ -109,8 +110,6 @@ _SERVER_ERRORS = {
 def _failure(
     what: str, error: Exception | None, status: int, body: bytes | None, endpoint: str
 ) -> CpgError:
-    from cpg_daemon.store import classify  # store imports this module
-
     if status >= 300:
         code, message = _error_reply(body)
         return classify(what, code, status, message)
