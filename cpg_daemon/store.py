@@ -176,12 +176,13 @@ and 164 MiB). Measured with bench/compare.py's datasets on rclone serve s3.
 """
 
 
-def _remaining(body: BinaryIO) -> int:
-    """Bytes from the stream's position to its end (the position is kept)."""
-    start = body.tell()
-    end = body.seek(0, io.SEEK_END)
-    body.seek(start)
-    return end - start
+def _sized(body: Body) -> tuple[BinaryIO, int]:
+    """A request body as a stream, and the bytes from its position to its end."""
+    stream = io.BytesIO(body) if isinstance(body, bytes) else body
+    start = stream.tell()
+    end = stream.seek(0, io.SEEK_END)
+    stream.seek(start)
+    return stream, end - start
 
 
 def choose_data_plane(s3: S3Config) -> tuple[Literal["crt", "botocore"], str]:
@@ -308,8 +309,7 @@ class ObjectStore:
     async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str:
         """One PutObject with the ACL and the checksum computed while reading. Returns the ETag."""
         what = f"PutObject s3://{bucket}/{key}"
-        stream = io.BytesIO(body) if isinstance(body, bytes) else body
-        length = _remaining(stream)
+        stream, length = _sized(body)
         if self._crt is not None and length <= CRT_BODY_LIMIT:
             headers = self._checksum_headers(checksum)
             if self._acl:
@@ -343,8 +343,7 @@ class ObjectStore:
         self, bucket: str, key: str, upload_id: str, number: int, body: Body, checksum: str
     ) -> str:
         what = f"UploadPart {number} of s3://{bucket}/{key}"
-        stream = io.BytesIO(body) if isinstance(body, bytes) else body
-        length = _remaining(stream)
+        stream, length = _sized(body)
         if self._crt is not None and length <= CRT_BODY_LIMIT:
             query = urlencode({"partNumber": number, "uploadId": upload_id}, quote_via=quote)
             headers = self._checksum_headers(checksum)
