@@ -47,7 +47,7 @@ restart  A watch holding --journal-files (1,000,000) files of --small-size in fo
          itself creates (Journal.open_sync), a row per file exactly as a single-part
          upload leaves it (state uploaded, check_remote 0, etag the quoted MD5 rclone
          returns, checksum_algorithm CRC32C and the base64 CRC32C computed with
-         cpg_daemon.checksums, attempts 0, no upload_id), plus a `batches` row per folder
+         cpg_daemon.core.checksums, attempts 0, no upload_id), plus a `batches` row per folder
          as the batch tracker records a completed batch, so nothing is announced again.
          Every invocation first proves the rows right: the daemon uploads a small tree
          (2 folders x 20 files) for real, and its journal rows must equal the synthesized
@@ -288,10 +288,10 @@ def synthesized_rows(
     collects per top-level folder [files, bytes, first and last upload time] for
     ``batch_rows``.
     """
-    from cpg_daemon.checksums import ALGORITHMS, PartDigest
-    from cpg_daemon.config import DEFAULT_EXCLUDE
-    from cpg_daemon.keys import PathFilter, object_key
-    from cpg_daemon.watcher import walk
+    from cpg_daemon.core.checksums import ALGORITHMS, PartDigest
+    from cpg_daemon.core.config import DEFAULT_EXCLUDE
+    from cpg_daemon.core.objectkeys import PathFilter, object_key
+    from cpg_daemon.discovery.watcher import walk
 
     crc = ALGORITHMS["CRC32C"]
     for seen in walk(tree, PathFilter(("**",), DEFAULT_EXCLUDE)):
@@ -332,7 +332,7 @@ def synthesized_rows(
 
 def batch_rows(batches: dict[str, list[Any]], settle: float) -> list[tuple[Any, ...]]:
     """The `batches` rows of the completed folders: BATCH_COLUMNS, then the four times."""
-    from cpg_daemon.keys import object_key
+    from cpg_daemon.core.objectkeys import object_key
 
     return [
         (
@@ -745,7 +745,7 @@ class Daemon:
         return summary
 
     def status(self, timeout: float = 120) -> dict[str, Any]:
-        from cpg_daemon import control
+        from cpg_daemon.ops import control
 
         result: dict[str, Any] = control.request(self.socket, "status", timeout=timeout)
         return result
@@ -1480,7 +1480,7 @@ def render(report: dict[str, Any]) -> str:
         "```",
         "",
         "Pausing for the queued scenario: `.venv/bin/cpg-daemon pause -s SOCKET`; status "
-        "through the control socket (cpg_daemon.control.request, what `cpg-daemon status "
+        "through the control socket (cpg_daemon.ops.control.request, what `cpg-daemon status "
         "--json` sends).",
     ]
     return "\n".join(lines)

@@ -38,7 +38,7 @@ MiB = 1024 * 1024
 
 def parse_size(text: str) -> int:
     sys.path.insert(0, str(HERE.parent))
-    from cpg_daemon.units import parse_size as parse
+    from cpg_daemon.core.units import parse_size as parse
 
     return parse(text)
 

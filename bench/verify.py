@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 import aioboto3  # noqa: E402
 from plate import free_port, start_moto  # noqa: E402
 
-from cpg_daemon.checksums import ALGORITHMS, encode  # noqa: E402
+from cpg_daemon.core.checksums import ALGORITHMS, encode  # noqa: E402
 from cpg_daemon.journal import Discovered, Journal  # noqa: E402
 
 BUCKET = "bench-verify"

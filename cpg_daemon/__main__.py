@@ -1,3 +1,3 @@
-from cpg_daemon.cli import main
+from cpg_daemon.cli.main import main
 
 raise SystemExit(main())

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from s3server import S3Server
 
-from cpg_daemon.config import (
+from cpg_daemon.core.config import (
     Config,
     CredentialsConfig,
     DaemonConfig,
@@ -37,7 +37,7 @@ from cpg_daemon.config import (
     WatchConfig,
     load_config,
 )
-from cpg_daemon.errors import ConfigError
+from cpg_daemon.core.errors import ConfigError
 
 # -- (a) configuration files -------------------------------------------------------------
 

@@ -26,11 +26,11 @@ from daemonproc import (
 from s3server import S3Server
 from structlog.testing import capture_logs
 
-from cpg_daemon import batches
-from cpg_daemon.batches import BatchTracker, hook_environment, run_hook
-from cpg_daemon.config import WatchConfig
+from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.objectkeys import S3Location
+from cpg_daemon.engine import batches
+from cpg_daemon.engine.batches import BatchTracker, hook_environment, run_hook
 from cpg_daemon.journal import Discovered, Journal
-from cpg_daemon.keys import S3Location
 
 PREFIX = "cpg0001-test/broad/images/"
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cpg_daemon.checksums import (
+from cpg_daemon.core.checksums import (
     ALGORITHMS,
     CHECKSUM_NAMES,
     ChecksumName,

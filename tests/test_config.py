@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cpg_daemon.config import (
+from cpg_daemon.core.config import (
     DEFAULT_EXCLUDE,
     Config,
     CredentialsConfig,
@@ -17,8 +17,8 @@ from cpg_daemon.config import (
     load_config,
     parse_config,
 )
-from cpg_daemon.errors import ConfigError
-from cpg_daemon.keys import S3Location
+from cpg_daemon.core.errors import ConfigError
+from cpg_daemon.core.objectkeys import S3Location
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "config.example.toml"

@@ -16,17 +16,17 @@ import aioboto3
 import pytest
 from s3server import S3Server
 
-from cpg_daemon import crt
-from cpg_daemon.checksums import ALGORITHMS, PartDigest, encode
-from cpg_daemon.config import S3Config
-from cpg_daemon.errors import (
+from cpg_daemon.core.checksums import ALGORITHMS, PartDigest, encode
+from cpg_daemon.core.config import S3Config
+from cpg_daemon.core.errors import (
     CredentialsError,
     RetryableError,
     SkipFileError,
     ThrottledError,
     UploadGoneError,
 )
-from cpg_daemon.store import ObjectStore, choose_data_plane
+from cpg_daemon.s3 import crt
+from cpg_daemon.s3.store import ObjectStore, choose_data_plane
 
 PLANES = ["crt", "botocore"]
 KEYS = [

@@ -467,7 +467,7 @@ def test_fail_with_makes_the_control_plane_answer_errors(
 
 
 def _load_models(session: Any) -> None:
-    """Parse botocore's model files off the event loop (see cpg_daemon.store)."""
+    """Parse botocore's model files off the event loop (see cpg_daemon.s3.store)."""
     loader = session.get_component("data_loader")
     for service in ("s3", "s3control"):
         for kind in ("service-2", "endpoint-rule-set-1"):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cpg_daemon.keys import (
+from cpg_daemon.core.objectkeys import (
     MAX_KEY_BYTES,
     MAX_PART_SIZE,
     MAX_PARTS,

@@ -15,8 +15,8 @@ import pytest
 from daemonproc import Daemon, one_watch_config, run_cli, wait_until
 from s3server import S3Server
 
-from cpg_daemon import control
-from cpg_daemon.systemd import Notifier
+from cpg_daemon.ops import control
+from cpg_daemon.ops.systemd import Notifier
 
 
 @dataclass

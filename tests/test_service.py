@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from daemonproc import write_config
 
-from cpg_daemon import cli, service
-from cpg_daemon.config import DEFAULT_CONFIG_PATH
+from cpg_daemon.cli import main as cli
+from cpg_daemon.core.config import DEFAULT_CONFIG_PATH
+from cpg_daemon.ops import service
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "systemd" / "cpg-daemon.service"

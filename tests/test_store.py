@@ -9,8 +9,8 @@ import aioboto3
 import pytest
 from s3server import S3Server
 
-from cpg_daemon.config import S3Config
-from cpg_daemon.store import ObjectStore, unreferenced_endpoint_parameters
+from cpg_daemon.core.config import S3Config
+from cpg_daemon.s3.store import ObjectStore, unreferenced_endpoint_parameters
 
 
 def test_the_endpoint_rule_set_never_refers_to_the_object_key() -> None:

@@ -26,11 +26,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from s3server import S3Server
 
-from cpg_daemon.config import WatchConfig
+from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.objectkeys import parse_s3_uri
+from cpg_daemon.core.structure import RULES, WORKSPACE_FOLDERS, Finding, blocking, check_key
+from cpg_daemon.discovery.watcher import Watcher
 from cpg_daemon.journal import Journal
-from cpg_daemon.keys import parse_s3_uri
-from cpg_daemon.structure import RULES, WORKSPACE_FOLDERS, Finding, blocking, check_key
-from cpg_daemon.watcher import Watcher
 
 JUMP = "cpg0016-jump/source_4/"
 BATCH = "2021_04_26_Batch1"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from cpg_daemon.units import format_size, parse_duration, parse_size
+from cpg_daemon.core.units import format_size, parse_duration, parse_size
 
 # -- durations -------------------------------------------------------------------------
 

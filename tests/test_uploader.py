@@ -27,14 +27,14 @@ import pytest
 from awscrt import checksums as crt
 from s3server import S3Server
 
-from cpg_daemon.checksums import ChecksumName
-from cpg_daemon.config import S3Config, WatchConfig
-from cpg_daemon.errors import FileChangedError, RetryableError
+from cpg_daemon.core.checksums import ChecksumName
+from cpg_daemon.core.config import S3Config, WatchConfig
+from cpg_daemon.core.errors import FileChangedError, RetryableError
+from cpg_daemon.core.objectkeys import S3Location
+from cpg_daemon.engine.scheduler import Scheduler
+from cpg_daemon.engine.uploader import Outcome, Uploader
 from cpg_daemon.journal import Discovered, FileRecord, Journal
-from cpg_daemon.keys import S3Location
-from cpg_daemon.scheduler import Scheduler
-from cpg_daemon.store import ObjectStore
-from cpg_daemon.uploader import Outcome, Uploader
+from cpg_daemon.s3.store import ObjectStore
 
 MiB = 1024 * 1024
 PART = 5 * MiB

@@ -74,5 +74,5 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.WARNING)
-    # A failed renewal is reported by cpg_daemon.credentials, in one sentence.
+    # A failed renewal is reported by cpg_daemon.s3.credentials, in one sentence.
     logging.getLogger("aiobotocore.credentials").setLevel(logging.CRITICAL)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, cast
 
-from cpg_daemon.checksums import CHECKSUM_NAMES, ChecksumName
-from cpg_daemon.errors import ConfigError
-from cpg_daemon.keys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
-from cpg_daemon.units import parse_duration, parse_size
+from cpg_daemon.core.checksums import CHECKSUM_NAMES, ChecksumName
+from cpg_daemon.core.errors import ConfigError
+from cpg_daemon.core.objectkeys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
+from cpg_daemon.core.units import parse_duration, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib

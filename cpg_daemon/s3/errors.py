@@ -7,7 +7,7 @@ and ``classify`` says what the daemon does about it.
 
 from __future__ import annotations
 
-from cpg_daemon.errors import (
+from cpg_daemon.core.errors import (
     CpgError,
     CredentialsError,
     RetryableError,

@@ -36,9 +36,9 @@ import structlog
 from anyio.abc import TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from cpg_daemon.errors import CpgError, FatalError
+from cpg_daemon.core.errors import CpgError, FatalError
 
-log = structlog.get_logger("cpg_daemon.control")
+log = structlog.get_logger("cpg_daemon.ops.control")
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024

@@ -21,10 +21,9 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from cpg_daemon import files
-from cpg_daemon.config import WatchConfig
-from cpg_daemon.credentials import CredentialProvider
-from cpg_daemon.errors import (
+from cpg_daemon.core import files
+from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.errors import (
     CpgError,
     CredentialsError,
     FileChangedError,
@@ -33,11 +32,12 @@ from cpg_daemon.errors import (
     ThrottledError,
     VanishedError,
 )
+from cpg_daemon.engine.uploader import Uploader
 from cpg_daemon.journal import FileRecord, Journal
-from cpg_daemon.store import ObjectStore
-from cpg_daemon.uploader import Uploader
+from cpg_daemon.s3.credentials import CredentialProvider
+from cpg_daemon.s3.store import ObjectStore
 
-log = structlog.get_logger("cpg_daemon.scheduler")
+log = structlog.get_logger("cpg_daemon.engine.scheduler")
 
 RECENT_ERRORS = 20
 CREDENTIALS_PREFIX = "credentials:"

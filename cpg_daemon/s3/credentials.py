@@ -49,11 +49,11 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from cpg_daemon.config import Config, CredentialsConfig
-from cpg_daemon.errors import ConfigError, CpgError, CredentialsError
-from cpg_daemon.keys import S3Location
+from cpg_daemon.core.config import Config, CredentialsConfig
+from cpg_daemon.core.errors import ConfigError, CpgError, CredentialsError
+from cpg_daemon.core.objectkeys import S3Location
 
-log = structlog.get_logger("cpg_daemon.credentials")
+log = structlog.get_logger("cpg_daemon.s3.credentials")
 
 CredentialState = Literal["valid", "refreshing", "expired", "error"]
 CREDENTIALS_FILE_NAME = "aws-credentials"

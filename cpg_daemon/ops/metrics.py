@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-log = structlog.get_logger("cpg_daemon.metrics")
+log = structlog.get_logger("cpg_daemon.ops.metrics")
 
 Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from cpg_daemon.config import WatchConfig
-from cpg_daemon.keys import PathFilter, key_problem, object_key
-from cpg_daemon.structure import RULES, Finding, check_key
-from cpg_daemon.units import format_size
-from cpg_daemon.watcher import walk
+from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.objectkeys import PathFilter, key_problem, object_key
+from cpg_daemon.core.structure import RULES, Finding, check_key
+from cpg_daemon.core.units import format_size
+from cpg_daemon.discovery.watcher import walk
 
 FIRST_KEYS = 5
 """Keys of the plan shown by name."""

@@ -20,9 +20,9 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any, cast
 
-from cpg_daemon.checksums import ALGORITHMS, Algorithm, ChecksumName, encode
-from cpg_daemon.errors import FileChangedError, RetryableError, SkipFileError, VanishedError
-from cpg_daemon.threads import FILES
+from cpg_daemon.core.checksums import ALGORITHMS, Algorithm, ChecksumName, encode
+from cpg_daemon.core.errors import FileChangedError, RetryableError, SkipFileError, VanishedError
+from cpg_daemon.core.threads import FILES
 
 READ_CHUNK = 8 * 1024 * 1024
 

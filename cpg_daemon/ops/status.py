@@ -13,14 +13,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from cpg_daemon import __version__
-from cpg_daemon.batches import BatchStatistics, timestamp
-from cpg_daemon.config import WatchConfig
-from cpg_daemon.credentials import CredentialStatistics
+from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.units import format_size
+from cpg_daemon.discovery.watcher import WatcherStatistics
+from cpg_daemon.engine.batches import BatchStatistics, timestamp
+from cpg_daemon.engine.scheduler import SchedulerStatistics
+from cpg_daemon.engine.uploader import UploaderStatistics
 from cpg_daemon.journal import FILE_STATES, JournalStatistics
-from cpg_daemon.scheduler import SchedulerStatistics
-from cpg_daemon.units import format_size
-from cpg_daemon.uploader import UploaderStatistics
-from cpg_daemon.watcher import WatcherStatistics
+from cpg_daemon.s3.credentials import CredentialStatistics
 
 
 def gather(

@@ -39,16 +39,16 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from cpg_daemon import files
-from cpg_daemon.checksums import ALGORITHMS, ChecksumName, encode
-from cpg_daemon.config import WatchConfig
-from cpg_daemon.errors import CpgError
-from cpg_daemon.keys import PathFilter, object_key
-from cpg_daemon.store import ObjectStore, RemoteObject
-from cpg_daemon.units import format_size
-from cpg_daemon.watcher import Seen, walk
+from cpg_daemon.core import files
+from cpg_daemon.core.checksums import ALGORITHMS, ChecksumName, encode
+from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.errors import CpgError
+from cpg_daemon.core.objectkeys import PathFilter, object_key
+from cpg_daemon.core.units import format_size
+from cpg_daemon.discovery.watcher import Seen, walk
+from cpg_daemon.s3.store import ObjectStore, RemoteObject
 
-log = structlog.get_logger("cpg_daemon.verify")
+log = structlog.get_logger("cpg_daemon.engine.verify")
 
 STATUSES = (
     "match",

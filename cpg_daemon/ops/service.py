@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cpg_daemon.config import DEFAULT_STATE_DIR, DaemonConfig, load_config
+from cpg_daemon.core.config import DEFAULT_STATE_DIR, DaemonConfig, load_config
 
 UNIT_NAME = "cpg-daemon.service"
 DEFAULT_COMMAND = ("/opt/cpg-daemon/bin/cpg-daemon",)

@@ -32,17 +32,17 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from cpg_daemon.checksums import ALGORITHMS, Algorithm
-from cpg_daemon.config import S3Config
-from cpg_daemon.crt import CrtDataPlane, proxy_for
-from cpg_daemon.errors import (
+from cpg_daemon.core.checksums import ALGORITHMS, Algorithm
+from cpg_daemon.core.config import S3Config
+from cpg_daemon.core.errors import (
     CredentialsError,
     RetryableError,
     UploadGoneError,
 )
-from cpg_daemon.s3errors import classify
+from cpg_daemon.s3.crt import CrtDataPlane, proxy_for
+from cpg_daemon.s3.errors import classify
 
-log = structlog.get_logger("cpg_daemon.store")
+log = structlog.get_logger("cpg_daemon.s3.store")
 
 Body = bytes | BinaryIO
 """A request body: bytes, or a seekable binary stream (sent without a copy)."""

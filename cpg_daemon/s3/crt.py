@@ -35,9 +35,9 @@ from xml.etree import ElementTree
 from awscrt import auth, http, s3
 from awscrt import io as crtio
 
-from cpg_daemon.config import S3Config
-from cpg_daemon.errors import CpgError, CredentialsError, RetryableError, ThrottledError
-from cpg_daemon.s3errors import classify
+from cpg_daemon.core.config import S3Config
+from cpg_daemon.core.errors import CpgError, CredentialsError, RetryableError, ThrottledError
+from cpg_daemon.s3.errors import classify
 
 STALL_SECONDS = 120.0
 """A request gets this long, plus time for its body at SLOWEST_RATE, before it is cancelled."""

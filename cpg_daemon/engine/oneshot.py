@@ -18,19 +18,19 @@ from pathlib import Path
 import anyio
 import structlog
 
-from cpg_daemon.config import CredentialsConfig, S3Config, WatchConfig
-from cpg_daemon.credentials import make_provider
-from cpg_daemon.daemon import remote_sizes
-from cpg_daemon.errors import CredentialsError
+from cpg_daemon.core.config import CredentialsConfig, S3Config, WatchConfig
+from cpg_daemon.core.errors import CredentialsError
+from cpg_daemon.core.objectkeys import S3Location
+from cpg_daemon.core.units import format_size
+from cpg_daemon.discovery.watcher import Watcher
+from cpg_daemon.engine.scheduler import Scheduler
+from cpg_daemon.engine.uploader import Uploader
 from cpg_daemon.journal import Journal
-from cpg_daemon.keys import S3Location
-from cpg_daemon.scheduler import Scheduler
-from cpg_daemon.store import ObjectStore
-from cpg_daemon.units import format_size
-from cpg_daemon.uploader import Uploader
-from cpg_daemon.watcher import Watcher
+from cpg_daemon.ops.daemon import remote_sizes
+from cpg_daemon.s3.credentials import make_provider
+from cpg_daemon.s3.store import ObjectStore
 
-log = structlog.get_logger("cpg_daemon.oneshot")
+log = structlog.get_logger("cpg_daemon.engine.oneshot")
 
 WATCH_NAME = "upload"
 

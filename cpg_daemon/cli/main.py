@@ -27,10 +27,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-from cpg_daemon import __version__, control, logs
-from cpg_daemon import status as status_view
-from cpg_daemon.checksums import CHECKSUM_NAMES, encode
-from cpg_daemon.config import (
+from cpg_daemon import __version__
+from cpg_daemon.core.checksums import CHECKSUM_NAMES, encode
+from cpg_daemon.core.config import (
     CANNED_ACLS,
     DEFAULT_SOCKET,
     Config,
@@ -40,18 +39,20 @@ from cpg_daemon.config import (
     default_config_path,
     load_config,
 )
-from cpg_daemon.credentials import (
+from cpg_daemon.core.errors import ConfigError, CpgError
+from cpg_daemon.core.objectkeys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
+from cpg_daemon.core.units import format_size, parse_size
+from cpg_daemon.discovery.plan import describe_plan, plan_watch
+from cpg_daemon.ops import control, logs
+from cpg_daemon.ops import status as status_view
+from cpg_daemon.s3.credentials import (
     CredentialProvider,
     ProfileMissingError,
     RenewingProvider,
     build_providers,
     provider_for,
 )
-from cpg_daemon.errors import ConfigError, CpgError
-from cpg_daemon.keys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
-from cpg_daemon.plan import describe_plan, plan_watch
-from cpg_daemon.store import ObjectStore
-from cpg_daemon.units import format_size, parse_size
+from cpg_daemon.s3.store import ObjectStore
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -267,7 +268,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cpg_daemon import daemon
+    from cpg_daemon.ops import daemon
 
     config = _load(args)
     logs.configure(config.daemon.log_format, config.daemon.log_level)
@@ -354,7 +355,7 @@ async def _probe_write(session: Any, s3: S3Config, destination: S3Location) -> s
 
 
 def _upload(args: argparse.Namespace) -> int:
-    from cpg_daemon import oneshot
+    from cpg_daemon.engine import oneshot
 
     try:
         destination = parse_s3_uri(args.dest)
@@ -427,8 +428,8 @@ def _upload(args: argparse.Namespace) -> int:
 
 def _recover_journal(args: argparse.Namespace) -> int:
     """Move a damaged journal aside (the daemon must be stopped: its lock is taken here)."""
-    from cpg_daemon.daemon import JOURNAL_NAME, lock_state_dir
     from cpg_daemon.journal import check_integrity, move_aside
+    from cpg_daemon.ops.daemon import JOURNAL_NAME, lock_state_dir
 
     config = _load(args)
     state_dir = config.daemon.state_dir
@@ -456,7 +457,7 @@ def _recover_journal(args: argparse.Namespace) -> int:
 
 
 def _install_service(args: argparse.Namespace) -> int:
-    from cpg_daemon import service
+    from cpg_daemon.ops import service
 
     try:
         installation, notes = service.installation(
@@ -487,7 +488,7 @@ def _install_service(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from cpg_daemon import verify
+    from cpg_daemon.engine import verify
 
     if args.via_daemon:
         arguments = {"quick": args.quick, "rows": args.report is not None}
@@ -539,8 +540,8 @@ VERIFY_TIMEOUT = 24 * 3600.0
 
 async def _verify_here(config: Config, quick: bool) -> Any:
     """Verify with this process's own credentials (the config's, as the daemon would)."""
-    from cpg_daemon import verify
-    from cpg_daemon.daemon import JOURNAL_NAME
+    from cpg_daemon.engine import verify
+    from cpg_daemon.ops.daemon import JOURNAL_NAME
 
     file = str(config.path)
     providers = build_providers(config)
@@ -575,7 +576,7 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_PROBLEM
-    from cpg_daemon import demo
+    from cpg_daemon.cli import demo
 
     logs.configure("console" if sys.stderr.isatty() else "json", "warning")
     once = args.once or not sys.stdout.isatty()

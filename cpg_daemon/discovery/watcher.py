@@ -27,12 +27,12 @@ import structlog
 import watchfiles
 from anyio.abc import TaskStatus
 
-from cpg_daemon.config import WatchConfig
+from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.objectkeys import PathFilter, key_problem, object_key
+from cpg_daemon.core.structure import Finding, blocking, check_key
 from cpg_daemon.journal import Discovered, Journal
-from cpg_daemon.keys import PathFilter, key_problem, object_key
-from cpg_daemon.structure import Finding, blocking, check_key
 
-log = structlog.get_logger("cpg_daemon.watcher")
+log = structlog.get_logger("cpg_daemon.discovery.watcher")
 
 MISSING_ROOT_POLL = 2.0
 """Seconds between looks for a watched folder that does not exist (yet)."""

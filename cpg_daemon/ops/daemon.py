@@ -26,29 +26,31 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
-from cpg_daemon import __version__, logs, verify
-from cpg_daemon.batches import BatchTracker
-from cpg_daemon.config import Config, WatchConfig, load_config
-from cpg_daemon.control import (
+from cpg_daemon import __version__
+from cpg_daemon.core.config import Config, WatchConfig, load_config
+from cpg_daemon.core.errors import ConfigError, CpgError, FatalError
+from cpg_daemon.core.units import format_size
+from cpg_daemon.discovery.watcher import Watcher
+from cpg_daemon.engine import verify
+from cpg_daemon.engine.batches import BatchTracker
+from cpg_daemon.engine.scheduler import Scheduler
+from cpg_daemon.engine.uploader import Uploader
+from cpg_daemon.journal import Journal, JournalStatistics
+from cpg_daemon.ops import logs
+from cpg_daemon.ops.control import (
     CommandError,
     ControlServer,
     Handler,
     Registry,
     prepare_socket_path,
 )
-from cpg_daemon.credentials import CredentialProvider, build_providers, provider_for
-from cpg_daemon.errors import ConfigError, CpgError, FatalError
-from cpg_daemon.journal import Journal, JournalStatistics
-from cpg_daemon.metrics import MetricsServer
-from cpg_daemon.scheduler import Scheduler
-from cpg_daemon.status import gather
-from cpg_daemon.store import ObjectStore
-from cpg_daemon.systemd import Notifier
-from cpg_daemon.units import format_size
-from cpg_daemon.uploader import Uploader
-from cpg_daemon.watcher import Watcher
+from cpg_daemon.ops.metrics import MetricsServer
+from cpg_daemon.ops.status import gather
+from cpg_daemon.ops.systemd import Notifier
+from cpg_daemon.s3.credentials import CredentialProvider, build_providers, provider_for
+from cpg_daemon.s3.store import ObjectStore
 
-log = structlog.get_logger("cpg_daemon.daemon")
+log = structlog.get_logger("cpg_daemon.ops.daemon")
 
 JOURNAL_NAME = "journal.sqlite3"
 STATUS_INTERVAL = 5.0

@@ -42,11 +42,11 @@ import anyio.to_thread
 import structlog
 from anyio.abc import ByteReceiveStream, ByteSendStream, Process, TaskGroup, TaskStatus
 
-from cpg_daemon.config import WatchConfig
+from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.objectkeys import object_key
 from cpg_daemon.journal import BatchProgress, BatchRecord, Journal
-from cpg_daemon.keys import object_key
 
-log = structlog.get_logger("cpg_daemon.batches")
+log = structlog.get_logger("cpg_daemon.engine.batches")
 
 SHELL = "/bin/sh"
 HOOK_TIMEOUT = 300.0

@@ -19,15 +19,15 @@ from typing import Literal
 import anyio
 import structlog
 
-from cpg_daemon import files
-from cpg_daemon.checksums import ALGORITHMS, ChecksumName, PartDigest, decode, encode
-from cpg_daemon.config import S3Config
-from cpg_daemon.errors import CpgError, FileChangedError, RetryableError, UploadGoneError
+from cpg_daemon.core import files
+from cpg_daemon.core.checksums import ALGORITHMS, ChecksumName, PartDigest, decode, encode
+from cpg_daemon.core.config import S3Config
+from cpg_daemon.core.errors import CpgError, FileChangedError, RetryableError, UploadGoneError
+from cpg_daemon.core.objectkeys import PartRange, choose_part_size, part_count, part_ranges
 from cpg_daemon.journal import FileRecord, Journal, PartRecord
-from cpg_daemon.keys import PartRange, choose_part_size, part_count, part_ranges
-from cpg_daemon.store import ObjectStore, RemoteObject
+from cpg_daemon.s3.store import ObjectStore, RemoteObject
 
-log = structlog.get_logger("cpg_daemon.uploader")
+log = structlog.get_logger("cpg_daemon.engine.uploader")
 
 Outcome = Literal["uploaded", "already-present", "changed"]
 

@@ -47,14 +47,14 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from cpg_daemon import control, logs
-from cpg_daemon.checksums import ChecksumName
-from cpg_daemon.config import Config, load_config
-from cpg_daemon.daemon import JOURNAL_NAME, Daemon
-from cpg_daemon.errors import FatalError
-from cpg_daemon.status import live_view, render
-from cpg_daemon.store import ObjectStore
-from cpg_daemon.units import format_size
+from cpg_daemon.core.checksums import ChecksumName
+from cpg_daemon.core.config import Config, load_config
+from cpg_daemon.core.errors import FatalError
+from cpg_daemon.core.units import format_size
+from cpg_daemon.ops import control, logs
+from cpg_daemon.ops.daemon import JOURNAL_NAME, Daemon
+from cpg_daemon.ops.status import live_view, render
+from cpg_daemon.s3.store import ObjectStore
 
 if TYPE_CHECKING:
     from rich.live import Live

@@ -29,8 +29,8 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from cpg_daemon.errors import FatalError
-from cpg_daemon.threads import Threads
+from cpg_daemon.core.errors import FatalError
+from cpg_daemon.core.threads import Threads
 
 FileState = Literal["queued", "uploading", "uploaded", "failed"]
 FILE_STATES: tuple[FileState, ...] = ("queued", "uploading", "uploaded", "failed")
@@ -92,7 +92,7 @@ CREATE TABLE IF NOT EXISTS batches (  -- the last completion of each batch (batc
 P = ParamSpec("P")
 T = TypeVar("T")
 
-log = structlog.get_logger("cpg_daemon.journal")
+log = structlog.get_logger(__name__)
 
 UNWRITABLE_RETRY = 5.0
 """Seconds between attempts to write a journal whose disk is full or failing."""
