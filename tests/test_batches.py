@@ -23,6 +23,7 @@ from daemonproc import (
     wait_until,
     write_file,
 )
+from pipeline import configs_of
 from s3server import S3Server
 from structlog.testing import capture_logs
 
@@ -97,7 +98,9 @@ async def test_tracker_fires_once_and_again_only_after_a_change(
     monkeypatch.setattr(batches, "MIN_QUIET", 0.05)
     monkeypatch.setattr(batches, "RECHECK", 0.05)
     settling = {"B1": True}
-    tracker = BatchTracker(journal, [_watch(tmp_path)], lambda w, f: settling.get(f, False))
+    tracker = BatchTracker(
+        journal, configs_of(_watch(tmp_path)), lambda w, f: settling.get(f, False)
+    )
     await _upload(journal, "w", "B1/a", size=10)
     with capture_logs() as logs:
         async with anyio.create_task_group() as tg:
@@ -129,7 +132,7 @@ async def test_tracker_fires_once_and_again_only_after_a_change(
         ("B1", 3, "none")
     ]
     # A restart looks at every batch once and finds nothing new.
-    again = BatchTracker(journal, [_watch(tmp_path)], lambda w, f: False)
+    again = BatchTracker(journal, configs_of(_watch(tmp_path)), lambda w, f: False)
     with capture_logs() as logs:
         async with anyio.create_task_group() as tg:
             await tg.start(again.run)
@@ -147,7 +150,9 @@ async def test_a_failed_file_or_a_missing_ready_marker_keeps_a_batch_open(
     monkeypatch.setattr(batches, "MIN_QUIET", 0.05)
     await _upload(journal, "w", "Failing/a", "Marked/a")
     await journal.record_rejected("w", "Failing/bad", "p/Failing/bad", "a name S3 cannot take")
-    tracker = BatchTracker(journal, [_watch(tmp_path, ready_marker="READY")], lambda w, f: False)
+    tracker = BatchTracker(
+        journal, configs_of(_watch(tmp_path, ready_marker="READY")), lambda w, f: False
+    )
     with capture_logs() as logs:
         async with anyio.create_task_group() as tg:
             await tg.start(tracker.run)

@@ -25,6 +25,7 @@ import aioboto3
 import anyio
 import pytest
 from awscrt import checksums as crt
+from pipeline import table_of
 from s3server import S3Server
 
 from cpg_daemon.core.checksums import ChecksumName
@@ -317,7 +318,7 @@ async def test_deleted_files_are_forgotten_and_their_uploads_aborted(
         small = await claim_one(journal, "small.bin")
         (root / "small.bin").unlink()
         scheduler = Scheduler(
-            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 2, 3
+            journal, uploader, table_of({WATCH: watch_config(root, bucket)}, {WATCH: store}), 2, 3
         )
         await scheduler._process(small)
         assert await journal.get(WATCH, "small.bin") is None
@@ -404,7 +405,7 @@ async def test_file_deleted_during_its_first_multipart_upload_has_it_aborted(
         record = await claim_one(journal, "gone.bin")
         assert record.upload_id is None  # its first attempt
         scheduler = Scheduler(
-            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 2, 3
+            journal, uploader, table_of({WATCH: watch_config(root, bucket)}, {WATCH: store}), 2, 3
         )
         await scheduler._process(record)
         assert store.rewritten
@@ -429,7 +430,7 @@ async def test_giving_up_aborts_an_upload_created_in_the_last_attempt(
         await discover(journal, root, bucket, ["big.bin"])
         record = await claim_one(journal, "big.bin")
         scheduler = Scheduler(
-            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 2, 1
+            journal, uploader, table_of({WATCH: watch_config(root, bucket)}, {WATCH: store}), 2, 1
         )
         await scheduler._process(record)
         failed = await row(journal, "big.bin")
@@ -466,7 +467,7 @@ async def test_file_changed_then_deleted_has_its_upload_aborted(
         await discover(journal, root, bucket, ["gone.bin"])
         record = await claim_one(journal, "gone.bin")
         scheduler = Scheduler(
-            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 2, 3
+            journal, uploader, table_of({WATCH: watch_config(root, bucket)}, {WATCH: store}), 2, 3
         )
         await scheduler._process(record)
         assert store.rewritten
@@ -508,7 +509,7 @@ async def test_file_changed_during_multipart_is_never_mixed(
         uploader = Uploader(journal, s3, anyio.CapacityLimiter(concurrency))
         await discover(journal, root, bucket, ["grows.bin"])
         scheduler = Scheduler(
-            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 2, 3
+            journal, uploader, table_of({WATCH: watch_config(root, bucket)}, {WATCH: store}), 2, 3
         )
         rows = await run_scheduler_until(scheduler, journal, all_settled)
 
@@ -612,7 +613,7 @@ async def test_unreachable_endpoint_retries_later_then_fails(
 
         # With attempts left, the scheduler queues it again for later.
         before = time.time()
-        retrying = Scheduler(journal, uploader, watches, stores, 4, 3)
+        retrying = Scheduler(journal, uploader, table_of(watches, stores), 4, 3)
         with anyio.fail_after(10):
             await retrying._process(record)
         a = await row(journal, "a.bin", "bad")
@@ -624,7 +625,7 @@ async def test_unreachable_endpoint_retries_later_then_fails(
         await journal.requeue(due[0].id)
 
         # With one attempt per file, the other bad file fails; the good watch is unaffected.
-        giving_up = Scheduler(journal, uploader, watches, stores, 4, 1)
+        giving_up = Scheduler(journal, uploader, table_of(watches, stores), 4, 1)
         rows = await run_scheduler_until(
             giving_up,
             journal,
@@ -706,7 +707,7 @@ async def upload_counted(
         uploader = Uploader(journal, s3, anyio.CapacityLimiter(requests))
         await discover(journal, root, bucket, sorted(contents))
         scheduler = Scheduler(
-            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 8, 3
+            journal, uploader, table_of({WATCH: watch_config(root, bucket)}, {WATCH: store}), 8, 3
         )
         rows = await run_scheduler_until(scheduler, journal, all_settled, within=within)
     assert {r.rel_path: r.state for r in rows} == dict.fromkeys(contents, "uploaded")
@@ -853,7 +854,7 @@ async def test_wait_idle_returns_once_files_that_overlapped_have_finished(
         store.gate = anyio.Event()
         uploader = Uploader(journal, s3, anyio.CapacityLimiter(4))
         scheduler = Scheduler(
-            journal, uploader, {WATCH: watch_config(root, bucket)}, {WATCH: store}, 2, 3
+            journal, uploader, table_of({WATCH: watch_config(root, bucket)}, {WATCH: store}), 2, 3
         )
         idle = anyio.Event()
         async with anyio.create_task_group() as tg:

@@ -14,7 +14,6 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +34,6 @@ from cpg_daemon.core.config import (
     Config,
     CredentialsConfig,
     S3Config,
-    WatchConfig,
     default_config_path,
     load_config,
 )
@@ -43,15 +41,10 @@ from cpg_daemon.core.errors import ConfigError, CpgError
 from cpg_daemon.core.objectkeys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
 from cpg_daemon.core.units import format_size, parse_size
 from cpg_daemon.discovery.plan import describe_plan, plan_watch
+from cpg_daemon.engine.grants import Assignment, Grant, Grants, assign
 from cpg_daemon.ops import control, logs
 from cpg_daemon.ops import status as status_view
-from cpg_daemon.s3.credentials import (
-    CredentialProvider,
-    ProfileMissingError,
-    RenewingProvider,
-    build_providers,
-    provider_for,
-)
+from cpg_daemon.s3.credentials import ProfileMissingError, RenewingProvider
 from cpg_daemon.s3.store import ObjectStore
 
 EXIT_OK = 0
@@ -278,16 +271,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     config = _load(args)
-    file = str(config.path)
-    providers = build_providers(config)
+    assignment = assign(config)
     problems = 0
     logs.configure("console", "error")  # the folder walk's debug events stay quiet
     print(f"configuration {config.path}: valid")
     print(f"journal: {config.daemon.state_dir}")
     if not config.watches:
         print("warning: no [[watch]] tables: the daemon would have nothing to do")
-    for i, watch in enumerate(config.watches):
-        provider = provider_for(providers, watch.destination, file, f"watch[{i}].destination")
+    for watch in config.watches:
+        provider = assignment.by_watch[watch.name]
         print(f"watch {watch.name}: {watch.path} -> {watch.destination}")
         print(f"  credentials: {provider.config.source} {provider.config.target}".rstrip())
         if not watch.path.is_dir():
@@ -304,51 +296,47 @@ def _check(args: argparse.Namespace) -> int:
     if args.offline:
         return EXIT_PROBLEM if problems else EXIT_OK
     logs.configure("console", "error")
-    watches = [(w, provider_for(providers, w.destination, file, "watch")) for w in config.watches]
-    problems += anyio.run(_check_online, config, providers, watches)
+    problems += anyio.run(_check_online, config, assignment)
     return EXIT_PROBLEM if problems else EXIT_OK
 
 
-async def _check_online(
-    config: Config,
-    providers: list[CredentialProvider],
-    watches: list[tuple[WatchConfig, CredentialProvider]],
-) -> int:
+async def _check_online(config: Config, assignment: Assignment) -> int:
     """Obtain keys once per grant, then prove write access to each destination."""
     problems = 0
-    working: set[int] = set()
-    for provider in providers:
-        if not isinstance(provider, RenewingProvider):
-            working.add(id(provider))
-            continue
-        name = provider.statistics().target
-        if await provider.renew_now():
-            working.add(id(provider))
-            print(f"credentials {name}: obtained, valid until {provider.expires_at}")
-        else:
-            print(f"credentials {name}: {provider.statistics().last_error}")
-            problems += 1
-    for watch, provider in watches:
-        if id(provider) not in working:
-            print(f"watch {watch.name}: not checked (no credentials)")
-            continue
-        error = await _probe_write(provider.session, config.s3, watch.destination)
-        if error:
-            print(f"watch {watch.name}: cannot write to {watch.destination}: {error}")
-            problems += 1
-        else:
-            print(f"watch {watch.name}: write access to {watch.destination} confirmed")
+    async with Grants.open(config, assignment) as grants:
+        working: set[Grant] = set()
+        for grant in grants:
+            provider = grant.provider
+            if not isinstance(provider, RenewingProvider):
+                working.add(grant)
+                continue
+            if await grant.renew_now():
+                working.add(grant)
+                print(f"credentials {grant.target}: obtained, valid until {provider.expires_at}")
+            else:
+                print(f"credentials {grant.target}: {provider.statistics().last_error}")
+                problems += 1
+        for active in grants.table(config, assignment).values():
+            watch = active.config
+            if active.grant not in working:
+                print(f"watch {watch.name}: not checked (no credentials)")
+                continue
+            error = await _probe_write(active.grant.store, watch.destination)
+            if error:
+                print(f"watch {watch.name}: cannot write to {watch.destination}: {error}")
+                problems += 1
+            else:
+                print(f"watch {watch.name}: write access to {watch.destination} confirmed")
     return problems
 
 
-async def _probe_write(session: Any, s3: S3Config, destination: S3Location) -> str | None:
+async def _probe_write(store: ObjectStore, destination: S3Location) -> str | None:
     """Write and delete a zero-byte marker under the destination; the error, or None."""
     key = f"{destination.prefix}.cpg-daemon-check/{socket.gethostname()}-{int(time.time())}"
     try:
-        async with ObjectStore.connect(session, s3) as store:
-            empty = encode(store.algorithm.digest(b""))
-            await store.put_object(destination.bucket, key, b"", empty)
-            await store.delete_object(destination.bucket, key)
+        empty = encode(store.algorithm.digest(b""))
+        await store.put_object(destination.bucket, key, b"", empty)
+        await store.delete_object(destination.bucket, key)
     except CpgError as exc:
         return str(exc)
     return None
@@ -543,22 +531,9 @@ async def _verify_here(config: Config, quick: bool) -> Any:
     from cpg_daemon.engine import verify
     from cpg_daemon.ops.daemon import JOURNAL_NAME
 
-    file = str(config.path)
-    providers = build_providers(config)
-    for provider in providers:
-        if isinstance(provider, RenewingProvider) and not await provider.renew_now():
-            raise CpgError(
-                f"credentials {provider.statistics().target}: {provider.statistics().last_error}"
-            )
-    async with AsyncExitStack() as stack:
-        stores = {
-            id(p): await stack.enter_async_context(ObjectStore.connect(p.session, config.s3))
-            for p in providers
-        }
-        watches = [
-            (w, stores[id(provider_for(providers, w.destination, file, f"watch[{i}]"))])
-            for i, w in enumerate(config.watches)
-        ]
+    async with Grants.open(config) as grants:
+        await grants.obtain()
+        watches = [(w.config, w.grant.store) for w in grants.table(config).values()]
         return await verify.verify(
             watches,
             config.daemon.state_dir / JOURNAL_NAME,

@@ -198,6 +198,15 @@ class Watcher:
             structure_rejected=self._structure_rejected,
         )
 
+    def expect_remote(self, sizes: dict[str, int] | None) -> None:
+        """Before the first walk: the destination's object sizes (files uploaded before are
+        checked on the server, not sent again); ``None``: it could not be listed, so every
+        file of the first walk is looked up on the server."""
+        if sizes is None:
+            self.check_all_first_walk = True
+        else:
+            self.remote_sizes = sizes
+
     def request_rescan(self) -> None:
         self._rescan_now.set()
 

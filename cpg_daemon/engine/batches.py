@@ -32,7 +32,7 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -248,14 +248,15 @@ class BatchTracker:
     def __init__(
         self,
         journal: Journal,
-        watches: Iterable[WatchConfig],
+        watches: Callable[[], Mapping[str, WatchConfig]],
         settling: Callable[[str, str], bool],
         *,
         hook_timeout: float = HOOK_TIMEOUT,
     ) -> None:
-        """``settling(watch, folder)``: may files under the folder still reach the journal?"""
+        """``watches()``: the current watches by name (a reload swaps them);
+        ``settling(watch, folder)``: may files under the folder still reach the journal?"""
         self._journal = journal
-        self._watches = {w.name: w for w in watches}
+        self._configs = watches
         self._settling = settling
         self._hook_timeout = hook_timeout
         self._due: dict[tuple[str, str], float] = {}
@@ -286,10 +287,6 @@ class BatchTracker:
         self._due[key] = time.monotonic() + self._quiet(watch)
         if new:  # a later time for a batch already followed needs no wake-up
             self._wake.set()
-
-    def reconfigure(self, watches: Iterable[WatchConfig]) -> None:
-        """A reload: these watches (and their settle times and hooks) from now on."""
-        self._watches = {w.name: w for w in watches}
 
     def stop(self) -> None:
         """The daemon is stopping: start no more hooks (queued ones run at the next start)."""
@@ -322,7 +319,7 @@ class BatchTracker:
         self._recent.extend(await self._journal.completed_batches(limit=RECENT))
         queued = await self._journal.completed_batches(hook_state="queued")
         now = time.monotonic()
-        for watch in list(self._watches):
+        for watch in list(self._configs()):
             for name in await self._journal.batch_names(watch):
                 self._due.setdefault((watch, name), now + self._quiet(watch))
         async with anyio.create_task_group() as tg:
@@ -333,7 +330,7 @@ class BatchTracker:
             await self._follow()
 
     def _quiet(self, watch: str) -> float:
-        config = self._watches.get(watch)
+        config = self._configs().get(watch)
         return max(config.settle if config else 0.0, MIN_QUIET)
 
     async def _follow(self) -> None:
@@ -352,7 +349,7 @@ class BatchTracker:
 
     async def _look(self, watch: str, name: str) -> None:
         """Record and announce this batch's completion, if it is complete and that is news."""
-        config = self._watches.get(watch)
+        config = self._configs().get(watch)
         if config is None:
             return  # removed by a reload
         key = (watch, name)
@@ -458,7 +455,7 @@ class BatchTracker:
             await queued.wait()
 
     async def _hook(self, record: BatchRecord) -> None:
-        config = self._watches.get(record.watch)
+        config = self._configs().get(record.watch)
         command = config.on_batch_complete if config else ""
         if config is None or not command:
             await self._set_hook(record, "none", "on_batch_complete was removed before it ran")

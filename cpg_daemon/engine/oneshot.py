@@ -18,19 +18,13 @@ from pathlib import Path
 import anyio
 import structlog
 
-from cpg_daemon.core.config import CredentialsConfig, S3Config, WatchConfig
-from cpg_daemon.core.errors import CredentialsError
+from cpg_daemon.core.config import Config, CredentialsConfig, DaemonConfig, S3Config, WatchConfig
 from cpg_daemon.core.objectkeys import S3Location
 from cpg_daemon.core.units import format_size
-from cpg_daemon.discovery.watcher import Watcher
-from cpg_daemon.engine.scheduler import Scheduler
-from cpg_daemon.engine.uploader import Uploader
+from cpg_daemon.engine.runtime import Engine
 from cpg_daemon.journal import Journal
-from cpg_daemon.ops.daemon import remote_sizes
-from cpg_daemon.s3.credentials import make_provider
-from cpg_daemon.s3.store import ObjectStore
 
-log = structlog.get_logger("cpg_daemon.engine.oneshot")
+log = structlog.get_logger(__name__)
 
 WATCH_NAME = "upload"
 
@@ -77,55 +71,32 @@ async def upload(
     progress: bool = False,
 ) -> UploadSummary:
     """Upload what ``source_watch`` selected below its destination; returns what happened."""
-    destination = watch.destination
     started = time.monotonic()
-    journal = await Journal.open(
-        journal_path(state_dir, watch.path / watch.include[0], destination)
+    config = Config(
+        path=None,
+        daemon=DaemonConfig(file_attempts=file_attempts),
+        s3=s3,
+        credentials=(credentials,),
+        watches=(watch,),
     )
-    try:
-        await journal.reset_in_flight()
-        # A file that failed in an earlier run gets its attempts back.
-        await journal.retry_failed()
-        provider = make_provider(credentials, s3.region)
-        async with (
-            ObjectStore.connect(provider.session, s3) as store,
-            anyio.create_task_group() as keys,
-        ):
-            await keys.start(provider.run)
-            if not await provider.first_attempt():
-                raise CredentialsError(provider.statistics().last_error or "no credentials")
-            sizes = await remote_sizes(store, destination.bucket, destination.prefix)
-            watcher = Watcher(
-                watch, journal, lambda: None, rescan_interval=3600, remote_sizes=sizes
-            )
-            await watcher.scan()
-            uploader = Uploader(journal, s3, anyio.CapacityLimiter(s3.max_concurrency))
-            scheduler = Scheduler(
-                journal,
-                uploader,
-                {WATCH_NAME: watch},
-                {WATCH_NAME: store},
-                workers=s3.max_concurrency,
-                file_attempts=file_attempts,
-                providers={WATCH_NAME: provider},
-            )
-            provider.on_usable(scheduler.wake)
-            async with anyio.create_task_group() as tg:
-                await tg.start(scheduler.run)
-                await _wait_until_done(journal, progress, started)
-                tg.cancel_scope.cancel()
-            keys.cancel_scope.cancel()
-        records = await journal.records(WATCH_NAME)
-    finally:
-        await journal.close()
+    path = journal_path(state_dir, watch.path / watch.include[0], watch.destination)
+    async with Engine.open(config, path) as engine:
+        async with anyio.create_task_group() as tg:
+            await engine.grants.start_renewals(tg)
+            await engine.grants.first_keys()
+            await engine.walk_once(WATCH_NAME)
+            await tg.start(engine.scheduler.run)
+            await _wait_until_done(engine.journal, progress, started)
+            tg.cancel_scope.cancel()
+        records = await engine.journal.records(WATCH_NAME)
+        stats = engine.uploader.statistics()
     failures = tuple((r.rel_path, r.last_error or "") for r in records if r.state == "failed")
-    uploaded = uploader.statistics().files_uploaded
     return UploadSummary(
         files=len(records),
-        uploaded=uploaded,
-        already_present=len(records) - len(failures) - uploaded,
+        uploaded=stats.files_uploaded,
+        already_present=len(records) - len(failures) - stats.files_uploaded,
         failed=len(failures),
-        bytes=uploader.statistics().bytes_sent,
+        bytes=stats.bytes_sent,
         seconds=time.monotonic() - started,
         failures=failures,
     )

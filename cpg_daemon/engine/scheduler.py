@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,8 +33,8 @@ from cpg_daemon.core.errors import (
     VanishedError,
 )
 from cpg_daemon.engine.uploader import Uploader
+from cpg_daemon.engine.watches import ActiveWatch, WatchTable
 from cpg_daemon.journal import FileRecord, Journal
-from cpg_daemon.s3.credentials import CredentialProvider
 from cpg_daemon.s3.store import ObjectStore
 
 log = structlog.get_logger("cpg_daemon.engine.scheduler")
@@ -136,20 +136,17 @@ class Scheduler:
         self,
         journal: Journal,
         uploader: Uploader,
-        watches: Mapping[str, WatchConfig],
-        stores: Mapping[str, ObjectStore],
+        watches: Callable[[], WatchTable],
         workers: int,
         file_attempts: int,
-        providers: Mapping[str, CredentialProvider] | None = None,
     ) -> None:
+        """``watches()``: the current watch table (the engine swaps it on a reload)."""
         self._journal = journal
         self._uploader = uploader
-        self._watches = dict(watches)
-        self._stores = dict(stores)
+        self._table = watches
         self._workers = workers
-        self._file_attempts = file_attempts
-        self._providers = dict(providers or {})
-        """Each watch's credentials: a watch whose keys are not usable is not fed."""
+        self.file_attempts = file_attempts
+        """Attempts a file gets before it is failed (a reload may change it)."""
         self._busy = 0
         self._paused: set[str] = set()
         self._paused_all = False
@@ -193,30 +190,15 @@ class Scheduler:
             self._paused.clear()
         elif self._paused_all:  # everything was paused: all but this one stay paused
             self._paused_all = False
-            self._paused = set(self._watches) - {watch}
+            self._paused = set(self._table()) - {watch}
         else:
             self._paused.discard(watch)
         self.wake()
 
-    def reconfigure(
-        self,
-        watches: Mapping[str, WatchConfig],
-        stores: Mapping[str, ObjectStore],
-        providers: Mapping[str, CredentialProvider],
-        *,
-        file_attempts: int,
-    ) -> None:
-        """A reload: feed these watches from now on. Files in flight finish as they began."""
-        self._file_attempts = file_attempts
-        self._watches = dict(watches)
-        self._stores = dict(stores)
-        self._providers = dict(providers)
-        self._paused &= set(watches)
+    def watches_changed(self) -> None:
+        """The watch table was swapped (a reload): files in flight finish as they began."""
+        self._paused &= set(self._table())
         self.wake()
-
-    def store(self, watch: str) -> ObjectStore:
-        """The S3 client a watch's uploads use."""
-        return self._stores[watch]
 
     def drain(self) -> None:
         """Stop starting files; those in flight carry on."""
@@ -269,8 +251,10 @@ class Scheduler:
                 continue
             # Only configured watches: rows of a watch removed from the configuration
             # stay in the journal untouched until it comes back.
-            active = [] if self._paused_all else sorted(set(self._watches) - self._paused)
-            active = [w for w in active if w not in self._providers or self._providers[w].usable]
+            table = self._table()
+            # A watch whose keys are not usable is not fed.
+            active = [] if self._paused_all else sorted(set(table) - self._paused)
+            active = [w for w in active if table[w].grant.usable]
             if allowed < self._workers:
                 idle = allowed - self._in_hand
             else:
@@ -317,7 +301,8 @@ class Scheduler:
                     self._room.set()
 
     async def _work_on(self, record: FileRecord) -> None:
-        if self._draining or record.watch not in self._watches:
+        watch = self._table().get(record.watch)
+        if self._draining or watch is None:
             # Claimed before a drain began or its watch was removed by a
             # reload: leave it queued for next time.
             await self._journal.requeue(record.id)
@@ -326,7 +311,8 @@ class Scheduler:
             self._idle = anyio.Event()  # set again when the last file finishes
         self._busy += 1
         try:
-            await self._process(record)
+            with watch.grant.lease():  # a grant dropped by a reload stays open until then
+                await self._process(record, watch)
         finally:
             for callback in self._finished:
                 callback(record)
@@ -334,9 +320,9 @@ class Scheduler:
             if self._busy == 0:
                 self._idle.set()
 
-    async def _process(self, record: FileRecord) -> None:
-        watch = self._watches[record.watch]
-        store = self._stores[record.watch]
+    async def _process(self, record: FileRecord, active: ActiveWatch | None = None) -> None:
+        active = active or self._table()[record.watch]
+        watch, store = active.config, active.grant.store
         path = watch.path / record.rel_path
         with (
             structlog.contextvars.bound_contextvars(watch=record.watch, path=str(path)),
@@ -351,7 +337,7 @@ class Scheduler:
             except FileChangedError:
                 await self._changed(store, record, path, watch)
             except CredentialsError as exc:
-                await self._credentials_refused(store, record, path, exc)
+                await self._credentials_refused(active, record, path, exc)
             except ThrottledError as exc:
                 await self._throttled(record, path, str(exc))
             except SkipFileError as exc:
@@ -382,7 +368,7 @@ class Scheduler:
         await self._journal.requeue(record.id, error)
 
     async def _credentials_refused(
-        self, store: ObjectStore, record: FileRecord, path: Path, exc: CredentialsError
+        self, watch: ActiveWatch, record: FileRecord, path: Path, exc: CredentialsError
     ) -> None:
         """The keys were refused or could not be had: never a reason for a file to fail.
 
@@ -391,21 +377,21 @@ class Scheduler:
         fed at all. Only when freshly renewed keys are refused again does the
         retry count, so a key that can never work still ends in a visible failure.
         """
-        provider = self._providers.get(record.watch)
+        grant = watch.grant
         error = f"{CREDENTIALS_PREFIX} {exc}"
-        renewed = provider is not None and await provider.renew_now()
+        renewed = await grant.renew_now()
         refused_before = (record.last_error or "").startswith(CREDENTIALS_PREFIX)
-        if provider is not None and (not provider.usable or (renewed and not refused_before)):
+        if not grant.usable or (renewed and not refused_before):
             log.warning("credentials_refused", error=str(exc), renewed=renewed)
             await self._journal.requeue(record.id, error)
             self.wake()
             return
-        await self._retry_or_fail(store, record, path, error)
+        await self._retry_or_fail(grant.store, record, path, error)
 
     async def _retry_or_fail(
         self, store: ObjectStore, record: FileRecord, path: Path, error: str
     ) -> None:
-        if record.attempts + 1 >= self._file_attempts:
+        if record.attempts + 1 >= self.file_attempts:
             await self._uploader.abort(store, record)
             await self._fail(record, path, f"{error} (after {record.attempts + 1} attempts)")
             return

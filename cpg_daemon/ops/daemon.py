@@ -1,42 +1,39 @@
-"""The supervisor: opens the journal, starts every component in one task group, stops cleanly.
+"""The supervisor: the engine as a service, in three phases - start-up, serve, drain.
 
-Start order: journal (crash leftovers re-queued) -> S3 clients -> scheduler ->
-watchers. Stop (SIGTERM, SIGINT or ``request_stop``): stop watching and stop
-starting files, let in-flight requests finish until ``daemon.drain_timeout``,
-then cancel what is left; the journal already holds every finished part, so
-the next start resumes from there. A second signal skips the wait.
+Start-up: the state directory's lock, the engine (journal -> grants -> uploader ->
+scheduler -> batch tracker), the control socket (and metrics), then one watcher per
+watch; READY goes to systemd once all run. Serve: until SIGTERM, SIGINT or
+``request_stop``; SIGHUP and the ``reload`` command reload the configuration. Drain:
+stop watching and stop starting files, let the files in flight finish until
+``daemon.drain_timeout``, then cancel what is left; the journal already holds every
+finished part, so the next start resumes from there. A second signal skips the wait.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import fcntl
 import os
 import signal
 from collections.abc import Mapping
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import anyio
 import structlog
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup
 
 from cpg_daemon import __version__
-from cpg_daemon.core.config import Config, WatchConfig, load_config
-from cpg_daemon.core.errors import ConfigError, CpgError, FatalError
+from cpg_daemon.core.config import Config, load_config
+from cpg_daemon.core.errors import ConfigError, FatalError
 from cpg_daemon.core.units import format_size
-from cpg_daemon.discovery.watcher import Watcher
-from cpg_daemon.engine import verify
-from cpg_daemon.engine.batches import BatchTracker
-from cpg_daemon.engine.scheduler import Scheduler
-from cpg_daemon.engine.uploader import Uploader
-from cpg_daemon.journal import Journal, JournalStatistics
+from cpg_daemon.engine.grants import assign
+from cpg_daemon.engine.runtime import Engine
+from cpg_daemon.journal import JournalStatistics
 from cpg_daemon.ops import logs
+from cpg_daemon.ops.commands import Commands
 from cpg_daemon.ops.control import (
     CommandError,
     ControlServer,
@@ -45,12 +42,9 @@ from cpg_daemon.ops.control import (
     prepare_socket_path,
 )
 from cpg_daemon.ops.metrics import MetricsServer
-from cpg_daemon.ops.status import gather
 from cpg_daemon.ops.systemd import Notifier
-from cpg_daemon.s3.credentials import CredentialProvider, build_providers, provider_for
-from cpg_daemon.s3.store import ObjectStore
 
-log = structlog.get_logger("cpg_daemon.ops.daemon")
+log = structlog.get_logger(__name__)
 
 JOURNAL_NAME = "journal.sqlite3"
 STATUS_INTERVAL = 5.0
@@ -83,17 +77,6 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-async def remote_sizes(store: ObjectStore, bucket: str, prefix: str) -> dict[str, int]:
-    """Sizes of the objects already under a destination (to spot files uploaded before)."""
-    return {obj.key: obj.size async for obj in store.list_objects(bucket, prefix)}
-
-
-@dataclass
-class _RunningWatch:
-    watcher: Watcher
-    scope: anyio.CancelScope
-
-
 class Daemon:
     """One run of the daemon: ``await Daemon(config).run()``."""
 
@@ -110,19 +93,18 @@ class Daemon:
         self._stopping = anyio.Event()
         self._force = anyio.Event()
         self._running = anyio.Event()
-        self._journal: Journal | None = None
-        self._providers: list[CredentialProvider] = []
-        self._provider_scopes: dict[int, anyio.CancelScope] = {}
-        self._stores: dict[int, ObjectStore] = {}
-        """One S3 client per provider, by ``id(provider)``; open until the daemon stops."""
-        self._watchers: dict[str, _RunningWatch] = {}
-        self._batches: BatchTracker | None = None
-        self._state = "starting"
-        self._started_at = datetime.now(timezone.utc)
+        self._engine: Engine | None = None
+        self.state = "starting"
+        self.started_at = datetime.now(timezone.utc)
         self._reload_lock = anyio.Lock()
-        self._config_loaded_at = self._started_at
+        self._config_loaded_at = self.started_at
         self._reload_error: str | None = None
         self._restart_needed: tuple[str, ...] = ()
+
+    @property
+    def engine(self) -> Engine:
+        assert self._engine is not None, "the daemon is not running"
+        return self._engine
 
     def request_stop(self) -> None:
         """Begin a graceful stop, as SIGTERM does."""
@@ -133,191 +115,96 @@ class Daemon:
         await self._running.wait()
 
     async def journal_statistics(self) -> JournalStatistics:
-        assert self._journal is not None, "the daemon is not running"
-        return await self._journal.statistics()
+        return await self.engine.journal.statistics()
+
+    def config_status(self) -> dict[str, Any]:
+        """The ``config`` part of the status reply."""
+        return {
+            "path": str(self.config.path) if self.config.path else None,
+            "loaded_at": self._config_loaded_at.isoformat(timespec="seconds"),
+            "reload_error": self._reload_error,
+            "restart_needed": list(self._restart_needed),
+        }
+
+    # -- the phases ------------------------------------------------------------------------
 
     async def run(self) -> None:
         config = self.config
-        file = str(config.path) if config.path else "<config>"
-        providers = build_providers(config)
-        watch_providers = {
-            watch.name: provider_for(providers, watch.destination, file, f"watch[{i}].destination")
-            for i, watch in enumerate(config.watches)
-        }
+        assign(config)  # a configuration mistake stops us before anything is touched
         await anyio.to_thread.run_sync(
             prepare_socket_path, config.daemon.socket, config.daemon.socket_group
         )
         lock = await anyio.to_thread.run_sync(lock_state_dir, config.daemon.state_dir)
         try:
-            journal = await Journal.open(config.daemon.state_dir / JOURNAL_NAME)
-        except BaseException:
-            os.close(lock)
-            raise
-        self._journal = journal
-        try:
-            requeued = await journal.reset_in_flight()
-            # A restart is a person's way to say "try again": failed files get a new
-            # round of attempts (names S3 cannot take stay failed).
-            retried = await journal.retry_failed()
-            log.info(
-                "starting",
-                version=__version__,
-                journal=str(journal.path),
-                new_journal=journal.created,
-                resumed_files=requeued,
-                retried_failed_files=retried,
-                watches=[w.name for w in config.watches],
-            )
-            async with AsyncExitStack() as stack:
-                for provider in providers:
-                    self._stores[id(provider)] = await stack.enter_async_context(
-                        ObjectStore.connect(provider.session, config.s3)
-                    )
-                uploader = Uploader(
-                    journal, config.s3, anyio.CapacityLimiter(config.s3.max_concurrency)
+            async with Engine.open(config, config.daemon.state_dir / JOURNAL_NAME) as engine:
+                self._engine = engine
+                log.info(
+                    "starting",
+                    version=__version__,
+                    journal=str(engine.journal.path),
+                    new_journal=engine.journal.created,
+                    resumed_files=engine.resumed.in_flight,
+                    retried_failed_files=engine.resumed.failed,
+                    watches=list(engine.table),
                 )
-                scheduler = Scheduler(
-                    journal,
-                    uploader,
-                    {w.name: w for w in config.watches},
-                    {name: self._stores[id(p)] for name, p in watch_providers.items()},
-                    workers=config.s3.max_concurrency,
-                    file_attempts=config.daemon.file_attempts,
-                    providers=watch_providers,
-                )
-                for provider in providers:
-                    provider.on_usable(scheduler.wake)
-                self._providers = providers
-                await self._supervise(journal, scheduler, uploader, stack)
+                registry = Commands(self).registry()
+                async with anyio.create_task_group() as tg:
+                    await self._start_up(tg, engine, registry)
+                    await self._stopping.wait()  # serve
+                    await self._drain(engine)
+                    tg.cancel_scope.cancel()
         finally:
-            self._journal = None
+            self._engine = None
             self._notifier.close()
-            await journal.close()
             os.close(lock)
         log.info("stopped")
 
-    async def _supervise(
-        self,
-        journal: Journal,
-        scheduler: Scheduler,
-        uploader: Uploader,
-        stack: AsyncExitStack,
-    ) -> None:
-        batches = BatchTracker(journal, self.config.watches, self._settling)
-        scheduler.on_finished(lambda record: batches.touch(record.watch, record.rel_path))
-        self._batches = batches
-        registry = self._commands(journal, scheduler, uploader, stack)
-        control = ControlServer(
-            self.config.daemon.socket, registry, self.config.daemon.socket_group
-        )
+    async def _start_up(self, tg: TaskGroup, engine: Engine, registry: Registry) -> None:
+        """Control socket, metrics, the engine; then the watchers, in the background, and
+        READY once they all run (listing a large destination first may take minutes)."""
+        daemon = self.config.daemon
         status = registry.commands["status"].handler
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            interval = self._notifier.watchdog_interval()
-            if interval is not None:
-                tg.start_soon(self._notifier.keep_alive, interval)
-            if self._handle_signals:
-                tg.start_soon(self._signals, registry.commands["reload"].handler)
-            await tg.start(control.run)
-            if self.config.daemon.metrics_listen:
-                metrics = MetricsServer(self.config.daemon.metrics_listen, lambda: status({}))
-                await tg.start(metrics.run)
-            for provider in self._providers:
-                await self._start_provider(provider)
-            await tg.start(scheduler.run)
-            await tg.start(batches.run)
-            watching = anyio.CancelScope()
+        interval = self._notifier.watchdog_interval()
+        if interval is not None:
+            tg.start_soon(self._notifier.keep_alive, interval)
+        if self._handle_signals:
+            tg.start_soon(self._signals)
+        await tg.start(ControlServer(daemon.socket, registry, daemon.socket_group).run)
+        if daemon.metrics_listen:
+            await tg.start(MetricsServer(daemon.metrics_listen, lambda: status({})).run)
+        await tg.start(engine.run)
 
-            async def watch_all() -> None:
-                with watching:
-                    async with anyio.create_task_group() as group:
-                        self._watch_group = group
-                        known = set((await journal.statistics()).by_watch)
-                        for watch in self.config.watches:
-                            await self._start_watch(watch, journal, scheduler, known, wait=True)
-                        log.info("running")
-                        self._state = "running"
-                        self._running.set()
-                        self._notifier.ready(status_line(await status({})))
-                        await anyio.sleep_forever()  # a reload may add watches later
+        async def watch_all() -> None:
+            await engine.start_watches()
+            log.info("running")
+            self.state = "running"
+            self._running.set()
+            self._notifier.ready(status_line(await status({})))
 
-            tg.start_soon(watch_all)
-            if self._notifier.enabled:
-                tg.start_soon(self._extend_start)
-                tg.start_soon(self._report_status, status)
-            await self._stopping.wait()
-            self._state = "stopping"
-            busy = scheduler.statistics().busy
-            drain_timeout = self.config.daemon.drain_timeout
-            self._notifier.stopping(
-                f"stopping: letting {busy} uploads finish (at most {drain_timeout:g} s)",
-                drain_timeout + STOP_MARGIN,
-            )
-            for running in self._watchers.values():
-                running.watcher.stop()
-            watching.cancel()
-            scheduler.drain()
-            batches.stop()
-            async with anyio.create_task_group() as drain:
+        tg.start_soon(watch_all)
+        if self._notifier.enabled:
+            tg.start_soon(self._extend_start)
+            tg.start_soon(self._report_status, status)
 
-                async def until_idle() -> None:
-                    with anyio.move_on_after(self.config.daemon.drain_timeout) as deadline:
-                        await scheduler.wait_idle()
-                    if deadline.cancelled_caught:
-                        log.warning("drain_timeout", seconds=self.config.daemon.drain_timeout)
-                    await batches.wait_hooks()  # a running hook's grace; then it is killed
-                    drain.cancel_scope.cancel()
-
-                drain.start_soon(until_idle)
-                await self._force.wait()
-                drain.cancel_scope.cancel()
-            tg.cancel_scope.cancel()
-
-    async def _start_provider(self, provider: CredentialProvider) -> None:
-        scope = anyio.CancelScope()
-        self._provider_scopes[id(provider)] = scope
-
-        async def run(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await provider.run(task_status=task_status)
-
-        await self._task_group.start(run)
-
-    async def _start_watch(
-        self,
-        watch: WatchConfig,
-        journal: Journal,
-        scheduler: Scheduler,
-        known: set[str],
-        *,
-        wait: bool,
-    ) -> None:
-        """Start one watch's watcher (with ``wait``, until it runs).
-
-        A watch the journal has never seen may point at data uploaded before
-        (by hand, or by a lost journal): its destination is listed first, so
-        those files are checked on the server rather than sent again.
-        """
-        watcher = Watcher(
-            watch,
-            journal,
-            scheduler.wake,
-            self.config.daemon.rescan_interval,
-            on_rejected=scheduler.remember,
+    async def _drain(self, engine: Engine) -> None:
+        """Stop taking work; files in flight get ``drain_timeout`` (a second signal: none)."""
+        self.state = "stopping"
+        busy = engine.scheduler.statistics().busy
+        drain_timeout = self.config.daemon.drain_timeout
+        self._notifier.stopping(
+            f"stopping: letting {busy} uploads finish (at most {drain_timeout:g} s)",
+            drain_timeout + STOP_MARGIN,
         )
-        scope = anyio.CancelScope()
-        self._watchers[watch.name] = _RunningWatch(watcher, scope)
+        engine.stop_watching()
+        async with anyio.create_task_group() as drain:
 
-        async def run(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                if watch.name not in known:
-                    await self._list_destination(watcher, scheduler.store(watch.name))
-                await watcher.run(task_status=task_status)
+            async def until_idle() -> None:
+                await engine.drain(drain_timeout)
+                drain.cancel_scope.cancel()
 
-        if wait:
-            await self._watch_group.start(run)
-        else:  # a reload: listing a large destination must not hold up the reply
-            self._watch_group.start_soon(run)
+            drain.start_soon(until_idle)
+            await self._force.wait()
+            drain.cancel_scope.cancel()
 
     async def _extend_start(self) -> None:
         """Listing a large destination before the first walk may outlast TimeoutStartSec."""
@@ -330,28 +217,25 @@ class Daemon:
         """Keep systemd's one-line STATUS= (``systemctl status``) current."""
         while not self._stopping.is_set():
             await anyio.sleep(STATUS_INTERVAL)
-            if self._state == "running":
+            if self.state == "running":
                 self._notifier.status(status_line(await status({})))
 
     # -- reload ----------------------------------------------------------------------------
 
-    async def _reload(
-        self, journal: Journal, scheduler: Scheduler, stack: AsyncExitStack
-    ) -> dict[str, Any]:
+    async def reload(self) -> dict[str, Any]:
         """Read the configuration file again and apply it (SIGHUP, ``cpg-daemon reload``).
 
-        Watches are added, removed or changed and credentials entries swapped
-        without touching the queue or the uploads in flight. A configuration
-        that does not load, or that leaves a watch without credentials, changes
-        nothing: the old one keeps running and the error shows in status.
-        Settings that only take effect at start are reported as needing a restart.
+        A configuration that does not load, or that leaves a watch without
+        credentials, changes nothing: the old one keeps running and the error shows
+        in status. Settings that only take effect at start are reported as needing
+        a restart.
         """
-        if self._state in ("starting", "stopping"):
-            raise CommandError(f"the daemon is {self._state}; reload once it is running")
+        if self.state in ("starting", "stopping"):
+            raise CommandError(f"the daemon is {self.state}; reload once it is running")
         async with self._reload_lock:
             self._notifier.reloading()
             try:
-                return await self._apply(journal, scheduler, stack)
+                return await self._apply()
             except ConfigError as exc:
                 self._reload_error = str(exc)
                 log.error(
@@ -365,270 +249,42 @@ class Daemon:
             finally:
                 self._notifier.ready("reloaded")
 
-    async def _apply(
-        self, journal: Journal, scheduler: Scheduler, stack: AsyncExitStack
-    ) -> dict[str, Any]:
+    async def _apply(self) -> dict[str, Any]:
         old = self.config
         if old.path is None:
             raise ConfigError("<config>", "", "the daemon was started without a configuration file")
         new = await anyio.to_thread.run_sync(load_config, old.path)
-        restart_needed = restart_only_changes(old, new)
-        # What needs a restart keeps its running value until then.
-        new = dataclasses.replace(
-            new,
-            s3=old.s3,
-            daemon=dataclasses.replace(
-                new.daemon,
-                state_dir=old.daemon.state_dir,
-                socket=old.daemon.socket,
-                socket_group=old.daemon.socket_group,
-                metrics_listen=old.daemon.metrics_listen,
-            ),
-        )
-        file = str(old.path)
-        # Everything that can fail is done before anything changes.
-        providers = build_providers(new, self._providers)
-        watch_providers = {
-            watch.name: provider_for(providers, watch.destination, file, f"watch[{i}].destination")
-            for i, watch in enumerate(new.watches)
-        }
-        for provider in providers:
-            if id(provider) not in self._stores:
-                self._stores[id(provider)] = await stack.enter_async_context(
-                    ObjectStore.connect(provider.session, new.s3)
-                )
-                provider.on_usable(scheduler.wake)
-                await self._start_provider(provider)
-        for provider in self._providers:
-            if provider not in providers:
-                # Its renewals stop; its client stays open for uploads still in flight.
-                self._provider_scopes.pop(id(provider)).cancel()
-        self._providers = providers
-
-        before = {w.name: w for w in old.watches}
-        after = {w.name: w for w in new.watches}
-        rescan_changed = old.daemon.rescan_interval != new.daemon.rescan_interval
-        removed = sorted(set(before) - set(after))
-        added = sorted(set(after) - set(before))
-        changed = sorted(
-            name
-            for name in set(before) & set(after)
-            if before[name] != after[name] or rescan_changed
-        )
-        self.config = new
-        scheduler.reconfigure(
-            after,
-            {name: self._stores[id(p)] for name, p in watch_providers.items()},
-            watch_providers,
-            file_attempts=new.daemon.file_attempts,
-        )
-        if self._batches is not None:
-            self._batches.reconfigure(new.watches)
-        for name in removed + changed:
-            running = self._watchers.pop(name)
-            running.watcher.stop()
-            running.scope.cancel()
-        known = set((await journal.statistics()).by_watch)
-        for name in added + changed:
-            await self._start_watch(after[name], journal, scheduler, known, wait=False)
-        if (new.daemon.log_level, new.daemon.log_format) != (
-            old.daemon.log_level,
-            old.daemon.log_format,
-        ):
-            logs.configure(new.daemon.log_format, new.daemon.log_level)
+        plan = await self.engine.reload(new)
+        self.config = plan.config
+        if plan.logging_changed:
+            logs.configure(plan.config.daemon.log_format, plan.config.daemon.log_level)
         self._config_loaded_at = datetime.now(timezone.utc)
         self._reload_error = None
-        self._restart_needed = restart_needed
-        result = {
-            "added": added,
-            "removed": removed,
-            "changed": changed,
-            "restart_needed": list(restart_needed),
-        }
+        self._restart_needed = plan.restart_needed
+        result = plan.summary()
         log.info("reloaded", **result)
-        if restart_needed:
+        if plan.restart_needed:
             log.warning(
                 "restart_needed",
-                settings=list(restart_needed),
+                settings=list(plan.restart_needed),
                 consequence="these settings keep their old values until the daemon restarts",
             )
-        return result
+        return dict(result)
 
-    def _commands(
-        self,
-        journal: Journal,
-        scheduler: Scheduler,
-        uploader: Uploader,
-        stack: AsyncExitStack,
-    ) -> Registry:
-        """The control socket's commands; adding one is one entry here."""
-
-        def names() -> list[str]:
-            return [w.name for w in self.config.watches]
-
-        def chosen(args: Mapping[str, Any]) -> str | None:
-            watch = args.get("watch")
-            if watch is None:
-                return None
-            if watch not in names():
-                known = ", ".join(names()) or "none"
-                raise CommandError(f"no watch named {watch!r} (watches: {known})")
-            return str(watch)
-
-        def selected(watch: str | None) -> list[str]:
-            return names() if watch is None else [watch]
-
-        async def status(args: Mapping[str, Any]) -> dict[str, Any]:
-            stats = scheduler.statistics()
-            state = self._state
-            everything = stats.paused_all or (names() and set(names()) <= set(stats.paused))
-            if state == "running" and everything:
-                state = "paused"
-            reply = gather(
-                state=state,
-                started_at=self._started_at,
-                watches=self.config.watches,
-                journal=await journal.statistics(),
-                scheduler=stats,
-                uploader=uploader.statistics(),
-                watchers=[r.watcher.statistics() for r in self._watchers.values()],
-                credentials=[p.statistics() for p in self._providers],
-                batches=self._batches.statistics() if self._batches else None,
-            )
-            reply["config"] = {
-                "path": str(self.config.path) if self.config.path else None,
-                "loaded_at": self._config_loaded_at.isoformat(timespec="seconds"),
-                "reload_error": self._reload_error,
-                "restart_needed": list(self._restart_needed),
-            }
-            return reply
-
-        async def pause(args: Mapping[str, Any]) -> dict[str, Any]:
-            watch = chosen(args)
-            scheduler.pause(watch)
-            return {"paused": selected(watch)}
-
-        async def resume(args: Mapping[str, Any]) -> dict[str, Any]:
-            watch = chosen(args)
-            scheduler.resume(watch)
-            return {"resumed": selected(watch)}
-
-        async def retry(args: Mapping[str, Any]) -> dict[str, Any]:
-            watch = chosen(args)
-            count = await journal.retry_failed(watch)
-            scheduler.wake()
-            return {"requeued": count, "watches": selected(watch)}
-
-        async def rescan(args: Mapping[str, Any]) -> dict[str, Any]:
-            watch = chosen(args)
-            for running in self._watchers.values():
-                if watch is None or running.watcher.watch.name == watch:
-                    running.watcher.request_rescan()
-            return {"rescanning": selected(watch)}
-
-        async def verify_(args: Mapping[str, Any]) -> dict[str, Any]:
-            watch = chosen(args)
-            result = await verify.verify(
-                [
-                    (w, scheduler.store(w.name))
-                    for w in self.config.watches
-                    if watch is None or w.name == watch
-                ],
-                self.config.daemon.state_dir / JOURNAL_NAME,
-                quick=bool(args.get("quick")),
-                concurrency=self.config.s3.max_concurrency,
-            )
-            rows = [r for r in result.rows if args.get("rows") or r.status != "match"]
-            return {
-                "ok": result.ok,
-                "summary": result.summary(),
-                "counts": dict(result.counts),
-                "seconds": result.seconds,
-                "rows": list(verify.row_dicts(rows)),
-            }
-
-        async def reload(args: Mapping[str, Any]) -> dict[str, Any]:
-            return await self._reload(journal, scheduler, stack)
-
-        registry = Registry()
-
-        async def help_(args: Mapping[str, Any]) -> dict[str, str]:
-            return registry.help()
-
-        registry.add(
-            "status", status, "what the daemon is doing, as one JSON object", mutating=False
-        )
-        registry.add(
-            "pause", pause, "stop starting new files (all watches, or args.watch)", mutating=True
-        )
-        registry.add("resume", resume, "start new files again (all, or args.watch)", mutating=True)
-        registry.add("retry", retry, "queue failed files again (all, or args.watch)", mutating=True)
-        registry.add(
-            "rescan", rescan, "walk the watched folders now (all, or args.watch)", mutating=True
-        )
-        registry.add(
-            "verify",
-            verify_,
-            "compare local files with staged objects (args.watch, args.quick, args.rows)",
-            mutating=False,
-        )
-        registry.add(
-            "reload",
-            reload,
-            "read the configuration file again (as SIGHUP); refused if it is invalid",
-            mutating=True,
-        )
-        registry.add("help", help_, "the commands and what they do", mutating=False)
-        return registry
-
-    @staticmethod
-    async def _list_destination(watcher: Watcher, store: ObjectStore) -> None:
-        destination = watcher.watch.destination
-        try:
-            watcher.remote_sizes = await remote_sizes(store, destination.bucket, destination.prefix)
-        except CpgError as exc:
-            log.warning(
-                "destination_not_listed",
-                watch=watcher.watch.name,
-                error=str(exc),
-                consequence="each file found now is looked up on the server before upload",
-            )
-            watcher.check_all_first_walk = True
-
-    def _settling(self, watch: str, folder: str) -> bool:
-        """Whether files under a watch's top-level folder may still reach the journal."""
-        running = self._watchers.get(watch)
-        return running is None or running.watcher.settling_under(folder)
-
-    async def _signals(self, reload: Handler) -> None:
+    async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
                     log.info("reloading", signal=name)
                     with contextlib.suppress(CommandError):  # logged; the old config runs on
-                        await reload({})
+                        await self.reload()
                 elif not self._stopping.is_set():
                     log.info("stopping", signal=name)
                     self._stopping.set()
                 else:
                     log.warning("stopping_now", signal=name)
                     self._force.set()
-
-
-def restart_only_changes(old: Config, new: Config) -> tuple[str, ...]:
-    """Settings that differ between two configurations but only apply at start."""
-    changed = [
-        f"daemon.{name}"
-        for name in ("state_dir", "socket", "socket_group", "metrics_listen")
-        if getattr(old.daemon, name) != getattr(new.daemon, name)
-    ]
-    changed += [
-        f"s3.{field.name}"
-        for field in dataclasses.fields(old.s3)
-        if getattr(old.s3, field.name) != getattr(new.s3, field.name)
-    ]
-    return tuple(changed)
 
 
 def status_line(status: Mapping[str, Any]) -> str:

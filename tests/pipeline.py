@@ -1,0 +1,27 @@
+"""Helpers for tests that assemble part of the pipeline by hand (scheduler, batches)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.engine.grants import Grant
+from cpg_daemon.engine.watches import ActiveWatch, WatchTable
+from cpg_daemon.s3.store import ObjectStore
+
+
+def table_of(
+    watches: Mapping[str, WatchConfig], stores: Mapping[str, ObjectStore]
+) -> Callable[[], WatchTable]:
+    """The watch table a scheduler reads: each watch with a grant around its store."""
+    grants = {store: Grant.borrowed(store) for store in stores.values()}
+    table = WatchTable(
+        tuple(ActiveWatch(config, grants[stores[name]]) for name, config in watches.items())
+    )
+    return lambda: table
+
+
+def configs_of(*watches: WatchConfig) -> Callable[[], Mapping[str, WatchConfig]]:
+    """The watches a batch tracker reads, by name."""
+    by_name = {w.name: w for w in watches}
+    return lambda: by_name
