@@ -53,7 +53,7 @@ from cpg_daemon.core.errors import FatalError
 from cpg_daemon.core.units import format_size
 from cpg_daemon.ops import control, logs
 from cpg_daemon.ops.daemon import JOURNAL_NAME, Daemon
-from cpg_daemon.ops.status import live_view, render
+from cpg_daemon.ops.status import StatusReply, from_wire, live_view, render
 from cpg_daemon.s3.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -440,7 +440,7 @@ def _self_command() -> str:
     return f"{shlex.quote(sys.executable)} -m cpg_daemon"
 
 
-def _progress_line(status: dict[str, Any], total_files: int, total_bytes: int) -> str:
+def _progress_line(status: StatusReply, total_files: int, total_bytes: int) -> str:
     files = status["files"]
     return (
         f"{files['uploaded']}/{total_files} files, {format_size(status['bytes']['uploaded'])} "
@@ -618,19 +618,19 @@ class _Demo:
         _say(f"Ctrl-C stops the daemon and the local S3 server, and deletes {self.base}")
         await self._follow_forever(config)
 
-    async def _status(self, config: Config) -> dict[str, Any]:
+    async def _status(self, config: Config) -> StatusReply:
         reply: dict[str, Any] = await anyio.to_thread.run_sync(
             control.request, config.daemon.socket, "status", None
         )
-        return reply
+        return from_wire(reply)
 
     async def _follow_upload(
         self, config: Config, total_files: int, total_bytes: int
-    ) -> dict[str, Any]:
+    ) -> StatusReply:
         """Live status until every sample file is uploaded or failed (or time runs out)."""
         started = time.monotonic()
 
-        def finished(status: dict[str, Any]) -> bool:
+        def finished(status: StatusReply) -> bool:
             files = status["files"]
             late = time.monotonic() - started > UPLOAD_TIMEOUT
             return bool(files["uploaded"] + files["failed"] >= total_files or late)

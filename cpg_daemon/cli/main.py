@@ -1,8 +1,12 @@
-"""The command line: ``cpg-daemon run | check | upload``.
+"""The command line: parsing and presentation only.
 
-Parsing and presentation only; the work is done by the modules named after it.
-Exit statuses follow the interface contract: 0 ok, 1 a problem found or files
-failed, 2 a bad configuration.
+The daemon: ``run`` (``ops.daemon``), and the control-socket clients ``status``,
+``pause``, ``resume``, ``retry``, ``rescan``, ``reload`` and ``verify --via-daemon``
+(``ops.control``). One-shot work: ``upload`` (``engine.oneshot``), ``verify``
+(``engine.verify``), ``check`` (``discovery.plan`` and ``engine.grants``), ``demo``
+(``cli.demo``). Operations: ``install-service`` (``ops.service``) and
+``recover-journal`` (``journal``). Exit statuses follow the interface contract: 0 ok,
+1 a problem found or files failed, 2 a bad configuration.
 """
 
 from __future__ import annotations
@@ -600,7 +604,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(status_view.render(result))
+        print(status_view.render(status_view.from_wire(result)))
     return EXIT_OK
 
 
@@ -663,7 +667,8 @@ def _status_live(args: argparse.Namespace) -> int:
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
                 try:
-                    view = status_view.live_view(control.request(path, "status"))
+                    reply = status_view.from_wire(control.request(path, "status"))
+                    view = status_view.live_view(reply)
                 except control.NoDaemonError as exc:
                     view = Text(f"{exc} (retrying; Ctrl-C to stop)", style="yellow")
                 live.update(view, refresh=True)

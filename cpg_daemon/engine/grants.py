@@ -131,6 +131,10 @@ class Grant:
     def renewing(self) -> bool:
         return self._renewing
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def retire(self) -> None:
         """Stop renewing; close the client once the files in flight with it are done."""
         self._renewal.cancel()

@@ -48,7 +48,7 @@ from cpg_daemon.core.units import format_size
 from cpg_daemon.discovery.watcher import Seen, walk
 from cpg_daemon.s3.store import ObjectStore, RemoteObject
 
-log = structlog.get_logger("cpg_daemon.engine.verify")
+log = structlog.get_logger(__name__)
 
 STATUSES = (
     "match",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from cpg_daemon.engine import verify
 from cpg_daemon.ops.control import CommandError, Registry
-from cpg_daemon.ops.status import gather
+from cpg_daemon.ops.status import StatusReply, gather
 
 if TYPE_CHECKING:
     from cpg_daemon.ops.daemon import Daemon
@@ -81,7 +81,7 @@ class Commands:
 
     # -- the commands --------------------------------------------------------------------
 
-    async def status(self, args: Args) -> dict[str, Any]:
+    async def status(self, args: Args) -> StatusReply:
         daemon = self._daemon
         engine = daemon.engine
         stats = engine.scheduler.statistics()
@@ -90,7 +90,7 @@ class Commands:
         everything = stats.paused_all or (names and set(names) <= set(stats.paused))
         if state == "running" and everything:
             state = "paused"
-        reply = gather(
+        return gather(
             state=state,
             started_at=daemon.started_at,
             watches=tuple(engine.table.configs().values()),
@@ -100,9 +100,8 @@ class Commands:
             watchers=engine.watcher_statistics(),
             credentials=[grant.provider.statistics() for grant in engine.grants],
             batches=engine.batches.statistics(),
+            config=daemon.config_status(),
         )
-        reply["config"] = daemon.config_status()
-        return reply
 
     async def pause(self, args: Args) -> dict[str, Any]:
         watch = self._chosen(args)

@@ -38,7 +38,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from cpg_daemon.core.errors import CpgError, FatalError
 
-log = structlog.get_logger("cpg_daemon.ops.control")
+log = structlog.get_logger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
@@ -304,9 +304,7 @@ def request(
                 raise NoDaemonError(f"the daemon on {path} closed the connection")
             reply += chunk
     except TimeoutError:
-        raise NoDaemonError(
-            f"the daemon on {path} did not answer in {timeout:g} s"
-        ) from None
+        raise NoDaemonError(f"the daemon on {path} did not answer in {timeout:g} s") from None
     finally:
         sock.close()
     answer = json.loads(reply)

@@ -16,7 +16,6 @@ import ctypes
 import fcntl
 import os
 import signal
-from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from cpg_daemon.ops.control import (
     prepare_socket_path,
 )
 from cpg_daemon.ops.metrics import MetricsServer
+from cpg_daemon.ops.status import ConfigStatus, StatusReply
 from cpg_daemon.ops.systemd import Notifier
 
 log = structlog.get_logger(__name__)
@@ -117,7 +117,7 @@ class Daemon:
     async def journal_statistics(self) -> JournalStatistics:
         return await self.engine.journal.statistics()
 
-    def config_status(self) -> dict[str, Any]:
+    def config_status(self) -> ConfigStatus:
         """The ``config`` part of the status reply."""
         return {
             "path": str(self.config.path) if self.config.path else None,
@@ -287,7 +287,7 @@ class Daemon:
                     self._force.set()
 
 
-def status_line(status: Mapping[str, Any]) -> str:
+def status_line(status: StatusReply) -> str:
     """The one line ``systemctl status`` shows (sd_notify STATUS=)."""
     files = status["files"]
     line = (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timezone
-from typing import Any
 
 import anyio
 import anyio.abc
@@ -21,12 +20,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-log = structlog.get_logger("cpg_daemon.ops.metrics")
+from cpg_daemon.ops.status import StatusReply
 
-Snapshot = Callable[[], Awaitable[dict[str, Any]]]
+log = structlog.get_logger(__name__)
+
+Snapshot = Callable[[], Awaitable[StatusReply]]
 
 
-def metric_families(status: dict[str, Any]) -> Iterator[Metric]:
+def metric_families(status: StatusReply) -> Iterator[Metric]:
     """The status object as metric families."""
     files = CounterMetricFamily(
         "cpg_daemon_files_uploaded", "Files uploaded (journal)", labels=["watch"]
@@ -81,14 +82,14 @@ def metric_families(status: dict[str, Any]) -> Iterator[Metric]:
 class _Snapshot:
     """A collector over one status object (the registry API is synchronous)."""
 
-    def __init__(self, status: dict[str, Any]) -> None:
+    def __init__(self, status: StatusReply) -> None:
         self._status = status
 
     def collect(self) -> Iterator[Metric]:
         return metric_families(self._status)
 
 
-def exposition(status: dict[str, Any]) -> bytes:
+def exposition(status: StatusReply) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(status))
     return generate_latest(registry)

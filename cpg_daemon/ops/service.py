@@ -141,9 +141,7 @@ def render(installation: Installation, unit: str | None = None) -> str:
     executable, *arguments = installation.command
     if any(c in executable for c in "\"'\\"):
         raise ValueError(f"systemd cannot start a program whose path has quotes: {executable}")
-    command = " ".join(
-        [_quote(executable, dollars=False)] + [_quote(word) for word in arguments]
-    )
+    command = " ".join([_quote(executable, dollars=False)] + [_quote(word) for word in arguments])
     config = _quote(str(installation.config))
     lines = {
         "ExecStart=": f"ExecStart={command} run -c {config}",

@@ -1,26 +1,151 @@
-"""The status reply: component snapshots gathered into one JSON object, and its human form.
+"""The status reply: component snapshots gathered into one typed object, and its human form.
 
-Each component offers ``statistics()`` (a frozen snapshot); ``gather`` puts
-them together in the shape INTERFACE.md promises, and ``render`` turns that
-object into the summary ``cpg-daemon status`` prints for a person.
+Each component offers ``statistics()`` (a frozen snapshot); ``gather`` puts them
+together as a ``StatusReply`` - typed dictionaries in the JSON shape INTERFACE.md
+promises, so the wire format is the object itself - and ``render``, the metrics
+endpoint and systemd's ``STATUS=`` line (``ops.daemon.status_line``) all read that
+one type. ``cpg-daemon status`` gets the same object back from the socket.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from cpg_daemon import __version__
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.units import format_size
 from cpg_daemon.discovery.watcher import WatcherStatistics
 from cpg_daemon.engine.batches import BatchStatistics, timestamp
-from cpg_daemon.engine.scheduler import SchedulerStatistics
+from cpg_daemon.engine.scheduler import RecentError, SchedulerStatistics
 from cpg_daemon.engine.uploader import UploaderStatistics
-from cpg_daemon.journal import FILE_STATES, JournalStatistics
+from cpg_daemon.journal import FILE_STATES, FileState, JournalStatistics
 from cpg_daemon.s3.credentials import CredentialStatistics
+
+
+class FileCounts(TypedDict):
+    queued: int
+    uploading: int
+    uploaded: int
+    failed: int
+    settling: int
+
+
+class ByteCounts(TypedDict):
+    queued: int
+    uploaded: int
+
+
+class StructureExample(TypedDict):
+    folder: str
+    rule: str
+    message: str
+    pointer: str
+    rejected: bool
+
+
+class StructureStatus(TypedDict):
+    policy: str
+    warnings: int
+    rejected: int
+    examples: list[StructureExample]
+
+
+class WatchStatus(TypedDict):
+    name: str
+    path: str
+    destination: str
+    paused: bool
+    files: FileCounts
+    bytes: ByteCounts
+    error: str | None
+    structure: StructureStatus
+
+
+class CredentialStatus(TypedDict):
+    target: str
+    source: str
+    state: str
+    expires_at: str | None
+    last_error: str | None
+    renewals: int
+
+
+class RecentErrorStatus(TypedDict):
+    path: str
+    key: str
+    error: str
+    at: str
+
+
+class BatchStatus(TypedDict):
+    watch: str
+    batch: str
+    destination: str
+    files: int
+    bytes: int
+    first_uploaded_at: str
+    last_uploaded_at: str
+    completed_at: str
+    hook: str
+    hook_detail: str | None
+
+
+class BatchesStatus(TypedDict):
+    completed: list[BatchStatus]
+    following: int
+    hooks_queued: int
+    hooks_running: int
+
+
+class ThrottleStatus(TypedDict):
+    active: bool
+    concurrency: int
+    of: int
+    pause_left_s: float
+    files_put_back: int
+    last_error: str | None
+
+
+class JournalStatus(TypedDict):
+    path: str
+    writable: bool
+    error: str | None
+    since: str | None
+
+
+class ConfigStatus(TypedDict):
+    path: str | None
+    loaded_at: str
+    reload_error: str | None
+    restart_needed: list[str]
+
+
+class StatusReply(TypedDict):
+    """The ``status`` command's reply, as it goes over the socket."""
+
+    version: str
+    state: str
+    started_at: str
+    uptime_s: int
+    files: FileCounts
+    bytes: ByteCounts
+    throughput_bytes_per_s: float
+    eta_s: int | None
+    requests_in_flight: int
+    credentials: list[CredentialStatus]
+    watches: list[WatchStatus]
+    recent_errors: list[RecentErrorStatus]
+    batches: BatchesStatus
+    throttle: ThrottleStatus
+    journal: JournalStatus
+    config: ConfigStatus
+
+
+def from_wire(reply: dict[str, Any]) -> StatusReply:
+    """A status reply read back from the socket (the daemon of this version wrote it)."""
+    return cast(StatusReply, reply)
 
 
 def gather(
@@ -33,17 +158,18 @@ def gather(
     uploader: UploaderStatistics,
     watchers: Sequence[WatcherStatistics],
     credentials: Sequence[CredentialStatistics],
-    batches: BatchStatistics | None = None,
-) -> dict[str, Any]:
+    batches: BatchStatistics | None,
+    config: ConfigStatus,
+) -> StatusReply:
     """The status object (required fields per INTERFACE.md, and a few more)."""
     settling = {w.name: w for w in watchers}
-    per_watch: list[dict[str, Any]] = []
+    per_watch: list[WatchStatus] = []
     for watch in watches:
         states = journal.by_watch.get(watch.name, {})
-        files: dict[str, int] = {s: states[s].files if s in states else 0 for s in FILE_STATES}
-        files["settling"] = settling[watch.name].settling if watch.name in settling else 0
-        to_do = sum(states[s].bytes for s in ("queued", "uploading") if s in states)
+        counts = {s: states[s].files if s in states else 0 for s in FILE_STATES}
         watcher = settling.get(watch.name)
+        files = _file_counts(counts, watcher.settling if watcher else 0)
+        to_do = sum(states[s].bytes for s in ("queued", "uploading") if s in states)
         per_watch.append(
             {
                 "name": watch.name,
@@ -59,8 +185,10 @@ def gather(
                 "structure": _structure(watch, watcher),
             }
         )
-    total_files: dict[str, int] = {s: journal.total(s).files for s in FILE_STATES}
-    total_files["settling"] = sum(w["files"]["settling"] for w in per_watch)
+    total_files = _file_counts(
+        {s: journal.total(s).files for s in FILE_STATES},
+        sum(w["files"]["settling"] for w in per_watch),
+    )
     queued_bytes = journal.total("queued").bytes + journal.total("uploading").bytes
     throughput = uploader.throughput_bytes_per_s
     now = datetime.now(timezone.utc)
@@ -87,7 +215,7 @@ def gather(
             for c in credentials
         ],
         "watches": per_watch,
-        "recent_errors": [dataclasses.asdict(e) for e in reversed(scheduler.recent_errors)],
+        "recent_errors": [_recent(e) for e in reversed(scheduler.recent_errors)],
         "batches": _batches(batches),
         "throttle": {
             "active": scheduler.throttled,
@@ -103,10 +231,25 @@ def gather(
             "error": journal.write_error,
             "since": None if since is None else timestamp(since),
         },
+        "config": config,
     }
 
 
-def _structure(watch: WatchConfig, watcher: WatcherStatistics | None) -> dict[str, Any]:
+def _recent(error: RecentError) -> RecentErrorStatus:
+    return {"path": error.path, "key": error.key, "error": error.error, "at": error.at}
+
+
+def _file_counts(states: Mapping[FileState, int], settling: int) -> FileCounts:
+    return {
+        "queued": states["queued"],
+        "uploading": states["uploading"],
+        "uploaded": states["uploaded"],
+        "failed": states["failed"],
+        "settling": settling,
+    }
+
+
+def _structure(watch: WatchConfig, watcher: WatcherStatistics | None) -> StructureStatus:
     """The gallery folder rules' findings for one watch (``structure`` in the config)."""
     reject = watch.structure == "reject"
     return {
@@ -126,9 +269,9 @@ def _structure(watch: WatchConfig, watcher: WatcherStatistics | None) -> dict[st
     }
 
 
-def _batches(stats: BatchStatistics | None) -> dict[str, Any]:
+def _batches(stats: BatchStatistics | None) -> BatchesStatus:
     """Completed batches, latest first, and where their on_batch_complete hooks stand."""
-    completed = [
+    completed: list[BatchStatus] = [
         {
             "watch": b.watch,
             "batch": b.name,
@@ -151,7 +294,7 @@ def _batches(stats: BatchStatistics | None) -> dict[str, Any]:
     }
 
 
-def _batch_lines(batches: dict[str, Any], shown: int = 5) -> list[str]:
+def _batch_lines(batches: BatchesStatus, shown: int = 5) -> list[str]:
     """The latest completed batches, with their hooks' outcome."""
     completed = batches.get("completed") or []
     if not completed:
@@ -185,7 +328,7 @@ def duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _counts(files: dict[str, int]) -> str:
+def _counts(files: FileCounts) -> str:
     text = (
         f"{files['uploaded']:,} uploaded, {files['uploading']:,} uploading, "
         f"{files['queued']:,} queued, {files['failed']:,} failed"
@@ -195,7 +338,7 @@ def _counts(files: dict[str, int]) -> str:
     return text
 
 
-def _structure_lines(structure: dict[str, Any], shown: int = 3) -> list[str]:
+def _structure_lines(structure: StructureStatus, shown: int = 3) -> list[str]:
     """A watch's structure findings, a few of them spelled out."""
     count, rejected = structure.get("warnings", 0), structure.get("rejected", 0)
     if not count and not rejected:
@@ -215,7 +358,7 @@ def _structure_lines(structure: dict[str, Any], shown: int = 3) -> list[str]:
     return lines
 
 
-def render(status: dict[str, Any], errors: int = 5) -> str:
+def render(status: StatusReply, errors: int = 5) -> str:
     """The status object as a person reads it."""
     lines = [
         f"cpg-daemon {status['version']}: {status['state']} for "
@@ -227,8 +370,9 @@ def render(status: dict[str, Any], errors: int = 5) -> str:
     line = f"data:  {format_size(data['uploaded'])} uploaded, {format_size(data['queued'])} to go"
     if rate > 0:
         line += f", {format_size(rate)}/s"
-    if status.get("eta_s") is not None:
-        line += f", about {duration(status['eta_s'])} left"
+    eta = status.get("eta_s")
+    if eta is not None:
+        line += f", about {duration(eta)} left"
     lines.append(line)
     journal = status.get("journal") or {}
     if journal.get("error"):
@@ -254,8 +398,9 @@ def render(status: dict[str, Any], errors: int = 5) -> str:
     now = datetime.now(timezone.utc)
     for cred in status["credentials"]:
         text = f"credentials {cred['target']}: {cred['state']}"
-        if cred.get("expires_at"):
-            left = (datetime.fromisoformat(cred["expires_at"]) - now).total_seconds()
+        expires_at = cred.get("expires_at")
+        if expires_at:
+            left = (datetime.fromisoformat(expires_at) - now).total_seconds()
             text += f", expires in {duration(left)}" if left > 0 else ", expired"
         if cred.get("last_error"):
             text += f" (last error: {cred['last_error']})"
@@ -276,7 +421,7 @@ def render(status: dict[str, Any], errors: int = 5) -> str:
     return "\n".join(lines)
 
 
-def live_view(status: dict[str, Any]) -> Any:
+def live_view(status: StatusReply) -> Any:
     """The status as a rich renderable with a progress bar per watch (``status --watch``)."""
     from rich.console import Group
     from rich.progress_bar import ProgressBar

@@ -16,7 +16,7 @@ import time
 import anyio
 import structlog
 
-log = structlog.get_logger("cpg_daemon.ops.systemd")
+log = structlog.get_logger(__name__)
 
 
 class Notifier:
