@@ -1,30 +1,46 @@
-"""The journal: the SQLite state of every file, part and batch; it is the queue."""
+"""The journal: the SQLite state of every file, part and batch; it is the queue.
 
-from cpg_daemon.journal.journal import (
+- db.py: the machinery (one connection and thread, group commit, disk-full wait, damage)
+- schema.py: the tables and the migrations from older versions
+- files.py: the file state machine (states, failure kinds, transitions)
+- batches.py: the batch table
+- journal.py: ``Journal``, the one object the daemon uses (all of the above)
+"""
+
+from cpg_daemon.journal.batches import BatchProgress, BatchRecord
+from cpg_daemon.journal.db import check_integrity, damaged_error, move_aside
+from cpg_daemon.journal.files import (
+    FAILURES,
     FILE_STATES,
-    BatchProgress,
-    BatchRecord,
+    REFUSALS,
     Counts,
     Discovered,
+    Failure,
     FileRecord,
-    Journal,
+    FileState,
     JournalStatistics,
     PartRecord,
-    check_integrity,
-    damaged_error,
-    move_aside,
+    Refusal,
 )
+from cpg_daemon.journal.journal import Journal
+from cpg_daemon.journal.schema import SCHEMA_VERSION
 
 __all__ = [
+    "FAILURES",
     "FILE_STATES",
+    "REFUSALS",
+    "SCHEMA_VERSION",
     "BatchProgress",
     "BatchRecord",
     "Counts",
     "Discovered",
+    "Failure",
     "FileRecord",
+    "FileState",
     "Journal",
     "JournalStatistics",
     "PartRecord",
+    "Refusal",
     "check_integrity",
     "damaged_error",
     "move_aside",
