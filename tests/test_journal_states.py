@@ -6,6 +6,7 @@ the wait while the disk is full.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
@@ -24,6 +25,7 @@ from cpg_daemon.journal import (
     FileRecord,
     FileState,
     Journal,
+    lock_state_dir,
 )
 from cpg_daemon.journal.db import UNWRITABLE_RETRY
 
@@ -351,3 +353,13 @@ async def test_a_journal_of_a_newer_schema_is_refused(
         db.commit()
     with pytest.raises(FatalError, match="has schema version 99"):
         await Journal.open(old_journal)
+
+
+def test_the_state_dir_lock_admits_one_holder(tmp_path: Path) -> None:
+    fd = lock_state_dir(tmp_path / "state")
+    try:
+        with pytest.raises(FatalError, match="another cpg-daemon is already running"):
+            lock_state_dir(tmp_path / "state")
+    finally:
+        os.close(fd)
+    os.close(lock_state_dir(tmp_path / "state"))  # free again once closed

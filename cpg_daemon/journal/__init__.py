@@ -5,6 +5,7 @@
 - files.py: the file state machine (states, failure kinds, transitions)
 - batches.py: the batch table
 - journal.py: ``Journal``, the one object the daemon uses (all of the above)
+- lock.py: the state directory's lock and the journal's file name
 """
 
 from cpg_daemon.journal.batches import BatchProgress, BatchRecord
@@ -23,11 +24,14 @@ from cpg_daemon.journal.files import (
     Refusal,
 )
 from cpg_daemon.journal.journal import Journal
+from cpg_daemon.journal.lock import JOURNAL_NAME, LOCK_NAME, lock_state_dir
 from cpg_daemon.journal.schema import SCHEMA_VERSION
 
 __all__ = [
     "FAILURES",
     "FILE_STATES",
+    "JOURNAL_NAME",
+    "LOCK_NAME",
     "REFUSALS",
     "SCHEMA_VERSION",
     "BatchProgress",
@@ -43,5 +47,6 @@ __all__ = [
     "Refusal",
     "check_integrity",
     "damaged_error",
+    "lock_state_dir",
     "move_aside",
 ]
