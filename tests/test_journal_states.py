@@ -26,6 +26,7 @@ from cpg_daemon.journal import (
     FileState,
     Journal,
     lock_state_dir,
+    read_uploads,
 )
 from cpg_daemon.journal.db import UNWRITABLE_RETRY
 
@@ -363,3 +364,31 @@ def test_the_state_dir_lock_admits_one_holder(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     os.close(lock_state_dir(tmp_path / "state"))  # free again once closed
+
+
+# -- the read-only reader (verify) -----------------------------------------------------
+
+
+def test_the_reader_reads_uploads_of_any_schema_without_changing_it(old_journal: Path) -> None:
+    before = old_journal.read_bytes()
+    uploads = read_uploads(old_journal, "w")
+    assert uploads is not None and list(uploads) == ["done"]
+    done = uploads["done"]
+    assert (done.key, done.size, done.mtime_ns, done.etag, done.checksum) == (
+        "dest/done",
+        10,
+        20,
+        '"e"',
+        "c",
+    )
+    assert read_uploads(old_journal, "other watch") == {}
+    assert old_journal.read_bytes() == before  # not migrated, not written
+
+
+def test_the_reader_answers_none_for_a_missing_or_unreadable_journal(tmp_path: Path) -> None:
+    assert read_uploads(tmp_path / "none.sqlite3", "w") is None
+    garbage = tmp_path / "garbage.sqlite3"
+    garbage.write_bytes(b"not a database" * 100)
+    with capture_logs() as logs:
+        assert read_uploads(garbage, "w") is None
+    assert [e["event"] for e in logs] == ["journal_not_read"]

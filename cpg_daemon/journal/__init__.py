@@ -5,6 +5,7 @@
 - files.py: the file state machine (states, failure kinds, transitions)
 - batches.py: the batch table
 - journal.py: ``Journal``, the one object the daemon uses (all of the above)
+- reader.py: a read-only reader for commands beside a running daemon (``verify``)
 - lock.py: the state directory's lock and the journal's file name
 """
 
@@ -25,6 +26,7 @@ from cpg_daemon.journal.files import (
 )
 from cpg_daemon.journal.journal import Journal
 from cpg_daemon.journal.lock import JOURNAL_NAME, LOCK_NAME, lock_state_dir
+from cpg_daemon.journal.reader import Upload, read_uploads
 from cpg_daemon.journal.schema import SCHEMA_VERSION
 
 __all__ = [
@@ -45,8 +47,10 @@ __all__ = [
     "JournalStatistics",
     "PartRecord",
     "Refusal",
+    "Upload",
     "check_integrity",
     "damaged_error",
     "lock_state_dir",
     "move_aside",
+    "read_uploads",
 ]
