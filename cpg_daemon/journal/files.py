@@ -93,7 +93,7 @@ class FileRecord:
 
     @property
     def keys_refused(self) -> bool:
-        """Whether the keys were refused for this file the last time it was tried."""
+        """Whether the file's last error is a refusal of its keys (it was refused before)."""
         return self.failure == "keys"
 
 
