@@ -77,7 +77,8 @@ UPDATE files SET failure = CASE
     WHEN state = 'failed' AND bucket = '' THEN 'bad-name'
     WHEN last_error LIKE 'credentials:%' THEN 'keys'
     WHEN last_error IS NOT NULL THEN 'error'
-END;
+END
+WHERE last_error IS NOT NULL OR (state = 'failed' AND bucket = '');
 """
 """Version 1 to 2: the kinds of failure v1 told by the bucket and the error's text."""
 
