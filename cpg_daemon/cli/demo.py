@@ -51,8 +51,9 @@ from cpg_daemon.core.checksums import ChecksumName
 from cpg_daemon.core.config import Config, load_config
 from cpg_daemon.core.errors import FatalError
 from cpg_daemon.core.units import format_size
+from cpg_daemon.journal import JOURNAL_NAME
 from cpg_daemon.ops import control, logs
-from cpg_daemon.ops.daemon import JOURNAL_NAME, Daemon
+from cpg_daemon.ops.daemon import Daemon
 from cpg_daemon.ops.status import StatusReply, from_wire, live_view, render
 from cpg_daemon.s3.store import ObjectStore
 

@@ -420,8 +420,7 @@ def _upload(args: argparse.Namespace) -> int:
 
 def _recover_journal(args: argparse.Namespace) -> int:
     """Move a damaged journal aside (the daemon must be stopped: its lock is taken here)."""
-    from cpg_daemon.journal import check_integrity, move_aside
-    from cpg_daemon.ops.daemon import JOURNAL_NAME, lock_state_dir
+    from cpg_daemon.journal import JOURNAL_NAME, check_integrity, lock_state_dir, move_aside
 
     config = _load(args)
     state_dir = config.daemon.state_dir
@@ -533,7 +532,7 @@ VERIFY_TIMEOUT = 24 * 3600.0
 async def _verify_here(config: Config, quick: bool) -> Any:
     """Verify with this process's own credentials (the config's, as the daemon would)."""
     from cpg_daemon.engine import verify
-    from cpg_daemon.ops.daemon import JOURNAL_NAME
+    from cpg_daemon.journal import JOURNAL_NAME
 
     async with Grants.open(config) as grants:
         await grants.obtain()

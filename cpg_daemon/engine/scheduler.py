@@ -34,14 +34,14 @@ from cpg_daemon.core.errors import (
 )
 from cpg_daemon.engine.uploader import Uploader
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
-from cpg_daemon.journal import FileRecord, Journal
+from cpg_daemon.journal import Failure, FileRecord, Journal
 from cpg_daemon.s3.store import ObjectStore
 
 log = structlog.get_logger("cpg_daemon.engine.scheduler")
 
 RECENT_ERRORS = 20
 CREDENTIALS_PREFIX = "credentials:"
-"""Marks a last error as a refusal of the keys (see Scheduler._credentials_refused)."""
+"""Begins the text of a refusal of the keys (the journal marks it with failure="keys")."""
 IDLE_POLL = 5.0
 """Seconds the feeder sleeps at most when nothing is due (a wake-up cuts it short)."""
 THROTTLE_FIRST = 1.0
@@ -380,26 +380,31 @@ class Scheduler:
         grant = watch.grant
         error = f"{CREDENTIALS_PREFIX} {exc}"
         renewed = await grant.renew_now()
-        refused_before = (record.last_error or "").startswith(CREDENTIALS_PREFIX)
-        if not grant.usable or (renewed and not refused_before):
+        if not grant.usable or (renewed and not record.keys_refused):
             log.warning("credentials_refused", error=str(exc), renewed=renewed)
-            await self._journal.requeue(record.id, error)
+            await self._journal.requeue(record.id, error, failure="keys")
             self.wake()
             return
-        await self._retry_or_fail(grant.store, record, path, error)
+        await self._retry_or_fail(grant.store, record, path, error, "keys")
 
     async def _retry_or_fail(
-        self, store: ObjectStore, record: FileRecord, path: Path, error: str
+        self,
+        store: ObjectStore,
+        record: FileRecord,
+        path: Path,
+        error: str,
+        failure: Failure = "error",
     ) -> None:
         if record.attempts + 1 >= self.file_attempts:
             await self._uploader.abort(store, record)
-            await self._fail(record, path, f"{error} (after {record.attempts + 1} attempts)")
+            attempts = record.attempts + 1
+            await self._fail(record, path, f"{error} (after {attempts} attempts)", failure)
             return
         delay = backoff(record.attempts)
         log.warning("retry_later", error=error, seconds=round(delay, 1))
         self.remember(path, record.key, error)
         await self._follow_clock()  # before a due time on the wall clock is written
-        await self._journal.mark_retry(record.id, error, time.time() + delay)
+        await self._journal.mark_retry(record.id, error, time.time() + delay, failure=failure)
         self.wake()
 
     async def _changed(
@@ -418,10 +423,12 @@ class Scheduler:
         )
         self.wake()  # the feeder recomputes when the next file is due
 
-    async def _fail(self, record: FileRecord, path: Path, error: str) -> None:
+    async def _fail(
+        self, record: FileRecord, path: Path, error: str, failure: Failure = "error"
+    ) -> None:
         log.error("upload_failed", key=record.key, error=error)
         self.remember(path, record.key, error)
-        await self._journal.mark_failed(record.id, error)
+        await self._journal.mark_failed(record.id, error, failure=failure)
 
     def remember(self, path: Path, key: str, error: str) -> None:
         """List a failure among the recent errors ``status`` shows."""

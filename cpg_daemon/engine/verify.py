@@ -22,12 +22,9 @@ with no local file), unverified.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
-import os
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -46,6 +43,7 @@ from cpg_daemon.core.errors import CpgError
 from cpg_daemon.core.objectkeys import PathFilter, object_key
 from cpg_daemon.core.units import format_size
 from cpg_daemon.discovery.watcher import Seen, walk
+from cpg_daemon.journal import read_uploads
 from cpg_daemon.s3.store import ObjectStore, RemoteObject
 
 log = structlog.get_logger(__name__)
@@ -128,21 +126,12 @@ def journal_uploads(journal: Path, watch: str) -> dict[str, Uploaded] | None:
     Read with a separate read-only connection, so a running daemon (the
     journal's owner) is not disturbed.
     """
-    if not journal.is_file():
-        return None
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
-            rows = db.execute(
-                "SELECT rel_path, key, size, mtime_ns, etag, checksum_algorithm, checksum "
-                "FROM files WHERE watch=? AND state='uploaded'",
-                (watch,),
-            ).fetchall()
-    except sqlite3.Error as exc:
-        log.warning("journal_not_read", journal=str(journal), error=str(exc))
+    uploads = read_uploads(journal, watch)
+    if uploads is None:
         return None
     return {
-        os.fsdecode(rel): Uploaded(key, size, mtime, etag or "", algo or "", checksum or "")
-        for rel, key, size, mtime, etag, algo, checksum in rows
+        rel: Uploaded(u.key, u.size, u.mtime_ns, u.etag, u.checksum_algorithm, u.checksum)
+        for rel, u in uploads.items()
     }
 
 

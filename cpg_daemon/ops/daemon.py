@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import os
 import signal
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,11 +24,11 @@ from anyio.abc import TaskGroup
 
 from cpg_daemon import __version__
 from cpg_daemon.core.config import Config, load_config
-from cpg_daemon.core.errors import ConfigError, FatalError
+from cpg_daemon.core.errors import ConfigError
 from cpg_daemon.core.units import format_size
 from cpg_daemon.engine.grants import assign
 from cpg_daemon.engine.runtime import Engine
-from cpg_daemon.journal import JournalStatistics
+from cpg_daemon.journal import JOURNAL_NAME, JournalStatistics, lock_state_dir
 from cpg_daemon.ops import logs
 from cpg_daemon.ops.commands import Commands
 from cpg_daemon.ops.control import (
@@ -46,35 +44,13 @@ from cpg_daemon.ops.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
-JOURNAL_NAME = "journal.sqlite3"
 STATUS_INTERVAL = 5.0
 """Seconds between refreshes of the STATUS= line systemd shows."""
 START_EXTENSION = 90.0
 """While starting, systemd is told every 30 s to wait this much longer (EXTEND_TIMEOUT_USEC)."""
 STOP_MARGIN = 10.0
 """Seconds asked for on stopping beyond daemon.drain_timeout, to close the journal."""
-LOCK_NAME = "daemon.lock"
 PR_SET_DUMPABLE = 4
-
-
-def lock_state_dir(state_dir: Path) -> int:
-    """Hold an exclusive lock on the state directory: one daemon per journal.
-
-    The control socket only catches a second daemon with the same socket; one with a
-    socket of its own would share the journal. The kernel drops the lock when the
-    process dies, so a crash leaves nothing stale. Returns the descriptor to close.
-    """
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FatalError(
-            f"another cpg-daemon is already running on the state directory {state_dir}; "
-            "stop it first (or give this one its own daemon.state_dir)"
-        ) from None
-    return fd
 
 
 class Daemon:

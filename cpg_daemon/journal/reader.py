@@ -1,0 +1,65 @@
+"""Reading a journal without owning it: a read-only connection, for ``verify``.
+
+A running daemon owns the journal (and holds the state-dir lock); a command
+beside it may still read it, through a connection that cannot write, migrate
+or lock it. Only columns every schema version has are read, so a journal an
+older daemon wrote is readable before the daemon has opened (and migrated) it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("cpg_daemon.journal")
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What the journal recorded when a file was uploaded."""
+
+    rel_path: str
+    key: str
+    size: int
+    mtime_ns: int
+    etag: str
+    checksum_algorithm: str
+    checksum: str
+
+
+def read_uploads(path: Path, watch: str) -> dict[str, Upload] | None:
+    """The uploaded files of a watch by rel_path; None when there is no readable journal.
+
+    Blocking: run it in a thread.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(
+                "SELECT rel_path, key, size, mtime_ns, etag, checksum_algorithm, checksum "
+                "FROM files WHERE watch=? AND state='uploaded'",
+                (watch,),
+            ).fetchall()
+    except sqlite3.Error as exc:
+        log.warning("journal_not_read", journal=str(path), error=str(exc))
+        return None
+    uploads = (
+        Upload(
+            os.fsdecode(row["rel_path"]),
+            row["key"],
+            row["size"],
+            row["mtime_ns"],
+            row["etag"] or "",
+            row["checksum_algorithm"] or "",
+            row["checksum"] or "",
+        )
+        for row in rows
+    )
+    return {upload.rel_path: upload for upload in uploads}
