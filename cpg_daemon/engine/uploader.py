@@ -45,7 +45,7 @@ class UploaderStatistics:
 THROUGHPUT_WINDOW = 20.0
 
 
-class _Rate:
+class Throughput:
     """Bytes per second over a sliding window, from (time, bytes) samples."""
 
     def __init__(self, window: float, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -101,7 +101,7 @@ class Uploader:
         self._checksum: ChecksumName = s3.checksum
         self._bytes_sent = 0
         self._files_uploaded = 0
-        self._rate = _Rate(THROUGHPUT_WINDOW, clock)
+        self._rate = Throughput(THROUGHPUT_WINDOW, clock)
 
     def statistics(self) -> UploaderStatistics:
         stats = self._limiter.statistics()
