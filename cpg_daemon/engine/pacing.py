@@ -1,10 +1,11 @@
 """How fast the engine goes: SlowDown back-off, retry delays, bandwidth and memory budgets.
 
-The policies are small state machines that are handed the time (``now``, monotonic
-seconds) and answer with how long to wait; none of them sleeps, so each is tested
-with tables against plain numbers (rclone's ``lib/pacer`` is the model). The
-waiting is done by their callers, on an injected ``Clock``. Randomness (jitter) is
-injected too, as a ``uniform(low, high)`` function.
+The time policies (``backoff``, ``SlowDownPacer``, ``Bandwidth.reserve``) are handed
+the time (``now``, monotonic seconds) and answer with how long to wait; none of them
+sleeps, so each is tested with tables against plain numbers (rclone's ``lib/pacer``
+is the model). The waiting is done by their callers, on an injected ``Clock``; jitter
+is injected too, as a ``uniform(low, high)`` function. ``MemoryBudget`` waits for
+bytes, not time, and so is a plain anyio primitive.
 """
 
 from __future__ import annotations
