@@ -42,8 +42,10 @@ import anyio.to_thread
 import structlog
 from anyio.abc import ByteReceiveStream, ByteSendStream, Process, TaskGroup, TaskStatus
 
+from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.objectkeys import object_key
+from cpg_daemon.engine.pacing import wait_event
 from cpg_daemon.journal import BatchProgress, BatchRecord, Journal
 
 log = structlog.get_logger("cpg_daemon.engine.batches")
@@ -252,6 +254,7 @@ class BatchTracker:
         settling: Callable[[str, str], bool],
         *,
         hook_timeout: float = HOOK_TIMEOUT,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """``watches()``: the current watches by name (a reload swaps them);
         ``settling(watch, folder)``: may files under the folder still reach the journal?"""
@@ -259,11 +262,12 @@ class BatchTracker:
         self._configs = watches
         self._settling = settling
         self._hook_timeout = hook_timeout
+        self._clock = clock
         self._due: dict[tuple[str, str], float] = {}
+        """(watch, batch) -> monotonic time at which to look at it."""
         self._ahead: dict[tuple[str, str], tuple[float, float]] = {}
         """(watch, batch) -> (its last change, monotonic time first seen), for a last change
         later than the wall clock (which was set back since)."""
-        """(watch, batch) -> monotonic time at which to look at it."""
         self._wake = anyio.Event()
         self._recent: deque[BatchRecord] = deque(maxlen=RECENT)
         self._hooks: dict[str, deque[BatchRecord]] = {}
@@ -284,7 +288,7 @@ class BatchTracker:
             return  # in the watch's root: no batch
         key = (watch, folder)
         new = key not in self._due
-        self._due[key] = time.monotonic() + self._quiet(watch)
+        self._due[key] = self._clock.monotonic() + self._quiet(watch)
         if new:  # a later time for a batch already followed needs no wake-up
             self._wake.set()
 
@@ -318,7 +322,7 @@ class BatchTracker:
             log.warning("batch_hook_failed", watch=record.watch, batch=record.name, error=detail)
         self._recent.extend(await self._journal.completed_batches(limit=RECENT))
         queued = await self._journal.completed_batches(hook_state="queued")
-        now = time.monotonic()
+        now = self._clock.monotonic()
         for watch in list(self._configs()):
             for name in await self._journal.batch_names(watch):
                 self._due.setdefault((watch, name), now + self._quiet(watch))
@@ -336,16 +340,15 @@ class BatchTracker:
     async def _follow(self) -> None:
         while True:
             self._wake = anyio.Event()
-            now = time.monotonic()
+            now = self._clock.monotonic()
             for key in [key for key, at in self._due.items() if at <= now]:
                 del self._due[key]
                 try:
                     await self._look(*key)
                 except Exception:  # a bug here must never stop the uploads
                     log.exception("batch_check_failed", watch=key[0], batch=key[1])
-            timeout = min(self._due.values(), default=now + 3600.0) - time.monotonic()
-            with anyio.move_on_after(max(0.0, timeout)):
-                await self._wake.wait()
+            timeout = min(self._due.values(), default=now + 3600.0) - self._clock.monotonic()
+            await wait_event(self._wake, max(0.0, timeout), self._clock)
 
     async def _look(self, watch: str, name: str) -> None:
         """Record and announce this batch's completion, if it is complete and that is news."""
@@ -354,7 +357,7 @@ class BatchTracker:
             return  # removed by a reload
         key = (watch, name)
         if self._settling(watch, name):
-            self._due[key] = time.monotonic() + max(RECHECK, config.settle / 2)
+            self._due[key] = self._clock.monotonic() + max(RECHECK, config.settle / 2)
             return
         if config.ready_marker:
             marker = config.path / name / config.ready_marker
@@ -364,19 +367,20 @@ class BatchTracker:
         if progress.files == 0 or progress.uploaded < progress.files:
             return  # the scheduler touches it again when those files are done
         assert progress.last_change is not None
-        now = time.time()
+        now = self._clock.time()
+        monotonic = self._clock.monotonic()
         if progress.last_change > now:
             # The clock was set back since: count the quiet time from when this change
             # was first seen here, not from a wall-clock time that is still to come.
             seen = self._ahead.get(key)
             if seen is None or seen[0] != progress.last_change:
-                seen = self._ahead[key] = (progress.last_change, time.monotonic())
-            wait = seen[1] + config.settle - time.monotonic()
+                seen = self._ahead[key] = (progress.last_change, monotonic)
+            wait = seen[1] + config.settle - monotonic
         else:
             self._ahead.pop(key, None)
             wait = progress.last_change + config.settle - now
         if wait > 0:
-            self._due[key] = time.monotonic() + wait
+            self._due[key] = monotonic + wait
             return
         recorded = progress.recorded
         if recorded is not None and (recorded.files, recorded.bytes, recorded.last_change) == (
@@ -402,7 +406,7 @@ class BatchTracker:
             first_uploaded_at=progress.first_uploaded_at,
             last_uploaded_at=progress.last_uploaded_at,
             last_change=progress.last_change,
-            completed_at=time.time(),
+            completed_at=self._clock.time(),
             hook_state="queued" if config.on_batch_complete else "none",
         )
         # Recorded first: a crash right after it leaves the hook queued, not a second event.

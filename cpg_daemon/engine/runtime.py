@@ -19,6 +19,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
+from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import Config
 from cpg_daemon.core.errors import CpgError
 from cpg_daemon.discovery.watcher import Watcher, WatcherStatistics
@@ -55,14 +56,22 @@ class Resumed:
 class Engine:
     """One pipeline over one journal: ``async with Engine.open(config, path) as engine``."""
 
-    def __init__(self, config: Config, journal: Journal, grants: Grants, resumed: Resumed):
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal,
+        grants: Grants,
+        resumed: Resumed,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ):
         self.config = config
         self.journal = journal
         self.grants = grants
         self.resumed = resumed
         self.table: WatchTable = grants.table(config)
         self.uploader = Uploader(
-            journal, config.s3, anyio.CapacityLimiter(config.s3.max_concurrency)
+            journal, config.s3, anyio.CapacityLimiter(config.s3.max_concurrency), clock=clock
         )
         self.scheduler = Scheduler(
             journal,
@@ -70,8 +79,11 @@ class Engine:
             lambda: self.table,
             workers=config.s3.max_concurrency,
             file_attempts=config.daemon.file_attempts,
+            clock=clock,
         )
-        self.batches = BatchTracker(journal, lambda: self.table.configs(), self._settling)
+        self.batches = BatchTracker(
+            journal, lambda: self.table.configs(), self._settling, clock=clock
+        )
         self.scheduler.on_finished(lambda record: self.batches.touch(record.watch, record.rel_path))
         grants.on_usable(self.scheduler.wake)
         self._watchers: dict[str, _RunningWatch] = {}
@@ -81,18 +93,20 @@ class Engine:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: Config, journal_path: Path) -> AsyncIterator[Engine]:
+    async def open(
+        cls, config: Config, journal_path: Path, *, clock: Clock = SYSTEM_CLOCK
+    ) -> AsyncIterator[Engine]:
         """Open the journal (crash leftovers re-queued, failures given new attempts), the
         grants and the pipeline; close them all on the way out."""
         assignment = assign(config)  # a ConfigError here leaves the journal untouched
-        journal = await Journal.open(journal_path)
+        journal = await Journal.open(journal_path, clock)
         try:
             in_flight = await journal.reset_in_flight()
             # A restart is a person's way to say "try again": failed files get a new
             # round of attempts (names S3 cannot take stay failed).
             failed = await journal.retry_failed()
             async with Grants.open(config, assignment) as grants:
-                yield cls(config, journal, grants, Resumed(in_flight, failed))
+                yield cls(config, journal, grants, Resumed(in_flight, failed), clock=clock)
         finally:
             await journal.close()
 

@@ -9,8 +9,6 @@ happens after a failure is decided here, by the error's class.
 
 from __future__ import annotations
 
-import random
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from cpg_daemon.core import files
+from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.errors import (
     CpgError,
@@ -32,6 +31,7 @@ from cpg_daemon.core.errors import (
     ThrottledError,
     VanishedError,
 )
+from cpg_daemon.engine.pacing import SlowDownPacer, backoff, wait_event
 from cpg_daemon.engine.uploader import Uploader
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
 from cpg_daemon.journal import Failure, FileRecord, Journal
@@ -44,65 +44,8 @@ CREDENTIALS_PREFIX = "credentials:"
 """Begins the text of a refusal of the keys (the journal marks it with failure="keys")."""
 IDLE_POLL = 5.0
 """Seconds the feeder sleeps at most when nothing is due (a wake-up cuts it short)."""
-THROTTLE_FIRST = 1.0
-"""Seconds of the first pause after S3 says SlowDown; each pause after a probe doubles it."""
-THROTTLE_MAX = 60.0
 CLOCK_JUMP = 5.0
 """Seconds by which the wall clock must move against the monotonic clock to count as a jump."""
-
-
-def backoff(attempt: int) -> float:
-    """Seconds before attempt ``attempt + 1``: 5 s doubling to 15 min, with 20 % jitter."""
-    base: float = min(5.0 * 2 ** min(attempt, 20), 900.0)
-    return base * random.uniform(0.8, 1.2)
-
-
-class Throttle:
-    """The whole daemon's back-off when S3 asks for fewer requests (SlowDown).
-
-    A throttled file is put back, its attempts untouched (S3's load is not the
-    file's fault), new files wait out a pause, and then one file at a time goes
-    as a probe. Each probe throttled again doubles the pause (1 s to 60 s); each
-    success doubles the files allowed at once, back to ``max_concurrency``.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.allowed = workers
-        """Files in flight allowed now."""
-        self.until = 0.0
-        """Monotonic time at which the pause ends."""
-        self.level = 0
-        self.put_back = 0
-        """Files put back because S3 throttled them, in all."""
-        self.last_error: str | None = None
-
-    def hit(self, error: str) -> float | None:
-        """A file was throttled; returns the new pause, or None when one is running."""
-        self.put_back += 1
-        self.last_error = error
-        self.allowed = 1
-        now = time.monotonic()
-        if now < self.until:
-            return None
-        self.level = min(self.level + 1, 8)
-        pause: float = min(THROTTLE_FIRST * 2.0 ** (self.level - 1), THROTTLE_MAX)
-        pause *= random.uniform(0.8, 1.2)
-        self.until = now + pause
-        return pause
-
-    def success(self) -> None:
-        if self.allowed < self.workers:
-            self.allowed = min(self.workers, self.allowed * 2)
-            if self.allowed == self.workers:
-                self.level = 0
-
-    def pause_left(self) -> float:
-        return max(0.0, self.until - time.monotonic())
-
-    @property
-    def active(self) -> bool:
-        return self.allowed < self.workers or self.pause_left() > 0
 
 
 @dataclass(frozen=True)
@@ -139,6 +82,8 @@ class Scheduler:
         watches: Callable[[], WatchTable],
         workers: int,
         file_attempts: int,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """``watches()``: the current watch table (the engine swaps it on a reload)."""
         self._journal = journal
@@ -156,12 +101,13 @@ class Scheduler:
         self._idle.set()
         self._recent: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
         self._finished: list[Callable[[FileRecord], None]] = []
-        self._throttle = Throttle(workers)
+        self._clock = clock
+        self._slowdown = SlowDownPacer(workers)
         self._in_hand = 0
         """Files handed to workers and not yet finished with."""
         self._room = anyio.Event()
         """Set when a worker finishes a file (the feeder may wait for one while throttled)."""
-        self._clock_offset = time.time() - time.monotonic()
+        self._clock_offset = clock.time() - clock.monotonic()
         """Wall minus monotonic time: when it moves, the system clock was set."""
 
     # -- control -------------------------------------------------------------------------
@@ -210,6 +156,7 @@ class Scheduler:
         await self._idle.wait()
 
     def statistics(self) -> SchedulerStatistics:
+        now = self._clock.monotonic()
         return SchedulerStatistics(
             workers=self._workers,
             busy=self._busy,
@@ -217,11 +164,11 @@ class Scheduler:
             paused_all=self._paused_all,
             draining=self._draining,
             recent_errors=tuple(self._recent),
-            throttled=self._throttle.active,
-            concurrency=self._throttle.allowed,
-            pause_left=round(self._throttle.pause_left(), 1),
-            put_back=self._throttle.put_back,
-            throttle_error=self._throttle.last_error,
+            throttled=self._slowdown.active(now),
+            concurrency=self._slowdown.allowed,
+            pause_left=round(self._slowdown.pause_left(now), 1),
+            put_back=self._slowdown.put_back,
+            throttle_error=self._slowdown.last_error,
         )
 
     # -- running -------------------------------------------------------------------------
@@ -240,12 +187,12 @@ class Scheduler:
             if self._draining:
                 await anyio.sleep_forever()
             await self._follow_clock()
-            pause = self._throttle.pause_left()
+            pause = self._slowdown.pause_left(self._clock.monotonic())
             if pause > 0:  # S3 asked for fewer requests
-                await anyio.sleep(pause)
+                await self._clock.sleep(pause)
                 continue
-            allowed = self._throttle.allowed
-            if allowed < self._workers and self._in_hand >= allowed:
+            idle = self._slowdown.claim_limit(self._in_hand, self._busy)
+            if idle == 0:
                 self._room = anyio.Event()
                 await self._room.wait()  # a probe finished
                 continue
@@ -255,10 +202,6 @@ class Scheduler:
             # A watch whose keys are not usable is not fed.
             active = [] if self._paused_all else sorted(set(table) - self._paused)
             active = [w for w in active if table[w].grant.usable]
-            if allowed < self._workers:
-                idle = allowed - self._in_hand
-            else:
-                idle = max(1, self._workers - self._busy)
             records = await self._journal.claim(idle, active)
             if records:
                 for record in records:
@@ -266,9 +209,9 @@ class Scheduler:
                     await send.send(record)
                 continue
             due = await self._journal.next_due(active)
-            timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.0, due - time.time()))
-            with anyio.move_on_after(timeout):
-                await self._wake_event.wait()
+            now = self._clock.time()
+            timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.0, due - now))
+            await wait_event(self._wake_event, timeout, self._clock)
 
     async def _follow_clock(self) -> None:
         """Keep retry and settle delays when the system clock is set (NTP stepping it, say).
@@ -277,7 +220,7 @@ class Scheduler:
         clock back an hour would hold every file waiting for a retry an hour longer,
         and setting it forward would retry them all at once.
         """
-        offset = time.time() - time.monotonic()
+        offset = self._clock.time() - self._clock.monotonic()
         jump = offset - self._clock_offset
         if abs(jump) < CLOCK_JUMP:
             return
@@ -348,14 +291,14 @@ class Scheduler:
             except CpgError as exc:
                 await self._fail(record, path, str(exc))
             else:
-                self._throttle.success()
+                self._slowdown.succeeded()
                 if outcome == "changed":
                     await self._journal.requeue(record.id)
                     self.wake()
 
     async def _throttled(self, record: FileRecord, path: Path, error: str) -> None:
         """S3 throttled this file's requests: put it back, hold back the others."""
-        pause = self._throttle.hit(error)
+        pause = self._slowdown.throttled(self._clock.monotonic(), error)
         if pause is not None:
             log.warning(
                 "throttled",
@@ -404,7 +347,9 @@ class Scheduler:
         log.warning("retry_later", error=error, seconds=round(delay, 1))
         self.remember(path, record.key, error)
         await self._follow_clock()  # before a due time on the wall clock is written
-        await self._journal.mark_retry(record.id, error, time.time() + delay, failure=failure)
+        await self._journal.mark_retry(
+            record.id, error, self._clock.time() + delay, failure=failure
+        )
         self.wake()
 
     async def _changed(
@@ -419,7 +364,7 @@ class Scheduler:
         log.info("changed_while_uploading", key=record.key)
         await self._follow_clock()
         await self._journal.requeue_changed(
-            record.id, now.size, now.mtime_ns, time.time() + watch.settle
+            record.id, now.size, now.mtime_ns, self._clock.time() + watch.settle
         )
         self.wake()  # the feeder recomputes when the next file is due
 
@@ -432,5 +377,5 @@ class Scheduler:
 
     def remember(self, path: Path, key: str, error: str) -> None:
         """List a failure among the recent errors ``status`` shows."""
-        at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        at = datetime.fromtimestamp(self._clock.time(), timezone.utc).isoformat(timespec="seconds")
         self._recent.append(RecentError(str(path), key, error, at))

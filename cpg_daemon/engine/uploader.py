@@ -10,7 +10,6 @@ larger than the whole budget goes alone), and requests in flight within the limi
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,63 +20,17 @@ import structlog
 
 from cpg_daemon.core import files
 from cpg_daemon.core.checksums import ALGORITHMS, ChecksumName, PartDigest, decode, encode
+from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import S3Config
 from cpg_daemon.core.errors import CpgError, FileChangedError, RetryableError, UploadGoneError
 from cpg_daemon.core.objectkeys import PartRange, choose_part_size, part_count, part_ranges
+from cpg_daemon.engine.pacing import Bandwidth, MemoryBudget
 from cpg_daemon.journal import FileRecord, Journal, PartRecord
 from cpg_daemon.s3.store import ObjectStore, RemoteObject
 
 log = structlog.get_logger("cpg_daemon.engine.uploader")
 
 Outcome = Literal["uploaded", "already-present", "changed"]
-
-
-class Throttle:
-    """A token bucket shared by all uploads: ``rate`` bytes per second, 0 = unlimited."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self._next_free = 0.0
-        self._lock = anyio.Lock()
-
-    async def consume(self, amount: int) -> None:
-        if self.rate <= 0 or amount <= 0:
-            return
-        async with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next_free)
-            self._next_free = start + amount / self.rate
-        if start > now:
-            await anyio.sleep(start - now)
-
-
-class MemoryBudget:
-    """Bytes of request bodies in memory, shared by all uploads, first come first served.
-
-    A request asks for its body's size before reading it (capped at the whole
-    budget, so an oversized body goes alone rather than never). Waiting is
-    FIFO: a large part is never starved by a stream of small files.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._queue = anyio.Lock()
-        self._freed = anyio.Event()
-
-    async def acquire(self, amount: int) -> int:
-        """Wait until ``amount`` fits; returns what to hand back to ``release``."""
-        amount = min(amount, self.limit)
-        async with self._queue:
-            while self.used + amount > self.limit:
-                self._freed = anyio.Event()
-                await self._freed.wait()
-            self.used += amount
-        return amount
-
-    def release(self, amount: int) -> None:
-        self.used -= amount
-        self._freed.set()
 
 
 @dataclass(frozen=True)
@@ -92,16 +45,17 @@ class UploaderStatistics:
 THROUGHPUT_WINDOW = 20.0
 
 
-class _Rate:
+class Throughput:
     """Bytes per second over a sliding window, from (time, bytes) samples."""
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, clock: Clock = SYSTEM_CLOCK) -> None:
         self._window = window
+        self._clock = clock
         self._samples: deque[tuple[float, int]] = deque()
         self._sum = 0
 
     def add(self, amount: int) -> None:
-        self._samples.append((time.monotonic(), amount))
+        self._samples.append((self._clock.monotonic(), amount))
         self._sum += amount
         self._trim()
 
@@ -110,11 +64,11 @@ class _Rate:
         self._trim()
         if not self._samples:
             return 0.0
-        span = min(self._window, max(time.monotonic() - self._samples[0][0], 1.0))
+        span = min(self._window, max(self._clock.monotonic() - self._samples[0][0], 1.0))
         return self._sum / span
 
     def _trim(self) -> None:
-        horizon = time.monotonic() - self._window
+        horizon = self._clock.monotonic() - self._window
         while self._samples and self._samples[0][0] < horizon:
             self._sum -= self._samples.popleft()[1]
 
@@ -130,16 +84,24 @@ class _SentPart:
 class Uploader:
     """Uploads files described by journal records, recording progress as it goes."""
 
-    def __init__(self, journal: Journal, s3: S3Config, limiter: anyio.CapacityLimiter) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        s3: S3Config,
+        limiter: anyio.CapacityLimiter,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._journal = journal
         self._s3 = s3
         self._limiter = limiter
-        self._throttle = Throttle(s3.max_bandwidth)
+        self._clock = clock
+        self._bandwidth = Bandwidth(s3.max_bandwidth)
         self._memory = MemoryBudget(s3.max_bytes_in_flight)
         self._checksum: ChecksumName = s3.checksum
         self._bytes_sent = 0
         self._files_uploaded = 0
-        self._rate = _Rate(THROUGHPUT_WINDOW)
+        self._rate = Throughput(THROUGHPUT_WINDOW, clock)
 
     def statistics(self) -> UploaderStatistics:
         stats = self._limiter.statistics()
@@ -164,7 +126,7 @@ class Uploader:
             current = await files.stat(path)
             if current != expected:
                 raise FileChangedError(f"{path} changed since it settled")
-        started = time.monotonic()
+        started = self._clock.monotonic()
         with structlog.contextvars.bound_contextvars(path=str(path), key=record.key):
             if record.check_remote and record.upload_id is None:
                 remote = await store.head(record.bucket, record.key)
@@ -185,7 +147,7 @@ class Uploader:
             done = await self._journal.mark_uploaded(
                 record, etag=etag, checksum_algorithm=self._checksum, checksum=checksum
             )
-            seconds = time.monotonic() - started
+            seconds = self._clock.monotonic() - started
             if not done:
                 log.info("changed_during_upload", size=record.size)
                 return "changed"
@@ -225,7 +187,7 @@ class Uploader:
                 body, digest = await files.read_range(
                     path, 0, record.size, expected, self._checksum
                 )
-                await self._throttle.consume(record.size)
+                await self._bandwidth.consume(record.size, self._clock)
                 etag = await store.put_object(record.bucket, record.key, body, encode(digest))
                 del body
                 self._sent(record.size)
@@ -382,7 +344,7 @@ class Uploader:
                 body, digest = await files.read_range(
                     path, part.offset, part.length, expected, self._checksum
                 )
-                await self._throttle.consume(part.length)
+                await self._bandwidth.consume(part.length, self._clock)
                 etag = await store.upload_part(
                     record.bucket, record.key, upload_id, part.number, body, encode(digest)
                 )

@@ -1,0 +1,344 @@
+"""The pacing policies on their own: SlowDown back-off, retry delays, bandwidth, memory.
+
+Each policy is handed the time, so these tests replay sequences against plain
+numbers (and a ManualClock where something waits): no test here sleeps.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpg_daemon.core.clock import ManualClock
+from cpg_daemon.engine.pacing import (
+    RETRY_MAX,
+    THROTTLE_MAX,
+    Bandwidth,
+    MemoryBudget,
+    SlowDownPacer,
+    Uniform,
+    backoff,
+    wait_event,
+)
+from cpg_daemon.engine.uploader import Throughput
+
+
+def middle(low: float, high: float) -> float:
+    """A jitter that always lands in the middle: the delays without their spread."""
+    return (low + high) / 2
+
+
+def fraction(f: float) -> Uniform:
+    """A jitter that lands at ``f`` of the way between its bounds."""
+    return lambda low, high: low + f * (high - low)
+
+
+# -- retry back-off -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attempt", "seconds"),
+    [(0, 5), (1, 10), (2, 20), (3, 40), (4, 80), (5, 160), (6, 320), (7, 640), (8, 900),
+     (20, 900), (10**6, 900)],
+)  # fmt: skip
+def test_backoff_doubles_from_five_seconds_to_fifteen_minutes(attempt: int, seconds: float) -> None:
+    assert backoff(attempt, middle) == pytest.approx(seconds)
+
+
+@settings(deadline=None)  # a loaded machine must not fail a test for its speed
+@given(attempt=st.integers(0, 10**6), f=st.floats(0, 1))
+def test_backoff_spreads_by_a_fifth_and_never_passes_its_cap_by_more(
+    attempt: int, f: float
+) -> None:
+    base = backoff(attempt, middle)
+    delay = backoff(attempt, fraction(f))
+    assert 0.8 * base - 1e-9 <= delay <= 1.2 * base + 1e-9
+    assert delay <= 1.2 * RETRY_MAX + 1e-9
+    assert backoff(attempt + 1, fraction(f)) >= delay
+
+
+def test_backoff_uses_random_jitter_by_default() -> None:
+    delays = {backoff(0) for _ in range(20)}
+    assert len(delays) > 1
+    assert all(4.0 <= d <= 6.0 for d in delays)
+
+
+# -- SlowDown -------------------------------------------------------------------------------
+
+
+def test_each_throttled_probe_doubles_the_pause_up_to_a_minute() -> None:
+    pacer = SlowDownPacer(8, uniform=middle)
+    now = 100.0
+    pauses = []
+    for _ in range(10):
+        pause = pacer.throttled(now, "SlowDown")
+        assert pause is not None
+        pauses.append(pause)
+        assert pacer.allowed == 1  # one file at a time after every pause
+        now += pause  # the pause ends; the probe is throttled again
+    assert pauses == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
+    assert pacer.put_back == 10
+    assert pacer.last_error == "SlowDown"
+
+
+def test_files_throttled_during_a_pause_are_put_back_without_a_longer_pause() -> None:
+    pacer = SlowDownPacer(4, uniform=middle)
+    assert pacer.throttled(0.0, "SlowDown") == 1.0
+    assert pacer.throttled(0.5, "SlowDown again") is None
+    assert pacer.throttled(0.99, "SlowDown again") is None
+    assert (pacer.put_back, pacer.last_error, pacer.until) == (3, "SlowDown again", 1.0)
+    assert pacer.pause_left(0.25) == 0.75
+    assert pacer.pause_left(1.0) == 0.0
+    assert pacer.pause_left(5.0) == 0.0
+    assert pacer.throttled(1.0, "SlowDown") == 2.0  # the probe after the pause
+
+
+def test_successes_double_the_files_allowed_back_to_all_workers() -> None:
+    pacer = SlowDownPacer(12, uniform=middle)
+    assert not pacer.active(0.0)
+    pacer.throttled(0.0, "SlowDown")
+    pacer.throttled(1.0, "SlowDown")
+    assert pacer.active(2.5)  # pause running
+    assert pacer.active(3.5)  # pause over, still one file at a time
+    allowed = []
+    for _ in range(5):
+        pacer.succeeded()
+        allowed.append(pacer.allowed)
+    assert allowed == [2, 4, 8, 12, 12]
+    assert not pacer.active(3.5)
+    # Back to full speed: the next SlowDown starts again at the first pause.
+    assert pacer.throttled(10.0, "SlowDown") == 1.0
+
+
+def test_a_probe_throttled_before_full_speed_keeps_doubling_the_pause() -> None:
+    pacer = SlowDownPacer(16, uniform=middle)
+    assert pacer.throttled(0.0, "x") == 1.0
+    pacer.succeeded()
+    pacer.succeeded()
+    assert pacer.allowed == 4
+    assert pacer.throttled(5.0, "x") == 2.0
+    assert pacer.allowed == 1
+
+
+@settings(deadline=None)  # a loaded machine must not fail a test for its speed
+@given(f=st.floats(0, 1), probes=st.integers(1, 12))
+def test_slowdown_pauses_spread_by_a_fifth(f: float, probes: int) -> None:
+    plain = SlowDownPacer(4, uniform=middle)
+    spread = SlowDownPacer(4, uniform=fraction(f))
+    for i in range(probes):
+        base = plain.throttled(1000.0 * i, "x")
+        pause = spread.throttled(1000.0 * i, "x")
+        assert base is not None and pause is not None
+        assert 0.8 * base - 1e-9 <= pause <= 1.2 * base + 1e-9
+        assert pause <= 1.2 * THROTTLE_MAX + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("allowed", "in_hand", "busy", "claim"),
+    [
+        (8, 0, 0, 8),  # full speed: one per free worker
+        (8, 3, 3, 5),
+        (8, 8, 8, 1),  # all busy: one more, for the next worker to be free
+        (1, 0, 0, 1),  # throttled: the probe
+        (1, 1, 1, 0),  # the probe is out: wait for it
+        (2, 1, 1, 1),
+        (4, 4, 2, 0),  # files in hand count, busy or not
+        (4, 6, 6, 0),
+    ],
+)
+def test_the_feeder_claims_within_the_allowance(
+    allowed: int, in_hand: int, busy: int, claim: int
+) -> None:
+    pacer = SlowDownPacer(8)
+    pacer.allowed = allowed
+    assert pacer.claim_limit(in_hand, busy) == claim
+
+
+# -- bandwidth ------------------------------------------------------------------------------
+
+
+def test_bandwidth_reservations_queue_behind_each_other() -> None:
+    link = Bandwidth(100)
+    assert link.reserve(0.0, 100) == 0.0  # an idle link: at once
+    assert link.reserve(0.0, 100) == 1.0
+    assert link.reserve(0.5, 50) == 1.5
+    assert link.reserve(2.5, 10) == 0.0  # the link has been idle since 2.5
+    assert link.reserve(2.5, 0) == 0.0
+    assert link.reserve(10.0, 100) == 0.0
+
+
+def test_no_bandwidth_limit_never_waits() -> None:
+    link = Bandwidth(0)
+    assert [link.reserve(0.0, 10**9) for _ in range(3)] == [0.0, 0.0, 0.0]
+
+
+@settings(deadline=None)  # a loaded machine must not fail a test for its speed
+@given(
+    rate=st.integers(1, 10**9),
+    requests=st.lists(st.tuples(st.floats(0, 10), st.integers(0, 10**8)), min_size=1),
+)
+def test_bandwidth_never_sends_faster_than_its_rate_and_never_idles_a_waiter(
+    rate: int, requests: list[tuple[float, int]]
+) -> None:
+    link = Bandwidth(rate)
+    now = 0.0
+    link_free = 0.0  # when the bytes reserved so far have had their time
+    for gap, amount in requests:
+        now += gap
+        start = now + link.reserve(now, amount)
+        assert start >= now
+        if amount:
+            # At most ``rate`` bytes per second: each start waits for the bytes before it,
+            # and no longer than that.
+            assert start == pytest.approx(max(now, link_free), rel=1e-9, abs=1e-9)
+            link_free = start + amount / rate
+
+
+@pytest.mark.anyio
+async def test_bandwidth_paces_concurrent_uploads_on_the_clock() -> None:
+    clock = ManualClock()
+    link = Bandwidth(1000)
+    sent: list[tuple[str, float]] = []
+
+    async def upload(name: str, size: int) -> None:
+        await link.consume(size, clock)
+        sent.append((name, clock.monotonic()))
+
+    async with anyio.create_task_group() as tg:
+        for name in "abcd":
+            tg.start_soon(upload, name, 500)
+        await clock.run_until_idle()
+    assert sent == [("a", 0.0), ("b", 0.5), ("c", 1.0), ("d", 1.5)]
+
+
+def test_throughput_is_bytes_per_second_over_the_last_window() -> None:
+    clock = ManualClock()
+    meter = Throughput(20.0, clock)
+    assert meter.per_second() == 0.0
+    meter.add(1000)
+    assert meter.per_second() == 1000.0  # under a second: counted as one
+    clock.advance(4.0)
+    meter.add(1000)
+    assert meter.per_second() == 500.0  # 2000 bytes in 4 s
+    clock.advance(16.0)
+    assert meter.per_second() == 100.0  # 2000 bytes in the 20 s window
+    clock.advance(1.0)
+    assert meter.per_second() == 1000.0 / 17  # the first left: since the second (at 4 s)
+    clock.advance(30.0)
+    assert meter.per_second() == 0.0
+
+
+# -- memory budget --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_memory_budget_is_first_come_first_served() -> None:
+    clock = ManualClock()
+    budget = MemoryBudget(100)
+    got: list[str] = []
+
+    async def take(name: str, amount: int) -> None:
+        await budget.acquire(amount)
+        got.append(name)
+
+    first = await budget.acquire(60)
+    with anyio.fail_after(5):  # a budget that never lets a request go fails, not hangs
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take, "large", 60)
+            await clock.settle()
+            tg.start_soon(take, "small", 10)  # would fit now, but the large part asked first
+            await clock.settle()
+            assert got == []
+            budget.release(first)
+    assert got == ["large", "small"]
+    assert budget.used == 70
+
+
+@pytest.mark.anyio
+async def test_a_body_larger_than_the_budget_goes_alone() -> None:
+    clock = ManualClock()
+    budget = MemoryBudget(100)
+    got: list[str] = []
+
+    async def take(name: str, amount: int) -> int:
+        held = await budget.acquire(amount)
+        got.append(name)
+        return held
+
+    small = await budget.acquire(10)
+    with anyio.fail_after(5):  # a budget that never lets a request go fails, not hangs
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take, "huge", 250)
+            await clock.settle()
+            assert got == []  # not while anything else is held
+            budget.release(small)
+        assert got == ["huge"]
+        assert budget.used == 100  # it holds the whole budget, not more
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take, "after", 1)
+            await clock.settle()
+            assert got == ["huge"]
+            budget.release(100)
+    assert got == ["huge", "after"]
+
+
+@settings(deadline=None, max_examples=50)  # each example runs an event loop
+@given(
+    limit=st.integers(1, 1000),
+    requests=st.lists(st.tuples(st.integers(0, 1500), st.integers(1, 5)), min_size=1, max_size=30),
+)
+def test_memory_in_flight_never_exceeds_the_budget_and_every_request_is_served(
+    limit: int, requests: list[tuple[int, int]]
+) -> None:
+    async def main() -> None:
+        clock = ManualClock()
+        budget = MemoryBudget(limit)
+        served: list[int] = []
+        peak = 0
+
+        async def request(i: int, amount: int, seconds: int) -> None:
+            nonlocal peak
+            held = await budget.acquire(amount)
+            served.append(i)
+            peak = max(peak, budget.used)
+            await clock.sleep(seconds)  # the request is in flight
+            budget.release(held)
+
+        async with anyio.create_task_group() as tg:
+            for i, (amount, seconds) in enumerate(requests):
+                tg.start_soon(request, i, amount, seconds)
+                await clock.settle()  # asked in this order
+            await clock.run_until_idle(rounds=4 * len(requests) + 10)
+            assert served == list(range(len(requests)))  # all of them, first come first served
+        assert peak <= limit
+        assert budget.used == 0
+
+    anyio.run(main)
+
+
+# -- waiting on the clock -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_wait_event_ends_at_the_event_or_after_the_time_on_the_clock() -> None:
+    clock = ManualClock()
+    event = anyio.Event()
+    ended: list[float] = []
+
+    async def waiter(seconds: float) -> None:
+        await wait_event(event, seconds, clock)
+        ended.append(clock.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter, 2.0)
+        tg.start_soon(waiter, 10.0)
+        await clock.settle()
+        clock.advance(2.0)
+        await clock.settle()
+        assert ended == [2.0]
+        event.set()
+    assert ended == [2.0, 2.0]
+    assert clock.sleepers == 0  # the other timer is gone
+    await wait_event(event, 100.0, clock)  # already set: no wait
