@@ -71,16 +71,6 @@ class Grant:
         self._closed = False
 
     @classmethod
-    @asynccontextmanager
-    async def connect(cls, provider: CredentialProvider, s3: S3Config) -> AsyncIterator[Grant]:
-        """A grant whose client is closed on leaving the block (one-shot uses, tests)."""
-        grant = await cls.open(provider, s3)
-        try:
-            yield grant
-        finally:
-            await grant.close()
-
-    @classmethod
     def borrowed(cls, store: ObjectStore, provider: CredentialProvider | None = None) -> Grant:
         """A grant around a client its caller opened and closes (tests, benchmarks).
 
@@ -234,8 +224,3 @@ class Grants:
         for grant in self._grants:
             if not await grant.provider.first_attempt():
                 raise CredentialsError(grant.provider.statistics().last_error or "no credentials")
-
-
-def one_entry(credentials: CredentialsConfig, s3: S3Config) -> Config:
-    """A configuration with one ``[credentials]`` entry and no watch (one-shot commands)."""
-    return Config(path=None, s3=s3, credentials=(credentials,))

@@ -6,6 +6,7 @@ Adding a command is one method and one ``Registry.add`` line in ``Commands.regis
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from cpg_daemon.engine import verify
@@ -128,16 +129,15 @@ class Commands:
     async def verify(self, args: Args) -> dict[str, Any]:
         watch = self._chosen(args)
         engine = self._daemon.engine
-        result = await verify.verify(
-            [
-                (active.config, active.grant.store)
-                for active in engine.table.values()
-                if watch is None or active.name == watch
-            ],
-            engine.journal.path,
-            quick=bool(args.get("quick")),
-            concurrency=engine.config.s3.max_concurrency,
-        )
+        chosen = [a for a in engine.table.values() if watch is None or a.name == watch]
+        with ExitStack() as leases:  # a reload may drop a grant meanwhile: not its client
+            watches = [(a.config, leases.enter_context(a.grant.lease())) for a in chosen]
+            result = await verify.verify(
+                watches,
+                engine.journal.path,
+                quick=bool(args.get("quick")),
+                concurrency=engine.config.s3.max_concurrency,
+            )
         rows = [r for r in result.rows if args.get("rows") or r.status != "match"]
         return {
             "ok": result.ok,
