@@ -4,10 +4,10 @@ A file is *settled* once its size and mtime have not changed for the watch's
 ``settle`` time: either its mtime is already that old by the wall clock, or it was
 seen unchanged for that long by the monotonic clock. The wall clock is only ever
 compared with mtimes (both are wall time); how long a file has been watched is
-measured on the monotonic clock, so setting the wall clock back or forward never
-holds a file back for good, nor lets one through early (a file whose mtime looks
-young after the clock was set back still settles once it was seen unchanged for
-``settle``).
+measured on the monotonic clock. So a wall clock set back never holds a file back
+(its mtime looks young, or in the future, but it settles once seen unchanged for
+``settle``); one set forward makes files written before the jump look old, and
+they settle at the next look, as files copied in with old mtimes do.
 
 The tracker does no I/O and reads no clock: the watcher stats files in a worker
 thread and hands the results in, with the time, on the event loop thread; that
