@@ -54,6 +54,13 @@ async def advance(clock: ManualClock, seconds: float) -> None:
     await clock.settle()
 
 
+def in_journal_is(journal: Journal, rel_paths: list[str]) -> Callable[[], Awaitable[bool]]:
+    async def holds() -> bool:
+        return sorted(r.rel_path for r in await journal.records()) == rel_paths
+
+    return holds
+
+
 def write(root: Path, rel: str, data: bytes = b"data") -> None:
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     (root / rel).write_bytes(data)
@@ -146,3 +153,26 @@ async def test_only_the_first_walk_checks_files_at_the_destination(
         tg.cancel_scope.cancel()
     checked = {r.rel_path: r.check_remote for r in await journal.records()}
     assert checked == {"there.tiff": True, "new.tiff": listed is None, "later.tiff": False}
+
+
+async def test_events_bring_in_new_files_and_a_ready_marker_brings_in_its_folder(
+    tmp_path: Path, journal: Journal
+) -> None:
+    """Real inotify events, and no rescan (its time never comes on this clock)."""
+    root = tmp_path / "outbox"
+    write(root, "P1/early.tiff")
+    clock = ManualClock(start=time.time())
+    watch = WatchConfig("w", root, DESTINATION, settle=0.0, ready_marker="READY")
+    watcher = Watcher(watch, journal, lambda: None, RESCAN, clock=clock)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(watcher.run)
+        await until(lambda: watcher.statistics().scans == 1)  # once events are live
+        write(root, "loose.tiff")
+        write(root, "P1/late.tiff")
+        await until(in_journal_is(journal, ["loose.tiff"]))
+        write(root, "P1/READY", b"")  # P1 is complete: its files go in
+        await until(in_journal_is(journal, ["P1/early.tiff", "P1/late.tiff", "loose.tiff"]))
+        assert watcher.statistics().scans == 1
+        watcher.stop()
+        tg.cancel_scope.cancel()

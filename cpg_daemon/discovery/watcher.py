@@ -49,6 +49,8 @@ POLL_DELAY_MS = 2000
 """When a watch has to poll (no inotify watches left), how often it looks at every file."""
 BATCH = 500
 """Settled files handed to the journal in one transaction."""
+LOOK_AT_ONCE = 1000
+"""Changed paths looked at in one worker-thread call (the event loop runs in between)."""
 
 
 @dataclass(frozen=True)
@@ -395,17 +397,19 @@ class Watcher:
                 self._settle.forget(rel)
             else:
                 changed.append(rel)
-        if not changed:
-            return
-        files, dirs = await anyio.to_thread.run_sync(look_at, self._root, changed)
-        folders = [rel for rel in dirs if not self._filter.excludes_dir(rel)]
-        found: list[Seen] = []
-        for seen in files:
-            if self._filter.accepts(seen.rel_path):
-                found.append(seen)
-            marked = self._admission.marker.marks(seen.rel_path)
-            if marked is not None:
-                folders.append(marked)  # its files were held back: walk it now
-        await self._observe(found)
+        folders: list[str] = []
+        for start in range(0, len(changed), LOOK_AT_ONCE):
+            files, dirs = await anyio.to_thread.run_sync(
+                look_at, self._root, changed[start : start + LOOK_AT_ONCE]
+            )
+            folders += [rel for rel in dirs if not self._filter.excludes_dir(rel)]
+            found: list[Seen] = []
+            for seen in files:
+                if self._filter.accepts(seen.rel_path):
+                    found.append(seen)
+                marked = self._admission.marker.marks(seen.rel_path)
+                if marked is not None:
+                    folders.append(marked)  # its files were held back: walk it now
+            await self._observe(found)
         for folder in folders:
             await self.scan(folder)
