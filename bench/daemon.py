@@ -291,7 +291,7 @@ def synthesized_rows(
     from cpg_daemon.core.checksums import ALGORITHMS, PartDigest
     from cpg_daemon.core.config import DEFAULT_EXCLUDE
     from cpg_daemon.core.objectkeys import PathFilter, object_key
-    from cpg_daemon.discovery.watcher import walk
+    from cpg_daemon.discovery.scan import walk
 
     crc = ALGORITHMS["CRC32C"]
     for seen in walk(tree, PathFilter(("**",), DEFAULT_EXCLUDE)):

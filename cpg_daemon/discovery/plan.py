@@ -1,6 +1,6 @@
 """The dry-run plan ``cpg-daemon check`` prints: what each watch would upload, and why not.
 
-One walk of the watched folder with the watcher's own rules (``watcher.walk``,
+One walk of the watched folder with the watcher's own rules (``scan.walk``,
 the include/exclude globs, the ready marker, names S3 cannot take, and the
 gallery's folder rules under the watch's ``structure`` policy), touching no
 server and no journal. Settle times are ignored: a file still being written
@@ -16,7 +16,8 @@ from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.objectkeys import PathFilter, key_problem, object_key
 from cpg_daemon.core.structure import RULES, Finding, check_key
 from cpg_daemon.core.units import format_size
-from cpg_daemon.discovery.watcher import walk
+from cpg_daemon.discovery.admission import ReadyMarker
+from cpg_daemon.discovery.scan import walk
 
 FIRST_KEYS = 5
 """Keys of the plan shown by name."""
@@ -67,22 +68,21 @@ def plan_watch(watch: WatchConfig) -> WatchPlan:
     started = time.monotonic()
     plan = WatchPlan(watch)
     path_filter = PathFilter(watch.include, watch.exclude)
-    marker = watch.ready_marker
+    marker = ReadyMarker(watch.ready_marker)
     marked: dict[str, bool] = {}
     rules = watch.structure != "off"
     reject = watch.structure == "reject"
     for seen in walk(watch.path, path_filter):
         rel = seen.rel_path
-        if marker:
-            top, sep, rest = rel.partition("/")
-            if (sep and rest == marker) or (not sep and top == marker):
+        if marker.is_marker(rel):
+            continue
+        folder = marker.folder(rel)
+        if folder is not None:
+            if folder not in marked:
+                marked[folder] = bool(marker.present(watch.path, (folder,)))
+            if not marked[folder]:
+                plan.held_back += 1
                 continue
-            if sep:
-                if top not in marked:
-                    marked[top] = (watch.path / top / marker).is_file()
-                if not marked[top]:
-                    plan.held_back += 1
-                    continue
         key = object_key(watch.destination.prefix, rel)
         problem = key_problem(key)
         if problem is not None:

@@ -42,7 +42,7 @@ from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.errors import CpgError
 from cpg_daemon.core.objectkeys import PathFilter, object_key
 from cpg_daemon.core.units import format_size
-from cpg_daemon.discovery.watcher import Seen, walk
+from cpg_daemon.discovery.scan import Seen, walk
 from cpg_daemon.journal import read_uploads
 from cpg_daemon.s3.store import ObjectStore, RemoteObject
 
