@@ -37,7 +37,6 @@ import anyio
 import anyio.to_thread
 import structlog
 from aiobotocore.config import AioConfig
-from aiobotocore.credentials import AioRefreshableCredentials
 from aiobotocore.session import AioSession
 from anyio.abc import TaskStatus
 from botocore.exceptions import (
@@ -52,6 +51,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from cpg_daemon.core.config import Config, CredentialsConfig
 from cpg_daemon.core.errors import ConfigError, CpgError, CredentialsError
 from cpg_daemon.core.objectkeys import S3Location
+from cpg_daemon.s3 import _botocore
 
 log = structlog.get_logger("cpg_daemon.s3.credentials")
 
@@ -168,17 +168,6 @@ class CredentialProvider:
         )
 
 
-class _SharedCredentials(AioRefreshableCredentials):  # type: ignore[misc]
-    """botocore's refreshable credentials, with a way to renew them on purpose."""
-
-    async def renew(self) -> None:
-        async with self._refresh_lock:
-            try:
-                await self._protected_refresh(is_mandatory=True)
-            except RuntimeError as exc:  # botocore: "refreshed credentials are still expired"
-                raise CredentialsError(str(exc)) from None
-
-
 class RenewingProvider(CredentialProvider):
     """Short-lived keys from Access Grants or AssumeRole, renewed before they expire."""
 
@@ -191,7 +180,7 @@ class RenewingProvider(CredentialProvider):
         # The session S3 clients are made from holds the short-lived keys from the
         # start (empty and expired until the first renewal), so no client can fall
         # back to the standard chain by accident.
-        self._credentials = _SharedCredentials(
+        self._keys = _botocore.RenewableCredentials(
             access_key="",
             secret_key="",
             token="",
@@ -204,7 +193,7 @@ class RenewingProvider(CredentialProvider):
             mandatory_timeout=min(30.0, config.refresh_before / 4),
         )
         self.session = aioboto3.Session(region_name=region)
-        self.session._session._credentials = self._credentials
+        _botocore.share_credentials(self.session, self._keys)
         self._expires_at: datetime | None = None
         self._state: CredentialState = "refreshing"
         self._last_error: str | None = None
@@ -297,7 +286,7 @@ class RenewingProvider(CredentialProvider):
         if self._state != "valid" or not was_usable:
             self._state = "refreshing"
         try:
-            await self._credentials.renew()
+            await self._keys.renew()
         except CredentialsError as exc:
             self._last_error = str(exc)
             self._state = "valid" if self.usable else "error"
