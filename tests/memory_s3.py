@@ -105,13 +105,28 @@ class MemoryStore:
     def object_bytes(self, bucket: str, key: str) -> bytes:
         return self.buckets[bucket][key].data
 
-    def fail(self, operation: str, error: CpgError, times: int = 1, key: str | None = None) -> None:
-        """Make the next ``times`` calls of ``operation`` (on ``key``, if given) raise ``error``."""
+    def fail(
+        self,
+        operation: str,
+        error: CpgError,
+        times: int = 1,
+        key: str | None = None,
+        part_number: int | None = None,
+    ) -> None:
+        """Make the next ``times`` calls of ``operation`` raise ``error``.
+
+        Only calls on ``key`` and for part ``part_number``, when given.
+        """
         left = [times]
         previous = self.before
 
         def hook(call: Call) -> None:
-            if call.operation == operation and key in (None, call.key) and left[0] > 0:
+            if (
+                call.operation == operation
+                and key in (None, call.key)
+                and part_number in (None, call.part_number)
+                and left[0] > 0
+            ):
                 left[0] -= 1
                 raise error
             if previous is not None:
