@@ -34,7 +34,7 @@ def test_the_installed_versions_are_the_supported_ones() -> None:
 
 def test_the_s3_models_are_preloaded_into_the_sessions_loader() -> None:
     session = aioboto3.Session()
-    _botocore.preload_s3_models(session)
+    _botocore.preload_models(session, "s3")
     loader = _botocore._data_loader(session)
     # botocore's loader caches by call: a second load is served from memory.
     assert loader.load_service_model("s3", "service-2") is loader.load_service_model(
@@ -58,7 +58,10 @@ def test_the_ca_bundle_comes_from_the_session(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.anyio
-async def test_the_client_is_built_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("service", ["s3", "sts", "s3control"])
+async def test_the_client_is_built_off_the_loop(
+    service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     built: list[Any] = []
     original = _botocore._finish_without_a_loop
 
@@ -68,8 +71,8 @@ async def test_the_client_is_built_off_the_loop(monkeypatch: pytest.MonkeyPatch)
         return client
 
     monkeypatch.setattr(_botocore, "_finish_without_a_loop", spy)
-    async with _botocore.s3_client(
-        aioboto3.Session(), region_name=TEST_REGION, endpoint_url="http://127.0.0.1:9"
+    async with _botocore.client(
+        aioboto3.Session(), service, region_name=TEST_REGION, endpoint_url="http://127.0.0.1:9"
     ) as client:
         assert built == [client]
         assert client.meta.region_name == TEST_REGION
@@ -82,8 +85,8 @@ async def test_without_credentials_the_client_is_built_on_the_loop(
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    async with _botocore.s3_client(
-        aioboto3.Session(), region_name=TEST_REGION, endpoint_url="http://127.0.0.1:9"
+    async with _botocore.client(
+        aioboto3.Session(), "s3", region_name=TEST_REGION, endpoint_url="http://127.0.0.1:9"
     ) as client:
         assert _botocore.signing_credentials(client) is None
 
@@ -96,8 +99,12 @@ async def test_endpoint_parameters_are_left_out_and_endpoints_resolved(
 
     s3 = S3Config(endpoint_url=s3_server.endpoint_url, data_plane="botocore")
     session = aioboto3.Session()
-    async with _botocore.s3_client(
-        session, region_name=TEST_REGION, endpoint_url=s3.endpoint_url, config=client_config(s3)
+    async with _botocore.client(
+        session,
+        "s3",
+        region_name=TEST_REGION,
+        endpoint_url=s3.endpoint_url,
+        config=client_config(s3),
     ) as client:
         definitions = client._ruleset_resolver._param_definitions
         assert "Key" in definitions
@@ -113,7 +120,7 @@ async def test_endpoint_parameters_are_left_out_and_endpoints_resolved(
 
 @pytest.mark.anyio
 async def test_the_signing_credentials_are_the_clients() -> None:
-    async with _botocore.s3_client(aioboto3.Session(), region_name=TEST_REGION) as client:
+    async with _botocore.client(aioboto3.Session(), "s3", region_name=TEST_REGION) as client:
         credentials = _botocore.signing_credentials(client)
         assert credentials is not None
         frozen = await credentials.get_frozen_credentials()
@@ -150,7 +157,7 @@ async def test_shared_renewable_credentials_reach_every_client_and_renew_on_dema
     assert isinstance(credentials, AioRefreshableCredentials)
     session = aioboto3.Session(region_name=TEST_REGION)
     _botocore.share_credentials(session, credentials)
-    async with _botocore.s3_client(session) as one, _botocore.s3_client(session) as two:
+    async with _botocore.client(session, "s3") as one, _botocore.client(session, "s3") as two:
         assert _botocore.signing_credentials(one) is credentials
         assert _botocore.signing_credentials(two) is credentials
         await credentials.renew()

@@ -10,6 +10,7 @@ pyproject.toml (tested with aioboto3 15.5, aiobotocore 2.25, botocore 1.40).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
@@ -18,8 +19,12 @@ from typing import Any
 import aioboto3
 import anyio.to_thread
 from aiobotocore.credentials import AioRefreshableCredentials
+from botocore.exceptions import DataNotFoundError
 
 from cpg_daemon.core.errors import CredentialsError
+
+_building = threading.Lock()
+"""botocore sessions are not thread-safe: one thread at a time loads models or builds a client."""
 
 
 def _core(session: aioboto3.Session) -> Any:
@@ -32,18 +37,21 @@ def _data_loader(session: aioboto3.Session) -> Any:
     return _core(session).get_component("data_loader")
 
 
-def preload_s3_models(session: aioboto3.Session) -> None:
-    """Read botocore's S3 model files into the session's loader cache. Blocking.
+def preload_models(session: aioboto3.Session, service: str) -> None:
+    """Read botocore's model files for a service into the session's loader cache. Blocking.
 
-    Creating a client reads and parses several JSON files (about 80 ms, far more on a
-    busy machine); called in a worker thread first, the client built next finds them
-    in memory instead of parsing them on the event loop.
+    Creating a client reads and parses several JSON files (S3's: about 80 ms, far more
+    on a busy machine); called in a worker thread first, the client built next finds
+    them in memory instead of parsing them on the event loop.
     """
-    loader = _data_loader(session)
-    for kind in ("service-2", "endpoint-rule-set-1", "paginators-1"):
-        loader.load_service_model("s3", kind)
-    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
-        loader.load_data(name)
+    with _building:
+        loader = _data_loader(session)
+        loader.load_service_model(service, "service-2")
+        for kind in ("endpoint-rule-set-1", "paginators-1"):
+            with contextlib.suppress(DataNotFoundError):  # not every service has them
+                loader.load_service_model(service, kind)
+        for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
+            loader.load_data(name)
 
 
 def s3_endpoint_ruleset(session: aioboto3.Session) -> Mapping[str, Any]:
@@ -58,10 +66,6 @@ def ca_bundle(session: aioboto3.Session) -> str | None:
     """The CA bundle botocore verifies TLS with (AWS_CA_BUNDLE, ca_bundle in a profile)."""
     value = _core(session).get_config_variable("ca_bundle")
     return str(value) if value else None
-
-
-_building = threading.Lock()
-"""botocore sessions are not thread-safe: one client is built off the loop at a time."""
 
 
 class _NeedsTheLoop(Exception):
@@ -87,37 +91,40 @@ def _finish_without_a_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
 
 
 @asynccontextmanager
-async def s3_client(session: aioboto3.Session, **options: Any) -> AsyncIterator[Any]:
-    """An aiobotocore S3 client, built in a worker thread; closed on exit.
+async def client(session: aioboto3.Session, service: str, **options: Any) -> AsyncIterator[Any]:
+    """An aiobotocore client, built in a worker thread; closed on exit.
 
-    ``session.client("s3", **options)`` does all its work on the event loop. Here the
-    credentials are resolved on the loop first (that may need I/O: SSO, IMDS), and the
-    rest, pure computation, runs in a worker thread through the factory coroutine
-    inside aioboto3's client context (a private attribute). The HTTP connection pool
-    is created on the loop when the client is entered, as aiohttp requires.
+    ``session.client(service, **options)`` does all its work on the event loop (with
+    its model files: 80-200 ms of CPU for STS or S3 Control). Here the model files are
+    read in a worker thread, the credentials are resolved on the loop (that may need
+    I/O: SSO, IMDS), and the rest, pure computation, runs in a worker thread through
+    the factory coroutine inside aioboto3's client context (a private attribute). The
+    HTTP connection pool is created on the loop when the client is entered, as aiohttp
+    requires.
     """
-    client: Any = None
+    await anyio.to_thread.run_sync(preload_models, session, service)
+    built: Any = None
     if await session.get_credentials() is not None:
-        factory = session.client("s3", **options)._coro
+        factory = session.client(service, **options)._coro
         try:
-            client = await anyio.to_thread.run_sync(_finish_without_a_loop, factory)
+            built = await anyio.to_thread.run_sync(_finish_without_a_loop, factory)
         except _NeedsTheLoop:
-            client = None
+            built = None
         except BaseException:
             factory.close()  # cancelled before the thread ran it: never awaited, no warning
             raise
-    if client is None:  # no credentials (the client raises on its first request) or I/O
-        async with session.client("s3", **options) as built:
-            yield built
+    if built is None:  # no credentials (the client raises on its first request) or I/O
+        async with session.client(service, **options) as entered:
+            yield entered
         return
-    entered = await client.__aenter__()
+    entered = await built.__aenter__()
     try:
         yield entered
     except BaseException as exc:
-        await client.__aexit__(type(exc), exc, exc.__traceback__)
+        await built.__aexit__(type(exc), exc, exc.__traceback__)
         raise
     else:
-        await client.__aexit__(None, None, None)
+        await built.__aexit__(None, None, None)
 
 
 def leave_out_endpoint_parameters(client: Any, names: tuple[str, ...]) -> None:

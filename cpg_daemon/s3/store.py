@@ -15,7 +15,7 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import aioboto3
@@ -51,6 +51,7 @@ __all__ = [
     "ObjectStore",
     "RemoteObject",
     "RemotePart",
+    "Storage",
     "choose_data_plane",
     "client_config",
     "translate_errors",
@@ -136,14 +137,50 @@ def unreferenced_endpoint_parameters(session: aioboto3.Session) -> tuple[str, ..
     )
 
 
-def _prepare(session: aioboto3.Session) -> tuple[str, ...]:
-    """The blocking part of connecting: model files and the rule-set check. In a thread."""
-    _botocore.preload_s3_models(session)
-    return unreferenced_endpoint_parameters(session)
+class Storage(Protocol):
+    """What the engine asks of an object store: ObjectStore, or tests' in-memory one.
+
+    Errors are cpg-daemon's classes (``core.errors``); tests/test_s3_contract.py holds
+    every implementation to the same behaviour.
+    """
+
+    algorithm: Algorithm
+
+    @property
+    def data_plane(self) -> str: ...
+
+    async def head(self, bucket: str, key: str) -> RemoteObject | None: ...
+
+    async def first_part_size(self, bucket: str, key: str) -> tuple[int, int] | None: ...
+
+    def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[RemoteObject]: ...
+
+    async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str: ...
+
+    async def create_multipart_upload(self, bucket: str, key: str) -> str: ...
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, number: int, body: Body, checksum: str
+    ) -> str: ...
+
+    async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[RemotePart]: ...
+
+    async def complete_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str, str]],
+        checksum: str,
+    ) -> str: ...
+
+    async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None: ...
+
+    async def delete_object(self, bucket: str, key: str) -> None: ...
 
 
 class ObjectStore:
-    """S3 operations for one set of credentials.
+    """S3 operations for one set of credentials (a :class:`Storage`).
 
     ``data_plane`` is the CRT's plane when it sends small bodies (``connect`` makes
     it), or None when botocore sends every body.
@@ -159,9 +196,10 @@ class ObjectStore:
     @classmethod
     @asynccontextmanager
     async def connect(cls, session: aioboto3.Session, s3: S3Config) -> AsyncIterator[ObjectStore]:
-        """A store with its own client; everything that costs CPU runs in worker threads."""
-        unreferenced = await anyio.to_thread.run_sync(_prepare, session)
-        async with _botocore.s3_client(session, **_client_options(s3)) as client:
+        """A store with its own client. Model files, the client and the CRT client are
+        built in worker threads: their CPU stays off the event loop."""
+        async with _botocore.client(session, "s3", **_client_options(s3)) as client:
+            unreferenced = await anyio.to_thread.run_sync(unreferenced_endpoint_parameters, session)
             _botocore.leave_out_endpoint_parameters(client, unreferenced)
             plane, reason = choose_data_plane(s3)
             crt = None
@@ -325,3 +363,9 @@ class ObjectStore:
     async def delete_object(self, bucket: str, key: str) -> None:
         with translate_errors(f"DeleteObject s3://{bucket}/{key}"):
             await self._client.delete_object(Bucket=bucket, Key=key)
+
+
+if TYPE_CHECKING:
+
+    def _an_object_store_is_a_storage(store: ObjectStore) -> Storage:
+        return store  # mypy checks that the class keeps to the protocol
