@@ -29,7 +29,7 @@ import anyio.lowlevel
 
 from cpg_daemon.core.checksums import ALGORITHMS, Algorithm, ChecksumName, PartDigest, encode
 from cpg_daemon.core.errors import CpgError
-from cpg_daemon.s3.dataplane import Body, sized
+from cpg_daemon.s3.dataplane import Body, PutRequest, body_length
 from cpg_daemon.s3.errors import classify
 from cpg_daemon.s3.store import RemoteObject, RemotePart
 
@@ -290,8 +290,7 @@ class MemoryStore:
 
     async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str:
         what = f"PutObject s3://{bucket}/{key}"
-        stream, length = sized(body)
-        data = stream.read(length)
+        data = PutRequest(bucket, key, body, body_length(body), checksum).stream().read()
         await self._enter(Call("PutObject", bucket, key))
         objects = self._objects(what, bucket)
         self._check_digest(what, data, checksum)
@@ -303,8 +302,7 @@ class MemoryStore:
         self, bucket: str, key: str, upload_id: str, number: int, body: Body, checksum: str
     ) -> str:
         what = f"UploadPart {number} of s3://{bucket}/{key}"
-        stream, length = sized(body)
-        data = stream.read(length)
+        data = PutRequest(bucket, key, body, body_length(body), checksum).stream().read()
         await self._enter(Call("UploadPart", bucket, key, number))
         upload = self._upload(what, bucket, key, upload_id)
         if not 1 <= number <= MAX_PART_NUMBER:

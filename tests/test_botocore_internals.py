@@ -9,6 +9,7 @@ pins aiobotocore and botocore; these tests run against whatever is installed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
@@ -190,3 +191,26 @@ async def test_a_store_connects_through_these_functions(s3_server: S3Server, buc
     async with ObjectStore.connect(aioboto3.Session(), s3) as store:
         await store.put_object(bucket, "k", b"x", "")
         assert await store.head(bucket, "k") is not None
+
+
+def test_a_factory_that_waits_or_looks_for_the_loop_is_refused_in_the_thread() -> None:
+    async def waits() -> None:
+        await asyncio.sleep(0)
+
+    async def looks() -> None:
+        asyncio.get_running_loop()
+
+    for factory in (waits(), looks()):
+        with pytest.raises(_botocore._NeedsTheLoop):
+            _botocore._finish_without_a_loop(factory)
+
+
+@pytest.mark.anyio
+async def test_then_the_client_is_built_on_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(coroutine: Any) -> Any:
+        coroutine.close()
+        raise _botocore._NeedsTheLoop
+
+    monkeypatch.setattr(_botocore, "_finish_without_a_loop", refuse)
+    async with _botocore.client(aioboto3.Session(), "s3", region_name=TEST_REGION) as client:
+        assert _botocore.signing_credentials(client) is not None

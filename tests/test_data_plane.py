@@ -306,11 +306,12 @@ async def test_the_store_builds_one_request_and_hands_it_to_the_routed_plane() -
         3,
         crc32c(b"abc"),
     )
-    assert first.body.read() == b"abc"
+    assert first.stream().read() == b"abc"
     assert isinstance(part, PartRequest) and (part.upload_id, part.part_number) == ("id", 7)
     assert part.what == "UploadPart 7 of s3://b/k"
     (put, put_args), (upload, part_args) = client.calls
     assert (put, upload) == ("put_object", "upload_part")
+    assert put_args["Body"] is big  # bytes stay bytes: botocore sends no Expect: 100-continue
     assert put_args["ACL"] == "bucket-owner-full-control"
     assert (put_args["ChecksumAlgorithm"], put_args["ChecksumCRC32C"]) == ("CRC32C", "C")
     assert (part_args["UploadId"], part_args["PartNumber"], part_args["ChecksumCRC32C"]) == (

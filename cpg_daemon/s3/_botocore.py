@@ -78,14 +78,16 @@ def _finish_without_a_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
     aiobotocore's client factory is a coroutine, but once the session's credentials are
     resolved it never waits for anything: it only computes (the client class, the
     endpoint rule set's objects, the event handlers: about 20 ms of CPU per client).
-    Should a future version wait for I/O after all, it is abandoned here and built on
-    the loop as before.
+    Should a future version wait for I/O, or look for the running loop, after all, it
+    is abandoned here and built on the loop as before (where a real error shows again).
     """
     with _building:
         try:
             coroutine.send(None)
         except StopIteration as done:
             return done.value
+        except RuntimeError:  # "no running event loop"
+            raise _NeedsTheLoop from None
         coroutine.close()
     raise _NeedsTheLoop
 

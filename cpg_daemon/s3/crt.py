@@ -273,7 +273,7 @@ class CrtDataPlane:
             http.HttpHeaders(
                 [("Host", endpoint.host), ("Content-Length", str(request.length)), *headers]
             ),
-            request.body,
+            request.stream(),
         )
         reply: dict[str, str] = {}
         outcome: list[tuple[Exception | None, int, bytes | None]] = []

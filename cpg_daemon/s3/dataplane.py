@@ -29,11 +29,13 @@ Body = bytes | BinaryIO
 
 @dataclass(frozen=True)
 class PutRequest:
-    """One PutObject: ``length`` bytes of ``body`` from its position, and their checksum."""
+    """One PutObject: ``length`` bytes of ``body`` (from its position), and their checksum."""
 
     bucket: str
     key: str
-    body: BinaryIO
+    body: Body
+    """As the caller gave it: botocore sends bytes and streams differently (a stream
+    gets ``Expect: 100-continue``); ``stream()`` gives the CRT a stream either way."""
     length: int
     checksum: str
     """The body's checksum (base64) with the configured algorithm; unused when that is none."""
@@ -42,6 +44,10 @@ class PutRequest:
     def what(self) -> str:
         """The request, as error messages name it."""
         return f"PutObject s3://{self.bucket}/{self.key}"
+
+    def stream(self) -> BinaryIO:
+        """The body as a binary stream (bytes wrapped without a copy)."""
+        return io.BytesIO(self.body) if isinstance(self.body, bytes) else self.body
 
 
 @dataclass(frozen=True)
@@ -56,13 +62,14 @@ class PartRequest(PutRequest):
         return f"UploadPart {self.part_number} of s3://{self.bucket}/{self.key}"
 
 
-def sized(body: Body) -> tuple[BinaryIO, int]:
-    """A request body as a stream, and the bytes from its position to its end."""
-    stream = io.BytesIO(body) if isinstance(body, bytes) else body
-    start = stream.tell()
-    end = stream.seek(0, io.SEEK_END)
-    stream.seek(start)
-    return stream, end - start
+def body_length(body: Body) -> int:
+    """The bytes of a request body, from a stream's position to its end."""
+    if isinstance(body, bytes):
+        return len(body)
+    start = body.tell()
+    end = body.seek(0, io.SEEK_END)
+    body.seek(start)
+    return end - start
 
 
 class DataPlane(Protocol):

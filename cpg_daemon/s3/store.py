@@ -37,10 +37,10 @@ from cpg_daemon.s3.dataplane import (
     PartRequest,
     PlaneName,
     PutRequest,
+    body_length,
     choose_data_plane,
     proxy_for,
     route,
-    sized,
 )
 from cpg_daemon.s3.errors import error_code as _code
 from cpg_daemon.s3.errors import translate_errors
@@ -278,8 +278,7 @@ class ObjectStore:
 
     async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str:
         """One PutObject with the ACL and the checksum computed while reading. Returns the ETag."""
-        stream, length = sized(body)
-        request = PutRequest(bucket, key, stream, length, checksum)
+        request = PutRequest(bucket, key, body, body_length(body), checksum)
         return await route(request, self._botocore, self._crt).put_object(request)
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
@@ -299,8 +298,7 @@ class ObjectStore:
         self, bucket: str, key: str, upload_id: str, number: int, body: Body, checksum: str
     ) -> str:
         """One UploadPart with the part's checksum. Returns the part's ETag."""
-        stream, length = sized(body)
-        request = PartRequest(bucket, key, stream, length, checksum, upload_id, number)
+        request = PartRequest(bucket, key, body, body_length(body), checksum, upload_id, number)
         return await route(request, self._botocore, self._crt).upload_part(request)
 
     async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[RemotePart]:
