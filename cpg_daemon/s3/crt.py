@@ -147,7 +147,7 @@ class CrtDataPlane:
     name: PlaneName = "crt"
 
     def __init__(self, client: Any, s3_config: S3Config, ca_bundle: str | None) -> None:
-        self._botocore = client
+        self._botocore_client = client
         self._config = s3_config
         self._ca_bundle = ca_bundle
         self._algorithm: Algorithm = ALGORITHMS[s3_config.checksum]
@@ -193,7 +193,7 @@ class CrtDataPlane:
         """The bucket's endpoint, from botocore's endpoint rule set (cached per bucket)."""
         endpoint = self._endpoints.get(bucket)
         if endpoint is None:
-            url, properties = await _botocore.bucket_endpoint(self._botocore, bucket)
+            url, properties = await _botocore.bucket_endpoint(self._botocore_client, bucket)
             schemes = properties.get("authSchemes") or [{}]
             parts = urlsplit(url)
             endpoint = _Endpoint(
@@ -207,7 +207,7 @@ class CrtDataPlane:
 
     async def _signing_config(self, what: str, region: str) -> auth.AwsSigningConfig:
         """SigV4 for S3 with the botocore client's current keys (refreshed if due)."""
-        credentials = _botocore.signing_credentials(self._botocore)
+        credentials = _botocore.signing_credentials(self._botocore_client)
         if credentials is None:
             raise CredentialsError(f"{what}: Unable to locate credentials")
         frozen = await credentials.get_frozen_credentials()

@@ -189,7 +189,7 @@ class ObjectStore:
     def __init__(self, client: Any, s3: S3Config, data_plane: DataPlane | None = None) -> None:
         self._client = client
         self._acl = s3.acl
-        self._botocore: DataPlane = BotocoreDataPlane(client, s3)
+        self._botocore_plane: DataPlane = BotocoreDataPlane(client, s3)
         self._crt = data_plane
         self.algorithm: Algorithm = ALGORITHMS[s3.checksum]
 
@@ -279,7 +279,7 @@ class ObjectStore:
     async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str:
         """One PutObject with the ACL and the checksum computed while reading. Returns the ETag."""
         request = PutRequest(bucket, key, body, body_length(body), checksum)
-        return await route(request, self._botocore, self._crt).put_object(request)
+        return await route(request, self._botocore_plane, self._crt).put_object(request)
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
         args: dict[str, str] = {}
@@ -299,7 +299,7 @@ class ObjectStore:
     ) -> str:
         """One UploadPart with the part's checksum. Returns the part's ETag."""
         request = PartRequest(bucket, key, body, body_length(body), checksum, upload_id, number)
-        return await route(request, self._botocore, self._crt).upload_part(request)
+        return await route(request, self._botocore_plane, self._crt).upload_part(request)
 
     async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[RemotePart]:
         """The parts the server holds for an upload; UploadGoneError when it is gone."""
