@@ -109,6 +109,9 @@ class S3Server:
         self.port = port
         self.endpoint_url = f"http://{HOST}:{port}"
         self.log_path = log_path
+        self._parsed: list[Request] = []
+        self._read_up_to = 0
+        """Bytes of the log parsed into ``_parsed`` (whole lines only)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -233,13 +236,20 @@ class S3Server:
 
         werkzeug logs a request when the response status is sent, i.e. before the client
         has the response, so every request a client has completed is already here.
+        Only the lines added since the last call are parsed: the log of a whole test
+        session grows to tens of thousands of lines, and parsing all of them on every
+        call (about 30 us a line) took 0.4 s of CPU on the event loop in async tests.
         """
-        parsed: list[Request] = []
-        for line in self.log_text().splitlines():
-            request = parse_log_line(line)
-            if request is not None:
-                parsed.append(request)
-        return parsed[since:]
+        with contextlib.suppress(FileNotFoundError), open(self.log_path, "rb") as log:
+            log.seek(self._read_up_to)
+            added = log.read()
+            complete = added[: added.rfind(b"\n") + 1]
+            self._read_up_to += len(complete)
+            for line in complete.decode("utf-8", errors="replace").splitlines():
+                request = parse_log_line(line)
+                if request is not None:
+                    self._parsed.append(request)
+        return self._parsed[since:]
 
     def mark(self) -> int:
         """The number of requests logged so far; pass it as ``requests(since=...)``."""

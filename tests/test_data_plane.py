@@ -6,6 +6,7 @@ are the ones a hand-made URL gets wrong: spaces, '+', '%', '&', '=', non-ASCII.
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import aioboto3
 import pytest
 from s3server import S3Server
 
-from cpg_daemon.core.checksums import ALGORITHMS, PartDigest, encode
+from cpg_daemon.core.checksums import ALGORITHMS, encode
 from cpg_daemon.core.config import S3Config
 from cpg_daemon.core.errors import (
     CredentialsError,
@@ -26,6 +27,13 @@ from cpg_daemon.core.errors import (
     UploadGoneError,
 )
 from cpg_daemon.s3 import crt
+from cpg_daemon.s3.dataplane import (
+    CRT_BODY_LIMIT,
+    PartRequest,
+    PlaneName,
+    PutRequest,
+    route,
+)
 from cpg_daemon.s3.store import ObjectStore, choose_data_plane
 
 PLANES = ["crt", "botocore"]
@@ -68,29 +76,7 @@ async def test_put_object_lands_on_the_exact_key_with_its_checksum(
     assert s3_client.head_object(Bucket=bucket, Key="empty")["ETag"] == empty
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("plane", PLANES)
-async def test_parts_sent_by_either_plane_complete_into_the_file(
-    plane: str, s3_server: S3Server, bucket: str, s3_client: Any
-) -> None:
-    s3 = S3Config(endpoint_url=s3_server.endpoint_url, data_plane=plane)  # type: ignore[arg-type]
-    parts = [bytes([n]) * (5 * MiB) for n in range(1, 3)] + [b"tail" * 1000]
-    key = "multi part/plate 1+2.sqlite"
-    algorithm = ALGORITHMS["CRC32C"]
-    async with ObjectStore.connect(aioboto3.Session(), s3) as store:
-        upload_id = await store.create_multipart_upload(bucket, key)
-        sent = []
-        for number, data in enumerate(parts, start=1):
-            etag = await store.upload_part(bucket, key, upload_id, number, data, crc32c(data))
-            sent.append((number, etag, crc32c(data)))
-        listed = await store.list_parts(bucket, key, upload_id)
-        assert [(p.number, p.etag) for p in listed] == [(n, etag) for n, etag, _ in sent]
-        whole = algorithm.object_checksum(
-            [PartDigest(algorithm.digest(d), len(d)) for d in parts], multipart=True
-        )
-        await store.complete_multipart_upload(bucket, key, upload_id, sent, whole)
-    body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    assert body == b"".join(parts)
+# Parts sent by either plane completing into the file: tests/test_s3_contract.py.
 
 
 class _ErrorReplies(BaseHTTPRequestHandler):
@@ -262,3 +248,75 @@ async def test_every_checksum_algorithm_reaches_the_object(
         await store.put_object(bucket, "k", data, value)
     head = s3_client.head_object(Bucket=bucket, Key="k", ChecksumMode="ENABLED")
     assert head[f"Checksum{name}"] == value
+
+
+class _Plane:
+    """A data plane that records what it was asked to send."""
+
+    def __init__(self, name: PlaneName) -> None:
+        self.name: PlaneName = name
+        self.sent: list[PutRequest] = []
+
+    async def put_object(self, request: PutRequest) -> str:
+        self.sent.append(request)
+        return f'"{self.name}"'
+
+    async def upload_part(self, request: PartRequest) -> str:
+        self.sent.append(request)
+        return f'"{self.name}-part"'
+
+
+def test_the_crt_sends_bodies_up_to_its_limit_and_botocore_the_rest() -> None:
+    botocore, crt = _Plane("botocore"), _Plane("crt")
+    small = PutRequest("b", "k", io.BytesIO(), CRT_BODY_LIMIT, "")
+    large = PartRequest("b", "k", io.BytesIO(), CRT_BODY_LIMIT + 1, "", "id", 1)
+    assert route(small, botocore, crt) is crt
+    assert route(large, botocore, crt) is botocore
+    assert route(small, botocore, None) is botocore  # no CRT plane: botocore sends all
+
+
+class _Client:
+    """Just the two calls of an aiobotocore client that carry bytes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def put_object(self, **args: Any) -> dict[str, str]:
+        self.calls.append(("put_object", args))
+        return {"ETag": '"botocore"'}
+
+    async def upload_part(self, **args: Any) -> dict[str, str]:
+        self.calls.append(("upload_part", args))
+        return {"ETag": '"botocore-part"'}
+
+
+@pytest.mark.anyio
+async def test_the_store_builds_one_request_and_hands_it_to_the_routed_plane() -> None:
+    client, crt = _Client(), _Plane("crt")
+    store = ObjectStore(client, S3Config(checksum="CRC32C", acl="bucket-owner-full-control"), crt)
+    big = b"x" * (CRT_BODY_LIMIT + 1)
+    assert await store.put_object("b", "small", b"abc", crc32c(b"abc")) == '"crt"'
+    assert await store.upload_part("b", "k", "id", 7, b"abc", "c") == '"crt-part"'
+    assert await store.put_object("b", "big", big, "C") == '"botocore"'
+    assert await store.upload_part("b", "k", "id", 8, big, "C") == '"botocore-part"'
+    first, part = crt.sent
+    assert (first.bucket, first.key, first.length, first.checksum) == (
+        "b",
+        "small",
+        3,
+        crc32c(b"abc"),
+    )
+    assert first.stream().read() == b"abc"
+    assert isinstance(part, PartRequest) and (part.upload_id, part.part_number) == ("id", 7)
+    assert part.what == "UploadPart 7 of s3://b/k"
+    (put, put_args), (upload, part_args) = client.calls
+    assert (put, upload) == ("put_object", "upload_part")
+    assert put_args["Body"] is big  # bytes stay bytes: botocore sends no Expect: 100-continue
+    assert put_args["ACL"] == "bucket-owner-full-control"
+    assert (put_args["ChecksumAlgorithm"], put_args["ChecksumCRC32C"]) == ("CRC32C", "C")
+    assert (part_args["UploadId"], part_args["PartNumber"], part_args["ChecksumCRC32C"]) == (
+        "id",
+        8,
+        "C",
+    )
+    assert "ACL" not in part_args

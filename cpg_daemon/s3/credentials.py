@@ -24,10 +24,11 @@ import random
 import re
 import socket
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -37,7 +38,6 @@ import anyio
 import anyio.to_thread
 import structlog
 from aiobotocore.config import AioConfig
-from aiobotocore.credentials import AioRefreshableCredentials
 from aiobotocore.session import AioSession
 from anyio.abc import TaskStatus
 from botocore.exceptions import (
@@ -52,6 +52,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from cpg_daemon.core.config import Config, CredentialsConfig
 from cpg_daemon.core.errors import ConfigError, CpgError, CredentialsError
 from cpg_daemon.core.objectkeys import S3Location
+from cpg_daemon.s3 import _botocore
 
 log = structlog.get_logger("cpg_daemon.s3.credentials")
 
@@ -168,17 +169,6 @@ class CredentialProvider:
         )
 
 
-class _SharedCredentials(AioRefreshableCredentials):  # type: ignore[misc]
-    """botocore's refreshable credentials, with a way to renew them on purpose."""
-
-    async def renew(self) -> None:
-        async with self._refresh_lock:
-            try:
-                await self._protected_refresh(is_mandatory=True)
-            except RuntimeError as exc:  # botocore: "refreshed credentials are still expired"
-                raise CredentialsError(str(exc)) from None
-
-
 class RenewingProvider(CredentialProvider):
     """Short-lived keys from Access Grants or AssumeRole, renewed before they expire."""
 
@@ -191,7 +181,7 @@ class RenewingProvider(CredentialProvider):
         # The session S3 clients are made from holds the short-lived keys from the
         # start (empty and expired until the first renewal), so no client can fall
         # back to the standard chain by accident.
-        self._credentials = _SharedCredentials(
+        self._keys = _botocore.RenewableCredentials(
             access_key="",
             secret_key="",
             token="",
@@ -204,7 +194,7 @@ class RenewingProvider(CredentialProvider):
             mandatory_timeout=min(30.0, config.refresh_before / 4),
         )
         self.session = aioboto3.Session(region_name=region)
-        self.session._session._credentials = self._credentials
+        _botocore.share_credentials(self.session, self._keys)
         self._expires_at: datetime | None = None
         self._state: CredentialState = "refreshing"
         self._last_error: str | None = None
@@ -297,7 +287,7 @@ class RenewingProvider(CredentialProvider):
         if self._state != "valid" or not was_usable:
             self._state = "refreshing"
         try:
-            await self._credentials.renew()
+            await self._keys.renew()
         except CredentialsError as exc:
             self._last_error = str(exc)
             self._state = "valid" if self.usable else "error"
@@ -324,9 +314,18 @@ class RenewingProvider(CredentialProvider):
             self._notify()
         return True
 
-    def _control_client(self) -> Any:
+    @asynccontextmanager
+    async def _control_client(self) -> AsyncIterator[Any]:
+        """An S3 Control or STS client on the long-term keys (built off the event loop).
+
+        botocore puts the account id in front of the S3 Control host
+        (``309624411020.s3-control...``), also for a custom endpoint such as a
+        private deployment or a local test server, where that name does not
+        resolve; with a custom endpoint, the request's host is put back.
+        """
         service = "s3control" if self.config.source == "access-grants" else "sts"
-        client = self._base.client(
+        async with _botocore.client(
+            self._base,
             service,
             region_name=self.region,
             endpoint_url=self.config.endpoint_url or None,
@@ -335,8 +334,11 @@ class RenewingProvider(CredentialProvider):
                 connect_timeout=10,
                 read_timeout=30,
             ),
-        )
-        return _ControlClient(client, self.config.endpoint_url)
+        ) as client:
+            if self.config.endpoint_url:
+                keep_host = partial(_keep_host, urlsplit(self.config.endpoint_url).netloc)
+                client.meta.events.register("before-send.s3-control", keep_host)
+            yield client
 
     async def _fetch(self) -> dict[str, str]:
         """New keys, as botocore's refresh metadata. Raises CredentialsError, one sentence."""
@@ -415,33 +417,10 @@ class RenewingProvider(CredentialProvider):
         return f"{what}: {code}: {message}"
 
 
-class _ControlClient:
-    """An S3 Control or STS client context that keeps a custom endpoint's host.
-
-    botocore puts the account id in front of the S3 Control host
-    (``309624411020.s3-control...``), also for a custom endpoint such as a
-    private deployment or a local test server, where that name does not
-    resolve; with a custom endpoint, the request's host is put back.
-    """
-
-    def __init__(self, client_context: Any, endpoint_url: str) -> None:
-        self._context = client_context
-        self._endpoint = urlsplit(endpoint_url) if endpoint_url else None
-
-    async def __aenter__(self) -> Any:
-        client = await self._context.__aenter__()
-        if self._endpoint is not None:
-            client.meta.events.register("before-send.s3-control", self._keep_host)
-        return client
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._context.__aexit__(*exc)
-
-    def _keep_host(self, request: Any, **_: Any) -> None:
-        assert self._endpoint is not None
-        url = urlsplit(request.url)
-        request.url = urlunsplit(url._replace(netloc=self._endpoint.netloc))
-        request.headers["Host"] = self._endpoint.netloc
+def _keep_host(host: str, request: Any, **_: Any) -> None:
+    """Send an S3 Control request to ``host`` (the custom endpoint's), not the prefixed one."""
+    request.url = urlunsplit(urlsplit(request.url)._replace(netloc=host))
+    request.headers["Host"] = host
 
 
 def make_provider(entry: CredentialsConfig, region: str) -> CredentialProvider:

@@ -14,10 +14,10 @@ bucket). What a request carries is what botocore would send: the checksum we
 computed while reading (S3 checks the bytes against it), the canned ACL, and
 SigV4 with an unsigned payload, as botocore signs uploads over HTTPS. The CRT
 retries throttling, 5xx and network errors with backoff (``request_attempts`` in
-all); error replies are classified by ``s3errors.classify``, the table botocore's use too.
+all); error replies are classified by ``errors.classify``, the table botocore's use too.
 
 awscrt reads no proxy variables: ``s3.data_plane = "auto"`` falls back to
-botocore when one is set for the endpoint.
+botocore when one is set for the endpoint (``dataplane.choose_data_plane``).
 """
 
 from __future__ import annotations
@@ -25,38 +25,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
-from urllib.parse import quote, urlsplit
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
 from xml.etree import ElementTree
 
+import anyio
+import anyio.to_thread
 from awscrt import auth, http, s3
 from awscrt import io as crtio
 
+from cpg_daemon.core.checksums import ALGORITHMS, Algorithm
 from cpg_daemon.core.config import S3Config
 from cpg_daemon.core.errors import CpgError, CredentialsError, RetryableError, ThrottledError
+from cpg_daemon.s3 import _botocore
+from cpg_daemon.s3.dataplane import PartRequest, PlaneName, PutRequest
 from cpg_daemon.s3.errors import classify
 
 STALL_SECONDS = 120.0
 """A request gets this long, plus time for its body at SLOWEST_RATE, before it is cancelled."""
 SLOWEST_RATE = 64 * 1024
 """Bytes per second below which a request counts as stalled (botocore: a 120 s read timeout)."""
-
-
-def proxy_for(endpoint_url: str) -> str:
-    """The proxy the environment sets for the S3 endpoint ("" for AWS's), or "" for none.
-
-    Names the variable, never its value (a proxy URL may hold a password).
-    """
-    url = urlsplit(endpoint_url or "https://s3.amazonaws.com")
-    proxies = urllib.request.getproxies_environment()
-    if url.scheme not in proxies and "all" not in proxies:
-        return ""
-    if urllib.request.proxy_bypass(url.hostname or ""):
-        return ""
-    return f"{url.scheme}_proxy" if url.scheme in proxies else "all_proxy"
 
 
 def _retry_config(attempts: int) -> s3.S3RetryConfig:
@@ -132,16 +122,51 @@ def _failure(
     return RetryableError(f"{what}: the connection to the S3 endpoint {endpoint} failed: {detail}")
 
 
+def _setter_for_any_thread(event: anyio.Event) -> Callable[[], None]:
+    """A function that any thread may call to set ``event``, without waiting.
+
+    awscrt calls back on its own I/O threads. anyio's way back to the loop
+    (``from_thread.run_sync`` with an ``EventLoopToken``) blocks the calling thread
+    until the loop has run the call, which would hold up every connection served by
+    that CRT thread; anyio schedules without waiting only from 4.16
+    (``token.backend_class.run_sync_soon``), and pyproject allows anyio 4.4. So this
+    one bridge asks the asyncio loop (the daemon's anyio backend) directly.
+    """
+    loop = asyncio.get_running_loop()
+
+    def set_soon() -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(event.set)
+
+    return set_soon
+
+
 class CrtDataPlane:
     """PutObject and UploadPart through awscrt's S3 client, for one botocore client."""
 
+    name: PlaneName = "crt"
+
     def __init__(self, client: Any, s3_config: S3Config, ca_bundle: str | None) -> None:
-        self._botocore = client
+        self._botocore_client = client
         self._config = s3_config
         self._ca_bundle = ca_bundle
+        self._algorithm: Algorithm = ALGORITHMS[s3_config.checksum]
         self._endpoints: dict[str, _Endpoint] = {}
         self._clients: dict[bool, s3.S3Client] = {}
         self._signing: tuple[tuple[object, ...], auth.AwsSigningConfig] | None = None
+
+    @classmethod
+    async def open(cls, client: Any, s3_config: S3Config, ca_bundle: str | None) -> CrtDataPlane:
+        """A data plane whose CRT client for the configured endpoint is ready.
+
+        That client is built in a worker thread: with TLS, loading the trust store
+        takes about 15 ms of CPU, which would otherwise be spent on the event loop at
+        the first request.
+        """
+        plane = cls(client, s3_config, ca_bundle)
+        tls = urlsplit(s3_config.endpoint_url or "https://s3.amazonaws.com").scheme != "http"
+        await anyio.to_thread.run_sync(plane._client, tls)
+        return plane
 
     def _client(self, tls: bool) -> s3.S3Client:
         client = self._clients.get(tls)
@@ -168,11 +193,8 @@ class CrtDataPlane:
         """The bucket's endpoint, from botocore's endpoint rule set (cached per bucket)."""
         endpoint = self._endpoints.get(bucket)
         if endpoint is None:
-            operation = self._botocore.meta.service_model.operation_model("PutObject")
-            url, _, properties = await self._botocore._resolve_endpoint_ruleset(
-                operation, {"Bucket": bucket}, {}
-            )
-            schemes = (properties or {}).get("authSchemes") or [{}]
+            url, properties = await _botocore.bucket_endpoint(self._botocore_client, bucket)
+            schemes = properties.get("authSchemes") or [{}]
             parts = urlsplit(url)
             endpoint = _Endpoint(
                 tls=parts.scheme == "https",
@@ -185,8 +207,7 @@ class CrtDataPlane:
 
     async def _signing_config(self, what: str, region: str) -> auth.AwsSigningConfig:
         """SigV4 for S3 with the botocore client's current keys (refreshed if due)."""
-        signer = getattr(self._botocore, "_request_signer", None)
-        credentials = getattr(signer, "_credentials", None)
+        credentials = _botocore.signing_credentials(self._botocore_client)
         if credentials is None:
             raise CredentialsError(f"{what}: Unable to locate credentials")
         frozen = await credentials.get_frozen_credentials()
@@ -215,38 +236,53 @@ class CrtDataPlane:
             rate = min(rate, max(1, self._config.max_bandwidth // self._config.max_concurrency))
         return STALL_SECONDS + length / rate
 
-    async def put(
-        self,
-        what: str,
-        operation: str,
-        bucket: str,
-        key: str,
-        query: str,
-        headers: Sequence[tuple[str, str]],
-        body: BinaryIO,
-        length: int,
-    ) -> dict[str, str]:
-        """Send one PUT of ``length`` bytes of ``body`` (from its position); the reply's headers."""
-        endpoint = await self._endpoint(bucket)
-        signing = await self._signing_config(what, endpoint.region)
-        path = f"{endpoint.base_path}/{quote(key, safe='/~')}" + (f"?{query}" if query else "")
-        request = http.HttpRequest(
-            "PUT",
-            path,
-            http.HttpHeaders([("Host", endpoint.host), ("Content-Length", str(length)), *headers]),
-            body,
+    def _checksum_headers(self, request: PutRequest) -> list[tuple[str, str]]:
+        if not self._algorithm.enabled:
+            return []
+        name = self._algorithm.name
+        return [
+            ("x-amz-checksum-" + name.lower(), request.checksum),
+            ("x-amz-sdk-checksum-algorithm", name),
+        ]
+
+    async def put_object(self, request: PutRequest) -> str:
+        headers = self._checksum_headers(request)
+        if self._config.acl:
+            headers.append(("x-amz-acl", self._config.acl))
+        reply = await self._put("PutObject", request, "", headers)
+        return reply.get("etag", "")
+
+    async def upload_part(self, request: PartRequest) -> str:
+        query = urlencode(
+            {"partNumber": request.part_number, "uploadId": request.upload_id}, quote_via=quote
         )
-        loop = asyncio.get_running_loop()
-        finished: asyncio.Future[tuple[Exception | None, int, bytes | None]] = loop.create_future()
+        reply = await self._put("UploadPart", request, query, self._checksum_headers(request))
+        return reply.get("etag", "")
+
+    async def _put(
+        self, operation: str, request: PutRequest, query: str, headers: Sequence[tuple[str, str]]
+    ) -> dict[str, str]:
+        """Send one PUT of the request's body; the reply's headers (lower-case names)."""
+        what = request.what
+        endpoint = await self._endpoint(request.bucket)
+        signing = await self._signing_config(what, endpoint.region)
+        path = f"{endpoint.base_path}/{quote(request.key, safe='/~')}"
+        message = http.HttpRequest(
+            "PUT",
+            path + (f"?{query}" if query else ""),
+            http.HttpHeaders(
+                [("Host", endpoint.host), ("Content-Length", str(request.length)), *headers]
+            ),
+            request.stream(),
+        )
         reply: dict[str, str] = {}
+        outcome: list[tuple[Exception | None, int, bytes | None]] = []
+        finished = anyio.Event()
+        wake = _setter_for_any_thread(finished)
 
         def on_headers(status_code: int, headers: list[tuple[str, str]], **_: Any) -> None:
             if 200 <= status_code < 300:
                 reply.update((name.lower(), value) for name, value in headers)
-
-        def settle(outcome: tuple[Exception | None, int, bytes | None]) -> None:
-            if not finished.done():
-                finished.set_result(outcome)
 
         def on_done(
             error: Exception | None = None,
@@ -254,26 +290,27 @@ class CrtDataPlane:
             error_body: bytes | None = None,
             **_: Any,
         ) -> None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(settle, (error, status_code or 0, error_body))
+            outcome.append((error, status_code or 0, error_body))
+            wake()
 
         sent = self._client(endpoint.tls).make_request(
             type=s3.S3RequestType.DEFAULT,
             operation_name=operation,
-            request=request,
+            request=message,
             signing_config=signing,
             on_headers=on_headers,
             on_done=on_done,
         )
-        timeout = self._deadline(length)
+        timeout = self._deadline(request.length)
         try:
-            waited, _ = await asyncio.wait({finished}, timeout=timeout)
-            if not waited:
+            with anyio.move_on_after(timeout):
+                await finished.wait()
+            if not outcome:
                 raise RetryableError(f"{what}: no reply within {timeout:.0f} s; cancelled")
-            error, status, error_body = finished.result()
         except BaseException:
             sent.cancel()
             raise
+        error, status, error_body = outcome[0]
         if error is not None or not 200 <= status < 300:
             url = f"{'https' if endpoint.tls else 'http'}://{endpoint.host}"
             raise _failure(what, error, status, error_body, url)

@@ -1,11 +1,24 @@
 """S3's error replies, turned into cpg-daemon's error classes.
 
-One table for both data planes: botocore's exceptions (``store.translate_errors``)
+One table for both data planes: botocore's exceptions (``translate_errors``)
 and the CRT's replies (``crt._failure``) give a code, an HTTP status and a message,
 and ``classify`` says what the daemon does about it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cpg_daemon.core.errors import (
     CpgError,
@@ -73,3 +86,32 @@ def classify(what: str, code: str, status: int, message: str) -> CpgError:
     if code == "403" or status == 403:
         return SkipFileError(f"{what}: access denied (HTTP 403)")
     return RetryableError(text)
+
+
+def error_code(error: ClientError) -> str:
+    """The S3 error code of a botocore error reply ("NoSuchKey", "404", ...)."""
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _message(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Message", ""))
+
+
+@contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """Turn botocore exceptions into cpg-daemon error classes."""
+    try:
+        yield
+    except ClientError as exc:
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        raise classify(what, error_code(exc), status, _message(exc)) from None
+    except (NoCredentialsError, PartialCredentialsError) as exc:
+        raise CredentialsError(f"{what}: {exc}") from None
+    except EndpointConnectionError as exc:
+        raise RetryableError(f"{what}: cannot reach the S3 endpoint: {exc}") from None
+    except (BotoConnectionError, HTTPClientError) as exc:
+        raise RetryableError(f"{what}: the connection to the S3 endpoint failed: {exc}") from None
+    except BotoCoreError as exc:
+        raise RetryableError(f"{what}: {exc}") from None
+    except OSError as exc:
+        raise RetryableError(f"{what}: network error: {exc}") from None

@@ -1,51 +1,64 @@
-"""The object-store operations the uploader needs, as one adapter over aiobotocore.
+"""The object store: S3's control plane for one set of credentials, and its data plane.
 
-Every botocore error is translated here into a class from ``errors`` named for
-how to handle it, so nothing above this module looks at AWS error codes.
-Transient failures were already retried by botocore's ``standard`` retry mode
-before they reach us.
+HeadObject, listings, multipart create/complete/abort and ListParts go through the
+aiobotocore client; the requests that carry file bytes go through a data plane
+(``dataplane``), the CRT's or botocore's, as ``dataplane.route`` decides. Every error
+is translated into a class from ``core.errors`` named for how to handle it
+(``errors.translate_errors``), so nothing above this package looks at AWS error codes.
+Transient failures were already retried by botocore's ``standard`` retry mode (or
+the CRT's) before they reach us.
 """
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Literal
-from urllib.parse import quote, urlencode
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 import aioboto3
 import anyio.to_thread
 import structlog
 from aiobotocore.config import AioConfig
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    EndpointConnectionError,
-    HTTPClientError,
-    NoCredentialsError,
-    PartialCredentialsError,
-)
-from botocore.exceptions import (
-    ConnectionError as BotoConnectionError,
-)
+from botocore.exceptions import ClientError
 
 from cpg_daemon.core.checksums import ALGORITHMS, Algorithm
 from cpg_daemon.core.config import S3Config
-from cpg_daemon.core.errors import (
-    CredentialsError,
-    RetryableError,
-    UploadGoneError,
+from cpg_daemon.core.errors import CredentialsError, UploadGoneError
+from cpg_daemon.s3 import _botocore
+from cpg_daemon.s3.crt import CrtDataPlane
+from cpg_daemon.s3.dataplane import (
+    CRT_BODY_LIMIT,
+    Body,
+    BotocoreDataPlane,
+    DataPlane,
+    PartRequest,
+    PlaneName,
+    PutRequest,
+    body_length,
+    choose_data_plane,
+    proxy_for,
+    route,
 )
-from cpg_daemon.s3.crt import CrtDataPlane, proxy_for
-from cpg_daemon.s3.errors import classify
+from cpg_daemon.s3.errors import error_code as _code
+from cpg_daemon.s3.errors import translate_errors
+
+__all__ = [
+    "CRT_BODY_LIMIT",
+    "Body",
+    "ObjectStore",
+    "RemoteObject",
+    "RemotePart",
+    "Storage",
+    "choose_data_plane",
+    "client_config",
+    "translate_errors",
+    "unreferenced_endpoint_parameters",
+]
 
 log = structlog.get_logger("cpg_daemon.s3.store")
-
-Body = bytes | BinaryIO
-"""A request body: bytes, or a seekable binary stream (sent without a copy)."""
 
 
 @dataclass(frozen=True)
@@ -66,34 +79,6 @@ class RemotePart:
     etag: str
     size: int
     checksum: str | None
-
-
-def _code(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
-
-
-def _message(error: ClientError) -> str:
-    return str(error.response.get("Error", {}).get("Message", ""))
-
-
-@contextmanager
-def translate_errors(what: str) -> Iterator[None]:
-    """Turn botocore exceptions into cpg-daemon error classes."""
-    try:
-        yield
-    except ClientError as exc:
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        raise classify(what, _code(exc), status, _message(exc)) from None
-    except (NoCredentialsError, PartialCredentialsError) as exc:
-        raise CredentialsError(f"{what}: {exc}") from None
-    except EndpointConnectionError as exc:
-        raise RetryableError(f"{what}: cannot reach the S3 endpoint: {exc}") from None
-    except (BotoConnectionError, HTTPClientError) as exc:
-        raise RetryableError(f"{what}: the connection to the S3 endpoint failed: {exc}") from None
-    except BotoCoreError as exc:
-        raise RetryableError(f"{what}: {exc}") from None
-    except OSError as exc:
-        raise RetryableError(f"{what}: network error: {exc}") from None
 
 
 def client_config(s3: S3Config) -> AioConfig:
@@ -117,22 +102,18 @@ def client_config(s3: S3Config) -> AioConfig:
     )
 
 
-def _load_models(session: aioboto3.Session) -> None:
-    """Read botocore's S3 model files in a worker thread.
-
-    Creating a client reads and parses several JSON files synchronously (about
-    80 ms, far more on a busy machine), which would block the event loop; the
-    session's loader caches them, so the client built right after finds them
-    in memory. Best effort: it only moves work off the loop.
-    """
-    try:
-        loader = session._session.get_component("data_loader")
-    except AttributeError:  # pragma: no cover - a future aioboto3 without this attribute
-        return
-    for kind in ("service-2", "endpoint-rule-set-1", "paginators-1"):
-        loader.load_service_model("s3", kind)
-    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
-        loader.load_data(name)
+def _client_options(s3: S3Config) -> dict[str, Any]:
+    """``session.client("s3", ...)``'s arguments for our settings."""
+    options: dict[str, Any] = {
+        "region_name": s3.region,
+        "endpoint_url": s3.endpoint_url or None,
+        "config": client_config(s3),
+    }
+    if urlsplit(s3.endpoint_url).scheme == "http" and not proxy_for(s3.endpoint_url):
+        # No TLS anywhere on the way: without this, the client's first request loads
+        # the CA bundle into an SSL context it never uses (50 ms of CPU on the loop).
+        options["verify"] = False
+    return options
 
 
 PER_OBJECT_ENDPOINT_PARAMETERS = ("Key", "Prefix", "CopySource")
@@ -150,94 +131,89 @@ def unreferenced_endpoint_parameters(session: aioboto3.Session) -> tuple[str, ..
     can be left out: the cache then works per bucket. Checked on the rule set in
     use, so a future one that refers to them keeps them. Blocking: call in a thread.
     """
-    loader = session._session.get_component("data_loader")
-    ruleset = json.dumps(loader.load_service_model("s3", "endpoint-rule-set-1"))
+    ruleset = json.dumps(_botocore.s3_endpoint_ruleset(session))
     return tuple(
         name for name in PER_OBJECT_ENDPOINT_PARAMETERS if json.dumps({"ref": name}) not in ruleset
     )
 
 
-def _leave_out_endpoint_parameters(client: Any, names: tuple[str, ...]) -> None:
-    definitions = getattr(getattr(client, "_ruleset_resolver", None), "_param_definitions", None)
-    if isinstance(definitions, dict):  # botocore's own; nothing to do if that ever changes
-        for name in names:
-            definitions.pop(name, None)
+class Storage(Protocol):
+    """What the engine asks of an object store: ObjectStore, or tests' in-memory one.
 
+    Errors are cpg-daemon's classes (``core.errors``); tests/test_s3_contract.py holds
+    every implementation to the same behaviour.
+    """
 
-CRT_BODY_LIMIT = 4 * 1024 * 1024
-"""Bodies up to this size go through the CRT data plane; larger ones through botocore.
+    algorithm: Algorithm
 
-The CRT saves about 1 ms of CPU per request but copies each body into buffers
-of its own before sending, where botocore streams ours as it is. For whole
-files of a few MiB the saving wins (1000 x 2 MiB: 5.4 s of CPU against 6.9 s);
-for multipart parts (5 MiB and up) the copy wins, and it doubles the memory
-in flight (2 GiB in 16 MiB parts: CRT 4.5 s and 261 MiB RSS, botocore 3.5 s
-and 164 MiB). Measured with bench/compare.py's datasets on rclone serve s3.
-"""
+    @property
+    def data_plane(self) -> str: ...
 
+    async def head(self, bucket: str, key: str) -> RemoteObject | None: ...
 
-def _sized(body: Body) -> tuple[BinaryIO, int]:
-    """A request body as a stream, and the bytes from its position to its end."""
-    stream = io.BytesIO(body) if isinstance(body, bytes) else body
-    start = stream.tell()
-    end = stream.seek(0, io.SEEK_END)
-    stream.seek(start)
-    return stream, end - start
+    async def first_part_size(self, bucket: str, key: str) -> tuple[int, int] | None: ...
 
+    def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[RemoteObject]: ...
 
-def choose_data_plane(s3: S3Config) -> tuple[Literal["crt", "botocore"], str]:
-    """Who sends file bytes, and why (for the log)."""
-    if s3.data_plane != "auto":
-        return s3.data_plane, f"s3.data_plane = {s3.data_plane!r}"
-    proxy = proxy_for(s3.endpoint_url)
-    if proxy:
-        return "botocore", f"{proxy} is set and awscrt does not use proxies"
-    return "crt", "default"
+    async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str: ...
+
+    async def create_multipart_upload(self, bucket: str, key: str) -> str: ...
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, number: int, body: Body, checksum: str
+    ) -> str: ...
+
+    async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[RemotePart]: ...
+
+    async def complete_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: list[tuple[int, str, str]],
+        checksum: str,
+    ) -> str: ...
+
+    async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None: ...
+
+    async def delete_object(self, bucket: str, key: str) -> None: ...
 
 
 class ObjectStore:
-    """S3 operations for one set of credentials."""
+    """S3 operations for one set of credentials (a :class:`Storage`).
 
-    def __init__(self, client: Any, s3: S3Config, data_plane: CrtDataPlane | None = None) -> None:
+    ``data_plane`` is the CRT's plane when it sends small bodies (``connect`` makes
+    it), or None when botocore sends every body.
+    """
+
+    def __init__(self, client: Any, s3: S3Config, data_plane: DataPlane | None = None) -> None:
         self._client = client
         self._acl = s3.acl
+        self._botocore_plane: DataPlane = BotocoreDataPlane(client, s3)
         self._crt = data_plane
         self.algorithm: Algorithm = ALGORITHMS[s3.checksum]
 
     @classmethod
     @asynccontextmanager
     async def connect(cls, session: aioboto3.Session, s3: S3Config) -> AsyncIterator[ObjectStore]:
-        await anyio.to_thread.run_sync(_load_models, session)
-        unreferenced = await anyio.to_thread.run_sync(unreferenced_endpoint_parameters, session)
-        async with AsyncExitStack() as stack:
-            client = await stack.enter_async_context(
-                session.client(
-                    "s3",
-                    region_name=s3.region,
-                    endpoint_url=s3.endpoint_url or None,
-                    config=client_config(s3),
-                )
-            )
-            _leave_out_endpoint_parameters(client, unreferenced)
+        """A store with its own client. Model files, the client and the CRT client are
+        built in worker threads: their CPU stays off the event loop."""
+        async with _botocore.client(session, "s3", **_client_options(s3)) as client:
+            unreferenced = await anyio.to_thread.run_sync(unreferenced_endpoint_parameters, session)
+            _botocore.leave_out_endpoint_parameters(client, unreferenced)
             plane, reason = choose_data_plane(s3)
             crt = None
             if plane == "crt":
-                ca_bundle = session._session.get_config_variable("ca_bundle")
-                crt = CrtDataPlane(client, s3, ca_bundle)
+                crt = await CrtDataPlane.open(client, s3, _botocore.ca_bundle(session))
             log.info("data_plane", plane=plane, reason=reason)
             yield cls(client, s3, crt)
 
     @property
-    def data_plane(self) -> Literal["crt", "botocore"]:
+    def data_plane(self) -> PlaneName:
         return "botocore" if self._crt is None else "crt"
 
     def _acl_args(self) -> dict[str, str]:
         return {"ACL": self._acl} if self._acl else {}
-
-    def _checksum_args(self, value: str) -> dict[str, str]:
-        if not self.algorithm.enabled:
-            return {}
-        return {"ChecksumAlgorithm": self.algorithm.name, self.algorithm.request_field: value}
 
     async def head(self, bucket: str, key: str) -> RemoteObject | None:
         """The object's size, ETag and checksums, or None when there is no such object."""
@@ -300,31 +276,10 @@ class ObjectStore:
                         checksum_type=None,
                     )
 
-    def _checksum_headers(self, value: str) -> list[tuple[str, str]]:
-        if not self.algorithm.enabled:
-            return []
-        name = self.algorithm.name
-        return [("x-amz-checksum-" + name.lower(), value), ("x-amz-sdk-checksum-algorithm", name)]
-
     async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str:
         """One PutObject with the ACL and the checksum computed while reading. Returns the ETag."""
-        what = f"PutObject s3://{bucket}/{key}"
-        stream, length = _sized(body)
-        if self._crt is not None and length <= CRT_BODY_LIMIT:
-            headers = self._checksum_headers(checksum)
-            if self._acl:
-                headers.append(("x-amz-acl", self._acl))
-            reply = await self._crt.put(what, "PutObject", bucket, key, "", headers, stream, length)
-            return reply.get("etag", "")
-        with translate_errors(what):
-            reply = await self._client.put_object(
-                Bucket=bucket,
-                Key=key,
-                Body=body,
-                **self._acl_args(),
-                **self._checksum_args(checksum),
-            )
-        return str(reply.get("ETag", ""))
+        request = PutRequest(bucket, key, body, body_length(body), checksum)
+        return await route(request, self._botocore_plane, self._crt).put_object(request)
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
         args: dict[str, str] = {}
@@ -342,26 +297,9 @@ class ObjectStore:
     async def upload_part(
         self, bucket: str, key: str, upload_id: str, number: int, body: Body, checksum: str
     ) -> str:
-        what = f"UploadPart {number} of s3://{bucket}/{key}"
-        stream, length = _sized(body)
-        if self._crt is not None and length <= CRT_BODY_LIMIT:
-            query = urlencode({"partNumber": number, "uploadId": upload_id}, quote_via=quote)
-            headers = self._checksum_headers(checksum)
-            reply = await self._crt.put(
-                what, "UploadPart", bucket, key, query, headers, stream, length
-            )
-            return reply.get("etag", "")
-        args = {self.algorithm.request_field: checksum} if self.algorithm.enabled else {}
-        with translate_errors(what):
-            reply = await self._client.upload_part(
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=body,
-                **args,
-            )
-        return str(reply["ETag"])
+        """One UploadPart with the part's checksum. Returns the part's ETag."""
+        request = PartRequest(bucket, key, body, body_length(body), checksum, upload_id, number)
+        return await route(request, self._botocore_plane, self._crt).upload_part(request)
 
     async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[RemotePart]:
         """The parts the server holds for an upload; UploadGoneError when it is gone."""
@@ -423,3 +361,9 @@ class ObjectStore:
     async def delete_object(self, bucket: str, key: str) -> None:
         with translate_errors(f"DeleteObject s3://{bucket}/{key}"):
             await self._client.delete_object(Bucket=bucket, Key=key)
+
+
+if TYPE_CHECKING:
+
+    def _an_object_store_is_a_storage(store: ObjectStore) -> Storage:
+        return store  # mypy checks that the class keeps to the protocol
