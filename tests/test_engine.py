@@ -7,18 +7,26 @@ run for every change, and the place to test the runtime's assembly itself.
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from memory_s3 import MemoryStore
 from s3server import S3Server
 
+from cpg_daemon.core.clock import ManualClock
 from cpg_daemon.core.config import Config, DaemonConfig, S3Config, WatchConfig
-from cpg_daemon.core.errors import ConfigError
+from cpg_daemon.core.errors import ConfigError, RetryableError, ThrottledError
 from cpg_daemon.core.objectkeys import S3Location
+from cpg_daemon.engine.grants import Connect
 from cpg_daemon.engine.runtime import Engine
 from cpg_daemon.journal import FileRecord
+from cpg_daemon.s3.credentials import CredentialProvider
+from cpg_daemon.s3.store import Storage
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +98,55 @@ async def test_files_go_from_folder_to_s3_and_a_reload_adds_a_watch(
     body = s3_client.get_object(Bucket=bucket, Key="cpg0001-test/workspace/Batch1/c.csv")["Body"]
     assert body.read() == b"c" * 10
     assert images_grant.closed
+
+
+def _memory(store: MemoryStore) -> Connect:
+    @asynccontextmanager
+    async def connect(provider: CredentialProvider, s3: S3Config) -> AsyncIterator[Storage]:
+        yield store
+
+    return connect
+
+
+async def test_the_pipeline_on_an_in_memory_store_rides_out_slowdown_and_errors(
+    tmp_path: Path,
+) -> None:
+    """Every file arrives once, whole, although S3 throttles and fails requests."""
+    store = MemoryStore(buckets=("bkt",))
+    store.fail("PutObject", ThrottledError("SlowDown: Please reduce your request rate"), times=2)
+    store.fail("PutObject", RetryableError("InternalError"), times=1, key="p/w/B/f3")
+    folder = tmp_path / "w" / "B"
+    folder.mkdir(parents=True)
+    contents = {f"f{i}": os.urandom(100 + i) for i in range(6)}
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
+    config = Config(
+        path=None,
+        daemon=DaemonConfig(rescan_interval=3600.0),
+        s3=S3Config(max_concurrency=3),
+        watches=(WatchConfig("w", tmp_path / "w", S3Location("bkt", "p/w/"), settle=0.0),),
+    )
+    journal = tmp_path / "journal.sqlite3"
+    clock = ManualClock()  # the SlowDown pause and the retry's back-off pass in a blink
+    async with (
+        Engine.open(config, journal, connect=_memory(store), clock=clock) as engine,
+        anyio.create_task_group() as tg,
+    ):
+        await tg.start(engine.run)
+        await engine.start_watches()
+
+        async def time_passes() -> None:
+            while True:
+                clock.advance(0.5)
+                await anyio.sleep(0.005)
+
+        tg.start_soon(time_passes)
+        rows = await _until_uploaded(engine, "w", len(contents))
+        tg.cancel_scope.cancel()
+    # The error cost its file an attempt; being throttled costs none.
+    assert {r.rel_path: r.attempts for r in rows} == {
+        f"B/{name}": int(name == "f3") for name in contents
+    }
+    assert {name: store.object_bytes("bkt", f"p/w/B/{name}") for name in contents} == contents
+    puts = [c.key for c in store.calls if c.operation == "PutObject"]
+    assert len(puts) == len(contents) + 3  # two throttled, one failed, then each once

@@ -49,7 +49,7 @@ from cpg_daemon.engine.grants import Assignment, Grant, Grants, assign
 from cpg_daemon.ops import control, logs
 from cpg_daemon.ops import status as status_view
 from cpg_daemon.s3.credentials import ProfileMissingError, RenewingProvider
-from cpg_daemon.s3.store import ObjectStore
+from cpg_daemon.s3.store import Storage
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -334,7 +334,7 @@ async def _check_online(config: Config, assignment: Assignment) -> int:
     return problems
 
 
-async def _probe_write(store: ObjectStore, destination: S3Location) -> str | None:
+async def _probe_write(store: Storage, destination: S3Location) -> str | None:
     """Write and delete a zero-byte marker under the destination; the error, or None."""
     key = f"{destination.prefix}.cpg-daemon-check/{socket.gethostname()}-{int(time.time())}"
     try:

@@ -48,7 +48,7 @@ from cpg_daemon.core.objectkeys import object_key
 from cpg_daemon.engine.pacing import wait_event
 from cpg_daemon.journal import BatchProgress, BatchRecord, Journal
 
-log = structlog.get_logger("cpg_daemon.engine.batches")
+log = structlog.get_logger(__name__)
 
 SHELL = "/bin/sh"
 HOOK_TIMEOUT = 300.0

@@ -11,7 +11,12 @@ keys and clients here.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from dataclasses import dataclass
 
 import anyio
@@ -27,7 +32,7 @@ from cpg_daemon.s3.credentials import (
     build_providers,
     provider_for,
 )
-from cpg_daemon.s3.store import ObjectStore
+from cpg_daemon.s3.store import ObjectStore, Storage
 
 log = structlog.get_logger(__name__)
 
@@ -56,10 +61,21 @@ def assign(config: Config, running: Sequence[CredentialProvider] = ()) -> Assign
     return Assignment(tuple(providers), by_watch)
 
 
+Connect = Callable[[CredentialProvider, S3Config], AbstractAsyncContextManager[Storage]]
+"""Opens the S3 client of one grant (tests hand in an in-memory store)."""
+
+
+def connect_store(
+    provider: CredentialProvider, s3: S3Config
+) -> AbstractAsyncContextManager[Storage]:
+    """The real client: an ObjectStore on the provider's keys."""
+    return ObjectStore.connect(provider.session, s3)
+
+
 class Grant:
     """One entry's keys (``provider``) and the S3 client that uses them (``store``)."""
 
-    def __init__(self, provider: CredentialProvider, store: ObjectStore, stack: AsyncExitStack):
+    def __init__(self, provider: CredentialProvider, store: Storage, stack: AsyncExitStack):
         self.provider = provider
         self.store = store
         self._stack = stack
@@ -71,7 +87,7 @@ class Grant:
         self._closed = False
 
     @classmethod
-    def borrowed(cls, store: ObjectStore, provider: CredentialProvider | None = None) -> Grant:
+    def borrowed(cls, store: Storage, provider: CredentialProvider | None = None) -> Grant:
         """A grant around a client its caller opened and closes (tests, benchmarks).
 
         Without a provider: the standard chain's keys, which are never renewed.
@@ -80,9 +96,12 @@ class Grant:
         return cls(provider, store, AsyncExitStack())
 
     @classmethod
-    async def open(cls, provider: CredentialProvider, s3: S3Config) -> Grant:
+    async def open(
+        cls, provider: CredentialProvider, s3: S3Config, connect: Connect | None = None
+    ) -> Grant:
+        """A grant with a client of its own (``connect``: ObjectStore's, unless a test's)."""
         stack = AsyncExitStack()
-        store = await stack.enter_async_context(ObjectStore.connect(provider.session, s3))
+        store = await stack.enter_async_context((connect or connect_store)(provider, s3))
         return cls(provider, store, stack)
 
     @property
@@ -99,7 +118,7 @@ class Grant:
         return await self.provider.renew_now()
 
     @contextmanager
-    def lease(self) -> Iterator[ObjectStore]:
+    def lease(self) -> Iterator[Storage]:
         """Use the client for one file; a retired grant waits for every lease to end."""
         if self._leases == 0:
             self._unused = anyio.Event()
@@ -144,19 +163,20 @@ class Grant:
 class Grants:
     """Every grant of the running configuration, and the watch table built on them."""
 
-    def __init__(self, s3: S3Config) -> None:
+    def __init__(self, s3: S3Config, connect: Connect | None = None) -> None:
         self._s3 = s3
+        self._connect = connect
         self._grants: list[Grant] = []
         self._listeners: list[Callable[[], None]] = []
 
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: Config, assignment: Assignment | None = None
+        cls, config: Config, assignment: Assignment | None = None, connect: Connect | None = None
     ) -> AsyncIterator[Grants]:
         """Grants for ``config`` (a ``ConfigError`` first if a watch has none); closed after."""
         assignment = assignment or assign(config)
-        grants = cls(config.s3)
+        grants = cls(config.s3, connect)
         try:
             await grants.adopt(assignment)
             yield grants
@@ -188,7 +208,7 @@ class Grants:
         for provider in assignment.providers:
             grant = current.pop(provider, None)
             if grant is None:
-                grant = await Grant.open(provider, self._s3)
+                grant = await Grant.open(provider, self._s3, self._connect)
                 for callback in self._listeners:
                     provider.on_usable(callback)
             kept.append(grant)

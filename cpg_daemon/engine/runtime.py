@@ -24,17 +24,17 @@ from cpg_daemon.core.config import Config
 from cpg_daemon.core.errors import CpgError
 from cpg_daemon.discovery.watcher import Watcher, WatcherStatistics
 from cpg_daemon.engine.batches import BatchTracker
-from cpg_daemon.engine.grants import Grants, assign
+from cpg_daemon.engine.grants import Assignment, Connect, Grants, assign
 from cpg_daemon.engine.scheduler import Scheduler
 from cpg_daemon.engine.uploader import Uploader
 from cpg_daemon.engine.watches import ReloadPlan, WatchTable, plan_reload
 from cpg_daemon.journal import Journal
-from cpg_daemon.s3.store import ObjectStore
+from cpg_daemon.s3.store import Storage
 
 log = structlog.get_logger(__name__)
 
 
-async def remote_sizes(store: ObjectStore, bucket: str, prefix: str) -> dict[str, int]:
+async def remote_sizes(store: Storage, bucket: str, prefix: str) -> dict[str, int]:
     """Sizes of the objects already under a destination (to spot files uploaded before)."""
     return {obj.key: obj.size async for obj in store.list_objects(bucket, prefix)}
 
@@ -94,18 +94,29 @@ class Engine:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, config: Config, journal_path: Path, *, clock: Clock = SYSTEM_CLOCK
+        cls,
+        config: Config,
+        journal_path: Path,
+        *,
+        assignment: Assignment | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        connect: Connect | None = None,
     ) -> AsyncIterator[Engine]:
         """Open the journal (crash leftovers re-queued, failures given new attempts), the
-        grants and the pipeline; close them all on the way out."""
-        assignment = assign(config)  # a ConfigError here leaves the journal untouched
+        grants and the pipeline; close them all on the way out.
+
+        ``assignment``: ``assign(config)``, if the caller has it already; ``clock`` and
+        ``connect`` (each grant's S3 client) are for tests.
+        """
+        if assignment is None:  # a ConfigError here leaves the journal untouched
+            assignment = await anyio.to_thread.run_sync(assign, config)
         journal = await Journal.open(journal_path, clock)
         try:
             in_flight = await journal.reset_in_flight()
             # A restart is a person's way to say "try again": failed files get a new
             # round of attempts (names S3 cannot take stay failed).
             failed = await journal.retry_failed()
-            async with Grants.open(config, assignment) as grants:
+            async with Grants.open(config, assignment, connect) as grants:
                 yield cls(config, journal, grants, Resumed(in_flight, failed), clock=clock)
         finally:
             await journal.close()
@@ -174,7 +185,7 @@ class Engine:
             self._watch_group.start_soon(run)
 
     @staticmethod
-    async def _expect_remote(watcher: Watcher, store: ObjectStore, *, strict: bool) -> None:
+    async def _expect_remote(watcher: Watcher, store: Storage, *, strict: bool) -> None:
         """List the watch's destination for its first walk; ``strict``: a failure raises."""
         destination = watcher.watch.destination
         try:
@@ -225,7 +236,8 @@ class Engine:
         """
         assert self._task_group is not None, "Engine.run first"
         plan = plan_reload(self.config, new)
-        assignment = assign(plan.config, self.grants.providers)
+        # Reads profiles from disk and builds sessions: off the loop.
+        assignment = await anyio.to_thread.run_sync(assign, plan.config, self.grants.providers)
         dropped = await self.grants.adopt(assignment)
         for grant in dropped:
             self._task_group.start_soon(grant.retire)

@@ -35,9 +35,9 @@ from cpg_daemon.engine.pacing import SlowDownPacer, backoff, wait_event
 from cpg_daemon.engine.uploader import Uploader
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
 from cpg_daemon.journal import Failure, FileRecord, Journal
-from cpg_daemon.s3.store import ObjectStore
+from cpg_daemon.s3.store import Storage
 
-log = structlog.get_logger("cpg_daemon.engine.scheduler")
+log = structlog.get_logger(__name__)
 
 RECENT_ERRORS = 20
 CREDENTIALS_PREFIX = "credentials:"
@@ -332,7 +332,7 @@ class Scheduler:
 
     async def _retry_or_fail(
         self,
-        store: ObjectStore,
+        store: Storage,
         record: FileRecord,
         path: Path,
         error: str,
@@ -353,7 +353,7 @@ class Scheduler:
         self.wake()
 
     async def _changed(
-        self, store: ObjectStore, record: FileRecord, path: Path, watch: WatchConfig
+        self, store: Storage, record: FileRecord, path: Path, watch: WatchConfig
     ) -> None:
         try:
             now = await files.stat(path)

@@ -26,9 +26,9 @@ from cpg_daemon.core.errors import CpgError, FileChangedError, RetryableError, U
 from cpg_daemon.core.objectkeys import PartRange, choose_part_size, part_count, part_ranges
 from cpg_daemon.engine.pacing import Bandwidth, MemoryBudget
 from cpg_daemon.journal import FileRecord, Journal, PartRecord
-from cpg_daemon.s3.store import ObjectStore, RemoteObject
+from cpg_daemon.s3.store import RemoteObject, Storage
 
-log = structlog.get_logger("cpg_daemon.engine.uploader")
+log = structlog.get_logger(__name__)
 
 Outcome = Literal["uploaded", "already-present", "changed"]
 
@@ -116,7 +116,7 @@ class Uploader:
         self._bytes_sent += amount
         self._rate.add(amount)
 
-    async def upload(self, store: ObjectStore, record: FileRecord, path: Path) -> Outcome:
+    async def upload(self, store: Storage, record: FileRecord, path: Path) -> Outcome:
         """Upload one file. Raises an error class from ``errors`` when it cannot."""
         expected = files.FileStat(record.size, record.mtime_ns)
         plain = record.size < self._s3.multipart_threshold and record.upload_id is None
@@ -179,7 +179,7 @@ class Uploader:
         return None
 
     async def _single(
-        self, store: ObjectStore, record: FileRecord, path: Path, expected: files.FileStat
+        self, store: Storage, record: FileRecord, path: Path, expected: files.FileStat
     ) -> tuple[str, str]:
         held = await self._memory.acquire(record.size)
         try:
@@ -197,7 +197,7 @@ class Uploader:
         return etag, algorithm.object_checksum([PartDigest(digest, record.size)], multipart=False)
 
     async def _multipart(
-        self, store: ObjectStore, record: FileRecord, path: Path, expected: files.FileStat
+        self, store: Storage, record: FileRecord, path: Path, expected: files.FileStat
     ) -> tuple[str, str]:
         sent: dict[int, _SentPart] = {}
         upload_id: str | None = None
@@ -243,7 +243,7 @@ class Uploader:
             )
             return etag, checksum
 
-    async def _create(self, store: ObjectStore, record: FileRecord, part_size: int) -> str:
+    async def _create(self, store: Storage, record: FileRecord, part_size: int) -> str:
         with anyio.CancelScope(shield=True):
             # Shielded: once the upload exists it must reach the journal, or it
             # would be an orphan that nobody aborts.
@@ -255,7 +255,7 @@ class Uploader:
         return upload_id
 
     async def _completed_before(
-        self, store: ObjectStore, record: FileRecord, part_size: int
+        self, store: Storage, record: FileRecord, part_size: int
     ) -> tuple[str, str] | None:
         """(etag, checksum) when a vanished upload had in fact been completed.
 
@@ -281,7 +281,7 @@ class Uploader:
 
     async def _resume(
         self,
-        store: ObjectStore,
+        store: Storage,
         record: FileRecord,
         path: Path,
         expected: files.FileStat,
@@ -328,7 +328,7 @@ class Uploader:
 
     async def _send_parts(
         self,
-        store: ObjectStore,
+        store: Storage,
         record: FileRecord,
         path: Path,
         expected: files.FileStat,
@@ -377,7 +377,7 @@ class Uploader:
         if errors:
             raise _most_serious(errors)
 
-    async def abort(self, store: ObjectStore, record: FileRecord) -> None:
+    async def abort(self, store: Storage, record: FileRecord) -> None:
         """Abort the file's open multipart upload, if it has one, and forget it (shielded).
 
         The journal, not ``record``, says which upload is open: the record may

@@ -44,7 +44,7 @@ from cpg_daemon.core.objectkeys import PathFilter, object_key
 from cpg_daemon.core.units import format_size
 from cpg_daemon.discovery.scan import Seen, walk
 from cpg_daemon.journal import read_uploads
-from cpg_daemon.s3.store import ObjectStore, RemoteObject
+from cpg_daemon.s3.store import RemoteObject, Storage
 
 log = structlog.get_logger(__name__)
 
@@ -150,7 +150,7 @@ class Verifier:
     def __init__(
         self,
         watch: WatchConfig,
-        store: ObjectStore,
+        store: Storage,
         journal: Path | None,
         *,
         quick: bool = False,
@@ -296,7 +296,7 @@ def _with(base: Row, size: int, algorithm: str, local: str, remote: str, status:
 
 
 async def verify(
-    watches: Iterable[tuple[WatchConfig, ObjectStore]],
+    watches: Iterable[tuple[WatchConfig, Storage]],
     journal: Path | None,
     *,
     quick: bool = False,

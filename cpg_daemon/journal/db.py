@@ -34,7 +34,7 @@ from cpg_daemon.core.threads import Threads
 P = ParamSpec("P")
 T = TypeVar("T")
 
-log = structlog.get_logger("cpg_daemon.journal")
+log = structlog.get_logger(__name__)
 
 UNWRITABLE_RETRY = 5.0
 """Seconds between attempts to write a journal whose disk is full or failing."""

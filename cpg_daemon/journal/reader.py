@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-log = structlog.get_logger("cpg_daemon.journal")
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)

@@ -106,13 +106,15 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
-        assign(config)  # a configuration mistake stops us before anything is touched
+        # A configuration mistake stops us before anything is touched.
+        assignment = await anyio.to_thread.run_sync(assign, config)
         await anyio.to_thread.run_sync(
             prepare_socket_path, config.daemon.socket, config.daemon.socket_group
         )
         lock = await anyio.to_thread.run_sync(lock_state_dir, config.daemon.state_dir)
         try:
-            async with Engine.open(config, config.daemon.state_dir / JOURNAL_NAME) as engine:
+            journal = config.daemon.state_dir / JOURNAL_NAME
+            async with Engine.open(config, journal, assignment=assignment) as engine:
                 self._engine = engine
                 log.info(
                     "starting",

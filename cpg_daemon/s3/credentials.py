@@ -54,7 +54,7 @@ from cpg_daemon.core.errors import ConfigError, CpgError, CredentialsError
 from cpg_daemon.core.objectkeys import S3Location
 from cpg_daemon.s3 import _botocore
 
-log = structlog.get_logger("cpg_daemon.s3.credentials")
+log = structlog.get_logger(__name__)
 
 CredentialState = Literal["valid", "refreshing", "expired", "error"]
 CREDENTIALS_FILE_NAME = "aws-credentials"

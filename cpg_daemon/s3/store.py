@@ -58,7 +58,7 @@ __all__ = [
     "unreferenced_endpoint_parameters",
 ]
 
-log = structlog.get_logger("cpg_daemon.s3.store")
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
