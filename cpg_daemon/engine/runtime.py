@@ -66,6 +66,7 @@ class Engine:
         clock: Clock = SYSTEM_CLOCK,
     ):
         self.config = config
+        self._clock = clock
         self.journal = journal
         self.grants = grants
         self.resumed = resumed
@@ -169,6 +170,7 @@ class Engine:
             self.scheduler.wake,
             self.config.daemon.rescan_interval,
             on_rejected=self.scheduler.remember,
+            clock=self._clock,
         )
         scope = anyio.CancelScope()
         self._watchers[name] = _RunningWatch(watcher, scope)
@@ -206,7 +208,9 @@ class Engine:
     async def walk_once(self, name: str) -> None:
         """List a watch's destination, then walk its folder once (the one-shot upload)."""
         active = self.table[name]
-        watcher = Watcher(active.config, self.journal, lambda: None, rescan_interval=3600)
+        watcher = Watcher(
+            active.config, self.journal, lambda: None, rescan_interval=3600, clock=self._clock
+        )
         await self._expect_remote(watcher, active.grant.store, strict=True)
         await watcher.scan()
 
