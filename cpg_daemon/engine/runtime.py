@@ -61,6 +61,7 @@ class Engine:
         config: Config,
         journal: Journal,
         grants: Grants,
+        assignment: Assignment,
         resumed: Resumed,
         *,
         clock: Clock = SYSTEM_CLOCK,
@@ -70,7 +71,7 @@ class Engine:
         self.journal = journal
         self.grants = grants
         self.resumed = resumed
-        self.table: WatchTable = grants.table(config)
+        self.table: WatchTable = grants.table(config, assignment)
         self.uploader = Uploader(
             journal, config.s3, anyio.CapacityLimiter(config.s3.max_concurrency), clock=clock
         )
@@ -118,7 +119,8 @@ class Engine:
             # round of attempts (names S3 cannot take stay failed).
             failed = await journal.retry_failed()
             async with Grants.open(config, assignment, connect) as grants:
-                yield cls(config, journal, grants, Resumed(in_flight, failed), clock=clock)
+                resumed = Resumed(in_flight, failed)
+                yield cls(config, journal, grants, assignment, resumed, clock=clock)
         finally:
             await journal.close()
 
