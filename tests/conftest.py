@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gc
+import functools
 import logging
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import boto3  # type: ignore[import-untyped]
 import pytest
 from botocore.config import Config
+from loopguard import STEP_WALL_SECONDS, HarnessClient, LoopGuard
 from s3server import S3Server
 
 TEST_REGION = "us-east-1"
@@ -83,10 +83,16 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture
 def s3_client(s3_server: S3Server) -> Any:
-    """A synchronous boto3 S3 client pointed at the local server."""
+    """A synchronous boto3 S3 client pointed at the local server (harness work)."""
+    return HarnessClient(_sync_client(s3_server.endpoint_url))
+
+
+@functools.cache
+def _sync_client(endpoint_url: str) -> Any:
+    """One boto3 client per server: building one parses the S3 model (~0.1 s of CPU)."""
     return boto3.client(
         "s3",
-        endpoint_url=s3_server.endpoint_url,
+        endpoint_url=endpoint_url,
         region_name=TEST_REGION,
         aws_access_key_id=TEST_ACCESS_KEY_ID,
         aws_secret_access_key=TEST_SECRET_ACCESS_KEY,
@@ -120,20 +126,10 @@ def layout(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-SLOW_STEP_CPU_SECONDS = 0.25
-"""A step of the event loop that uses this much CPU is a blocking call on the loop."""
-SLOW_STEP_WALL_SECONDS = 1.0
-"""A step that takes this long, CPU or not (a blocking sleep or socket), is one too.
-
-CPU time is what tells a blocking call from a busy machine: on a loaded 2-core box
-a step that computes for 5 ms can take 0.4 s of wall time, waiting for a core.
-"""
-
-
 def _debug_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
     loop.set_debug(True)
-    loop.slow_callback_duration = SLOW_STEP_WALL_SECONDS
+    loop.slow_callback_duration = STEP_WALL_SECONDS
     return loop
 
 
@@ -145,48 +141,22 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 
 @pytest.fixture(autouse=True)
 def no_blocking_calls_on_the_loop(
-    request: pytest.FixtureRequest,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> Iterator[None]:
-    """Fail an async test in which one event-loop step blocked the loop.
+    """Fail an async test in which the daemon's code blocked the event loop.
 
-    Each step's CPU time on the loop's thread is measured (asyncio.Handle._run),
-    less the time Python's garbage collector ran in it;
-    asyncio's debug mode reports steps longer than SLOW_STEP_WALL_SECONDS in wall
-    time. SQLite, hashing and directory walks must run in worker threads instead.
+    Blocking I/O from cpg_daemon code, a step computing for more than STEP_CPU_SECONDS
+    and a step longer than STEP_WALL_SECONDS are reported (see loopguard.py).
+    SQLite, hashing and directory walks must run in worker threads instead.
     """
     if "anyio_backend" not in request.fixturenames:
         yield
         return
-    heavy: list[str] = []
-    original = asyncio.events.Handle._run
-    collecting = [0.0, 0.0]  # [CPU seconds in garbage collection, when the current one began]
-
-    def garbage_collection(phase: str, info: dict[str, int]) -> None:
-        # The collector runs inside whatever step allocates: its time is not the step's.
-        if phase == "start":
-            collecting[1] = time.thread_time()
-        else:
-            collecting[0] += time.thread_time() - collecting[1]
-
-    def measured(handle: asyncio.events.Handle) -> None:
-        started, collected = time.thread_time(), collecting[0]
-        try:
-            original(handle)
-        finally:
-            used = time.thread_time() - started - (collecting[0] - collected)
-            if used >= SLOW_STEP_CPU_SECONDS:
-                heavy.append(f"{handle!r} used {used:.3f} s of CPU")
-
-    monkeypatch.setattr(asyncio.events.Handle, "_run", measured)
-    gc.callbacks.append(garbage_collection)
+    guard = LoopGuard()
     caplog.set_level(logging.WARNING, logger="asyncio")
-    try:
+    with guard.watching():
         yield
-    finally:
-        gc.callbacks.remove(garbage_collection)
-    slow = heavy + [
+    slow = guard.found + [
         record.getMessage()
         for record in caplog.get_records("call")
         if record.name == "asyncio" and " took " in record.getMessage()

@@ -15,6 +15,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from loopguard import harness
+
 DEFAULT_TIMEOUT = 30.0
 
 DAEMON_LOGS: list[Path] = []
@@ -146,6 +148,7 @@ class Daemon:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
+@harness
 def write_file(path: Path, data: bytes) -> bytes:
     """Write a file (and its folders); returns the bytes, to compare with the object."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +167,7 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.1)
 
 
+@harness
 def journal_rows(state_dir: Path) -> list[dict[str, Any]]:
     """The journal's file rows, read with plain sqlite3 (what an operator could do)."""
     path = state_dir / "journal.sqlite3"
@@ -219,6 +223,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     return result
 
 
+@harness
 def object_bytes(s3_client: Any, bucket: str, key: str) -> bytes | None:
     """An object's bytes, or None when there is no such object."""
     try:
