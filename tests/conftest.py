@@ -32,11 +32,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_secret_in_any_output() -> Iterator[None]:
+def no_secret_in_any_output(request: pytest.FixtureRequest) -> Iterator[None]:
     """After the whole session: no test secret in any daemon log or command output.
 
     The long-term test key and every key and token the fake control plane minted
-    are looked for in everything the daemons and commands of every test wrote.
+    are looked for in everything the daemons and commands of every test wrote. With
+    pytest-xdist each worker scans what its own tests wrote, and hands its figures to
+    the controller for the summary.
     """
     yield
     from daemonproc import CLI_OUTPUT, DAEMON_LOGS
@@ -51,19 +53,36 @@ def no_secret_in_any_output() -> Iterator[None]:
     ]
     leaks = [(where, s[:6] + "...") for where, text in outputs for s in secrets if s in text]
     assert leaks == [], f"secrets in output: {leaks[:10]}"
-    _SUMMARY.append(
-        f"secret scan: {len(secrets)} secrets looked for in {len(DAEMON_LOGS)} daemon logs "
-        f"and {len(CLI_OUTPUT)} command outputs: none found"
-    )
+    figures = [len(MINTED_SECRETS), len(DAEMON_LOGS), len(CLI_OUTPUT)]
+    workeroutput = getattr(request.config, "workeroutput", None)
+    if workeroutput is None:
+        _SCANS.append(figures)
+    else:
+        workeroutput["secret_scan"] = figures
 
 
-_SUMMARY: list[str] = []
+_SCANS: list[list[int]] = []
+"""[minted secrets, daemon logs, command outputs] scanned, one entry per process."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """A pytest-xdist worker finished: keep its secret scan's figures."""
+    figures = getattr(node, "workeroutput", {}).get("secret_scan")
+    if figures is not None:
+        _SCANS.append(list(figures))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The secret scan's figures, after the session (its fixture has finished by then)."""
-    for line in _SUMMARY:
-        terminalreporter.write_line(line)
+    if not _SCANS:
+        return
+    minted, logs, outputs = (sum(column) for column in zip(*_SCANS, strict=True))
+    processes = f" (in {len(_SCANS)} test processes)" if len(_SCANS) > 1 else ""
+    terminalreporter.write_line(
+        f"secret scan: {1 + minted} secrets looked for in {logs} daemon logs "
+        f"and {outputs} command outputs{processes}: none found"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -102,6 +102,8 @@ class Daemon:
         self.config = config
         self.log_path = log_path
         DAEMON_LOGS.append(log_path)
+        self._events: list[dict[str, Any]] = []
+        self._parsed_bytes = 0
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "cpg_daemon", "run", "-c", str(config)],
@@ -110,14 +112,23 @@ class Daemon:
             env=os.environ.copy(),
         )
 
+    @harness
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        """The JSON events logged so far (the log is parsed on from where the last call
+        stopped: tests poll this, and a busy daemon's log grows to thousands of lines)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._parsed_bytes)
+            new = log.read()
+        complete = new[: new.rfind(b"\n") + 1]  # a line being written waits
+        self._parsed_bytes += len(complete)
+        for line in complete.decode("utf-8", errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:
                 continue
-        return out
+            if isinstance(event, dict):
+                self._events.append(event)
+        return list(self._events)
 
     def wait_for_event(self, name: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         return wait_until(
