@@ -1,7 +1,8 @@
 """A real, local S3-compatible server for tests: ``moto_server`` in a subprocess.
 
-The server listens on a free port on 127.0.0.1 and writes its werkzeug access log to a
-file, which :meth:`S3Server.requests` parses so tests can assert on the exact S3
+The server (started by the package's launcher, ``cpg_daemon.cli.localserver``) listens
+on a free port on 127.0.0.1 and writes its werkzeug access log to a file, which
+:meth:`S3Server.requests` parses so tests can assert on the exact S3
 requests a client made (e.g. how many UploadPart calls a resumed upload issued).
 
 Only path-style addressing is supported (the first path segment is the bucket); the
@@ -11,27 +12,18 @@ read a bucket name out of the Host header.
 
 from __future__ import annotations
 
-import contextlib
-import http.client
-import os
 import re
-import socket
 import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import parse_qsl, unquote
 
 from loopguard import harness
 
-__all__ = ["Request", "S3Server", "S3ServerError", "parse_log_line"]
+from cpg_daemon.cli.localserver import LocalS3Server, LocalServerError
 
-HOST = "127.0.0.1"
-DEFAULT_START_TIMEOUT = 20.0
-DEFAULT_STOP_TIMEOUT = 10.0
+__all__ = ["Request", "S3Server", "S3ServerError", "parse_log_line"]
 
 # CSI escape sequences (colours, bold, reset) that werkzeug may wrap around the
 # request line.
@@ -46,8 +38,8 @@ _LINE_RE = re.compile(
 )
 
 
-class S3ServerError(RuntimeError):
-    """The moto server could not be started."""
+S3ServerError = LocalServerError
+"""The moto server could not be started."""
 
 
 @dataclass(frozen=True)
@@ -85,154 +77,16 @@ def parse_log_line(line: str) -> Request | None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _answers_http(port: int) -> bool:
-    conn = http.client.HTTPConnection(HOST, port, timeout=2.0)
-    try:
-        conn.request("GET", "/moto-api/")
-        conn.getresponse().read()
-    except (OSError, http.client.HTTPException):
-        return False
-    finally:
-        conn.close()
-    return True
-
-
-class S3Server:
-    """A ``moto_server`` subprocess bound to 127.0.0.1 on a free port."""
+class S3Server(LocalS3Server):
+    """The package's local moto server, with its access log read as S3 requests."""
 
     def __init__(self, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-        self._process = process
-        self.port = port
-        self.endpoint_url = f"http://{HOST}:{port}"
-        self.log_path = log_path
+        super().__init__(process, port, log_path)
         self._parsing = threading.Lock()
         self._parsed: list[Request] = []
         self._parsed_bytes = 0
 
-    # -- lifecycle ---------------------------------------------------------------------
-
-    @classmethod
-    def start(
-        cls,
-        log_dir: Path,
-        *,
-        timeout: float = DEFAULT_START_TIMEOUT,
-        attempts: int = 3,
-    ) -> S3Server:
-        """Start a server, logging to a file in ``log_dir``; wait until it answers HTTP.
-
-        Retries on a fresh port if the process exits early (e.g. the port was taken
-        between choosing it and binding it). Raises :class:`S3ServerError` with the log
-        tail if the server does not come up.
-        """
-        log_dir.mkdir(parents=True, exist_ok=True)
-        last_error: S3ServerError | None = None
-        for attempt in range(1, attempts + 1):
-            port = _free_port()
-            log_path = log_dir / f"moto_server-{port}-{attempt}.log"
-            server = cls._spawn(port, log_path)
-            try:
-                server._wait_ready(timeout)
-            except S3ServerError as exc:
-                exited = not server.running
-                server.stop()
-                last_error = exc
-                if not exited:
-                    break  # it neither answered nor exited: retrying will not help
-                continue
-            except BaseException:
-                server.stop()
-                raise
-            return server
-        assert last_error is not None
-        raise last_error
-
-    @classmethod
-    def _spawn(cls, port: int, log_path: Path) -> S3Server:
-        env = dict(os.environ)
-        env.update(
-            S3_IGNORE_SUBDOMAIN_BUCKETNAME="true",
-            PYTHONUNBUFFERED="1",
-            PYTHONIOENCODING="utf-8",
-            # Keep the server from reaching real AWS or a user's configuration.
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing-secret",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-            env.pop(name, None)
-        cmd = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)]
-        with open(log_path, "wb") as log_file:
-            # The child keeps its own copy of the descriptor; ours is closed on exit.
-            process = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        return cls(process, port, log_path)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._process.poll() is not None:
-                raise S3ServerError(
-                    f"moto_server exited with status {self._process.returncode} before "
-                    f"answering on port {self.port}; log tail:\n{self.log_tail()}"
-                )
-            if _answers_http(self.port):
-                return
-            if time.monotonic() >= deadline:
-                raise S3ServerError(
-                    f"moto_server did not answer on port {self.port} within {timeout:g} s; "
-                    f"log tail:\n{self.log_tail()}"
-                )
-            time.sleep(0.1)
-
-    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
-        """Terminate the server (kill it if it does not exit within ``timeout``)."""
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        else:
-            self._process.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._process.poll() is None
-
-    def __enter__(self) -> S3Server:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- the access log ----------------------------------------------------------------
-
-    def log_text(self) -> str:
-        with contextlib.suppress(FileNotFoundError):
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     @harness
     def requests(self, since: int = 0) -> list[Request]:
