@@ -112,6 +112,19 @@ class Daemon:
             env=os.environ.copy(),
         )
 
+    @classmethod
+    def started(
+        cls, config: Path, log_path: Path, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> Daemon:
+        """A daemon that has logged ``running`` (killed if it does not get there)."""
+        daemon = cls(config, log_path)
+        try:
+            daemon.wait_for_event("running", timeout)
+        except BaseException:
+            daemon.kill()
+            raise
+        return daemon
+
     @harness
     def events(self) -> list[dict[str, Any]]:
         """The JSON events logged so far (the log is parsed on from where the last call
@@ -160,10 +173,17 @@ class Daemon:
 
 
 @harness
-def write_file(path: Path, data: bytes) -> bytes:
-    """Write a file (and its folders); returns the bytes, to compare with the object."""
+def write_file(path: Path, data: bytes, *, age: float = 0.0) -> bytes:
+    """Write a file (and its folders); returns the bytes, to compare with the object.
+
+    ``age``: seconds into the past its mtime is set, for a file that has settled
+    already (a later rewrite then always gets a different mtime).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+    if age:
+        then = time.time() - age
+        os.utime(path, (then, then))
     return data
 
 
@@ -232,6 +252,25 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     )
     CLI_OUTPUT.append((" ".join(args), result.stdout + result.stderr))
     return result
+
+
+def status_json(config: Path) -> dict[str, Any]:
+    """``cpg-daemon status --json -c CONFIG``, as a script would run it (it must succeed)."""
+    result = run_cli("status", "--json", "-c", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
+
+
+def wait_object(
+    s3_client: Any, bucket: str, key: str, expected: bytes, timeout: float = DEFAULT_TIMEOUT
+) -> None:
+    """Wait until s3://bucket/key holds ``expected``."""
+    wait_until(
+        lambda: object_bytes(s3_client, bucket, key) == expected,
+        timeout,
+        f"s3://{bucket}/{key} to hold the file's bytes",
+    )
 
 
 @harness
