@@ -39,7 +39,13 @@ from typing import Any, ParamSpec, TypeVar
 from blockbuster import BlockBuster, BlockingError
 
 STEP_CPU_SECONDS = 0.25
-"""A loop step that computes this long is a blocking call (the daemon's steps use < 0.07 s)."""
+"""A loop step that computes this long is a blocking call.
+
+Measured in this suite: the daemon's own steps use at most 0.045 s (a botocore request
+built and signed on the loop), the tests' own at most 0.1 s (random payloads); thread
+CPU time of a fixed computation varied by 15 % between an idle machine and one with a
+core kept busy, while its wall time varied tenfold.
+"""
 STEP_WALL_SECONDS = 5.0
 """A step that takes this long in wall time is blocked, however loaded the machine."""
 
