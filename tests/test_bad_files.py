@@ -141,7 +141,8 @@ def test_10000_small_files_at_once_are_all_uploaded_once(
         )
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-3000:]
-    assert written < 5, f"writing the files took {written:.1f} s: not a burst"
+    # About 0.5 s alone; beside other tests on 2 busy cores it took more than 5 s.
+    assert written < 15, f"writing the files took {written:.1f} s: not a burst"
     assert _states(layout["state"]) == {"uploaded": count}
     objects = _all_objects(s3_client, bucket)
     assert set(objects) == {PREFIX + rel for rel in contents}
