@@ -181,3 +181,14 @@ def no_blocking_calls_on_the_loop(
         if record.name == "asyncio" and " took " in record.getMessage()
     ]
     assert not slow, f"blocking calls on the event loop: {slow}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests given a longer timeout start first (the longest first), so that with
+    pytest-xdist none of them starts last and holds up the end of the run alone."""
+
+    def allowed(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("timeout")
+        return -float(marker.args[0]) if marker and marker.args else 0.0
+
+    items.sort(key=allowed)  # stable: the rest keep their order
