@@ -19,18 +19,19 @@ import hashlib
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
+
+if TYPE_CHECKING:
+    from cpg_daemon.cli.localserver import LocalS3Server
 
 HERE = Path(__file__).resolve().parent
 MiB = 1024 * 1024
@@ -72,30 +73,11 @@ def make_dataset(root: Path, files: int, file_size: int, large: int, large_size:
     return data
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def start_moto(log_dir: Path) -> LocalS3Server:
+    sys.path.insert(0, str(HERE.parent))
+    from cpg_daemon.cli.localserver import LocalS3Server
 
-
-def start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = dict(os.environ, S3_IGNORE_SUBDOMAIN_BUCKETNAME="true")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-            return process, url
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("moto server did not start")
+    return LocalS3Server.start(log_dir)
 
 
 def run_upload(
@@ -178,16 +160,17 @@ def main() -> int:
     total_bytes = args.files * file_size + args.large * large_size
     total_files = args.files + args.large
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
-    server, endpoint = start_moto(args.out / "moto.log")
+    server = start_moto(args.out / "moto")
     try:
+        endpoint = server.endpoint_url
         client = s3_client(endpoint)
         runs = []
         bucket = ""
         for _ in range(args.runs):
             if bucket:  # free the server's memory before the next run (untimed)
-                server.terminate()
-                server.wait()
-                server, endpoint = start_moto(args.out / "moto.log")
+                server.stop()
+                server = start_moto(args.out / "moto")
+                endpoint = server.endpoint_url
                 client = s3_client(endpoint)
             bucket = f"bench-{uuid.uuid4().hex[:10]}"
             client.create_bucket(Bucket=bucket)
@@ -195,8 +178,7 @@ def main() -> int:
             runs.append(run_upload(data, bucket, endpoint, state, args.upload_args))
         identical = verify(client, bucket, data)
     finally:
-        server.terminate()
-        server.wait()
+        server.stop()
     wall = statistics.median(r["wall_s"] for r in runs)
     result = {
         "files": total_files,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gc
+import functools
 import logging
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import boto3  # type: ignore[import-untyped]
 import pytest
 from botocore.config import Config
+from loopguard import STEP_WALL_SECONDS, HarnessClient, LoopGuard
 from s3server import S3Server
 
 TEST_REGION = "us-east-1"
@@ -32,11 +32,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_secret_in_any_output() -> Iterator[None]:
+def no_secret_in_any_output(request: pytest.FixtureRequest) -> Iterator[None]:
     """After the whole session: no test secret in any daemon log or command output.
 
     The long-term test key and every key and token the fake control plane minted
-    are looked for in everything the daemons and commands of every test wrote.
+    are looked for in everything the daemons and commands of every test wrote. With
+    pytest-xdist each worker scans what its own tests wrote, and hands its figures to
+    the controller for the summary.
     """
     yield
     from daemonproc import CLI_OUTPUT, DAEMON_LOGS
@@ -51,19 +53,36 @@ def no_secret_in_any_output() -> Iterator[None]:
     ]
     leaks = [(where, s[:6] + "...") for where, text in outputs for s in secrets if s in text]
     assert leaks == [], f"secrets in output: {leaks[:10]}"
-    _SUMMARY.append(
-        f"secret scan: {len(secrets)} secrets looked for in {len(DAEMON_LOGS)} daemon logs "
-        f"and {len(CLI_OUTPUT)} command outputs: none found"
-    )
+    figures = [len(MINTED_SECRETS), len(DAEMON_LOGS), len(CLI_OUTPUT)]
+    workeroutput = getattr(request.config, "workeroutput", None)
+    if workeroutput is None:
+        _SCANS.append(figures)
+    else:
+        workeroutput["secret_scan"] = figures
 
 
-_SUMMARY: list[str] = []
+_SCANS: list[list[int]] = []
+"""[minted secrets, daemon logs, command outputs] scanned, one entry per process."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """A pytest-xdist worker finished: keep its secret scan's figures."""
+    figures = getattr(node, "workeroutput", {}).get("secret_scan")
+    if figures is not None:
+        _SCANS.append(list(figures))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """The secret scan's figures, after the session (its fixture has finished by then)."""
-    for line in _SUMMARY:
-        terminalreporter.write_line(line)
+    if not _SCANS:
+        return
+    minted, logs, outputs = (sum(column) for column in zip(*_SCANS, strict=True))
+    processes = f" (in {len(_SCANS)} test processes)" if len(_SCANS) > 1 else ""
+    terminalreporter.write_line(
+        f"secret scan: {1 + minted} secrets looked for in {logs} daemon logs "
+        f"and {outputs} command outputs{processes}: none found"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -83,10 +102,16 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.fixture
 def s3_client(s3_server: S3Server) -> Any:
-    """A synchronous boto3 S3 client pointed at the local server."""
+    """A synchronous boto3 S3 client pointed at the local server (harness work)."""
+    return HarnessClient(_sync_client(s3_server.endpoint_url))
+
+
+@functools.cache
+def _sync_client(endpoint_url: str) -> Any:
+    """One boto3 client per server: building one parses the S3 model (~0.1 s of CPU)."""
     return boto3.client(
         "s3",
-        endpoint_url=s3_server.endpoint_url,
+        endpoint_url=endpoint_url,
         region_name=TEST_REGION,
         aws_access_key_id=TEST_ACCESS_KEY_ID,
         aws_secret_access_key=TEST_SECRET_ACCESS_KEY,
@@ -120,20 +145,10 @@ def layout(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-SLOW_STEP_CPU_SECONDS = 0.25
-"""A step of the event loop that uses this much CPU is a blocking call on the loop."""
-SLOW_STEP_WALL_SECONDS = 1.0
-"""A step that takes this long, CPU or not (a blocking sleep or socket), is one too.
-
-CPU time is what tells a blocking call from a busy machine: on a loaded 2-core box
-a step that computes for 5 ms can take 0.4 s of wall time, waiting for a core.
-"""
-
-
 def _debug_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
     loop.set_debug(True)
-    loop.slow_callback_duration = SLOW_STEP_WALL_SECONDS
+    loop.slow_callback_duration = STEP_WALL_SECONDS
     return loop
 
 
@@ -145,50 +160,35 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 
 @pytest.fixture(autouse=True)
 def no_blocking_calls_on_the_loop(
-    request: pytest.FixtureRequest,
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> Iterator[None]:
-    """Fail an async test in which one event-loop step blocked the loop.
+    """Fail an async test in which the daemon's code blocked the event loop.
 
-    Each step's CPU time on the loop's thread is measured (asyncio.Handle._run),
-    less the time Python's garbage collector ran in it;
-    asyncio's debug mode reports steps longer than SLOW_STEP_WALL_SECONDS in wall
-    time. SQLite, hashing and directory walks must run in worker threads instead.
+    Blocking I/O from cpg_daemon code, a step computing for more than STEP_CPU_SECONDS
+    and a step longer than STEP_WALL_SECONDS are reported (see loopguard.py).
+    SQLite, hashing and directory walks must run in worker threads instead.
     """
     if "anyio_backend" not in request.fixturenames:
         yield
         return
-    heavy: list[str] = []
-    original = asyncio.events.Handle._run
-    collecting = [0.0, 0.0]  # [CPU seconds in garbage collection, when the current one began]
-
-    def garbage_collection(phase: str, info: dict[str, int]) -> None:
-        # The collector runs inside whatever step allocates: its time is not the step's.
-        if phase == "start":
-            collecting[1] = time.thread_time()
-        else:
-            collecting[0] += time.thread_time() - collecting[1]
-
-    def measured(handle: asyncio.events.Handle) -> None:
-        started, collected = time.thread_time(), collecting[0]
-        try:
-            original(handle)
-        finally:
-            used = time.thread_time() - started - (collecting[0] - collected)
-            if used >= SLOW_STEP_CPU_SECONDS:
-                heavy.append(f"{handle!r} used {used:.3f} s of CPU")
-
-    monkeypatch.setattr(asyncio.events.Handle, "_run", measured)
-    gc.callbacks.append(garbage_collection)
+    guard = LoopGuard()
     caplog.set_level(logging.WARNING, logger="asyncio")
-    try:
+    with guard.watching():
         yield
-    finally:
-        gc.callbacks.remove(garbage_collection)
-    slow = heavy + [
+    slow = guard.found + [
         record.getMessage()
         for record in caplog.get_records("call")
         if record.name == "asyncio" and " took " in record.getMessage()
     ]
     assert not slow, f"blocking calls on the event loop: {slow}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests given a longer timeout start first (the longest first), so that with
+    pytest-xdist none of them starts last and holds up the end of the run alone."""
+
+    def allowed(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("timeout")
+        return -float(marker.args[0]) if marker and marker.args else 0.0
+
+    items.sort(key=allowed)  # stable: the rest keep their order

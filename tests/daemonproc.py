@@ -15,6 +15,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from loopguard import harness
+
 DEFAULT_TIMEOUT = 30.0
 
 DAEMON_LOGS: list[Path] = []
@@ -100,6 +102,8 @@ class Daemon:
         self.config = config
         self.log_path = log_path
         DAEMON_LOGS.append(log_path)
+        self._events: list[dict[str, Any]] = []
+        self._parsed_bytes = 0
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "cpg_daemon", "run", "-c", str(config)],
@@ -108,14 +112,36 @@ class Daemon:
             env=os.environ.copy(),
         )
 
+    @classmethod
+    def started(
+        cls, config: Path, log_path: Path, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> Daemon:
+        """A daemon that has logged ``running`` (killed if it does not get there)."""
+        daemon = cls(config, log_path)
+        try:
+            daemon.wait_for_event("running", timeout)
+        except BaseException:
+            daemon.kill()
+            raise
+        return daemon
+
+    @harness
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        """The JSON events logged so far (the log is parsed on from where the last call
+        stopped: tests poll this, and a busy daemon's log grows to thousands of lines)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._parsed_bytes)
+            new = log.read()
+        complete = new[: new.rfind(b"\n") + 1]  # a line being written waits
+        self._parsed_bytes += len(complete)
+        for line in complete.decode("utf-8", errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
+                event = json.loads(line)
             except json.JSONDecodeError:
                 continue
-        return out
+            if isinstance(event, dict):
+                self._events.append(event)
+        return list(self._events)
 
     def wait_for_event(self, name: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
         return wait_until(
@@ -146,10 +172,18 @@ class Daemon:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
 
-def write_file(path: Path, data: bytes) -> bytes:
-    """Write a file (and its folders); returns the bytes, to compare with the object."""
+@harness
+def write_file(path: Path, data: bytes, *, age: float = 0.0) -> bytes:
+    """Write a file (and its folders); returns the bytes, to compare with the object.
+
+    ``age``: seconds into the past its mtime is set, for a file that has settled
+    already (a later rewrite then always gets a different mtime).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+    if age:
+        then = time.time() - age
+        os.utime(path, (then, then))
     return data
 
 
@@ -164,6 +198,7 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.1)
 
 
+@harness
 def journal_rows(state_dir: Path) -> list[dict[str, Any]]:
     """The journal's file rows, read with plain sqlite3 (what an operator could do)."""
     path = state_dir / "journal.sqlite3"
@@ -219,6 +254,26 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     return result
 
 
+def status_json(config: Path) -> dict[str, Any]:
+    """``cpg-daemon status --json -c CONFIG``, as a script would run it (it must succeed)."""
+    result = run_cli("status", "--json", "-c", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
+
+
+def wait_object(
+    s3_client: Any, bucket: str, key: str, expected: bytes, timeout: float = DEFAULT_TIMEOUT
+) -> None:
+    """Wait until s3://bucket/key holds ``expected``."""
+    wait_until(
+        lambda: object_bytes(s3_client, bucket, key) == expected,
+        timeout,
+        f"s3://{bucket}/{key} to hold the file's bytes",
+    )
+
+
+@harness
 def object_bytes(s3_client: Any, bucket: str, key: str) -> bytes | None:
     """An object's bytes, or None when there is no such object."""
     try:

@@ -7,7 +7,6 @@ real kernel limit (in a user namespace of the daemon's own).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -28,6 +27,7 @@ from daemonproc import (
     object_bytes,
     one_watch_config,
     run_cli,
+    status_json,
     wait_until,
     write_file,
 )
@@ -46,12 +46,6 @@ def _config(tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, bucket
         settle="0.3s",
         daemon={"log_level": "info"},
     )
-
-
-def _status(config: Path) -> dict[str, Any]:
-    result = run_cli("status", "--json", "-c", str(config))
-    assert result.returncode == 0, result.stderr
-    return dict(json.loads(result.stdout))
 
 
 def _all_uploaded(
@@ -144,7 +138,7 @@ def test_state_dir_full_stops_new_work_and_recovers_without_corruption(
             time.sleep(1.0)
         event = daemon.wait_for_event("journal_unwritable")
         assert str(small_state_dir) in event["hint"]
-        status = _status(config)
+        status = status_json(config)
         assert status["journal"]["writable"] is False
         assert "full" in status["journal"]["error"]
         assert daemon.process.poll() is None, "the daemon must not exit while the disk is full"
@@ -156,7 +150,7 @@ def test_state_dir_full_stops_new_work_and_recovers_without_corruption(
             90,
             f"all {len(expected)} files uploaded once space returned",
         )
-        assert _status(config)["journal"]["writable"] is True
+        assert status_json(config)["journal"]["writable"] is True
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-3000:]
     assert _integrity(small_state_dir / "journal.sqlite3") == "ok"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -34,7 +33,10 @@ from daemonproc import (
     object_bytes,
     one_watch_config,
     run_cli,
+    status_json,
+    wait_object,
     wait_until,
+    write_file,
 )
 from s3server import S3Server
 
@@ -63,42 +65,6 @@ def _config(
         s3=s3,
         daemon=daemon,
     )
-
-
-def _start(config: Path, log: Path) -> Daemon:
-    daemon = Daemon(config, log)
-    try:
-        daemon.wait_for_event("running")
-    except BaseException:
-        daemon.kill()
-        raise
-    return daemon
-
-
-def _write_old(path: Path, data: bytes) -> bytes:
-    """Write a file (and its folders) with an mtime an hour old: settled at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    os.utime(path, (time.time() - 3600, time.time() - 3600))
-    return data
-
-
-def _wait_object(
-    s3_client: Any, bucket: str, key: str, expected: bytes, timeout: float = 30
-) -> None:
-    wait_until(
-        lambda: object_bytes(s3_client, bucket, key) == expected,
-        timeout,
-        f"s3://{bucket}/{key} to hold the file's bytes",
-    )
-
-
-def _status(config: Path) -> dict[str, Any]:
-    """``cpg-daemon status --json``, as a script would run it."""
-    result = run_cli("status", "--json", "-c", str(config))
-    assert result.returncode == 0, result
-    status: dict[str, Any] = json.loads(result.stdout)
-    return status
 
 
 def _rows_by_path(state_dir: Path) -> dict[bytes, dict[str, Any]]:
@@ -148,12 +114,13 @@ def _all_objects(s3_client: Any, bucket: str) -> dict[str, dict[str, Any]]:
 # -- a burst of small files ---------------------------------------------------------------
 
 
+@pytest.mark.timeout(420)  # the wait below may take 300 s on a loaded machine
 def test_10000_small_files_at_once_are_all_uploaded_once(
     tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
 ) -> None:
     count = 10_000
     config = _config(tmp_path, layout, s3_server, bucket, settle="1s")
-    daemon = _start(config, tmp_path / "burst.log")
+    daemon = Daemon.started(config, tmp_path / "burst.log")
     mark = s3_server.mark()
     try:
         began = time.monotonic()
@@ -169,12 +136,13 @@ def test_10000_small_files_at_once_are_all_uploaded_once(
         written = time.monotonic() - began
         wait_until(
             lambda: _states(layout["state"]).get("uploaded") == count,
-            120,
+            300,  # how long a loaded machine may take, not what is asserted
             f"{count} uploaded rows",
         )
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-3000:]
-    assert written < 5, f"writing the files took {written:.1f} s: not a burst"
+    # About 0.5 s alone; beside other tests on 2 busy cores it took more than 5 s.
+    assert written < 15, f"writing the files took {written:.1f} s: not a burst"
     assert _states(layout["state"]) == {"uploaded": count}
     objects = _all_objects(s3_client, bucket)
     assert set(objects) == {PREFIX + rel for rel in contents}
@@ -226,8 +194,8 @@ def test_unreadable_file_fails_with_its_reason_others_go_on_and_retry_sends_it(
     watch = open_layout["watch"]
     config = _config(open_layout["top"], open_layout, s3_server, bucket, settle="0.5s")
     config.chmod(0o644)
-    readable = _write_old(watch / "plate" / "ok.csv", b"ok\n")
-    locked_data = _write_old(watch / "plate" / "locked.csv", b"locked,data\n")
+    readable = write_file(watch / "plate" / "ok.csv", b"ok\n", age=3600)
+    locked_data = write_file(watch / "plate" / "locked.csv", b"locked,data\n", age=3600)
     (watch / "plate").chmod(0o755)
     locked = watch / "plate" / "locked.csv"
     locked.chmod(0)
@@ -238,7 +206,7 @@ def test_unreadable_file_fails_with_its_reason_others_go_on_and_retry_sends_it(
         daemon.wait_for_event("running")
         if wrapper:  # not dumpable: no core dump of its keys, /proc/PID/environ root's only
             assert os.stat(f"/proc/{daemon.process.pid}/environ").st_uid == 0
-        _wait_object(s3_client, bucket, PREFIX + "plate/ok.csv", readable)
+        wait_object(s3_client, bucket, PREFIX + "plate/ok.csv", readable)
         [row] = wait_until(
             lambda: [r for r in journal_rows(open_layout["state"]) if r["state"] == "failed"],
             30,
@@ -246,22 +214,22 @@ def test_unreadable_file_fails_with_its_reason_others_go_on_and_retry_sends_it(
         )
         assert row["rel_path"] == b"plate/locked.csv"
         assert "permission denied" in row["last_error"].lower(), row
-        status = _status(config)
+        status = status_json(config)
         assert status["files"]["failed"] == 1, status
         [error] = status["recent_errors"]
         assert error["path"] == str(locked) and error["key"] == PREFIX + "plate/locked.csv"
         assert "permission denied" in error["error"].lower(), error
         assert object_bytes(s3_client, bucket, PREFIX + "plate/locked.csv") is None
         # Files that come later still go.
-        later = _write_old(watch / "plate" / "later.csv", b"later\n")
-        _wait_object(s3_client, bucket, PREFIX + "plate/later.csv", later)
+        later = write_file(watch / "plate" / "later.csv", b"later\n", age=3600)
+        wait_object(s3_client, bucket, PREFIX + "plate/later.csv", later)
 
         locked.chmod(0o644)
         retried = run_cli("retry", "-c", str(config))
         assert retried.returncode == 0, retried
         assert retried.stdout.strip() == "1 failed files queued again (plates)"
-        _wait_object(s3_client, bucket, PREFIX + "plate/locked.csv", locked_data)
-        status = _status(config)
+        wait_object(s3_client, bucket, PREFIX + "plate/locked.csv", locked_data)
+        status = status_json(config)
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-3000:]
     assert status["files"]["failed"] == 0, status
@@ -289,7 +257,7 @@ def test_files_deleted_while_settling_queued_or_mid_multipart_are_forgotten(
     watch = layout["watch"]
     config = _config(tmp_path, layout, s3_server, bucket, settle="1s", s3=s3)
     mark = s3_server.mark()
-    daemon = _start(config, tmp_path / "vanish.log")
+    daemon = Daemon.started(config, tmp_path / "vanish.log")
     try:
         # 1. Deleted while it settles: never journaled.
         (watch / "settling.csv").write_bytes(b"written, then deleted\n")
@@ -298,7 +266,7 @@ def test_files_deleted_while_settling_queued_or_mid_multipart_are_forgotten(
 
         # 2. Deleted while queued (uploads paused, so it waits in the journal).
         assert run_cli("pause", "-c", str(config)).returncode == 0
-        _write_old(watch / "queued.csv", b"queued, then deleted\n")
+        write_file(watch / "queued.csv", b"queued, then deleted\n", age=3600)
         wait_until(
             lambda: _rows_by_path(layout["state"]).get(b"queued.csv", {}).get("state") == "queued",
             20,
@@ -314,7 +282,7 @@ def test_files_deleted_while_settling_queued_or_mid_multipart_are_forgotten(
 
         # 3. Deleted while its multipart upload is under way.
         big = watch / "big" / "plate.sqlite"
-        _write_old(big, os.urandom(30 * MiB))
+        write_file(big, os.urandom(30 * MiB), age=3600)
         key = PREFIX + "big/plate.sqlite"
         wait_until(lambda: _parts_sent(s3_server, bucket, key, mark), 30, "a first part")
         big.unlink()
@@ -329,10 +297,10 @@ def test_files_deleted_while_settling_queued_or_mid_multipart_are_forgotten(
             "its multipart upload to be aborted",
         )
         # A file written afterwards goes: the daemon carries on.
-        after = _write_old(watch / "after.csv", b"after\n")
-        _wait_object(s3_client, bucket, PREFIX + "after.csv", after)
+        after = write_file(watch / "after.csv", b"after\n", age=3600)
+        wait_object(s3_client, bucket, PREFIX + "after.csv", after)
         time.sleep(1.5)  # a settle period more, for anything left to show up
-        status = _status(config)
+        status = status_json(config)
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-3000:]
     assert len(_parts_sent(s3_server, bucket, key, mark)) < 6, "the upload finished first"
@@ -364,12 +332,12 @@ def test_file_truncated_and_file_grown_mid_multipart_end_as_their_final_bytes(
     watch = layout["watch"]
     shrinking, growing = watch / "plate" / "shrinks.sqlite", watch / "plate" / "grows.sqlite"
     versions = {
-        PREFIX + "plate/shrinks.sqlite": [_write_old(shrinking, os.urandom(20 * MiB))],
-        PREFIX + "plate/grows.sqlite": [_write_old(growing, os.urandom(20 * MiB))],
+        PREFIX + "plate/shrinks.sqlite": [write_file(shrinking, os.urandom(20 * MiB), age=3600)],
+        PREFIX + "plate/grows.sqlite": [write_file(growing, os.urandom(20 * MiB), age=3600)],
     }
     config = _config(tmp_path, layout, s3_server, bucket, settle="1s", s3=s3)
     mark = s3_server.mark()
-    daemon = _start(config, tmp_path / "change.log")
+    daemon = Daemon.started(config, tmp_path / "change.log")
     seen: dict[str, dict[str, bytes]] = {key: {} for key in versions}
 
     def look() -> bool:
@@ -424,7 +392,7 @@ BAD_NAMES = {
 
 
 def _write_raw(watch: Path, rel: bytes, data: bytes) -> None:
-    _write_old(Path(os.fsdecode(os.fsencode(watch) + b"/" + rel)), data)
+    write_file(Path(os.fsdecode(os.fsencode(watch) + b"/" + rel)), data, age=3600)
 
 
 def test_odd_names_keep_their_exact_keys_and_names_s3_cannot_take_fail_with_a_reason(
@@ -448,21 +416,21 @@ def test_odd_names_keep_their_exact_keys_and_names_s3_cannot_take_fail_with_a_re
     }
     bad = {**BAD_NAMES, over.encode(): "1025 bytes long"}
     for rel, data in good.items():
-        _write_old(watch / rel, data)
+        write_file(watch / rel, data, age=3600)
     for raw in bad:
         _write_raw(watch, raw, b"never uploaded")
     config = _config(tmp_path, layout, s3_server, bucket, settle="0.5s")
-    daemon = _start(config, tmp_path / "names.log")
+    daemon = Daemon.started(config, tmp_path / "names.log")
     try:
         for rel, data in good.items():
-            _wait_object(s3_client, bucket, PREFIX + rel, data)
+            wait_object(s3_client, bucket, PREFIX + rel, data)
         wait_until(
             lambda: _states(layout["state"]).get("failed") == len(bad), 20, "the failed files"
         )
-        status = _status(config)
+        status = status_json(config)
         human = run_cli("status", "-c", str(config))
-        later = _write_old(watch / "later.tiff", b"later")  # the daemon carries on
-        _wait_object(s3_client, bucket, PREFIX + "later.tiff", later)
+        later = write_file(watch / "later.tiff", b"later", age=3600)  # the daemon carries on
+        wait_object(s3_client, bucket, PREFIX + "later.tiff", later)
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-3000:]
     assert set(_all_objects(s3_client, bucket)) == {
@@ -490,12 +458,12 @@ def test_names_s3_cannot_take_are_listed_with_their_reason_in_status(
     for raw in BAD_NAMES:
         _write_raw(layout["watch"], raw, b"never uploaded")
     config = _config(tmp_path, layout, s3_server, bucket, settle="0.5s")
-    daemon = _start(config, tmp_path / "listed.log")
+    daemon = Daemon.started(config, tmp_path / "listed.log")
     try:
         wait_until(
             lambda: _states(layout["state"]).get("failed") == len(BAD_NAMES), 20, "failed files"
         )
-        status = _status(config)
+        status = status_json(config)
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-3000:]
     assert status["files"]["failed"] == len(BAD_NAMES)
@@ -521,7 +489,7 @@ def test_a_name_that_is_not_utf8_does_not_stop_the_daemon(
     if when == "folder before start":
         _write_raw(watch, raw, b"never uploaded")
     config = _config(tmp_path, layout, s3_server, bucket, settle="0.5s")
-    daemon = _start(config, tmp_path / "utf8.log")
+    daemon = Daemon.started(config, tmp_path / "utf8.log")
 
     def alive(check: Any) -> Any:
         """``check()``, failing at once should the daemon have exited."""
@@ -538,7 +506,7 @@ def test_a_name_that_is_not_utf8_does_not_stop_the_daemon(
             lambda: alive(lambda: _states(layout["state"]).get("failed")), 20, "the file to fail"
         )
         time.sleep(1.0)  # the file's events, and more
-        later = _write_old(watch / "later.tiff", b"later")
+        later = write_file(watch / "later.tiff", b"later", age=3600)
         wait_until(
             lambda: alive(lambda: object_bytes(s3_client, bucket, PREFIX + "later.tiff") == later),
             20,
@@ -578,23 +546,23 @@ def test_links_out_fifos_sockets_and_devices_are_never_read(
     os.symlink("/etc", watch / "etc")
     os.mkfifo(watch / "plate" / "pipe.tiff")
     _make_device(watch / "plate" / "null.tiff")
-    first = _write_old(watch / "plate" / "first.tiff", b"first")
+    first = write_file(watch / "plate" / "first.tiff", b"first", age=3600)
     config = _config(tmp_path, layout, s3_server, bucket, settle="0.5s")
-    daemon = _start(config, tmp_path / "special.log")
+    daemon = Daemon.started(config, tmp_path / "special.log")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _wait_object(s3_client, bucket, PREFIX + "plate/first.tiff", first)
+        wait_object(s3_client, bucket, PREFIX + "plate/first.tiff", first)
         # The same kinds again, made while the daemon watches.
         os.symlink("/etc/passwd", watch / "plate" / "passwd-later.tiff")
         os.symlink("/etc", watch / "plate" / "etc-later")
         os.mkfifo(watch / "plate" / "pipe-later.tiff")
         _make_device(watch / "plate" / "null-later.tiff")
         listener.bind(str(watch / "plate" / "socket.tiff"))
-        second = _write_old(watch / "plate" / "second.tiff", b"second")
-        _wait_object(s3_client, bucket, PREFIX + "plate/second.tiff", second)
+        second = write_file(watch / "plate" / "second.tiff", b"second", age=3600)
+        wait_object(s3_client, bucket, PREFIX + "plate/second.tiff", second)
         assert run_cli("rescan", "-c", str(config)).returncode == 0
         time.sleep(2.0)  # a walk and several settle periods for anything else to show up
-        status = _status(config)
+        status = status_json(config)
     finally:
         listener.close()
         stopped_at = time.monotonic()
@@ -639,10 +607,10 @@ def test_queued_file_swapped_for_a_link_fifo_or_device_is_never_read_through_it(
         tmp_path, layout, s3_server, bucket, settle="0.5s", daemon={"drain_timeout": "1s"}
     )
     (watch / "plate").mkdir()
-    daemon = _start(config, tmp_path / "swap.log")
+    daemon = Daemon.started(config, tmp_path / "swap.log")
     try:
         assert run_cli("pause", "-c", str(config)).returncode == 0
-        _write_old(watch / rel, b"a regular file at first\n")
+        write_file(watch / rel, b"a regular file at first\n", age=3600)
         wait_until(
             lambda: _rows_by_path(layout["state"]).get(rel.encode(), {}).get("state") == "queued",
             20,
@@ -657,8 +625,8 @@ def test_queued_file_swapped_for_a_link_fifo_or_device_is_never_read_through_it(
             if not os.path.lexists(watch / rel):
                 pytest.skip(f"cannot make a {swap} here")
         assert run_cli("resume", "-c", str(config)).returncode == 0
-        control = _write_old(watch / "plate" / "control.tiff", b"control")
-        _wait_object(s3_client, bucket, PREFIX + "plate/control.tiff", control)
+        control = write_file(watch / "plate" / "control.tiff", b"control", age=3600)
+        wait_object(s3_client, bucket, PREFIX + "plate/control.tiff", control)
         # Done with the file: forgotten (or failed); a second attempt comes a settle later.
         with contextlib.suppress(AssertionError):
             wait_until(

@@ -20,6 +20,7 @@ from daemonproc import (
     object_bytes,
     one_watch_config,
     run_cli,
+    status_json,
     wait_until,
     write_file,
 )
@@ -283,15 +284,8 @@ def _events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
     return [e for e in daemon.events() if e.get("event") == name]
 
 
-def _status(config: Path) -> dict[str, Any]:
-    result = run_cli("status", "--json", "-c", str(config))
-    assert result.returncode == 0, result.stderr
-    status: dict[str, Any] = json.loads(result.stdout)
-    return status
-
-
 def _hook_states(config: Path) -> dict[str, str]:
-    return {b["batch"]: b["hook"] for b in _status(config)["batches"]["completed"]}
+    return {b["batch"]: b["hook"] for b in status_json(config)["batches"]["completed"]}
 
 
 def _read_json(path: Path) -> Any:
@@ -327,7 +321,7 @@ def test_each_batch_completes_once_and_its_hook_gets_the_summary(
         wait_until(
             lambda: _hook_states(config) == {"Batch1": "ok", "Batch2": "ok"}, 30, "both hooks"
         )
-        status = _status(config)
+        status = status_json(config)
         human = run_cli("status", "-c", str(config)).stdout
         time.sleep(1.5)  # a few more settle periods: nothing fires twice
     finally:
@@ -367,10 +361,10 @@ def test_each_batch_completes_once_and_its_hook_gets_the_summary(
     try:
         daemon.wait_for_event("running")
         wait_until(
-            lambda: _status(config)["batches"]["following"] == 0, 30, "every batch looked at"
+            lambda: status_json(config)["batches"]["following"] == 0, 30, "every batch looked at"
         )
         assert _events(daemon, "batch_complete") == []
-        assert [b["batch"] for b in _status(config)["batches"]["completed"]] != []
+        assert [b["batch"] for b in status_json(config)["batches"]["completed"]] != []
         write_file(layout["watch"] / "Batch1/plate/e.tiff", os.urandom(400))
         again = daemon.wait_for_event("batch_complete")
         wait_until(
@@ -465,7 +459,7 @@ def test_failing_and_hanging_hooks_change_nothing_else(
         wait_until(lambda: len(_events(daemon, "batch_complete")) == 3, 30, "the third batch")
         for rel, content in data.items():
             assert object_bytes(s3_client, bucket, PREFIX + rel) == content
-        status = _status(config)
+        status = status_json(config)
         assert not (layout["hooks"] / "LaterBatch.json").exists()  # one hook at a time
         stop_at = time.monotonic()
     finally:

@@ -16,22 +16,13 @@ from daemonproc import (
     journal_rows,
     object_bytes,
     one_watch_config,
+    wait_object,
     wait_until,
     write_file,
 )
 from s3server import S3Server
 
 MiB = 1024 * 1024
-
-
-def _wait_object(
-    s3_client: Any, bucket: str, key: str, expected: bytes, timeout: float = 30
-) -> None:
-    wait_until(
-        lambda: object_bytes(s3_client, bucket, key) == expected,
-        timeout,
-        f"s3://{bucket}/{key} to hold the file's bytes",
-    )
 
 
 def _config(
@@ -75,9 +66,7 @@ def _start(
     config = _config(
         tmp_path, layout, s3_server, destination, name=name, s3=s3, daemon=daemon, settle=settle
     )
-    daemon = Daemon(config, tmp_path / f"{name}.log")
-    daemon.wait_for_event("running")
-    return daemon
+    return Daemon.started(config, tmp_path / f"{name}.log")
 
 
 PREFIX = "cpg0001-test/broad/images/"
@@ -108,7 +97,7 @@ def test_batch_moved_into_watch_is_uploaded_and_sigterm_exits_0(
             key = f"{PREFIX}2024_04_01_Batch1/{rel}"
             if rel == ".hidden":
                 continue
-            _wait_object(s3_client, bucket, key, data)
+            wait_object(s3_client, bucket, key, data)
         listed = s3_client.list_objects_v2(Bucket=bucket, Prefix=PREFIX).get("Contents", [])
         assert sorted(o["Key"] for o in listed) == sorted(
             f"{PREFIX}2024_04_01_Batch1/{rel}" for rel in files if rel != ".hidden"
@@ -148,7 +137,7 @@ def test_file_still_being_written_is_uploaded_only_once_settled(
             time.sleep(0.2)
         thread.join()
         finished = time.monotonic()
-        _wait_object(s3_client, bucket, key, b"".join(chunks))
+        wait_object(s3_client, bucket, key, b"".join(chunks))
         became_visible = time.monotonic() - finished
     finally:
         assert daemon.terminate() == 0
@@ -192,7 +181,7 @@ def test_kill_9_during_multipart_resumes_without_resending_parts(
     resume_mark = s3_server.mark()
     second = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="second")
     try:
-        _wait_object(s3_client, bucket, key, data, timeout=60)
+        wait_object(s3_client, bucket, key, data, timeout=60)
     finally:
         assert second.terminate() == 0
     after = s3_server.upload_part_requests(bucket, key, since=resume_mark)
@@ -259,7 +248,7 @@ def test_sigterm_mid_multipart_exits_0_by_the_deadline_and_the_next_start_comple
     # 3. The next start finishes the same multipart upload, no part sent twice.
     final = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="final")
     try:
-        _wait_object(s3_client, bucket, key, data, timeout=60)
+        wait_object(s3_client, bucket, key, data, timeout=60)
     finally:
         assert final.terminate() == 0
     requests = s3_server.upload_part_requests(bucket, key, since=mark)
@@ -281,7 +270,7 @@ def test_restart_and_lost_journal_do_not_upload_again(
     daemon = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="first")
     try:
         for rel, data in files.items():
-            _wait_object(s3_client, bucket, PREFIX + rel, data)
+            wait_object(s3_client, bucket, PREFIX + rel, data)
     finally:
         assert daemon.terminate() == 0
 
@@ -327,9 +316,9 @@ def test_changed_file_is_uploaded_again(
     write_file(path, b"version 1\n")
     daemon = _start(tmp_path, layout, s3_server, bucket, settle="0.5s")
     try:
-        _wait_object(s3_client, bucket, PREFIX + "profiles.csv", b"version 1\n")
+        wait_object(s3_client, bucket, PREFIX + "profiles.csv", b"version 1\n")
         write_file(path, b"version 2 (longer)\n")
-        _wait_object(s3_client, bucket, PREFIX + "profiles.csv", b"version 2 (longer)\n")
+        wait_object(s3_client, bucket, PREFIX + "profiles.csv", b"version 2 (longer)\n")
     finally:
         assert daemon.terminate() == 0
 
@@ -342,7 +331,7 @@ def test_name_s3_cannot_take_is_failed_visibly_and_others_continue(
     write_file(layout["watch"] / "fine.tiff", b"fine")
     daemon = _start(tmp_path, layout, s3_server, bucket)
     try:
-        _wait_object(s3_client, bucket, PREFIX + "fine.tiff", b"fine")
+        wait_object(s3_client, bucket, PREFIX + "fine.tiff", b"fine")
         rows = wait_until(
             lambda: [r for r in journal_rows(layout["state"]) if r["state"] == "failed"],
             10,
@@ -366,7 +355,7 @@ def test_symlinks_and_special_files_are_never_uploaded(
     write_file(layout["watch"] / "plate" / "real.tiff", b"image")
     daemon = _start(tmp_path, layout, s3_server, bucket)
     try:
-        _wait_object(s3_client, bucket, PREFIX + "plate/real.tiff", b"image")
+        wait_object(s3_client, bucket, PREFIX + "plate/real.tiff", b"image")
         time.sleep(1.5)  # one more settle period for anything else to show up
     finally:
         assert daemon.terminate() == 0
@@ -395,7 +384,7 @@ def test_restart_gives_failed_files_another_round(
     s3_client.create_bucket(Bucket=f"{bucket}-missing")
     daemon = Daemon(config, tmp_path / "again.log")
     try:
-        _wait_object(s3_client, f"{bucket}-missing", "x/a.tiff", b"a")
+        wait_object(s3_client, f"{bucket}-missing", "x/a.tiff", b"a")
     finally:
         assert daemon.terminate() == 0
     starting = next(e for e in daemon.events() if e.get("event") == "starting")
@@ -419,11 +408,11 @@ def test_ready_marker_holds_a_folder_back_until_it_appears(
     daemon = Daemon(config, tmp_path / "marker.log")
     try:
         daemon.wait_for_event("running")
-        _wait_object(s3_client, bucket, PREFIX + "top-level.csv", b"t")
+        wait_object(s3_client, bucket, PREFIX + "top-level.csv", b"t")
         time.sleep(2.0)  # several settle periods: the folder without its marker must wait
         assert object_bytes(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff") is None
         write_file(layout["watch"] / "Batch1" / "UPLOAD_READY", b"")
-        _wait_object(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff", b"a")
+        wait_object(s3_client, bucket, PREFIX + "Batch1/plate/a.tiff", b"a")
     finally:
         assert daemon.terminate() == 0
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])]
@@ -441,7 +430,7 @@ def test_watch_folder_created_after_start_is_picked_up(
         write_file(staged / "plate" / "a.tiff", b"a")
         os.rename(staged, layout["watch"])
         # Well before the 10-minute rescan: the daemon notices the folder itself.
-        _wait_object(s3_client, bucket, PREFIX + "plate/a.tiff", b"a", timeout=15)
+        wait_object(s3_client, bucket, PREFIX + "plate/a.tiff", b"a", timeout=15)
     finally:
         assert daemon.terminate() == 0
 
@@ -469,7 +458,7 @@ def test_metrics_endpoint_reports_what_was_uploaded(
     daemon = Daemon(config, tmp_path / "metrics.log")
     try:
         for i in range(3):
-            _wait_object(s3_client, bucket, f"{PREFIX}{i}.tiff", b"x" * (100 + i))
+            wait_object(s3_client, bucket, f"{PREFIX}{i}.tiff", b"x" * (100 + i))
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             text = reply.read().decode()
     finally:

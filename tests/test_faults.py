@@ -23,7 +23,6 @@ a request never answered (about 2 min) is marked slow.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -40,7 +39,7 @@ from daemonproc import (
     journal_rows,
     object_bytes,
     one_watch_config,
-    run_cli,
+    status_json,
     wait_until,
 )
 from faultproxy import (
@@ -155,14 +154,6 @@ def _lost(s3_client: Any, bucket: str, files: dict[str, bytes]) -> list[str]:
 
 def _not_uploaded(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(r["key"], r["last_error"]) for r in rows if r["state"] != "uploaded"]
-
-
-def _status(daemon: Daemon) -> dict[str, Any]:
-    """``cpg-daemon status --json``, as a user would ask."""
-    result = run_cli("status", "--json", "-c", str(daemon.config))
-    assert result.returncode == 0, result.stderr
-    status: dict[str, Any] = json.loads(result.stdout)
-    return status
 
 
 def _open_uploads(s3_client: Any, bucket: str, proxy: FaultProxy) -> list[str]:
@@ -324,7 +315,7 @@ def _throttle(
         wait_until(lambda: proxy.faults.get("503 SlowDown"), 30, "the first SlowDown reply")
         start = time.monotonic()
         time.sleep(seconds)
-        status = _status(daemon)
+        status = status_json(daemon.config)
         proxy.set_rules()
         end = time.monotonic()
     except BaseException:
@@ -430,7 +421,7 @@ def test_persistent_errors_fail_files_visibly_without_a_hot_loop(
         rows = _wait_settled(layout["state"], len(files), 60)
         requests_at_failure = proxy.mark()
         time.sleep(1)  # long enough for a hot loop to show
-        status = _status(daemon)
+        status = status_json(daemon.config)
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-4000:]
     report = _report(proxy)

@@ -7,7 +7,6 @@ The example keys are the trees drawn in the Cell Painting Gallery's
 
 from __future__ import annotations
 
-import json
 import string
 from collections import Counter
 from pathlib import Path
@@ -20,7 +19,9 @@ from daemonproc import (
     object_bytes,
     one_watch_config,
     run_cli,
+    status_json,
     wait_until,
+    write_file,
 )
 from hypothesis import given
 from hypothesis import strategies as st
@@ -139,7 +140,7 @@ OTHER_DOCUMENTED = [
     "cpg0026-lacoste_haghighi-rare-diseases/broad/images/2019_01_01_B1/images/P1/x.tiff",
     "cpg0016-jump-assembled/source_all/workspace/profiles_assembled/compound_no_source7/"
     "v1.0/profiles_var_mad_int_featselect.parquet",
-    *(f"cpg0016-jump/source_1/workspace/{folder}/x/y.csv" for folder in WORKSPACE_FOLDERS),
+    *(f"cpg0016-jump/source_1/workspace/{folder}/x/y.csv" for folder in sorted(WORKSPACE_FOLDERS)),
 ]
 
 
@@ -332,7 +333,7 @@ async def test_reject_after_warn_fails_queued_files_for_good_and_leaves_uploaded
     """A switch to reject: what was queued is kept out (and `retry` leaves it), uploads stay."""
     root = tmp_path / "outbox"
     for rel in ("Plate 1/queued.tiff", "Plate 1/uploaded.tiff", "images/P1/fine.tiff"):
-        _write(root / rel, rel.encode())
+        write_file(root / rel, rel.encode())
     destination = parse_s3_uri("s3://bucket/cpg0123-example/broad/images/2024_04_01_B/")
     journal = await Journal.open(tmp_path / "journal.sqlite3")
     try:
@@ -374,19 +375,6 @@ async def test_reject_after_warn_fails_queued_files_for_good_and_leaves_uploaded
 # -- the daemon ----------------------------------------------------------------------------
 
 
-def _write(path: Path, data: bytes) -> bytes:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return data
-
-
-def _status(config: Path) -> dict[str, Any]:
-    result = run_cli("status", "--json", "-c", str(config))
-    assert result.returncode == 0, result.stderr
-    reply: dict[str, Any] = json.loads(result.stdout)
-    return reply
-
-
 def _daemon(tmp_path: Path, s3_server: S3Server, destination: str, **watch: Any) -> Daemon:
     config = one_watch_config(
         tmp_path / "config.toml",
@@ -416,9 +404,9 @@ def test_reject_keeps_offending_files_out_visibly_and_uploads_the_rest(
         "illum/Plate1/notes.txt": "illum-name",
     }
     for rel, data in good.items():
-        _write(outbox / rel, data)
+        write_file(outbox / rel, data)
     for rel in bad:
-        _write(outbox / rel, b"kept out")
+        write_file(outbox / rel, b"kept out")
     prefix = "cpg0123-example/broad/images/2024_04_01_Batch8/"
     daemon = _daemon(tmp_path, s3_server, f"s3://{bucket}/{prefix}", structure="reject")
     try:
@@ -433,7 +421,7 @@ def test_reject_keeps_offending_files_out_visibly_and_uploads_the_rest(
             return [r for r in journal_rows(tmp_path / "state") if r["state"] == "failed"]
 
         wait_until(lambda: len(failed()) == 2, 30, "both offending files to be marked failed")
-        status = _status(daemon.config)
+        status = status_json(daemon.config)
         text = run_cli("status", "-c", str(daemon.config)).stdout
         retried = run_cli("retry", "-c", str(daemon.config))
         assert retried.returncode == 0 and retried.stdout.startswith("0 failed files"), retried
@@ -476,7 +464,7 @@ def test_warn_uploads_everything_and_reports_each_folder_and_rule_once(
         "2024_01_01_B/images/P1/f.tiff",  # fine
     ]
     for rel in files:
-        _write(outbox / rel, rel.encode())
+        write_file(outbox / rel, rel.encode())
     prefix = "cpg0123-example/broad/images/"
     daemon = _daemon(tmp_path, s3_server, f"s3://{bucket}/{prefix}")  # structure: the default
     try:
@@ -493,7 +481,7 @@ def test_warn_uploads_everything_and_reports_each_folder_and_rule_once(
             30,
             "a second walk",
         )
-        status = _status(daemon.config)
+        status = status_json(daemon.config)
         text = run_cli("status", "-c", str(daemon.config)).stdout
     finally:
         assert daemon.terminate() == 0
@@ -524,7 +512,7 @@ def test_warn_uploads_everything_and_reports_each_folder_and_rule_once(
 def test_off_checks_nothing(
     tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
 ) -> None:
-    _write(tmp_path / "outbox" / "Plate 1" / "x.tiff", b"x")
+    write_file(tmp_path / "outbox" / "Plate 1" / "x.tiff", b"x")
     daemon = _daemon(tmp_path, s3_server, f"s3://{bucket}/whatever/", structure="off")
     try:
         wait_until(
@@ -532,7 +520,7 @@ def test_off_checks_nothing(
             30,
             "the file on the server",
         )
-        status = _status(daemon.config)
+        status = status_json(daemon.config)
     finally:
         assert daemon.terminate() == 0
     assert not [e for e in daemon.events() if str(e.get("event", "")).startswith("structure")]

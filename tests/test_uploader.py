@@ -10,8 +10,8 @@ refuse to the real server.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import os
 import random
 import socket
 import time
@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import aioboto3
 import anyio
+import daemonproc
 import pytest
 from awscrt import checksums as crt
 from pipeline import table_of
@@ -63,13 +64,8 @@ def s3_config(endpoint_url: str, **overrides: Any) -> S3Config:
     return S3Config(**settings)
 
 
-def write_file(path: Path, data: bytes) -> bytes:
-    """Write a file that has settled (its mtime is ``SETTLED_AGO`` seconds old)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    then = time.time() - SETTLED_AGO
-    os.utime(path, (then, then))
-    return data
+write_file = functools.partial(daemonproc.write_file, age=SETTLED_AGO)
+"""Write a file that has settled (its mtime is ``SETTLED_AGO`` seconds old)."""
 
 
 def payload(size: int, seed: int) -> bytes:

@@ -26,18 +26,13 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import sqlite3
 import struct
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from array import array
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +42,7 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from cpg_daemon.cli.localserver import LocalS3Server
 from cpg_daemon.core.checksums import ChecksumName
 from cpg_daemon.core.config import Config, load_config
 from cpg_daemon.core.errors import FatalError
@@ -319,79 +315,31 @@ def write_config(base: Path, endpoint_url: str) -> Path:
 # The local S3 server.
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass(frozen=True)
-class LocalS3:
-    """moto's S3 server in a child process on a loopback port."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1):
-                return True
-        except (urllib.error.URLError, OSError):
-            return False
-
-    async def wait_ready(self) -> None:
-        try:
-            with anyio.fail_after(SERVER_START_TIMEOUT):
-                while not await anyio.to_thread.run_sync(self._answers):
-                    if self.process.poll() is not None:
-                        raise FatalError(
-                            f"the local S3 server exited at start-up; see {self.log_path}"
-                        )
-                    await anyio.sleep(0.1)
-        except TimeoutError:
-            raise FatalError(
-                f"the local S3 server did not start in {SERVER_START_TIMEOUT:g} s; "
-                f"see {self.log_path}"
-            ) from None
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def _start_server(log_path: Path) -> LocalS3:
-    port = _free_port()
-    env = dict(os.environ, S3_IGNORE_SUBDOMAIN_BUCKETNAME="true")
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            # Its own session: Ctrl-C in the terminal reaches the demo only, which stops
-            # the daemon first (in-flight requests finish) and the server after it.
-            start_new_session=True,
-        )
-    return LocalS3(process, port, log_path)
+async def _wait_ready(server: LocalS3Server) -> None:
+    """Wait until the server answers (each probe in a worker thread)."""
+    try:
+        with anyio.fail_after(SERVER_START_TIMEOUT):
+            while not await anyio.to_thread.run_sync(server.answers):
+                if not server.running:
+                    raise FatalError(
+                        f"the local S3 server exited at start-up; see {server.log_path}"
+                    )
+                await anyio.sleep(0.1)
+    except TimeoutError:
+        raise FatalError(
+            f"the local S3 server did not start in {SERVER_START_TIMEOUT:g} s; "
+            f"see {server.log_path}"
+        ) from None
 
 
 @contextlib.asynccontextmanager
-async def local_s3(log_path: Path) -> AsyncIterator[LocalS3]:
+async def local_s3(log_path: Path) -> AsyncIterator[LocalS3Server]:
     """Start the server; stop it on the way out, whatever happened (shielded)."""
     # On the event loop, not in a worker thread: a cancellation that arrived while a
     # thread started it would lose the process, and fork/exec takes milliseconds.
-    server = _start_server(log_path)
+    # Its own session: Ctrl-C in the terminal reaches the demo only, which stops the
+    # daemon first (in-flight requests finish) and the server after it.
+    server = LocalS3Server.spawn(log_path, own_session=True)
     try:
         yield server
     finally:
@@ -509,7 +457,7 @@ class _Demo:
         finally:
             self.daemon_done.set()
 
-    async def _show(self, server: LocalS3, tg: anyio.abc.TaskGroup) -> None:
+    async def _show(self, server: LocalS3Server, tg: anyio.abc.TaskGroup) -> None:
         """Everything a newcomer watches, step by step."""
         _say("cpg-daemon demo: a local S3 server, the real daemon and a fake plate; no AWS needed")
         _say(f"  temporary folder  {self.base} (deleted when the demo ends)")
@@ -521,7 +469,7 @@ class _Demo:
         # Made while the server starts; moved into the watched folders once the daemon runs.
         sizes = await anyio.to_thread.run_sync(make_sample, self.base / "staging")
         try:
-            await server.wait_ready()
+            await _wait_ready(server)
         except FatalError as exc:
             print(f"cpg-daemon demo: {exc}", file=sys.stderr, flush=True)
             return
@@ -535,7 +483,7 @@ class _Demo:
         if not self.once:
             await self._keep_running(config)
 
-    def _configure(self, server: LocalS3) -> Config:
+    def _configure(self, server: LocalS3Server) -> Config:
         """The watched folders and a real configuration file, read as the daemon reads it."""
         for name in WATCHES:
             (self.base / "outbox" / name).mkdir(parents=True)
