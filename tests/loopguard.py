@@ -215,6 +215,13 @@ KNOWN_BLOCKING: list[tuple[str, set[str]]] = [
     # then looks on disk (os.stat) for optional model files it never caches a miss of.
     # Microseconds on a local disk; to go once the client is created off the loop.
     ("aiobotocore/session.py", {"_create_client"}),
+    # A library's warning logged through the standard library (botocore's "refreshing
+    # temporary credentials failed"): the daemon writes its log on the loop by design.
+    ("logging/__init__.py", {"emit", "flush"}),
+    # botocore's credential chain, walked on the loop because its last providers (IMDS,
+    # SSO) wait for HTTP there, reads the shared credentials and config files on the way
+    # (once per session; microseconds on a local disk).
+    ("botocore/configloader.py", {"raw_config_parse"}),
 ]
 """(file, functions) in whose calls the daemon's code may still block (blockbuster's form)."""
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.config import CredentialsConfig, WatchConfig
 from cpg_daemon.engine.grants import Grant
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
+from cpg_daemon.s3.credentials import CredentialProvider
 from cpg_daemon.s3.store import ObjectStore
+
+STANDARD_CHAIN = CredentialProvider(CredentialsConfig(), "us-east-1")
+"""Keys that are never renewed, made once (reading the environment is no work for a loop)."""
 
 
 def table_of(
     watches: Mapping[str, WatchConfig], stores: Mapping[str, ObjectStore]
 ) -> Callable[[], WatchTable]:
     """The watch table a scheduler reads: each watch with a grant around its store."""
-    grants = {store: Grant.borrowed(store) for store in stores.values()}
+    grants = {store: Grant.borrowed(store, STANDARD_CHAIN) for store in stores.values()}
     table = WatchTable(
         tuple(ActiveWatch(config, grants[stores[name]]) for name, config in watches.items())
     )

@@ -534,9 +534,10 @@ async def _verify_here(config: Config, quick: bool) -> Any:
     from cpg_daemon.engine import verify
     from cpg_daemon.journal import JOURNAL_NAME
 
-    async with Grants.open(config) as grants:
+    assignment = await anyio.to_thread.run_sync(assign, config)
+    async with Grants.open(config, assignment) as grants:
         await grants.obtain()
-        watches = [(w.config, w.grant.store) for w in grants.table(config).values()]
+        watches = [(w.config, w.grant.store) for w in grants.table(config, assignment).values()]
         return await verify.verify(
             watches,
             config.daemon.state_dir / JOURNAL_NAME,

@@ -23,7 +23,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from cpg_daemon.core.config import Config, CredentialsConfig, S3Config
+from cpg_daemon.core.config import Config, S3Config
 from cpg_daemon.core.errors import CredentialsError
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
 from cpg_daemon.s3.credentials import (
@@ -87,12 +87,8 @@ class Grant:
         self._closed = False
 
     @classmethod
-    def borrowed(cls, store: Storage, provider: CredentialProvider | None = None) -> Grant:
-        """A grant around a client its caller opened and closes (tests, benchmarks).
-
-        Without a provider: the standard chain's keys, which are never renewed.
-        """
-        provider = provider or CredentialProvider(CredentialsConfig(), S3Config().region)
+    def borrowed(cls, store: Storage, provider: CredentialProvider) -> Grant:
+        """A grant around a client its caller opened and closes (tests, benchmarks)."""
         return cls(provider, store, AsyncExitStack())
 
     @classmethod
@@ -175,7 +171,8 @@ class Grants:
         cls, config: Config, assignment: Assignment | None = None, connect: Connect | None = None
     ) -> AsyncIterator[Grants]:
         """Grants for ``config`` (a ``ConfigError`` first if a watch has none); closed after."""
-        assignment = assignment or assign(config)
+        if assignment is None:  # profiles read, sessions built: off the loop
+            assignment = await anyio.to_thread.run_sync(assign, config)
         grants = cls(config.s3, connect)
         try:
             await grants.adopt(assignment)
@@ -215,9 +212,8 @@ class Grants:
         self._grants = kept
         return list(current.values())
 
-    def table(self, config: Config, assignment: Assignment | None = None) -> WatchTable:
+    def table(self, config: Config, assignment: Assignment) -> WatchTable:
         """The watch table: each watch with the grant of the provider that covers it."""
-        assignment = assignment or assign(config, self.providers)
         by_provider = {g.provider: g for g in self._grants}
         return WatchTable(
             tuple(
