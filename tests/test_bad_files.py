@@ -134,6 +134,7 @@ def test_10000_small_files_at_once_are_all_uploaded_once(
                 handle.write(data)
             contents[rel] = data
         written = time.monotonic() - began
+        behind = count - _states(layout["state"]).get("uploaded", 0)
         wait_until(
             lambda: _states(layout["state"]).get("uploaded") == count,
             300,  # how long a loaded machine may take, not what is asserted
@@ -141,8 +142,10 @@ def test_10000_small_files_at_once_are_all_uploaded_once(
         )
     finally:
         assert daemon.terminate() == 0, daemon.log_text()[-3000:]
-    # About 0.5 s alone; beside other tests on 2 busy cores it took more than 5 s.
-    assert written < 15, f"writing the files took {written:.1f} s: not a burst"
+    # A burst is measured against the daemon, which a loaded machine slows as much as the
+    # writer (0.5 s alone, 16 s beside two other test runs): most files must still have
+    # been waiting when the last one was written.
+    assert behind > count // 2, f"{behind} of {count} waiting after {written:.1f} s: no burst"
     assert _states(layout["state"]) == {"uploaded": count}
     objects = _all_objects(s3_client, bucket)
     assert set(objects) == {PREFIX + rel for rel in contents}
