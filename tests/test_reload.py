@@ -217,7 +217,9 @@ def test_reload_leaves_an_upload_in_flight_alone_and_names_restart_only_settings
         "part_size": "5MiB",
         "multipart_threshold": "5MiB",
         "max_concurrency": 2,
-        "max_bandwidth": "10MB",  # 40 MiB: about 4 s, so the reload lands mid-upload
+        # 40 MiB: about 10 s, so the reload lands mid-upload even when the two commands
+        # before the check take seconds each on a loaded machine (4 s was too short).
+        "max_bandwidth": "4MB",
     }
     setup.write(setup.watch("images"), s3=s3)
     daemon = setup.start()
