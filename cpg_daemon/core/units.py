@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime, timezone
 from decimal import Decimal
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -97,3 +98,8 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def timestamp(seconds: float) -> str:
+    """Seconds since the epoch as an ISO 8601 UTC time, to the second (status, hooks)."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")

@@ -34,7 +34,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -45,6 +44,7 @@ from anyio.abc import ByteReceiveStream, ByteSendStream, Process, TaskGroup, Tas
 from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.objectkeys import object_key
+from cpg_daemon.core.units import timestamp
 from cpg_daemon.engine.pacing import wait_event
 from cpg_daemon.journal import BatchProgress, BatchRecord, Journal
 
@@ -92,10 +92,6 @@ class HookResult:
     """``exit status 0``, ``exit status 3``, ``killed by SIGKILL``, ``timed out ...``."""
     output: str
     seconds: float
-
-
-def timestamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
 def summary(record: BatchRecord, watch: WatchConfig) -> dict[str, Any]:

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from cpg_daemon import __version__
-from cpg_daemon.core.config import WatchConfig
-from cpg_daemon.core.units import format_size
-from cpg_daemon.discovery.watcher import WatcherStatistics
-from cpg_daemon.engine.batches import BatchStatistics, timestamp
-from cpg_daemon.engine.scheduler import RecentError, SchedulerStatistics
-from cpg_daemon.engine.uploader import UploaderStatistics
+from cpg_daemon.core.units import format_size, timestamp
 from cpg_daemon.journal import FILE_STATES, FileState, JournalStatistics
-from cpg_daemon.s3.credentials import CredentialStatistics
+
+if TYPE_CHECKING:  # the snapshots' types only: `cpg-daemon status` imports no S3 client
+    from cpg_daemon.core.config import WatchConfig
+    from cpg_daemon.discovery.watcher import WatcherStatistics
+    from cpg_daemon.engine.batches import BatchStatistics
+    from cpg_daemon.engine.scheduler import RecentError, SchedulerStatistics
+    from cpg_daemon.engine.uploader import UploaderStatistics
+    from cpg_daemon.s3.credentials import CredentialStatistics
 
 
 class FileCounts(TypedDict):
