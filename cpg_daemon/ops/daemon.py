@@ -28,7 +28,7 @@ from cpg_daemon.core.errors import ConfigError
 from cpg_daemon.core.units import format_size
 from cpg_daemon.engine.grants import assign
 from cpg_daemon.engine.runtime import Engine
-from cpg_daemon.journal import JOURNAL_NAME, JournalStatistics, lock_state_dir
+from cpg_daemon.journal import JOURNAL_NAME, lock_state_dir
 from cpg_daemon.ops import logs
 from cpg_daemon.ops.commands import Commands
 from cpg_daemon.ops.control import (
@@ -89,9 +89,6 @@ class Daemon:
     async def wait_running(self) -> None:
         """Return once every watcher runs (its first walk follows within EVENTS_FIRST)."""
         await self._running.wait()
-
-    async def journal_statistics(self) -> JournalStatistics:
-        return await self.engine.journal.statistics()
 
     def config_status(self) -> ConfigStatus:
         """The ``config`` part of the status reply."""
