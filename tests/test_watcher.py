@@ -176,3 +176,41 @@ async def test_events_bring_in_new_files_and_a_ready_marker_brings_in_its_folder
         assert watcher.statistics().scans == 1
         watcher.stop()
         tg.cancel_scope.cancel()
+
+
+async def test_running_out_of_descriptors_for_inotify_polls_instead_of_dying(
+    tmp_path: Path, journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """watchfiles reports EMFILE as its own error; the watch polls, with a warning."""
+    from structlog.testing import capture_logs
+
+    from cpg_daemon.discovery import watcher as watcher_module
+
+    asked: list[bool | None] = []
+    polling = anyio.Event()
+
+    async def awatch(
+        *paths: Path, force_polling: bool | None = None, **_: object
+    ) -> AsyncIterator[set[tuple[object, str]]]:
+        asked.append(force_polling)
+        if not force_polling:
+            raise RuntimeError(
+                "Error creating recommended watcher: Too many open files (os error 24)"
+            )
+        polling.set()
+        yield set()
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(watcher_module.watchfiles, "awatch", awatch)
+    (tmp_path / "w").mkdir()
+    watch = WatchConfig("w", tmp_path / "w", DESTINATION, settle=0.0)
+    watcher = Watcher(watch, journal, lambda: None, RESCAN)
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(watcher.run)
+            with anyio.fail_after(10):
+                await polling.wait()
+            tg.cancel_scope.cancel()
+    assert asked == [None, True]
+    warnings = [e for e in logs if e["event"] == "events_unavailable_polling"]
+    assert len(warnings) == 1 and "LimitNOFILE" in warnings[0]["hint"]

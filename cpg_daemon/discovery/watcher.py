@@ -13,6 +13,7 @@ Settle and rescan timing reads the injected ``Clock``; watchfiles keeps its own.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -343,6 +344,18 @@ class Watcher:
                 force_polling = True
             except Exception as exc:
                 self._watching = False
+                if _out_of_descriptors(exc) and not force_polling:
+                    # watchfiles reports EMFILE from creating its inotify instance as
+                    # its own error, not an OSError: without this the daemon exited.
+                    log.warning(
+                        "events_unavailable_polling",
+                        watch=self.watch.name,
+                        error=str(exc),
+                        hint="the daemon ran out of file descriptors: raise LimitNOFILE "
+                        "(or find what holds them); polling this watch until a restart",
+                    )
+                    force_polling = True
+                    continue
                 name = undecodable_name(exc)
                 if name is None:
                     raise
@@ -394,3 +407,11 @@ class Watcher:
             await self._observe(found)
         for folder in folders:
             await self.scan(folder)
+
+
+def _out_of_descriptors(exc: BaseException) -> bool:
+    """Whether watchfiles failed for want of file descriptors (EMFILE, ENFILE)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    text = str(exc)
+    return f"os error {errno.EMFILE})" in text or f"os error {errno.ENFILE})" in text
