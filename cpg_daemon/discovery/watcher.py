@@ -321,7 +321,7 @@ class Watcher:
                         self._events_live.set()
                     if changes:
                         await self._on_changes(changes)
-            except OSError as exc:
+            except Exception as exc:
                 self._watching = False
                 if isinstance(exc, PermissionError) and not ignore_denied:
                     log.warning(
@@ -333,48 +333,37 @@ class Watcher:
                     )
                     ignore_denied = True
                     continue
-                if force_polling:
-                    raise
-                log.warning(
-                    "events_unavailable_polling",
-                    watch=self.watch.name,
-                    error=str(exc),
-                    hint="raise fs.inotify.max_user_watches; polling this watch meanwhile",
-                )
-                force_polling = True
-            except Exception as exc:
-                self._watching = False
-                if _out_of_descriptors(exc) and not force_polling:
-                    # watchfiles reports EMFILE from creating its inotify instance as
-                    # its own error, not an OSError: without this the daemon exited.
+                hint = _why_no_events(exc)
+                if hint is not None and not force_polling:
                     log.warning(
                         "events_unavailable_polling",
                         watch=self.watch.name,
                         error=str(exc),
-                        hint="the daemon ran out of file descriptors: raise LimitNOFILE "
-                        "(or find what holds them); polling this watch until a restart",
+                        hint=hint,
                     )
                     force_polling = True
-                    continue
-                name = undecodable_name(exc)
-                if name is None:
+                elif isinstance(exc, OSError):
                     raise
-                # watchfiles cannot report a name that is not UTF-8: with inotify not
-                # even one already in the tree, and a poll stops at its first change.
-                # Poll, and walk after each such stop (the walk handles those names).
-                undecodable += 1
-                if undecodable == 1:
-                    log.warning(
-                        "events_unavailable_name",
-                        watch=self.watch.name,
-                        error=name,
-                        hint="a file or folder name that is not UTF-8 stops filesystem "
-                        "events; rename it. Polling this watch meanwhile",
-                    )
-                force_polling = True
-                self.request_rescan()
-                await self._clock.sleep(min(2.0**undecodable, UNDECODABLE_BACKOFF))
-                continue
+                else:
+                    name = undecodable_name(exc)
+                    if name is None:
+                        raise
+                    # watchfiles cannot report a name that is not UTF-8: with inotify not
+                    # even one already in the tree, and a poll stops at its first change.
+                    # Poll, and walk after each such stop (the walk handles those names).
+                    undecodable += 1
+                    if undecodable == 1:
+                        log.warning(
+                            "events_unavailable_name",
+                            watch=self.watch.name,
+                            error=name,
+                            hint="a file or folder name that is not UTF-8 stops filesystem "
+                            "events; rename it. Polling this watch meanwhile",
+                        )
+                    force_polling = True
+                    self.request_rescan()
+                    await self._clock.sleep(min(2.0**undecodable, UNDECODABLE_BACKOFF))
+                    continue
             self._watching = False
             if self._stop.is_set():
                 await anyio.sleep_forever()  # stopped: wait for the cancellation that follows
@@ -409,9 +398,23 @@ class Watcher:
             await self.scan(folder)
 
 
-def _out_of_descriptors(exc: BaseException) -> bool:
-    """Whether watchfiles failed for want of file descriptors (EMFILE, ENFILE)."""
+def _why_no_events(exc: BaseException) -> str | None:
+    """The hint for a watch that must poll because watchfiles failed, or None.
+
+    Out of file descriptors (EMFILE, ENFILE: watchfiles reports it from creating its
+    inotify instance as its own error, not an OSError), or any other OSError (the
+    inotify watch limit, mostly).
+    """
     if isinstance(exc, OSError):
-        return exc.errno in (errno.EMFILE, errno.ENFILE)
-    text = str(exc)
-    return f"os error {errno.EMFILE})" in text or f"os error {errno.ENFILE})" in text
+        descriptors = exc.errno in (errno.EMFILE, errno.ENFILE)
+    else:
+        text = str(exc)
+        descriptors = f"os error {errno.EMFILE})" in text or f"os error {errno.ENFILE})" in text
+    if descriptors:
+        return (
+            "the daemon ran out of file descriptors: raise LimitNOFILE "
+            "(or find what holds them); polling this watch until a restart"
+        )
+    if isinstance(exc, OSError):
+        return "raise fs.inotify.max_user_watches; polling this watch meanwhile"
+    return None
