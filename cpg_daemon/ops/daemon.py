@@ -63,7 +63,7 @@ class Daemon:
         handle_signals: bool = True,
         notifier: Notifier | None = None,
     ) -> None:
-        self.config = config
+        self._config = config
         self._handle_signals = handle_signals
         self._notifier = notifier or Notifier()
         self._stopping = anyio.Event()
@@ -76,6 +76,12 @@ class Daemon:
         self._config_loaded_at = self.started_at
         self._reload_error: str | None = None
         self._restart_needed: tuple[str, ...] = ()
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force: the engine's while it runs (a reload replaces it
+        there), else the one the daemon was started with."""
+        return self._engine.config if self._engine is not None else self._config
 
     @property
     def engine(self) -> Engine:
@@ -129,6 +135,8 @@ class Daemon:
                     await self._drain(engine)
                     tg.cancel_scope.cancel()
         finally:
+            if self._engine is not None:
+                self._config = self._engine.config  # as the last reload left it
             self._engine = None
             self._notifier.close()
             os.close(lock)
@@ -230,7 +238,6 @@ class Daemon:
             raise ConfigError("<config>", "", "the daemon was started without a configuration file")
         new = await anyio.to_thread.run_sync(load_config, old.path)
         plan = await self.engine.reload(new)
-        self.config = plan.config
         if plan.logging_changed:
             logs.configure(plan.config.daemon.log_format, plan.config.daemon.log_level)
         self._config_loaded_at = datetime.now(timezone.utc)
