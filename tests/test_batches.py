@@ -28,6 +28,7 @@ from pipeline import configs_of
 from s3server import S3Server
 from structlog.testing import capture_logs
 
+from cpg_daemon.core.clock import ManualClock
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.objectkeys import S3Location
 from cpg_daemon.engine import batches
@@ -245,6 +246,38 @@ async def test_hook_past_its_time_is_killed_with_its_children(tmp_path: Path) ->
     assert result.detail.startswith("timed out after 0.5 s")
     for pid in map(int, pids.read_text().split()):
         wait_until(lambda pid=pid: _gone(pid), 5, f"process {pid} to be gone")
+
+
+@pytest.mark.anyio
+async def test_a_hooks_time_limit_is_kept_on_the_engines_clock(tmp_path: Path) -> None:
+    """The limit is read on the clock the engine runs on: 300 s pass on a manual clock
+    in no real time, and the hook is killed then, not before."""
+    clock = ManualClock()
+    pid_file = tmp_path / "pid"
+    results: list[batches.HookResult] = []
+
+    async def hook() -> None:
+        command = f"echo $$ > {shlex.quote(str(pid_file))}; exec sleep 600"
+        results.append(await run_hook(command, b"", {"PATH": os.defpath}, 300, clock))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hook)
+        with anyio.fail_after(10):
+            # Started, and its time limit asleep on the clock.
+            while clock.sleepers == 0 or not pid_file.exists() or not pid_file.read_text():
+                await anyio.sleep(0.01)
+        clock.advance(299)
+        await clock.settle()
+        await anyio.sleep(0.1)
+        assert results == [], "killed before its time on the clock"
+        clock.advance(1)
+        with anyio.fail_after(10):  # SIGTERM, then a real grace if it stays
+            while not results:
+                await anyio.sleep(0.01)
+    assert results[0].detail.startswith("timed out after 300 s")
+    assert results[0].seconds == 300.0
+    pid = int(pid_file.read_text())
+    wait_until(lambda: _gone(pid), 5, "the hook to be gone")
 
 
 @pytest.mark.anyio

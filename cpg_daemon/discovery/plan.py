@@ -9,9 +9,9 @@ would be uploaded once it settles.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
+from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.objectkeys import PathFilter, key_problem, object_key
 from cpg_daemon.core.structure import RULES, Finding, check_key
@@ -63,9 +63,10 @@ class WatchPlan:
         return len(self.bad_names) + int(rejected)
 
 
-def plan_watch(watch: WatchConfig) -> WatchPlan:
-    """Walks ``watch.path`` (in sorted order, so the plan reads the same every time)."""
-    started = time.monotonic()
+def plan_watch(watch: WatchConfig, clock: Clock = SYSTEM_CLOCK) -> WatchPlan:
+    """Walks ``watch.path`` (in sorted order, so the plan reads the same every time);
+    ``seconds`` is how long that took on ``clock``."""
+    started = clock.monotonic()
     plan = WatchPlan(watch)
     path_filter = PathFilter(watch.include, watch.exclude)
     marker = ReadyMarker(watch.ready_marker)
@@ -95,7 +96,7 @@ def plan_watch(watch: WatchConfig) -> WatchPlan:
         plan.bytes += seen.size
         if len(plan.first_keys) < FIRST_KEYS:
             plan.first_keys.append(key)
-    plan.seconds = time.monotonic() - started
+    plan.seconds = clock.monotonic() - started
     return plan
 
 

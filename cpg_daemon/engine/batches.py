@@ -30,7 +30,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -183,15 +182,24 @@ async def _end(process: Process, grace: float) -> None:
     await process.wait()
 
 
+async def _reap(process: Process, exited: anyio.Event) -> None:
+    await process.wait()
+    exited.set()
+
+
 async def run_hook(
-    command: str, stdin: bytes, env: Mapping[str, str], kill_after: float = HOOK_TIMEOUT
+    command: str,
+    stdin: bytes,
+    env: Mapping[str, str],
+    kill_after: float = HOOK_TIMEOUT,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> HookResult:
     """Run ``/bin/sh -c COMMAND`` in its own process group, ``stdin`` on its standard input.
 
-    Its process group is killed after ``kill_after`` seconds, and at once (SIGTERM,
-    then SIGKILL a second later) when the caller is cancelled.
+    Its process group is killed after ``kill_after`` seconds on ``clock``, and at once
+    (SIGTERM, then SIGKILL a second later) when the caller is cancelled.
     """
-    started = time.monotonic()
+    started = clock.monotonic()
     try:
         process = await anyio.open_process(
             [SHELL, "-c", command],
@@ -210,9 +218,10 @@ async def run_hook(
             assert process.stdin is not None and process.stdout is not None
             tg.start_soon(_feed, process.stdin, stdin)
             tg.start_soon(output.read, process.stdout)
-            with anyio.move_on_after(kill_after) as deadline:
-                await process.wait()
-            if deadline.cancelled_caught:
+            exited = anyio.Event()
+            tg.start_soon(_reap, process, exited)
+            await wait_event(exited, kill_after, clock)
+            if not exited.is_set():
                 timed_out = True
                 await _end(process, HOOK_TERM_GRACE)
             with anyio.move_on_after(OUTPUT_AFTER_EXIT):
@@ -236,7 +245,7 @@ async def run_hook(
         not timed_out and returncode == 0,
         detail,
         output.text(),
-        round(time.monotonic() - started, 3),
+        round(clock.monotonic() - started, 3),
     )
 
 
@@ -290,15 +299,15 @@ class BatchTracker:
 
     def stop(self) -> None:
         """The daemon is stopping: start no more hooks (queued ones run at the next start)."""
-        self._stop_at = time.monotonic()
+        self._stop_at = self._clock.monotonic()
         for event in self._hook_queued.values():
             event.set()
 
     async def wait_hooks(self) -> None:
         """After ``stop``: return once no hook runs, or ``HOOK_STOP_GRACE`` after ``stop``."""
-        stop_at = time.monotonic() if self._stop_at is None else self._stop_at
-        with anyio.move_on_after(max(0.0, stop_at + HOOK_STOP_GRACE - time.monotonic())):
-            await self._hooks_idle.wait()
+        now = self._clock.monotonic()
+        stop_at = now if self._stop_at is None else self._stop_at
+        await wait_event(self._hooks_idle, stop_at + HOOK_STOP_GRACE - now, self._clock)
 
     def statistics(self) -> BatchStatistics:
         return BatchStatistics(
@@ -472,6 +481,7 @@ class BatchTracker:
                 json.dumps(data).encode() + b"\n",
                 hook_environment(os.environ, data),
                 self._hook_timeout,
+                self._clock,
             )
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
