@@ -7,13 +7,14 @@ import functools
 import logging
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import boto3  # type: ignore[import-untyped]
 import pytest
 from botocore.config import Config
-from loopguard import STEP_WALL_SECONDS, HarnessClient, LoopGuard
+from loopguard import STEP_WALL_SECONDS, HarnessClient, LoopGuard, harness
 from s3server import S3Server
 
 TEST_REGION = "us-east-1"
@@ -23,12 +24,18 @@ TEST_SECRET_ACCESS_KEY = "testing-secret"
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """One moto_server subprocess for the whole session (its log is in a tmp dir)."""
-    server = S3Server.start(tmp_path_factory.mktemp("moto_server"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    """One moto_server subprocess for the whole session (its log is in a tmp dir).
+
+    Started and stopped on a thread of its own: when an async test is the first to ask
+    for it, pytest sets it up while that test's event loop runs, and the loop guard
+    would rightly call the launcher's file and process work blocking.
+    """
+    with ThreadPoolExecutor(1) as thread:
+        server = thread.submit(S3Server.start, tmp_path_factory.mktemp("moto_server")).result()
+        try:
+            yield server
+        finally:
+            thread.submit(server.stop).result()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -107,6 +114,7 @@ def s3_client(s3_server: S3Server) -> Any:
 
 
 @functools.cache
+@harness
 def _sync_client(endpoint_url: str) -> Any:
     """One boto3 client per server: building one parses the S3 model (~0.1 s of CPU)."""
     return boto3.client(
