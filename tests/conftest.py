@@ -14,6 +14,7 @@ from typing import Any
 import boto3  # type: ignore[import-untyped]
 import pytest
 from botocore.config import Config
+from daemonproc import ConfigMaker
 from loopguard import STEP_WALL_SECONDS, HarnessClient, LoopGuard, harness
 from s3server import S3Server
 
@@ -151,6 +152,13 @@ def layout(tmp_path: Path) -> dict[str, Path]:
     for path in paths.values():
         path.mkdir()
     return paths
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, layout: dict[str, Path], s3_server: S3Server) -> ConfigMaker:
+    """``make_config(destination, name="run", settle="1s", s3=None, daemon=None, **watch)``
+    writes tmp_path/NAME.toml for a daemon of this test's layout (see ConfigMaker)."""
+    return ConfigMaker(tmp_path, layout, s3_server.endpoint_url)
 
 
 def _debug_loop() -> asyncio.AbstractEventLoop:

@@ -94,6 +94,39 @@ def one_watch_config(
     )
 
 
+class ConfigMaker:
+    """What the ``make_config`` fixture (conftest) gives a test: call it to write a config
+    with one watch "plates" of the test's layout (its outbox, its state dir) through the
+    session's S3 server, as ``FOLDER/NAME.toml``; it returns the config's path."""
+
+    def __init__(self, folder: Path, layout: dict[str, Path], endpoint_url: str) -> None:
+        self.folder = folder
+        self.layout = layout
+        self.endpoint_url = endpoint_url
+
+    def __call__(
+        self,
+        destination: str,
+        *,
+        name: str = "run",
+        settle: str = "1s",
+        s3: dict[str, Any] | None = None,
+        daemon: dict[str, Any] | None = None,
+        **watch: Any,
+    ) -> Path:
+        return one_watch_config(
+            self.folder / f"{name}.toml",
+            state_dir=self.layout["state"],
+            endpoint_url=self.endpoint_url,
+            watch_path=self.layout["watch"],
+            destination=destination,
+            settle=settle,
+            s3=s3,
+            daemon=daemon,
+            **watch,
+        )
+
+
 class Daemon:
     """``cpg-daemon run -c CONFIG`` as a subprocess, its output in a log file."""
 

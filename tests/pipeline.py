@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+
+import anyio
 
 from cpg_daemon.core.config import CredentialsConfig, WatchConfig
 from cpg_daemon.engine.grants import Grant
@@ -29,3 +31,16 @@ def configs_of(*watches: WatchConfig) -> Callable[[], Mapping[str, WatchConfig]]
     """The watches a batch tracker reads, by name."""
     by_name = {w.name: w for w in watches}
     return lambda: by_name
+
+
+async def until(condition: Callable[[], bool | Awaitable[bool]], seconds: float = 10.0) -> None:
+    """Wait in real time (worker threads, the journal's thread or another process do the
+    work) until ``condition`` holds; ``TimeoutError`` after ``seconds``."""
+    with anyio.fail_after(seconds):
+        while True:
+            held = condition()
+            if not isinstance(held, bool):
+                held = await held
+            if held:
+                return
+            await anyio.sleep(0.002)

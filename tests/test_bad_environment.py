@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from daemonproc import (
+    ConfigMaker,
     Daemon,
     journal_rows,
     object_bytes,
@@ -34,18 +35,6 @@ from daemonproc import (
 from s3server import S3Server
 
 PREFIX = "cpg0001-env/broad/images/2024_01_01_Batch1/images/"
-
-
-def _config(tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, bucket: str) -> Path:
-    return one_watch_config(
-        tmp_path / "env.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watch_path=layout["watch"],
-        destination=f"s3://{bucket}/{PREFIX}",
-        settle="0.3s",
-        daemon={"log_level": "info"},
-    )
 
 
 def _all_uploaded(
@@ -110,11 +99,11 @@ def test_state_dir_full_stops_new_work_and_recovers_without_corruption(
     tmp_path: Path,
     layout: dict[str, Path],
     small_state_dir: Path,
-    s3_server: S3Server,
+    make_config: ConfigMaker,
     s3_client: Any,
     bucket: str,
 ) -> None:
-    config = _config(tmp_path, layout, s3_server, bucket)
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.3s", daemon={"log_level": "info"})
     expected = {f"before/f{i:03d}.tiff": os.urandom(100) for i in range(20)}
     _drop(layout["watch"], expected)
     daemon = Daemon(config, tmp_path / "daemon.log")
@@ -176,11 +165,12 @@ def test_corrupt_journal_refuses_to_start_and_recover_journal_gets_it_going(
     tmp_path: Path,
     layout: dict[str, Path],
     s3_server: S3Server,
+    make_config: ConfigMaker,
     s3_client: Any,
     bucket: str,
     damage: str,
 ) -> None:
-    config = _config(tmp_path, layout, s3_server, bucket)
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.3s", daemon={"log_level": "info"})
     expected = {f"Plate1/f{i:03d}.tiff": os.urandom(2000) for i in range(150)}
     _drop(layout["watch"], expected)
     daemon = Daemon(config, tmp_path / "first.log")
@@ -237,9 +227,9 @@ def test_corrupt_journal_refuses_to_start_and_recover_journal_gets_it_going(
 
 
 def test_recover_journal_refuses_while_the_daemon_runs_and_leaves_a_sound_journal(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, bucket: str
 ) -> None:
-    config = _config(tmp_path, layout, s3_server, bucket)
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.3s", daemon={"log_level": "info"})
     daemon = Daemon(config, tmp_path / "daemon.log")
     try:
         daemon.wait_for_event("running")
@@ -276,9 +266,9 @@ def _user_namespaces_work() -> bool:
 
 @pytest.mark.skipif(not _user_namespaces_work(), reason="needs unprivileged user namespaces")
 def test_inotify_watch_limit_falls_back_to_polling_with_a_warning(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
-    config = _config(tmp_path, layout, s3_server, bucket)
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.3s", daemon={"log_level": "info"})
     expected = {f"Plate{i}/Images/f.tiff": f"plate {i}".encode() for i in range(6)}
     _drop(layout["watch"], expected)  # 13 folders, more than the 4 watches allowed
     daemon = Daemon(config, tmp_path / "daemon.log", wrapper=_low_watch_limit(4))
@@ -421,19 +411,11 @@ def test_clock_set_back_an_hour_does_not_hold_retries_back_and_loses_nothing(
 
 @pytest.mark.skipif(_libfaketime() is None, reason="needs the libfaketime package")
 def test_clock_set_back_does_not_hold_a_batch_complete_back(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, bucket: str
 ) -> None:
     """A batch is complete once its files are uploaded and quiet for ``settle``: the clock
     set back an hour in that quiet time must not make it an hour longer."""
-    config = one_watch_config(
-        tmp_path / "batch.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watch_path=layout["watch"],
-        destination=f"s3://{bucket}/{PREFIX}",
-        settle="4s",
-        daemon={"log_level": "info"},
-    )
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="4s", daemon={"log_level": "info"})
     offset = tmp_path / "clock-offset"
     daemon = Daemon(config, tmp_path / "daemon.log", wrapper=_settable_clock(offset))
     try:

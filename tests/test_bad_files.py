@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from daemonproc import (
+    ConfigMaker,
     Daemon,
     journal_rows,
     object_bytes,
@@ -42,29 +43,6 @@ from s3server import S3Server
 
 PREFIX = "cpg0001-test/broad/images/"
 MiB = 1024 * 1024
-
-
-def _config(
-    tmp_path: Path,
-    layout: dict[str, Path],
-    s3_server: S3Server,
-    bucket: str,
-    *,
-    name: str = "run",
-    settle: str = "1s",
-    s3: dict[str, Any] | None = None,
-    daemon: dict[str, Any] | None = None,
-) -> Path:
-    return one_watch_config(
-        tmp_path / f"{name}.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watch_path=layout["watch"],
-        destination=f"s3://{bucket}/{PREFIX}",
-        settle=settle,
-        s3=s3,
-        daemon=daemon,
-    )
 
 
 def _rows_by_path(state_dir: Path) -> dict[bytes, dict[str, Any]]:
@@ -116,10 +94,15 @@ def _all_objects(s3_client: Any, bucket: str) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.timeout(420)  # the wait below may take 300 s on a loaded machine
 def test_10000_small_files_at_once_are_all_uploaded_once(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path,
+    layout: dict[str, Path],
+    s3_server: S3Server,
+    make_config: ConfigMaker,
+    s3_client: Any,
+    bucket: str,
 ) -> None:
     count = 10_000
-    config = _config(tmp_path, layout, s3_server, bucket, settle="1s")
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="1s")
     daemon = Daemon.started(config, tmp_path / "burst.log")
     mark = s3_server.mark()
     try:
@@ -195,7 +178,14 @@ def test_unreadable_file_fails_with_its_reason_others_go_on_and_retry_sends_it(
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv: cannot run the daemon as another user")
     watch = open_layout["watch"]
-    config = _config(open_layout["top"], open_layout, s3_server, bucket, settle="0.5s")
+    config = one_watch_config(
+        open_layout["top"] / "run.toml",
+        state_dir=open_layout["state"],
+        endpoint_url=s3_server.endpoint_url,
+        watch_path=watch,
+        destination=f"s3://{bucket}/{PREFIX}",
+        settle="0.5s",
+    )
     config.chmod(0o644)
     readable = write_file(watch / "plate" / "ok.csv", b"ok\n", age=3600)
     locked_data = write_file(watch / "plate" / "locked.csv", b"locked,data\n", age=3600)
@@ -249,7 +239,12 @@ def test_unreadable_file_fails_with_its_reason_others_go_on_and_retry_sends_it(
 
 
 def test_files_deleted_while_settling_queued_or_mid_multipart_are_forgotten(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path,
+    layout: dict[str, Path],
+    s3_server: S3Server,
+    make_config: ConfigMaker,
+    s3_client: Any,
+    bucket: str,
 ) -> None:
     s3 = {
         "part_size": "5MiB",
@@ -258,7 +253,7 @@ def test_files_deleted_while_settling_queued_or_mid_multipart_are_forgotten(
         "max_bandwidth": "5MB",  # 30 MiB take about 6 s: the delete lands mid-upload
     }
     watch = layout["watch"]
-    config = _config(tmp_path, layout, s3_server, bucket, settle="1s", s3=s3)
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="1s", s3=s3)
     mark = s3_server.mark()
     daemon = Daemon.started(config, tmp_path / "vanish.log")
     try:
@@ -324,7 +319,12 @@ def test_files_deleted_while_settling_queued_or_mid_multipart_are_forgotten(
 
 
 def test_file_truncated_and_file_grown_mid_multipart_end_as_their_final_bytes(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path,
+    layout: dict[str, Path],
+    s3_server: S3Server,
+    make_config: ConfigMaker,
+    s3_client: Any,
+    bucket: str,
 ) -> None:
     s3 = {
         "part_size": "5MiB",
@@ -338,7 +338,7 @@ def test_file_truncated_and_file_grown_mid_multipart_end_as_their_final_bytes(
         PREFIX + "plate/shrinks.sqlite": [write_file(shrinking, os.urandom(20 * MiB), age=3600)],
         PREFIX + "plate/grows.sqlite": [write_file(growing, os.urandom(20 * MiB), age=3600)],
     }
-    config = _config(tmp_path, layout, s3_server, bucket, settle="1s", s3=s3)
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="1s", s3=s3)
     mark = s3_server.mark()
     daemon = Daemon.started(config, tmp_path / "change.log")
     seen: dict[str, dict[str, bytes]] = {key: {} for key in versions}
@@ -399,7 +399,7 @@ def _write_raw(watch: Path, rel: bytes, data: bytes) -> None:
 
 
 def test_odd_names_keep_their_exact_keys_and_names_s3_cannot_take_fail_with_a_reason(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     """test_daemon.py covers one key over 1024 bytes; this adds the others README names
     (control characters, not UTF-8), the 1024-byte edge, and names that URL-encoding or
@@ -422,7 +422,7 @@ def test_odd_names_keep_their_exact_keys_and_names_s3_cannot_take_fail_with_a_re
         write_file(watch / rel, data, age=3600)
     for raw in bad:
         _write_raw(watch, raw, b"never uploaded")
-    config = _config(tmp_path, layout, s3_server, bucket, settle="0.5s")
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s")
     daemon = Daemon.started(config, tmp_path / "names.log")
     try:
         for rel, data in good.items():
@@ -456,11 +456,11 @@ def test_odd_names_keep_their_exact_keys_and_names_s3_cannot_take_fail_with_a_re
 
 
 def test_names_s3_cannot_take_are_listed_with_their_reason_in_status(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     for raw in BAD_NAMES:
         _write_raw(layout["watch"], raw, b"never uploaded")
-    config = _config(tmp_path, layout, s3_server, bucket, settle="0.5s")
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s")
     daemon = Daemon.started(config, tmp_path / "listed.log")
     try:
         wait_until(
@@ -481,7 +481,7 @@ def test_a_name_that_is_not_utf8_does_not_stop_the_daemon(
     when: str,
     tmp_path: Path,
     layout: dict[str, Path],
-    s3_server: S3Server,
+    make_config: ConfigMaker,
     s3_client: Any,
     bucket: str,
 ) -> None:
@@ -491,7 +491,7 @@ def test_a_name_that_is_not_utf8_does_not_stop_the_daemon(
     raw = b"latin-1 folder \xff/inside.tiff" if when == "folder before start" else b"caf\xe9.tiff"
     if when == "folder before start":
         _write_raw(watch, raw, b"never uploaded")
-    config = _config(tmp_path, layout, s3_server, bucket, settle="0.5s")
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s")
     daemon = Daemon.started(config, tmp_path / "utf8.log")
 
     def alive(check: Any) -> Any:
@@ -538,7 +538,7 @@ def _passwd_in_no_object(s3_client: Any, bucket: str) -> dict[str, dict[str, Any
 
 
 def test_links_out_fifos_sockets_and_devices_are_never_read(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     """test_daemon.py covers links to a file of its own, a FIFO found by the first walk;
     this adds the real /etc/passwd, /etc itself, a device node, a socket, and special
@@ -550,7 +550,7 @@ def test_links_out_fifos_sockets_and_devices_are_never_read(
     os.mkfifo(watch / "plate" / "pipe.tiff")
     _make_device(watch / "plate" / "null.tiff")
     first = write_file(watch / "plate" / "first.tiff", b"first", age=3600)
-    config = _config(tmp_path, layout, s3_server, bucket, settle="0.5s")
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s")
     daemon = Daemon.started(config, tmp_path / "special.log")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -594,7 +594,7 @@ def test_queued_file_swapped_for_a_link_fifo_or_device_is_never_read_through_it(
     swap: str,
     tmp_path: Path,
     layout: dict[str, Path],
-    s3_server: S3Server,
+    make_config: ConfigMaker,
     s3_client: Any,
     bucket: str,
 ) -> None:
@@ -606,9 +606,7 @@ def test_queued_file_swapped_for_a_link_fifo_or_device_is_never_read_through_it(
         pytest.skip("only root can make a device node")
     watch = layout["watch"]
     rel = "conf/passwd" if swap == "folder link to /etc" else "plate/swapped.tiff"
-    config = _config(
-        tmp_path, layout, s3_server, bucket, settle="0.5s", daemon={"drain_timeout": "1s"}
-    )
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s", daemon={"drain_timeout": "1s"})
     (watch / "plate").mkdir()
     daemon = Daemon.started(config, tmp_path / "swap.log")
     try:

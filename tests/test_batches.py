@@ -15,17 +15,16 @@ from typing import Any
 import anyio
 import pytest
 from daemonproc import (
+    ConfigMaker,
     Daemon,
     journal_rows,
     object_bytes,
-    one_watch_config,
     run_cli,
     status_json,
     wait_until,
     write_file,
 )
-from pipeline import configs_of
-from s3server import S3Server
+from pipeline import configs_of, until
 from structlog.testing import capture_logs
 
 from cpg_daemon.core.clock import ManualClock
@@ -262,18 +261,14 @@ async def test_a_hooks_time_limit_is_kept_on_the_engines_clock(tmp_path: Path) -
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(hook)
-        with anyio.fail_after(10):
-            # Started, and its time limit asleep on the clock.
-            while clock.sleepers == 0 or not pid_file.exists() or not pid_file.read_text():
-                await anyio.sleep(0.01)
+        # Started, and its time limit asleep on the clock.
+        await until(lambda: clock.sleepers > 0 and pid_file.exists() and bool(pid_file.read_text()))
         clock.advance(299)
         await clock.settle()
         await anyio.sleep(0.1)
         assert results == [], "killed before its time on the clock"
         clock.advance(1)
-        with anyio.fail_after(10):  # SIGTERM, then a real grace if it stays
-            while not results:
-                await anyio.sleep(0.01)
+        await until(lambda: bool(results))  # SIGTERM, then a real grace if it stays
     assert results[0].detail.startswith("timed out after 300 s")
     assert results[0].seconds == 300.0
     pid = int(pid_file.read_text())
@@ -294,25 +289,6 @@ async def test_a_cancelled_hook_is_killed(tmp_path: Path) -> None:
 # -- the daemon -----------------------------------------------------------------------------
 
 
-def _config(
-    tmp_path: Path,
-    layout: dict[str, Path],
-    s3_server: S3Server,
-    bucket: str,
-    hook: str,
-    settle: str = "0.5s",
-) -> Path:
-    return one_watch_config(
-        tmp_path / "batches.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watch_path=layout["watch"],
-        destination=f"s3://{bucket}/{PREFIX}",
-        settle=settle,
-        on_batch_complete=hook,
-    )
-
-
 def _events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
     return [e for e in daemon.events() if e.get("event") == name]
 
@@ -329,11 +305,11 @@ def _read_json(path: Path) -> Any:
 
 
 def test_each_batch_completes_once_and_its_hook_gets_the_summary(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     out = shlex.quote(str(layout["hooks"]))
     hook = f'env > {out}/"$CPG_BATCH.env"; cat > {out}/"$CPG_BATCH.json"'
-    config = _config(tmp_path, layout, s3_server, bucket, hook)
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s", on_batch_complete=hook)
     staging = layout["staging"]
     sizes = {
         "Batch1/plate/a.tiff": 1000,
@@ -418,9 +394,9 @@ def test_each_batch_completes_once_and_its_hook_gets_the_summary(
 
 
 def test_a_batch_with_a_file_still_being_written_completes_once_it_is_uploaded(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
-    config = _config(tmp_path, layout, s3_server, bucket, "", settle="1.5s")
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="1.5s", on_batch_complete="")
     done = write_file(layout["watch"] / "Batch3/done.tiff", os.urandom(5000))
     old = time.time() - 3600
     os.utime(layout["watch"] / "Batch3/done.tiff", (old, old))  # settled at once
@@ -460,7 +436,7 @@ def test_a_batch_with_a_file_still_being_written_completes_once_it_is_uploaded(
 
 
 def test_failing_and_hanging_hooks_change_nothing_else(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     out = shlex.quote(str(layout["hooks"]))
     hook = (
@@ -470,7 +446,7 @@ def test_failing_and_hanging_hooks_change_nothing_else(
         "esac; "
         f'cat > {out}/"$CPG_BATCH.json"'
     )
-    config = _config(tmp_path, layout, s3_server, bucket, hook)
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s", on_batch_complete=hook)
     data = {
         "FailBatch/a.tiff": os.urandom(100),
         "FailBatch/b.tiff": os.urandom(200),
@@ -553,11 +529,11 @@ def _read_text(path: Path) -> str | None:
 
 
 def test_sigterm_while_a_hook_runs_kills_it_after_a_grace(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, bucket: str
 ) -> None:
     pid_file = layout["hooks"] / "pid"
     hook = f"echo $$ > {shlex.quote(str(pid_file))}; trap '' TERM; exec sleep 600"
-    config = _config(tmp_path, layout, s3_server, bucket, hook)
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s", on_batch_complete=hook)
     write_file(layout["watch"] / "Batch/a.tiff", b"a")
     daemon = Daemon(config, tmp_path / "stop.log")
     try:

@@ -33,10 +33,10 @@ from typing import Any
 
 import pytest
 from daemonproc import (
+    ConfigMaker,
     Daemon,
     journal_rows,
     object_bytes,
-    one_watch_config,
     wait_until,
 )
 from s3server import Request, S3Server
@@ -120,18 +120,15 @@ def test_kill_9_cycles_lose_nothing_and_send_nothing_twice(
     tmp_path: Path,
     layout: dict[str, Path],
     s3_server: S3Server,
+    make_config: ConfigMaker,
     s3_client: Any,
     bucket: str,
 ) -> None:
     rng = random.Random(SEED)
     files = _workload(rng)
     portions = _portions(files, CYCLES)
-    config = one_watch_config(
-        tmp_path / "crash.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watch_path=layout["watch"],
-        destination=f"s3://{bucket}/{PREFIX}",
+    config = make_config(
+        f"s3://{bucket}/{PREFIX}",
         settle="0.5s",
         s3={
             "part_size": "5MiB",

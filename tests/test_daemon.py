@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from daemonproc import (
+    ConfigMaker,
     Daemon,
     journal_rows,
     object_bytes,
-    one_watch_config,
     wait_object,
     wait_until,
     write_file,
@@ -25,36 +25,9 @@ from s3server import S3Server
 MiB = 1024 * 1024
 
 
-def _config(
-    tmp_path: Path,
-    layout: dict[str, Path],
-    s3_server: S3Server,
-    destination: str,
-    *,
-    name: str,
-    settle: str = "1s",
-    s3: dict[str, Any] | None = None,
-    daemon: dict[str, Any] | None = None,
-    **watch: Any,
-) -> Path:
-    """A config with one watch "plates" of the layout's outbox (settle 1 s unless given)."""
-    return one_watch_config(
-        tmp_path / f"{name}.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watch_path=layout["watch"],
-        destination=destination,
-        settle=settle,
-        s3=s3,
-        daemon=daemon,
-        **watch,
-    )
-
-
 def _start(
     tmp_path: Path,
-    layout: dict[str, Path],
-    s3_server: S3Server,
+    make_config: ConfigMaker,
     bucket: str,
     *,
     settle: str = "1s",
@@ -63,9 +36,7 @@ def _start(
     name: str = "run",
 ) -> Daemon:
     destination = f"s3://{bucket}/cpg0001-test/broad/images/"
-    config = _config(
-        tmp_path, layout, s3_server, destination, name=name, s3=s3, daemon=daemon, settle=settle
-    )
+    config = make_config(destination, name=name, s3=s3, daemon=daemon, settle=settle)
     return Daemon.started(config, tmp_path / f"{name}.log")
 
 
@@ -73,7 +44,7 @@ PREFIX = "cpg0001-test/broad/images/"
 
 
 def test_batch_moved_into_watch_is_uploaded_and_sigterm_exits_0(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     rng = random.Random(1)
     batch = layout["staging"] / "2024_04_01_Batch1"
@@ -90,7 +61,7 @@ def test_batch_moved_into_watch_is_uploaded_and_sigterm_exits_0(
         "naïve 日本.csv": write_file(batch / "naïve 日本.csv", b"a,b\n1,2\n"),
         ".hidden": write_file(batch / ".hidden", b"never uploaded"),
     }
-    daemon = _start(tmp_path, layout, s3_server, bucket)
+    daemon = _start(tmp_path, make_config, bucket)
     try:
         os.rename(batch, layout["watch"] / batch.name)  # `mv` on the same filesystem
         for rel, data in files.items():
@@ -112,9 +83,9 @@ def test_batch_moved_into_watch_is_uploaded_and_sigterm_exits_0(
 
 
 def test_file_still_being_written_is_uploaded_only_once_settled(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
-    daemon = _start(tmp_path, layout, s3_server, bucket, settle="1.5s")
+    daemon = _start(tmp_path, make_config, bucket, settle="1.5s")
     path = layout["watch"] / "growing.sqlite"
     key = f"{PREFIX}growing.sqlite"
     chunks = [os.urandom(64 * 1024) for _ in range(12)]
@@ -147,7 +118,12 @@ def test_file_still_being_written_is_uploaded_only_once_settled(
 
 
 def test_kill_9_during_multipart_resumes_without_resending_parts(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path,
+    layout: dict[str, Path],
+    s3_server: S3Server,
+    make_config: ConfigMaker,
+    s3_client: Any,
+    bucket: str,
 ) -> None:
     s3 = {
         "part_size": "5MiB",
@@ -159,7 +135,7 @@ def test_kill_9_during_multipart_resumes_without_resending_parts(
     data = os.urandom(60 * MiB)
     key = f"{PREFIX}big/plate.sqlite"
     start_mark = s3_server.mark()
-    first = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="first")
+    first = _start(tmp_path, make_config, bucket, s3=s3, name="first")
     write_file(layout["watch"] / "big/plate.sqlite", data)
     # Backdate the file so it is settled at once (as a file copied with its mtime is).
     os.utime(layout["watch"] / "big/plate.sqlite", (time.time() - 3600, time.time() - 3600))
@@ -179,7 +155,7 @@ def test_kill_9_during_multipart_resumes_without_resending_parts(
     assert rows[0]["upload_id"] in upload_ids
 
     resume_mark = s3_server.mark()
-    second = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="second")
+    second = _start(tmp_path, make_config, bucket, s3=s3, name="second")
     try:
         wait_object(s3_client, bucket, key, data, timeout=60)
     finally:
@@ -200,7 +176,12 @@ def test_kill_9_during_multipart_resumes_without_resending_parts(
 
 
 def test_sigterm_mid_multipart_exits_0_by_the_deadline_and_the_next_start_completes(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path,
+    layout: dict[str, Path],
+    s3_server: S3Server,
+    make_config: ConfigMaker,
+    s3_client: Any,
+    bucket: str,
 ) -> None:
     s3 = {
         "part_size": "5MiB",
@@ -220,7 +201,7 @@ def test_sigterm_mid_multipart_exits_0_by_the_deadline_and_the_next_start_comple
 
     # 1. SIGTERM: in-flight parts get daemon.drain_timeout, then the daemon exits 0.
     graceful = _start(
-        tmp_path, layout, s3_server, bucket, s3=s3, daemon={"drain_timeout": "2s"}, name="term"
+        tmp_path, make_config, bucket, s3=s3, daemon={"drain_timeout": "2s"}, name="term"
     )
     wait_until(lambda: parts_sent(), 30, "a first part")
     stop_at = time.monotonic()
@@ -233,7 +214,7 @@ def test_sigterm_mid_multipart_exits_0_by_the_deadline_and_the_next_start_comple
 
     # 2. A second signal does not wait for the (long) deadline.
     forced = _start(
-        tmp_path, layout, s3_server, bucket, s3=s3, daemon={"drain_timeout": "60s"}, name="force"
+        tmp_path, make_config, bucket, s3=s3, daemon={"drain_timeout": "60s"}, name="force"
     )
     wait_until(lambda: len(parts_sent()) > len(after_first), 30, "another part")
     forced.process.send_signal(signal.SIGTERM)
@@ -246,7 +227,7 @@ def test_sigterm_mid_multipart_exits_0_by_the_deadline_and_the_next_start_comple
     assert len(after_second) < 8, "the upload finished; the test proves nothing"
 
     # 3. The next start finishes the same multipart upload, no part sent twice.
-    final = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="final")
+    final = _start(tmp_path, make_config, bucket, s3=s3, name="final")
     try:
         wait_object(s3_client, bucket, key, data, timeout=60)
     finally:
@@ -259,7 +240,12 @@ def test_sigterm_mid_multipart_exits_0_by_the_deadline_and_the_next_start_comple
 
 
 def test_restart_and_lost_journal_do_not_upload_again(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path,
+    layout: dict[str, Path],
+    s3_server: S3Server,
+    make_config: ConfigMaker,
+    s3_client: Any,
+    bucket: str,
 ) -> None:
     s3 = {"part_size": "5MiB", "multipart_threshold": "5MiB"}
     rng = random.Random(2)
@@ -267,7 +253,7 @@ def test_restart_and_lost_journal_do_not_upload_again(
     files["plate/big.sqlite"] = rng.randbytes(6 * MiB)  # multipart
     for rel, data in files.items():
         write_file(layout["watch"] / rel, data)
-    daemon = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="first")
+    daemon = _start(tmp_path, make_config, bucket, s3=s3, name="first")
     try:
         for rel, data in files.items():
             wait_object(s3_client, bucket, PREFIX + rel, data)
@@ -280,7 +266,7 @@ def test_restart_and_lost_journal_do_not_upload_again(
 
     # A plain restart: the journal knows everything is done.
     mark = s3_server.mark()
-    daemon = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="restart")
+    daemon = _start(tmp_path, make_config, bucket, s3=s3, name="restart")
     try:
         wait_until(all_uploaded, 30, "the journal to list every file as uploaded")
         daemon.wait_for_event("scanned")
@@ -298,7 +284,7 @@ def test_restart_and_lost_journal_do_not_upload_again(
     shutil.rmtree(layout["state"])
     layout["state"].mkdir()
     mark = s3_server.mark()
-    daemon = _start(tmp_path, layout, s3_server, bucket, s3=s3, name="lost")
+    daemon = _start(tmp_path, make_config, bucket, s3=s3, name="lost")
     try:
         wait_until(all_uploaded, 30, "the new journal to list every file as uploaded")
     finally:
@@ -310,11 +296,11 @@ def test_restart_and_lost_journal_do_not_upload_again(
 
 
 def test_changed_file_is_uploaded_again(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     path = layout["watch"] / "profiles.csv"
     write_file(path, b"version 1\n")
-    daemon = _start(tmp_path, layout, s3_server, bucket, settle="0.5s")
+    daemon = _start(tmp_path, make_config, bucket, settle="0.5s")
     try:
         wait_object(s3_client, bucket, PREFIX + "profiles.csv", b"version 1\n")
         write_file(path, b"version 2 (longer)\n")
@@ -324,12 +310,12 @@ def test_changed_file_is_uploaded_again(
 
 
 def test_name_s3_cannot_take_is_failed_visibly_and_others_continue(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     long_name = "/".join(["d" * 200] * 5) + "/image.tiff"  # a legal path, a 1000+ byte key
     write_file(layout["watch"] / long_name, b"data")
     write_file(layout["watch"] / "fine.tiff", b"fine")
-    daemon = _start(tmp_path, layout, s3_server, bucket)
+    daemon = _start(tmp_path, make_config, bucket)
     try:
         wait_object(s3_client, bucket, PREFIX + "fine.tiff", b"fine")
         rows = wait_until(
@@ -344,7 +330,7 @@ def test_name_s3_cannot_take_is_failed_visibly_and_others_continue(
 
 
 def test_symlinks_and_special_files_are_never_uploaded(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     secret = tmp_path / "outside" / "passwd"
     write_file(secret, b"root:x:0:0::/root:/bin/bash\n")
@@ -353,7 +339,7 @@ def test_symlinks_and_special_files_are_never_uploaded(
     os.symlink(secret.parent, layout["watch"] / "outside-dir")  # a folder link out of it
     os.mkfifo(layout["watch"] / "plate" / "pipe")
     write_file(layout["watch"] / "plate" / "real.tiff", b"image")
-    daemon = _start(tmp_path, layout, s3_server, bucket)
+    daemon = _start(tmp_path, make_config, bucket)
     try:
         wait_object(s3_client, bucket, PREFIX + "plate/real.tiff", b"image")
         time.sleep(1.5)  # one more settle period for anything else to show up
@@ -365,11 +351,11 @@ def test_symlinks_and_special_files_are_never_uploaded(
 
 
 def test_restart_gives_failed_files_another_round(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     write_file(layout["watch"] / "a.tiff", b"a")
     # Files for a bucket that does not exist fail with a clear reason ...
-    config = _config(tmp_path, layout, s3_server, f"s3://{bucket}-missing/x/", name="missing")
+    config = make_config(f"s3://{bucket}-missing/x/")
     daemon = Daemon(config, tmp_path / "missing.log")
     try:
         rows = wait_until(
@@ -392,17 +378,9 @@ def test_restart_gives_failed_files_another_round(
 
 
 def test_ready_marker_holds_a_folder_back_until_it_appears(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
-    config = _config(
-        tmp_path,
-        layout,
-        s3_server,
-        f"s3://{bucket}/{PREFIX}",
-        name="marker",
-        settle="0.5s",
-        ready_marker="UPLOAD_READY",
-    )
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s", ready_marker="UPLOAD_READY")
     write_file(layout["watch"] / "Batch1" / "plate" / "a.tiff", b"a")
     write_file(layout["watch"] / "top-level.csv", b"t")
     daemon = Daemon(config, tmp_path / "marker.log")
@@ -420,10 +398,10 @@ def test_ready_marker_holds_a_folder_back_until_it_appears(
 
 
 def test_watch_folder_created_after_start_is_picked_up(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     layout["watch"].rmdir()  # e.g. a network mount that is not there yet
-    daemon = _start(tmp_path, layout, s3_server, bucket)
+    daemon = _start(tmp_path, make_config, bucket)
     try:
         daemon.wait_for_event("watch_path_missing")
         staged = layout["staging"] / "outbox"
@@ -436,7 +414,7 @@ def test_watch_folder_created_after_start_is_picked_up(
 
 
 def test_metrics_endpoint_reports_what_was_uploaded(
-    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     import socket
     import urllib.request
@@ -444,14 +422,8 @@ def test_metrics_endpoint_reports_what_was_uploaded(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    config = one_watch_config(
-        tmp_path / "metrics.toml",
-        state_dir=layout["state"],
-        endpoint_url=s3_server.endpoint_url,
-        watch_path=layout["watch"],
-        destination=f"s3://{bucket}/{PREFIX}",
-        settle="0.5s",
-        daemon={"metrics_listen": f"127.0.0.1:{port}"},
+    config = make_config(
+        f"s3://{bucket}/{PREFIX}", settle="0.5s", daemon={"metrics_listen": f"127.0.0.1:{port}"}
     )
     for i in range(3):
         write_file(layout["watch"] / f"{i}.tiff", b"x" * (100 + i))

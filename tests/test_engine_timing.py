@@ -9,13 +9,13 @@ for real) until the component is asleep on the clock again before looking.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 import anyio
 import pytest
-from pipeline import configs_of, table_of
+from pipeline import configs_of, table_of, until
 from structlog.testing import capture_logs
 
 from cpg_daemon.core.clock import ManualClock
@@ -53,22 +53,13 @@ async def _uploaded(journal: Journal, record: FileRecord) -> None:
     assert await journal.mark_uploaded(record, etag="e", checksum_algorithm="CRC32C", checksum="c")
 
 
-async def _until(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
-    """Wait (real time: the journal works in its thread) until ``check()`` is true."""
-    for _ in range(int(seconds / 0.002)):
-        if await check():
-            return
-        await anyio.sleep(0.002)
-    raise AssertionError(f"not true within {seconds} s")
-
-
 async def _asleep(clock: ManualClock, sleepers: int = 1) -> None:
     """Wait until ``sleepers`` tasks sleep on ``clock``: the component has done its work."""
 
     async def check() -> bool:
         return clock.sleepers == sleepers
 
-    await _until(check)
+    await until(check)
 
 
 # -- batch quiet time -----------------------------------------------------------------------
@@ -207,7 +198,7 @@ async def test_a_throttled_file_keeps_its_attempts_and_waits_out_the_pause(
     with capture_logs() as logs:
         async with anyio.create_task_group() as tg:
             await tg.start(scheduler.run)
-            await _until(put_back)
+            await until(put_back)
             stats = scheduler.statistics()
             assert (stats.throttled, stats.concurrency, stats.put_back) == (True, 1, 1)
             assert 0.8 <= stats.pause_left <= 1.2
@@ -219,7 +210,7 @@ async def test_a_throttled_file_keeps_its_attempts_and_waits_out_the_pause(
             assert pause is not None and 0.8 <= pause <= 1.2
             assert [name for name, _ in uploads.calls] == ["a"]
             clock.advance(pause)
-            await _until(uploaded)
+            await until(uploaded)
             await clock.settle()
             stats = scheduler.statistics()
             assert (stats.throttled, stats.concurrency, stats.pause_left) == (True, 2, 0.0)

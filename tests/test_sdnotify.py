@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from daemonproc import Daemon, one_watch_config, run_cli, wait_until
-from s3server import S3Server
+from daemonproc import ConfigMaker, Daemon, run_cli, wait_until
 
 from cpg_daemon.ops import control
 from cpg_daemon.ops.systemd import Notifier
@@ -78,24 +77,15 @@ def manager(tmp_path: Path) -> Iterator[FakeManager]:
     thread.join(5)
 
 
-def _daemon(tmp_path: Path, s3_server: S3Server, bucket: str, manager: FakeManager) -> Daemon:
-    watch = tmp_path / "outbox"
-    watch.mkdir(exist_ok=True)
-    config = one_watch_config(
-        tmp_path / "config.toml",
-        state_dir=tmp_path / "state",
-        endpoint_url=s3_server.endpoint_url,
-        watch_path=watch,
-        destination=f"s3://{bucket}/cpg0001-test/broad/images/",
-        settle="1s",
-    )
-    manager.control_socket = tmp_path / "state" / "control.sock"
+def _daemon(tmp_path: Path, make_config: ConfigMaker, bucket: str, manager: FakeManager) -> Daemon:
+    config = make_config(f"s3://{bucket}/cpg0001-test/broad/images/", settle="1s")
+    manager.control_socket = tmp_path / "state" / "control.sock"  # the layout's state dir
     return Daemon(config, tmp_path / "daemon.log")
 
 
 def test_ready_after_socket_answers_then_watchdog_status_and_stopping(
     tmp_path: Path,
-    s3_server: S3Server,
+    make_config: ConfigMaker,
     bucket: str,
     manager: FakeManager,
     monkeypatch: pytest.MonkeyPatch,
@@ -105,7 +95,7 @@ def test_ready_after_socket_answers_then_watchdog_status_and_stopping(
     (tmp_path / "outbox" / "Batch1").mkdir(parents=True)
     (tmp_path / "outbox" / "Batch1" / "a.tiff").write_bytes(b"x" * 1000)
     os.utime(tmp_path / "outbox" / "Batch1" / "a.tiff", (1, 1))  # settled already
-    daemon = _daemon(tmp_path, s3_server, bucket, manager)
+    daemon = _daemon(tmp_path, make_config, bucket, manager)
     try:
         ready = wait_until(lambda: manager.with_field("READY", "1"), 30, "READY=1")
         assert len(ready) == 1
@@ -138,13 +128,13 @@ def test_ready_after_socket_answers_then_watchdog_status_and_stopping(
 
 def test_reload_is_reported_with_reloading_then_ready(
     tmp_path: Path,
-    s3_server: S3Server,
+    make_config: ConfigMaker,
     bucket: str,
     manager: FakeManager,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", manager.address)
-    daemon = _daemon(tmp_path, s3_server, bucket, manager)
+    daemon = _daemon(tmp_path, make_config, bucket, manager)
     try:
         wait_until(lambda: manager.with_field("READY", "1"), 30, "READY=1")
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -167,10 +157,10 @@ def test_reload_is_reported_with_reloading_then_ready(
 
 
 def test_without_notify_socket_nothing_is_sent_and_status_still_works(
-    tmp_path: Path, s3_server: S3Server, bucket: str, manager: FakeManager
+    tmp_path: Path, make_config: ConfigMaker, bucket: str, manager: FakeManager
 ) -> None:
     assert "NOTIFY_SOCKET" not in os.environ
-    daemon = _daemon(tmp_path, s3_server, bucket, manager)
+    daemon = _daemon(tmp_path, make_config, bucket, manager)
     try:
         daemon.wait_for_event("running")
         result = run_cli("status", "-s", str(manager.control_socket))

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 from daemonproc import (
+    ConfigMaker,
     Daemon,
     journal_rows,
     object_bytes,
-    one_watch_config,
     run_cli,
     status_json,
     wait_until,
@@ -25,7 +25,6 @@ from daemonproc import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
-from s3server import S3Server
 
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.objectkeys import parse_s3_uri
@@ -375,23 +374,15 @@ async def test_reject_after_warn_fails_queued_files_for_good_and_leaves_uploaded
 # -- the daemon ----------------------------------------------------------------------------
 
 
-def _daemon(tmp_path: Path, s3_server: S3Server, destination: str, **watch: Any) -> Daemon:
-    config = one_watch_config(
-        tmp_path / "config.toml",
-        state_dir=tmp_path / "state",
-        endpoint_url=s3_server.endpoint_url,
-        watch_path=tmp_path / "outbox",
-        destination=destination,
-        settle="1s",
-        **watch,
-    )
+def _daemon(tmp_path: Path, make_config: ConfigMaker, destination: str, **watch: Any) -> Daemon:
+    config = make_config(destination, settle="1s", **watch)  # the layout's tmp_path/outbox
     daemon = Daemon(config, tmp_path / "daemon.log")
     daemon.wait_for_event("running")
     return daemon
 
 
 def test_reject_keeps_offending_files_out_visibly_and_uploads_the_rest(
-    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     outbox = tmp_path / "outbox"
     good = {
@@ -408,7 +399,7 @@ def test_reject_keeps_offending_files_out_visibly_and_uploads_the_rest(
     for rel in bad:
         write_file(outbox / rel, b"kept out")
     prefix = "cpg0123-example/broad/images/2024_04_01_Batch8/"
-    daemon = _daemon(tmp_path, s3_server, f"s3://{bucket}/{prefix}", structure="reject")
+    daemon = _daemon(tmp_path, make_config, f"s3://{bucket}/{prefix}", structure="reject")
     try:
         for rel, data in good.items():
             wait_until(
@@ -452,7 +443,7 @@ def test_reject_keeps_offending_files_out_visibly_and_uploads_the_rest(
 
 
 def test_warn_uploads_everything_and_reports_each_folder_and_rule_once(
-    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     outbox = tmp_path / "outbox"
     files = [
@@ -466,7 +457,7 @@ def test_warn_uploads_everything_and_reports_each_folder_and_rule_once(
     for rel in files:
         write_file(outbox / rel, rel.encode())
     prefix = "cpg0123-example/broad/images/"
-    daemon = _daemon(tmp_path, s3_server, f"s3://{bucket}/{prefix}")  # structure: the default
+    daemon = _daemon(tmp_path, make_config, f"s3://{bucket}/{prefix}")  # structure: the default
     try:
         for rel in files:
             wait_until(
@@ -510,10 +501,10 @@ def test_warn_uploads_everything_and_reports_each_folder_and_rule_once(
 
 
 def test_off_checks_nothing(
-    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+    tmp_path: Path, make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
     write_file(tmp_path / "outbox" / "Plate 1" / "x.tiff", b"x")
-    daemon = _daemon(tmp_path, s3_server, f"s3://{bucket}/whatever/", structure="off")
+    daemon = _daemon(tmp_path, make_config, f"s3://{bucket}/whatever/", structure="off")
     try:
         wait_until(
             lambda: object_bytes(s3_client, bucket, "whatever/Plate 1/x.tiff") == b"x",

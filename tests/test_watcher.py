@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from pipeline import until
 
 from cpg_daemon.core.clock import ManualClock
 from cpg_daemon.core.config import WatchConfig
@@ -33,18 +34,6 @@ async def journal(tmp_path: Path) -> AsyncIterator[Journal]:
         yield journal
     finally:
         await journal.close()
-
-
-async def until(condition: Callable[[], bool | Awaitable[bool]], seconds: float = 10.0) -> None:
-    """Wait (in real time: worker threads do the walking) until ``condition`` holds."""
-    with anyio.fail_after(seconds):
-        while True:
-            held = condition()
-            if not isinstance(held, bool):
-                held = await held
-            if held:
-                return
-            await anyio.sleep(0.005)
 
 
 async def advance(clock: ManualClock, seconds: float) -> None:
