@@ -37,12 +37,15 @@ from anyio.abc import TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from cpg_daemon.core.errors import CpgError, FatalError
+from cpg_daemon.ops import listeners
 
 log = structlog.get_logger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
 READ_TIMEOUT = 30.0
+MAX_CLIENTS = 64
+"""Clients served at once; the next ones are told the daemon is busy (see listeners)."""
 CLIENT_TIMEOUT = 10.0
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
@@ -165,16 +168,14 @@ class ControlServer:
             await anyio.to_thread.run_sync(self._set_permissions)
             log.info("control_socket_listening", socket=str(self.path))
             task_status.started()
-            async with listener, anyio.create_task_group() as clients:
-                while True:
-                    try:
-                        stream = await listener.accept()
-                    except (OSError, anyio.BrokenResourceError) as exc:
-                        # Out of descriptors, say: the clients wait, the daemon goes on.
-                        log.warning("control_accept_failed", error=str(exc.__cause__ or exc))
-                        await anyio.sleep(0.5)
-                        continue
-                    clients.start_soon(self._serve_client, stream)
+            async with listener:
+                await listeners.serve(
+                    [listener],
+                    self._serve_client,
+                    name="control",
+                    limit=MAX_CLIENTS,
+                    turn_away=_turn_away,
+                )
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._remove)
@@ -254,6 +255,11 @@ class ControlServer:
         if command.mutating:
             log.info("control_command", command=name, args=args, peer_uid=peer and peer.uid)
         return {"ok": True, "result": result}
+
+
+async def _turn_away(stream: anyio.abc.SocketStream) -> None:
+    busy = f"the daemon serves {MAX_CLIENTS} clients already; try again in a moment"
+    await _reply(stream, {"ok": False, "error": busy})
 
 
 async def _reply(stream: anyio.abc.SocketStream, reply: dict[str, Any]) -> None:

@@ -29,16 +29,17 @@ from cpg_daemon.core.units import format_size
 from cpg_daemon.engine.grants import assign
 from cpg_daemon.engine.runtime import Engine
 from cpg_daemon.journal import JOURNAL_NAME, lock_state_dir
-from cpg_daemon.ops import logs
+from cpg_daemon.ops import listeners, logs
 from cpg_daemon.ops.commands import Commands
 from cpg_daemon.ops.control import (
+    MAX_CLIENTS,
     CommandError,
     ControlServer,
     Handler,
     Registry,
     prepare_socket_path,
 )
-from cpg_daemon.ops.metrics import MetricsServer
+from cpg_daemon.ops.metrics import MAX_SCRAPES, MetricsServer
 from cpg_daemon.ops.status import ConfigStatus, StatusReply
 from cpg_daemon.ops.systemd import Notifier
 
@@ -51,6 +52,19 @@ START_EXTENSION = 90.0
 STOP_MARGIN = 10.0
 """Seconds asked for on stopping beyond daemon.drain_timeout, to close the journal."""
 PR_SET_DUMPABLE = 4
+
+
+def _warn_if_few_descriptors(limit: int, config: Config) -> None:
+    """Each upload may hold a file and a connection; each listener caps its clients."""
+    needed = 2 * config.s3.max_concurrency + 2 * (MAX_CLIENTS + MAX_SCRAPES) + 256
+    if limit < needed:
+        log.warning(
+            "open_files_limit_low",
+            limit=limit,
+            needed=needed,
+            consequence="uploads may fail with 'Too many open files'",
+            fix="raise LimitNOFILE= in the unit, or lower s3.max_concurrency",
+        )
 
 
 class Daemon:
@@ -115,6 +129,7 @@ class Daemon:
             prepare_socket_path, config.daemon.socket, config.daemon.socket_group
         )
         lock = await anyio.to_thread.run_sync(lock_state_dir, config.daemon.state_dir)
+        open_files = listeners.raise_open_files_limit()
         try:
             journal = config.daemon.state_dir / JOURNAL_NAME
             async with Engine.open(config, journal, assignment=assignment) as engine:
@@ -127,7 +142,9 @@ class Daemon:
                     resumed_files=engine.resumed.in_flight,
                     retried_failed_files=engine.resumed.failed,
                     watches=list(engine.table),
+                    open_files_limit=open_files,
                 )
+                _warn_if_few_descriptors(open_files, config)
                 registry = Commands(self).registry()
                 async with anyio.create_task_group() as tg:
                     await self._start_up(tg, engine, registry)

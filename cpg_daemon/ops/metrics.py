@@ -20,11 +20,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from cpg_daemon.ops import listeners
 from cpg_daemon.ops.status import StatusReply
 
 log = structlog.get_logger(__name__)
 
 Snapshot = Callable[[], Awaitable[StatusReply]]
+
+MAX_SCRAPES = 16
+"""Scrapes served at once (a connection is held at most 10 s); more get 503."""
 
 
 def metric_families(status: StatusReply) -> Iterator[Metric]:
@@ -95,6 +99,10 @@ def exposition(status: StatusReply) -> bytes:
     return generate_latest(registry)
 
 
+async def _busy(stream: anyio.abc.SocketStream) -> None:
+    await stream.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+
+
 class MetricsServer:
     """Answers every HTTP GET with the current metrics."""
 
@@ -109,7 +117,14 @@ class MetricsServer:
         log.info("metrics_listening", address=f"{self.host}:{self.port}")
         task_status.started()
         async with listener:
-            await listener.serve(self._answer)
+            sockets = [x for x in listener.listeners if isinstance(x, anyio.abc.SocketListener)]
+            await listeners.serve(
+                sockets,
+                self._answer,
+                name="metrics",
+                limit=MAX_SCRAPES,
+                turn_away=_busy,
+            )
 
     async def _answer(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:

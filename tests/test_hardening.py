@@ -1,0 +1,108 @@
+"""What a local user may try against a running daemon, tried against a real one.
+
+Each attack runs against a ``cpg-daemon run`` subprocess started, as systemd starts a
+service, with a soft limit of 1,024 open files; afterwards the daemon is still up and
+a small file dropped into its watch is uploaded in its normal time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonproc import ConfigMaker, Daemon, exchange, wait_object, write_file
+
+PREFIX = "cpg0001-test/broad/images/"
+SYSTEMD_LIMIT = ("prlimit", "--nofile=1024:4096", "--")
+"""The daemon's limit as under systemd: soft 1,024 (the hard one is 524,288 there)."""
+HELD = 1_200
+"""Idle connections an attacker holds: more than the daemon's soft limit at start."""
+UPLOAD_WITHIN = 20.0
+"""Seconds a small file may take to reach S3 (settle 0.5 s; a loaded machine's margin)."""
+
+
+@pytest.fixture
+def enough_descriptors() -> Iterator[None]:
+    """The attacker (this test) may hold HELD connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 3 * HELD + 256
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"the hard limit on open files ({hard}) is below {want}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _hold(count: int, family: int, address: Any) -> list[socket.socket]:
+    """``count`` connections that send nothing; those the daemon closed are kept too."""
+    held = []
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(5)
+        with contextlib.suppress(OSError):  # the backlog is full: enough is held
+            sock.connect(address)
+        held.append(sock)
+    return held
+
+
+def _events(daemon: Daemon, name: str) -> list[dict[str, Any]]:
+    return [e for e in daemon.events() if e.get("event") == name]
+
+
+def test_a_thousand_idle_connections_neither_stop_the_daemon_nor_hold_up_an_upload(
+    layout: dict[str, Path],
+    make_config: ConfigMaker,
+    s3_client: Any,
+    bucket: str,
+    enough_descriptors: None,
+) -> None:
+    port = _free_port()
+    config = make_config(
+        f"s3://{bucket}/{PREFIX}", settle="0.5s", daemon={"metrics_listen": f"127.0.0.1:{port}"}
+    )
+    daemon = Daemon(config, layout["state"].parent / "daemon.log", wrapper=SYSTEMD_LIMIT)
+    held: list[socket.socket] = []
+    try:
+        daemon.wait_for_event("running")
+        assert _events(daemon, "starting")[0]["open_files_limit"] == 4096  # the hard limit
+        sock = layout["state"] / "control.sock"
+        held += _hold(HELD, socket.AF_INET, ("127.0.0.1", port))
+        held += _hold(HELD, socket.AF_UNIX, str(sock))
+        began = time.monotonic()
+        data = write_file(layout["watch"] / "Batch1" / "after.csv", b"still here\n")
+        wait_object(s3_client, bucket, f"{PREFIX}Batch1/after.csv", data, UPLOAD_WITHIN)
+        took = time.monotonic() - began
+        assert daemon.process.poll() is None, daemon.log_text()[-3000:]
+        # Turned away, not served or left waiting: a scrape and a command say so.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as scrape:
+            scrape.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert scrape.recv(100).startswith(b"HTTP/1.1 503")
+        busy = exchange(sock, b'{"v": 1, "command": "status"}\n')
+        assert busy[0]["ok"] is False and "try again" in busy[0]["error"], busy
+        # One warning per listener, not one per connection.
+        assert len(_events(daemon, "metrics_busy")) == 1
+        assert len(_events(daemon, "control_busy")) == 1
+    finally:
+        for connection in held:
+            connection.close()
+    # The attacker gone, everything answers again.
+    reply = exchange(sock, b'{"v": 1, "command": "status"}\n')
+    assert reply[0]["ok"] is True, reply
+    assert reply[0]["result"]["files"]["uploaded"] == 1
+    assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    print(f"a file uploaded in {took:.1f} s while {len(held)} connections were held")
