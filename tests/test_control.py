@@ -431,6 +431,15 @@ def _max_queued_events() -> int:
         pytest.skip("needs Linux inotify")
 
 
+def _stopped(pid: int) -> bool:
+    """Whether every thread of the process is stopped (state T in /proc)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+    return bool(states) and all(state in ("T", "t") for state in states)
+
+
 def test_rescan_finds_a_file_whose_events_were_lost(
     tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
 ) -> None:
@@ -449,6 +458,8 @@ def test_rescan_finds_a_file_whose_events_were_lost(
         time.sleep(SETTLE_S)
         os.kill(daemon.process.pid, signal.SIGSTOP)
         try:
+            # Every thread stopped (a loaded machine may take a while): none reads events.
+            wait_until(lambda: _stopped(daemon.process.pid), 10, "the daemon to stop")
             for _ in range(limit // 4 + 1000):  # two renames, four events a round
                 os.rename(churn, other)
                 os.rename(other, churn)
