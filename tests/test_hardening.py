@@ -1,8 +1,8 @@
 """What a local user may try against a running daemon, tried against a real one.
 
-Each attack runs against a ``cpg-daemon run`` subprocess started, as systemd starts a
-service, with a soft limit of 1,024 open files; afterwards the daemon is still up and
-a small file dropped into its watch is uploaded in its normal time.
+A user who may connect to its listeners, and a writer into a watched folder: after
+each attack the daemon is still up, a small file is uploaded in its normal time, and
+what it prints is what happened.
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonproc import ConfigMaker, Daemon, exchange, wait_object, write_file
+from daemonproc import (
+    ConfigMaker,
+    Daemon,
+    exchange,
+    run_cli,
+    status_json,
+    wait_object,
+    wait_until,
+    write_file,
+)
 
 PREFIX = "cpg0001-test/broad/images/"
 SYSTEMD_LIMIT = ("prlimit", "--nofile=1024:4096", "--")
@@ -106,3 +115,32 @@ def test_a_thousand_idle_connections_neither_stop_the_daemon_nor_hold_up_an_uplo
     assert reply[0]["result"]["files"]["uploaded"] == 1
     assert daemon.terminate() == 0, daemon.log_text()[-3000:]
     print(f"a file uploaded in {took:.1f} s while {len(held)} connections were held")
+
+
+def test_names_in_a_watch_cannot_forge_what_status_and_check_print(
+    layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
+) -> None:
+    """Escape sequences (clear the screen, set the title) and a newline that starts a
+    forged line: S3 takes neither name, so both show up as failed files, by name."""
+    forged = {
+        "\x1b[2J\x1b]0;pwned\x07all good.csv": "\\x1b[2J\\x1b]0;pwned\\x07all good.csv",
+        "x\n999 uploaded, 0 failed.csv": "x\\n999 uploaded, 0 failed.csv",
+    }
+    for name in forged:
+        write_file(layout["watch"] / "Batch1" / name, b"x\n")
+    data = write_file(layout["watch"] / "Batch1" / "fine.csv", b"fine\n")
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s")
+    daemon = Daemon.started(config, layout["state"].parent / "names.log")
+    try:
+        wait_object(s3_client, bucket, f"{PREFIX}Batch1/fine.csv", data)
+        wait_until(lambda: status_json(config)["files"]["failed"] == 2, 30, "two failed names")
+        status = run_cli("status", "-c", str(config))
+        check = run_cli("check", "--offline", "-c", str(config))
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    for shown in (status, check):
+        assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout, shown.stdout
+        lines = shown.stdout.splitlines()
+        assert not [line for line in lines if line.startswith("999 uploaded")], shown.stdout
+        for escaped in forged.values():
+            assert escaped in shown.stdout, (escaped, shown.stdout)

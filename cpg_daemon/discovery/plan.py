@@ -15,6 +15,7 @@ from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.objectkeys import PathFilter, key_problem, object_key
 from cpg_daemon.core.structure import RULES, Finding, check_key
+from cpg_daemon.core.text import printable
 from cpg_daemon.core.units import format_size
 from cpg_daemon.discovery.admission import ReadyMarker
 from cpg_daemon.discovery.scan import walk
@@ -87,8 +88,7 @@ def plan_watch(watch: WatchConfig, clock: Clock = SYSTEM_CLOCK) -> WatchPlan:
         key = object_key(watch.destination.prefix, rel)
         problem = key_problem(key)
         if problem is not None:
-            shown = rel.encode("utf-8", "backslashreplace").decode("utf-8")
-            plan.bad_names.append((shown, problem))
+            plan.bad_names.append((printable(rel), problem))
             continue
         if rules and _note(plan, check_key(key), seen.size) and reject:
             continue
@@ -126,7 +126,7 @@ def describe_plan(plan: WatchPlan) -> list[str]:
         f"  plan: {_files(plan.files)}, {format_size(plan.bytes)} ({plan.bytes:,} bytes) to upload "
         f"(walked in {plan.seconds:.1f} s)"
     ]
-    lines += [f"    {key}" for key in plan.first_keys]
+    lines += [f"    {printable(key)}" for key in plan.first_keys]
     if plan.files > len(plan.first_keys):
         lines.append(f"    ... and {plan.files - len(plan.first_keys):,} more")
     if plan.held_back:
@@ -135,7 +135,7 @@ def describe_plan(plan: WatchPlan) -> list[str]:
         )
     if plan.bad_names:
         lines.append(f"  problem: {_files(len(plan.bad_names))} with names S3 cannot take:")
-        lines += [f"    {rel}: {why}" for rel, why in plan.bad_names[:BAD_NAMES_SHOWN]]
+        lines += [f"    {rel}: {printable(why)}" for rel, why in plan.bad_names[:BAD_NAMES_SHOWN]]
         if len(plan.bad_names) > BAD_NAMES_SHOWN:
             lines.append(f"    ... and {len(plan.bad_names) - BAD_NAMES_SHOWN:,} more")
     if watch.structure == "off":
@@ -159,8 +159,8 @@ def describe_plan(plan: WatchPlan) -> list[str]:
         for entry in entries:
             kind = "required" if entry.finding.required else "advice"
             lines.append(
-                f"      {entry.finding.folder} ({_files(entry.files)}, {kind}): "
-                f"{entry.finding.message}"
+                f"      {printable(entry.finding.folder)} ({_files(entry.files)}, {kind}): "
+                f"{printable(entry.finding.message)}"
             )
     blocked = f"{_files(plan.blocked_files)} ({format_size(plan.blocked_bytes)})"
     if watch.structure == "reject" and plan.blocked_files:

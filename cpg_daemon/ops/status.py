@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from cpg_daemon import __version__
+from cpg_daemon.core.text import printable, printable_tree
 from cpg_daemon.core.units import format_size, timestamp
 from cpg_daemon.journal import FILE_STATES, FileState, JournalStatistics
 
@@ -361,7 +362,8 @@ def _structure_lines(structure: StructureStatus, shown: int = 3) -> list[str]:
 
 
 def render(status: StatusReply, errors: int = 5) -> str:
-    """The status object as a person reads it."""
+    """The status object as a person reads it (names, paths and errors escaped)."""
+    status = printable_tree(status)
     lines = [
         f"cpg-daemon {status['version']}: {status['state']} for "
         f"{duration(status['uptime_s'])} (since {status['started_at']})",
@@ -437,7 +439,7 @@ def live_view(status: StatusReply) -> Any:
     for watch in status["watches"]:
         files, data = watch["files"], watch["bytes"]
         total = data["uploaded"] + data["queued"]
-        name = watch["name"] + (" [paused]" if watch["paused"] else "")
+        name = printable(watch["name"]) + (" [paused]" if watch["paused"] else "")
         table.add_row(
             name,
             ProgressBar(total=max(total, 1), completed=data["uploaded"] if total else 1, width=30),
