@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -391,6 +392,30 @@ def test_a_config_every_user_may_write_is_refused(
         load_config(path)
     assert f"chmod o-w {path}" in str(excinfo.value)
     assert str(excinfo.value).startswith(str(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file to another owner")
+@pytest.mark.parametrize(
+    ("owner", "group", "mode", "refused"),
+    [
+        (0, 65534, 0o660, "writable by the group"),  # root's file, nogroup may write
+        (65534, 0, 0o644, "belongs to user"),  # nobody's file: its owner may write
+        (0, 65534, 0o640, ""),  # the README's 0640 root:cpg-daemon
+    ],
+)
+def test_a_config_someone_else_may_write_is_refused(
+    tmp_path: Path, owner: int, group: int, mode: int, refused: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[s3]\nregion = "us-east-1"\n', encoding="utf-8")
+    os.chown(path, owner, group)
+    path.chmod(mode)
+    if not refused:
+        assert load_config(path).s3.region == "us-east-1"
+        return
+    with pytest.raises(ConfigError, match=refused) as excinfo:
+        load_config(path)
+    assert "Fix it with: ch" in str(excinfo.value)
 
 
 # -- the command line ---------------------------------------------------------------------

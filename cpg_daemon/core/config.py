@@ -133,25 +133,66 @@ def default_config_path() -> Path:
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
+def _check_who_may_write(file: str, info: os.stat_result) -> None:
+    """Whoever may change the configuration may send the data elsewhere, or have the
+    daemon run their command (``on_batch_complete``) as its user: only root and the user
+    reading it may."""
+    mode = stat.S_IMODE(info.st_mode)
+    risk = "could send the data elsewhere or have the daemon run their command"
+    if mode & stat.S_IWOTH:
+        raise ConfigError(
+            file,
+            "",
+            f"the configuration file is writable by every user (mode {mode:04o}): anyone "
+            f"{risk}. Fix it with: chmod o-w {file}",
+        )
+    if mode & stat.S_IWGRP and info.st_gid != 0:
+        raise ConfigError(
+            file,
+            "",
+            f"the configuration file is writable by the group {_group_name(info.st_gid)} "
+            f"(mode {mode:04o}): its members {risk}. Fix it with: chmod g-w {file}",
+        )
+    if info.st_uid not in (0, os.geteuid()):
+        raise ConfigError(
+            file,
+            "",
+            f"the configuration file belongs to {_user_name(info.st_uid)}, who {risk}; it "
+            f"must belong to root or to the user reading it. Fix it with: chown root {file}",
+        )
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name!r}"
+    except KeyError:
+        return f"user {uid}"
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return repr(grp.getgrgid(gid).gr_name)
+    except KeyError:
+        return str(gid)
+
+
 def load_config(path: Path) -> Config:
     """Read and validate a configuration file."""
     file = str(path)
     try:
         with open(path, "rb") as stream:
-            mode = os.fstat(stream.fileno()).st_mode
+            info = os.fstat(stream.fileno())
             raw = stream.read()
     except FileNotFoundError:
         raise ConfigError(file, "", "the configuration file does not exist") from None
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read the configuration file: {exc.strerror}") from None
-    if mode & stat.S_IWOTH and stat.S_ISREG(mode):
-        raise ConfigError(
-            file,
-            "",
-            f"the configuration file is writable by every user (mode {stat.S_IMODE(mode):04o}): "
-            "anyone could send the data elsewhere or have the daemon run their command. "
-            f"Fix it with: chmod o-w {path}",
-        )
+    if stat.S_ISREG(info.st_mode):
+        _check_who_may_write(file, info)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
