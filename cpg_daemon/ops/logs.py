@@ -4,11 +4,19 @@ Context (``watch``, ``path``, ``key``, ``upload_id``) is bound with
 contextvars where the work happens, so every event carries it. Values of keys
 that look like secrets are replaced before rendering, as a last line of
 defence: nothing should log them in the first place.
+
+When the output goes to the journal (systemd sets ``JOURNAL_STREAM`` to the stream's
+device and inode), each line starts with its syslog priority (``<4>`` for a warning),
+which journald strips and keeps, so ``journalctl -p warning -u cpg-daemon`` works.
+A value longer than ``VALUE_LIMIT`` characters is cut, so that no line outgrows
+journald's ``LineMax`` (48 KiB), whatever a client sent.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -26,6 +34,43 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+"""syslog priorities of the log levels (sd-daemon(3))."""
+VALUE_LIMIT = 2000
+
+
+def _cut_long_values(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for name, value in event.items():
+        text = value if isinstance(value, str) else None
+        if text is None and isinstance(value, (dict, list, tuple)):
+            text = json.dumps(value, default=str)
+        if text is not None and len(text) > VALUE_LIMIT:
+            event[name] = f"{text[:VALUE_LIMIT]}... ({len(text):,} characters, cut)"
+    return event
+
+
+def to_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal's (``JOURNAL_STREAM``, see systemd.exec(5))."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file: a test's StringIO
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"
+
+
+def _with_priority(renderer: Any) -> Any:
+    """The renderer's line, after the syslog priority prefix journald reads."""
+
+    def render(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        priority = PRIORITY.get(str(event.get("level", "info")), 6)
+        return f"<{priority}>{renderer(logger, name, event)}"
+
+    return render
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog for the whole process (log_format: json, console or auto)."""
     out = stream or sys.stderr
@@ -36,12 +81,15 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    if to_journal(out):
+        renderer = _with_priority(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact,
+            _cut_long_values,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -66,6 +114,7 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 _redact,
+                _cut_long_values,
                 structlog.processors.format_exc_info,
                 renderer,
             ],
