@@ -34,6 +34,8 @@ from hypothesis import strategies as st
 from s3server import S3Server
 
 from cpg_daemon import __version__
+from cpg_daemon.cli import main as cli_main
+from cpg_daemon.core.config import DEFAULT_SOCKET
 
 SETTLE = "0.5s"
 SETTLE_S = 0.5
@@ -793,6 +795,38 @@ def test_no_daemon_exits_3_naming_the_socket(tmp_path: Path) -> None:
         server.bind(str(stale))
     result = cli("rescan", "-s", str(stale))
     assert result.returncode == 3 and str(stale) in result.stderr
+
+
+def test_a_socket_that_refuses_this_user_exits_4_not_3(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scripts tell "no daemon" (3) from "not allowed" (4). Tests run as root, whom no
+    socket refuses, so the refusal is the kernel's error raised at connect()."""
+
+    def refuse(self: socket.socket, address: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    for args in (("status",), ("pause",), ("retry", "w")):
+        assert cli_main.main([*args, "-s", "/run/x/control.sock"]) == 4, args
+        err = capsys.readouterr().err
+        assert "permission denied on /run/x/control.sock" in err, err
+
+
+def test_status_with_a_default_config_this_user_may_not_read_tries_the_default_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A socket_group member and the README's 0640 root:cpg-daemon config: not a
+    configuration error (exit 2), but the default socket."""
+    config = tmp_path / "config.toml"
+    config.write_text("[daemon]\n", encoding="utf-8")
+    monkeypatch.setenv("CPG_DAEMON_CONFIG", str(config))
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == config else real_access(p, mode)
+    )
+    assert cli_main.main(["status"]) == 3
+    assert str(DEFAULT_SOCKET) in capsys.readouterr().err
 
 
 def test_second_daemon_with_the_same_config_exits_1_and_leaves_the_journal_alone(

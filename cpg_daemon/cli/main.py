@@ -582,14 +582,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 EXIT_NO_DAEMON = 3
+EXIT_PERMISSION = 4
+"""The daemon's socket is there, but this user may not use it."""
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
-    """-s, else the config's daemon.socket (when there is a config), else the default."""
+    """-s, else the config's daemon.socket (when there is a config), else the default.
+
+    A default config this user may not read (``0640 root:cpg-daemon``, read by a member
+    of ``socket_group``) is no error: its socket is most likely the default one.
+    """
     if args.socket is not None:
         return Path(args.socket)
     path = args.config or default_config_path()
-    if args.config is None and not path.exists():
+    if args.config is None and (not path.exists() or not os.access(path, os.R_OK)):
         return DEFAULT_SOCKET
     return load_config(path).daemon.socket
 
@@ -605,6 +611,9 @@ def _ask(
     try:
         path = path or _socket_path(args)
         return control.request(path, command, arguments, timeout=timeout), None
+    except control.SocketPermissionError as exc:
+        _say(f"cpg-daemon {command}: {exc}", file=sys.stderr)
+        return None, EXIT_PERMISSION
     except control.NoDaemonError as exc:
         _say(f"cpg-daemon {command}: {exc}", file=sys.stderr)
         return None, EXIT_NO_DAEMON

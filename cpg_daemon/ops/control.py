@@ -272,6 +272,10 @@ class NoDaemonError(Exception):
     """Nothing answered on the socket; the message says what was tried and why it failed."""
 
 
+class SocketPermissionError(NoDaemonError):
+    """The socket is there, but this user may not connect to it."""
+
+
 def request(
     path: Path,
     command: str,
@@ -295,7 +299,7 @@ def request(
                 f"no cpg-daemon is listening on {path} (a stale socket: the daemon is not running)"
             ) from None
         except PermissionError:
-            raise NoDaemonError(
+            raise SocketPermissionError(
                 f"permission denied on {path}: run as root, the daemon's user, or a member "
                 "of daemon.socket_group"
             ) from None

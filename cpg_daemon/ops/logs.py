@@ -80,7 +80,8 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        colors = out.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
     if to_journal(out):
         renderer = _with_priority(renderer)
     structlog.configure(
