@@ -13,8 +13,9 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import anyio
 import pytest
 from daemonproc import (
     ConfigMaker,
@@ -26,6 +27,9 @@ from daemonproc import (
     wait_until,
     write_file,
 )
+
+from cpg_daemon.ops import control
+from cpg_daemon.ops.commands import Commands
 
 PREFIX = "cpg0001-test/broad/images/"
 SYSTEMD_LIMIT = ("prlimit", "--nofile=1024:4096", "--")
@@ -147,3 +151,54 @@ def test_names_in_a_watch_cannot_forge_what_status_and_check_print(
         assert not [line for line in lines if line.startswith("999 uploaded")], shown.stdout
         for escaped in forged.values():
             assert escaped in shown.stdout, (escaped, shown.stdout)
+
+
+# -- a client that leaves, and verifies at once ------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_command_whose_client_hung_up_is_cancelled_but_not_one_that_half_closed() -> None:
+    """An abandoned verify must stop reading files; ``exchange``-style clients that shut
+    their sending side and wait for the reply must still get it."""
+    cancelled = anyio.Event()
+
+    async def forever() -> str:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+        return "never"
+
+    async def soon() -> str:
+        await anyio.sleep(0.3)
+        return "done"
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        theirs.shutdown(socket.SHUT_WR)  # half-closed: still waiting for the reply
+        assert await control._unless_gone(ours, soon()) == "done"
+        theirs.close()  # hung up
+        with anyio.fail_after(5):
+            assert await control._unless_gone(ours, forever()) is None
+        assert cancelled.is_set()
+
+
+@pytest.mark.anyio
+async def test_a_second_verify_while_one_runs_is_refused() -> None:
+    started, release = anyio.Event(), anyio.Event()
+
+    async def slow(self: Commands, args: object) -> dict[str, Any]:
+        started.set()
+        await release.wait()
+        return {"ok": True}
+
+    commands = Commands(cast(Any, None))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Commands, "_verify", slow)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commands.verify, {})
+            await started.wait()
+            with pytest.raises(control.CommandError, match="a verify is running already"):
+                await commands.verify({})
+            release.set()
+        assert await commands.verify({}) == {"ok": True}  # one at a time, not none

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from cpg_daemon.engine import verify
 from cpg_daemon.ops.control import CommandError, Registry
 from cpg_daemon.ops.status import StatusReply, gather
@@ -24,6 +26,7 @@ class Commands:
 
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
+        self._verifying = anyio.Lock()
 
     def registry(self) -> Registry:
         registry = Registry()
@@ -127,6 +130,12 @@ class Commands:
         return {"rescanning": self._selected(watch)}
 
     async def verify(self, args: Args) -> dict[str, Any]:
+        if self._verifying.locked():  # each reads every file and lists every destination
+            raise CommandError("a verify is running already; try again once it is done")
+        async with self._verifying:
+            return await self._verify(args)
+
+    async def _verify(self, args: Args) -> dict[str, Any]:
         watch = self._chosen(args)
         engine = self._daemon.engine
         chosen = [a for a in engine.table.values() if watch is None or a.name == watch]

@@ -22,13 +22,14 @@ import grp
 import json
 import os
 import pwd
+import select
 import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -44,6 +45,9 @@ log = structlog.get_logger(__name__)
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
 READ_TIMEOUT = 30.0
+GONE_POLL = 0.5
+"""Seconds between two looks at whether the client of a running command hung up."""
+T = TypeVar("T")
 MAX_CLIENTS = 64
 """Clients served at once; the next ones are told the daemon is busy (see listeners)."""
 CLIENT_TIMEOUT = 10.0
@@ -218,7 +222,11 @@ class ControlServer:
                     return
                 except TimeoutError:
                     return
-                reply = await self._answer(line, peer)
+                raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                reply = await _unless_gone(raw, self._answer(line, peer))
+                if reply is None:
+                    log.info("control_client_gone", consequence="its command was cancelled")
+                    return
                 try:
                     await _reply(stream, reply)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -255,6 +263,34 @@ class ControlServer:
         if command.mutating:
             log.info("control_command", command=name, args=args, peer_uid=peer and peer.uid)
         return {"ok": True, "result": result}
+
+
+async def _unless_gone(raw: socket.socket, answer: Awaitable[T]) -> T | None:
+    """``answer``'s result, or None if the client hung up first (its command cancelled:
+    an abandoned ``verify`` stops reading files and listing S3).
+
+    A client that only half-closed (``shutdown(SHUT_WR)``) still waits for its reply:
+    only a hang-up (``POLLHUP``, both directions shut) counts.
+    """
+    result: list[T] = []
+
+    async def run() -> None:
+        result.append(await answer)
+        tg.cancel_scope.cancel()
+
+    async def watch() -> None:
+        poller = select.poll()
+        poller.register(raw.fileno(), select.POLLHUP)
+        while True:  # nothing wakes a task on a hang-up it does not read: look now and then
+            if poller.poll(0):
+                tg.cancel_scope.cancel()
+                return
+            await anyio.sleep(GONE_POLL)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        tg.start_soon(watch)
+    return result[0] if result else None
 
 
 async def _turn_away(stream: anyio.abc.SocketStream) -> None:
