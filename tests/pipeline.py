@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import closing
+from pathlib import Path
 
 import anyio
 
@@ -44,3 +47,15 @@ async def until(condition: Callable[[], bool | Awaitable[bool]], seconds: float 
             if held:
                 return
             await anyio.sleep(0.002)
+
+
+def assert_counts_agree(path: Path) -> None:
+    """The journal's ``counts`` (kept by triggers) say what counting ``files`` says."""
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        kept = db.execute(
+            "SELECT watch, state, files, bytes FROM counts WHERE files != 0 OR bytes != 0"
+        ).fetchall()
+        counted = db.execute(
+            "SELECT watch, state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY watch, state"
+        ).fetchall()
+    assert sorted(kept) == sorted(counted)

@@ -24,7 +24,7 @@ from daemonproc import (
     wait_until,
     write_file,
 )
-from pipeline import configs_of, until
+from pipeline import assert_counts_agree, configs_of, until
 from structlog.testing import capture_logs
 
 from cpg_daemon.core.clock import ManualClock
@@ -47,6 +47,7 @@ async def journal(tmp_path: Path, anyio_backend: str) -> AsyncIterator[Journal]:
         yield j
     finally:
         await j.close()
+    assert_counts_agree(tmp_path / "state" / "journal.sqlite3")
 
 
 async def _upload(journal: Journal, watch: str, *rels: str, size: int = 100) -> None:

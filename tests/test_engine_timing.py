@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import anyio
 import pytest
-from pipeline import configs_of, table_of, until
+from pipeline import assert_counts_agree, configs_of, table_of, until
 from structlog.testing import capture_logs
 
 from cpg_daemon.core.clock import ManualClock
@@ -38,6 +38,7 @@ async def journal(tmp_path: Path, anyio_backend: str) -> AsyncIterator[Journal]:
         yield j
     finally:
         await j.close()
+    assert_counts_agree(tmp_path / "state" / "journal.sqlite3")
 
 
 def _watch(path: Path, settle: float) -> WatchConfig:

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from pipeline import assert_counts_agree
 
 from cpg_daemon.journal import Counts, Discovered, FileRecord, Journal, PartRecord
 
@@ -31,6 +32,7 @@ async def journal(db_path: Path, anyio_backend: str) -> AsyncIterator[Journal]:
         yield j
     finally:
         await j.close()
+    assert_counts_agree(db_path)
 
 
 def found(rel: str, size: int = 100, mtime_ns: int = 1_000, bucket: str = "bkt") -> Discovered:

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
+from pipeline import assert_counts_agree
 from structlog.testing import capture_logs
 
 from cpg_daemon.core.clock import ManualClock
@@ -45,6 +46,7 @@ async def journal(tmp_path: Path, clock: ManualClock, anyio_backend: str) -> Asy
         yield j
     finally:
         await j.close()
+    assert_counts_agree(tmp_path / "journal.sqlite3")
 
 
 def found(rel: str, size: int = 100, bucket: str = "bkt") -> Discovered:
@@ -344,6 +346,38 @@ async def test_a_schema_1_journal_opens_with_its_failures_named(
         )
     reopened = await Journal.open(old_journal)  # a migrated journal opens as it is
     await reopened.close()
+    assert_counts_agree(old_journal)  # the files there before the migration are counted
+
+
+async def test_statistics_read_a_few_rows_however_many_files_there_are(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """What status, metrics and STATUS= ask for costs the same at 20 files and 20,000:
+    SQLite's own step counter, not a stopwatch (a loaded machine changes no count)."""
+    path = tmp_path / "journal.sqlite3"
+    journal = await Journal.open(path)
+    calls = [0]
+
+    def step() -> int:
+        calls[0] += 1
+        return 0  # go on
+
+    def counting(on: bool) -> Callable[[sqlite3.Connection], None]:
+        return lambda db: db.set_progress_handler(step if on else None, 100)
+
+    steps = []
+    try:
+        for count in (20, 20_000):
+            await journal.record_discovered("w", [found(f"{count}-{i}") for i in range(count)])
+            calls[0] = 0
+            await journal._read(counting(True))
+            stats = await journal.statistics()
+            await journal._read(counting(False))
+            steps.append(calls[0])
+            assert stats.total("queued").files == (20 if count == 20 else 20_020)
+    finally:
+        await journal.close()
+    assert steps[1] <= steps[0] + 1, steps  # a GROUP BY over the files took ~2,000
 
 
 async def test_a_journal_of_a_newer_schema_is_refused(

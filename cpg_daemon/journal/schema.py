@@ -4,6 +4,11 @@ Version 1 kept two states out of sight: a failed row with an empty bucket was
 a file refused at discovery (``retry`` skipped it), and a ``last_error``
 starting with ``credentials:`` meant the keys had been refused for the file.
 Version 2 says both in the ``failure`` column (files.py lists its values).
+Version 3 keeps the number and bytes of files per watch and state in ``counts``,
+maintained by triggers in the same transaction as every change of ``files``:
+``status``, the metrics endpoint and systemd's ``STATUS=`` line read a few rows
+instead of counting the whole journal (0.3 s of the journal's one thread per call
+at 1,000,000 files, which an unprivileged scraper could repeat at will).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from pathlib import Path
 
 from cpg_daemon.core.errors import FatalError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,6 +72,29 @@ CREATE TABLE IF NOT EXISTS batches (  -- the last completion of each batch (batc
     hook_detail TEXT,
     PRIMARY KEY (watch, name)
 );
+CREATE TABLE IF NOT EXISTS counts (  -- files per watch and state, kept by the triggers below
+    watch TEXT NOT NULL,
+    state TEXT NOT NULL,
+    files INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (watch, state)
+);
+CREATE TRIGGER IF NOT EXISTS counts_insert AFTER INSERT ON files BEGIN
+    INSERT INTO counts (watch, state, files, bytes) VALUES (NEW.watch, NEW.state, 1, NEW.size)
+    ON CONFLICT (watch, state) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_delete AFTER DELETE ON files BEGIN
+    UPDATE counts SET files = files - 1, bytes = bytes - OLD.size
+    WHERE watch = OLD.watch AND state = OLD.state;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_update AFTER UPDATE OF watch, state, size ON files
+WHEN OLD.watch IS NOT NEW.watch OR OLD.state IS NOT NEW.state OR OLD.size IS NOT NEW.size
+BEGIN
+    UPDATE counts SET files = files - 1, bytes = bytes - OLD.size
+    WHERE watch = OLD.watch AND state = OLD.state;
+    INSERT INTO counts (watch, state, files, bytes) VALUES (NEW.watch, NEW.state, 1, NEW.size)
+    ON CONFLICT (watch, state) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+END;
 """
 
 _FROM_1 = """
@@ -82,7 +110,14 @@ WHERE last_error IS NOT NULL OR (state = 'failed' AND bucket = '');
 """
 """Version 1 to 2: the kinds of failure v1 told by the bucket and the error's text."""
 
-MIGRATIONS = {1: _FROM_1}
+_FROM_2 = """
+DELETE FROM counts;
+INSERT INTO counts (watch, state, files, bytes)
+    SELECT watch, state, COUNT(*), COALESCE(SUM(size), 0) FROM files GROUP BY watch, state;
+"""
+"""Version 2 to 3: the counts of the files already there (the triggers keep them since)."""
+
+MIGRATIONS = {1: _FROM_1, 2: _FROM_2}
 """The script that takes a journal from a version to the next one."""
 
 
