@@ -468,3 +468,13 @@ def test_cli_check_offline_good_config(tmp_path: Path) -> None:
     result = cli("check", "--offline", "-c", str(good))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"watch b8: {folder} -> s3://bucket/cpg0123/x/" in result.stdout
+
+
+def test_config_example_prints_the_documented_example_which_loads(tmp_path: Path) -> None:
+    """A pip-installed cpg-daemon has no checkout to copy config.example.toml from."""
+    result = cli("config", "--example")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == EXAMPLE.read_text(encoding="utf-8")
+    written = tmp_path / "config.toml"
+    written.write_text(result.stdout, encoding="utf-8")
+    assert load_config(written).watches == load_config(EXAMPLE).watches

@@ -193,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit once the sample is uploaded and verified (default when not on a terminal)",
     )
 
+    example = commands.add_parser(
+        "config", help="print a configuration file to start from (--example)"
+    )
+    example.add_argument(
+        "--example",
+        action="store_true",
+        required=True,
+        help="the commented example, every key documented: "
+        "cpg-daemon config --example > config.toml",
+    )
+
     service = commands.add_parser(
         "install-service",
         help="the systemd unit for this installation, on stdout or written to --output",
@@ -234,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retry": _control,
         "rescan": _control,
         "reload": _reload,
+        "config": _example_config,
         "install-service": _install_service,
         "recover-journal": _recover_journal,
     }
@@ -461,6 +473,14 @@ def _recover_journal(args: argparse.Namespace) -> int:
         "it lists each destination on S3 and uploads only what is missing or different; "
         "then `cpg-daemon verify` proves staging complete"
     )
+    return EXIT_OK
+
+
+def _example_config(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    example = resources.files("cpg_daemon") / "data" / "config.example.toml"
+    print(example.read_text(encoding="utf-8"), end="")
     return EXIT_OK
 
 
