@@ -119,6 +119,64 @@ async def test_a_rescan_follows_the_rescan_interval_on_the_clock(
         tg.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(
+    ("error", "walks_in_a_minute", "warnings"),
+    [
+        (PermissionError(13, "Permission denied"), 1, 1),  # stays: the next rescan looks
+        (OSError(24, "Too many open files"), 7, 7),  # passes: walked again every 10 s
+    ],
+)
+async def test_a_folder_that_cannot_be_read_is_walked_again_only_if_that_may_pass(
+    tmp_path: Path,
+    journal: Journal,
+    monkeypatch: pytest.MonkeyPatch,
+    error: OSError,
+    walks_in_a_minute: int,
+    warnings: int,
+) -> None:
+    """One unreadable folder used to cost a walk of the whole tree and a warning every
+    10 s, forever. (As root nothing is unreadable: the walk's read of it fails here.)"""
+    from structlog.testing import capture_logs
+
+    from cpg_daemon.discovery import watcher as module
+
+    root = tmp_path / "outbox"
+    write(root, "open/a.tiff")
+    write(root, "locked/b.tiff")
+    locked = [True]
+    original = module.scan_folder
+
+    def scan(root_: Path, folder: str, *args: object) -> object:
+        if folder == "locked" and locked[0]:
+            raise error
+        return original(root_, folder, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "scan_folder", scan)
+    clock = ManualClock(start=time.time())
+    watcher = Watcher(
+        WatchConfig("w", root, DESTINATION, settle=0.0), journal, lambda: None, RESCAN, clock=clock
+    )
+    watcher.stop()
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(watcher.run)
+            await advance(clock, EVENTS_FIRST)
+            await until(lambda: watcher.statistics().scans == 1)
+            for minute in range(6):  # each walk (in a thread) done before time moves on
+                await advance(clock, 10.0)
+                walks = min(2 + minute, walks_in_a_minute)
+                await until(lambda walks=walks: watcher.statistics().scans == walks)
+            assert watcher.statistics().scans == walks_in_a_minute
+            assert await in_journal_is(journal, ["open/a.tiff"])()
+            locked[0] = False  # chmod: an event, or the periodic rescan, walks it again
+            watcher.request_rescan()
+            await until(in_journal_is(journal, ["locked/b.tiff", "open/a.tiff"]))
+            tg.cancel_scope.cancel()
+    said = [e["event"] for e in logs if e["event"] in ("folder_not_walked", "folder_walked")]
+    assert said.count("folder_not_walked") == warnings
+    assert said[-1] == "folder_walked" or not isinstance(error, PermissionError)
+
+
 @pytest.mark.parametrize("listed", [{"lab/there.tiff": 4}, None])
 async def test_only_the_first_walk_checks_files_at_the_destination(
     tmp_path: Path, journal: Journal, listed: dict[str, int] | None

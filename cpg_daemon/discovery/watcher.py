@@ -107,6 +107,8 @@ class Watcher:
         self._stop = anyio.Event()
         self._walk_incomplete = False
         """A folder could not be read during the last walk: walk again after WALK_RETRY."""
+        self._unreadable: set[str] = set()
+        """Folders the daemon's user may not read, reported once (until they are read)."""
 
     def expect_remote(self, sizes: Mapping[str, int] | None) -> None:
         """Before ``run``: what the destination holds, for the first walk of a new watch.
@@ -197,17 +199,28 @@ class Watcher:
                     scan_folder, self._root, folder, self._filter
                 )
             except OSError as exc:
-                # Unreadable, or no descriptor left (EMFILE): never a reason to stop
-                # watching. The folder is walked again soon, not at the next rescan.
-                log.warning(
-                    "folder_not_walked",
-                    watch=self.watch.name,
-                    path=str(self._root / folder),
-                    error=exc.strerror or str(exc),
-                    retry_in=WALK_RETRY,
-                )
-                self._walk_incomplete = True
+                # Never a reason to stop watching. No descriptor left (EMFILE) passes:
+                # the folder is walked again soon. A folder the daemon may not read
+                # stays so until someone changes its permissions, which the next walk
+                # (an event for the change, or the periodic rescan) notices: it is
+                # reported once, not walked again and again.
+                denied = isinstance(exc, PermissionError)
+                if not denied or folder not in self._unreadable:
+                    log.warning(
+                        "folder_not_walked",
+                        watch=self.watch.name,
+                        path=str(self._root / folder),
+                        error=exc.strerror or str(exc),
+                        retry_in=self._rescan_interval if denied else WALK_RETRY,
+                    )
+                if denied:
+                    self._unreadable.add(folder)
+                else:
+                    self._walk_incomplete = True
                 continue
+            if folder in self._unreadable:
+                self._unreadable.discard(folder)
+                log.info("folder_walked", watch=self.watch.name, path=str(self._root / folder))
             stack.extend(folders)
             queued += await self._observe(found)
         if not rel_dir:
