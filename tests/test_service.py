@@ -169,6 +169,30 @@ def test_install_service_prints_the_unit_for_this_installation(
     assert "there is no user 'uploader' yet: useradd --system" in err
 
 
+def test_a_watch_under_tmp_is_named_by_install_service_and_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The unit's PrivateTmp=yes gives the service an empty /tmp of its own: a watch there
+    would be watched, walked and found empty, silently."""
+    config = write_config(
+        tmp_path / "config.toml",
+        state_dir=tmp_path / "state",
+        endpoint_url="",
+        watches=[
+            {"name": "scratch", "path": "/var/tmp/outbox", "destination": "s3://bkt/p/"},
+            {"name": "data", "path": "/data/outbox", "destination": "s3://bkt/q/"},
+        ],
+    )
+    assert cli.main(["install-service", "-c", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "watch scratch: /var/tmp/outbox is under /var/tmp" in err and "PrivateTmp" in err
+    assert "watch data" not in err
+    cli.main(["check", "--offline", "-c", str(config)])
+    out = capsys.readouterr().out
+    assert "  warning: /var/tmp/outbox is under /var/tmp" in out
+    assert out.count("PrivateTmp=yes") == 1
+
+
 @needs_systemd_analyze
 def test_rendered_unit_with_awkward_paths_passes_verify(tmp_path: Path) -> None:
     """Spaces, quotes, % and $ in paths come back out of systemd's parser intact: verify

@@ -19,12 +19,12 @@ import pwd
 import re
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cpg_daemon.core.config import DEFAULT_STATE_DIR, DaemonConfig, load_config
+from cpg_daemon.core.config import DEFAULT_STATE_DIR, DaemonConfig, WatchConfig, load_config
 
 UNIT_NAME = "cpg-daemon.service"
 DEFAULT_COMMAND = ("/opt/cpg-daemon/bin/cpg-daemon",)
@@ -73,6 +73,22 @@ class Installation:
     """Folders outside the state and runtime directories the daemon must write."""
 
 
+PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
+"""What the unit's PrivateTmp=yes replaces with empty folders of the service's own."""
+
+
+def private_tmp_notes(watches: Sequence[WatchConfig]) -> list[str]:
+    """A watched folder under /tmp or /var/tmp is empty to the service (PrivateTmp=yes)."""
+    return [
+        f"watch {w.name}: {w.path} is under {tmp}, which the service sees as an empty "
+        "folder of its own (PrivateTmp=yes): move the folder, or set PrivateTmp=no in a "
+        "drop-in (systemctl edit cpg-daemon)"
+        for w in watches
+        for tmp in PRIVATE_TMP
+        if Path(os.path.abspath(w.path)).is_relative_to(tmp)
+    ]
+
+
 def installation(
     config: Path,
     *,
@@ -94,7 +110,9 @@ def installation(
         aws_credentials = Path(os.path.abspath(aws_credentials))
     notes = []
     if config.exists():
-        daemon = load_config(config).daemon
+        loaded = load_config(config)
+        daemon = loaded.daemon
+        notes += private_tmp_notes(loaded.watches)
     else:
         daemon = DaemonConfig()
         notes.append(
