@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -478,3 +479,31 @@ def test_config_example_prints_the_documented_example_which_loads(tmp_path: Path
     written = tmp_path / "config.toml"
     written.write_text(result.stdout, encoding="utf-8")
     assert load_config(written).watches == load_config(EXAMPLE).watches
+
+
+@pytest.mark.parametrize(
+    ("pattern", "says"),
+    [
+        ("**/*.{tif,tiff}", "braces {a,b} are not supported"),
+        ("[[:digit:]]*.csv", "POSIX classes"),
+        ("\\*.tmp", "a backslash escape is not supported"),
+    ],
+)
+def test_a_glob_of_another_dialect_is_refused_rather_than_matching_nothing(
+    tmp_path: Path, pattern: str, says: str
+) -> None:
+    """An exclude that silently matches nothing fails open: the files go to S3."""
+    path = tmp_path / "config.toml"
+    text = WATCH + f"exclude = [{json.dumps(pattern)}]\n"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="exclude") as excinfo:
+        load_config(path)
+    assert says in str(excinfo.value)
+
+
+def test_a_bracket_matches_what_the_refusals_suggest() -> None:
+    from cpg_daemon.core.objectkeys import PathFilter
+
+    literal = PathFilter(("**",), ("**/[{]draft[}].csv", "[*]*"))
+    assert not literal.accepts("Plate1/{draft}.csv") and not literal.accepts("*old")
+    assert literal.accepts("Plate1/draft.csv") and literal.accepts("old")

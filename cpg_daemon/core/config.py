@@ -19,7 +19,13 @@ from typing import Any, Literal, NoReturn, TypeVar, cast
 
 from cpg_daemon.core.checksums import CHECKSUM_NAMES, ChecksumName
 from cpg_daemon.core.errors import ConfigError
-from cpg_daemon.core.objectkeys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
+from cpg_daemon.core.objectkeys import (
+    MAX_PART_SIZE,
+    MIN_PART_SIZE,
+    S3Location,
+    glob_problem,
+    parse_s3_uri,
+)
 from cpg_daemon.core.units import parse_duration, parse_size
 
 if sys.version_info >= (3, 11):
@@ -376,7 +382,12 @@ def _path(value: object) -> Path:
 def _patterns(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError('expected a list of glob patterns, such as ["**/*.tif"]')
-    return tuple(cast("list[str]", value))
+    patterns = tuple(cast("list[str]", value))
+    for pattern in patterns:
+        problem = glob_problem(pattern)
+        if problem is not None:
+            raise ValueError(f"{pattern!r}: {problem}")
+    return patterns
 
 
 def _include_patterns(value: object) -> tuple[str, ...]:

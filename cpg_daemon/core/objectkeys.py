@@ -135,6 +135,30 @@ def part_count(file_size: int, part_size: int) -> int:
     return -(-file_size // part_size)
 
 
+def glob_problem(pattern: str) -> str | None:
+    """Why a glob would not mean what it seems to, or None.
+
+    Forms of other glob dialects would otherwise match nothing, silently: an
+    ``exclude`` that fails open.
+    """
+    if "[:" in pattern or "[=" in pattern or "[." in pattern:
+        return "POSIX classes such as [[:digit:]] are not supported: write [0-9]"
+    outside = _CLASS.sub("", pattern)  # within [...] every character is itself
+    if "{" in outside or "}" in outside:
+        return (
+            "braces {a,b} are not supported: write one pattern each "
+            '(["**/*.tif", "**/*.tiff"]); [{] matches a brace itself'
+        )
+    if "\\" in outside:
+        return "a backslash escape is not supported: [*] matches a * itself, [?] a ?"
+    return None
+
+
+_CLASS = re.compile(r"\[.[^\]]*\]")
+"""A bracket expression as glob_to_regex reads it: ``[`` and ``]`` with one or more
+characters between."""
+
+
 def glob_to_regex(pattern: str) -> str:
     """A regular expression for a path glob, matched against ``/``-separated relative paths.
 
