@@ -439,3 +439,53 @@ def test_metrics_endpoint_reports_what_was_uploaded(
     assert 'cpg_daemon_bytes_uploaded_total{watch="plates"} 303.0' in text
     assert 'cpg_daemon_files_queued{watch="plates"} 0.0' in text
     assert 'cpg_daemon_credentials_valid{target="(environment)"} 1.0' in text
+
+
+def test_metrics_counters_only_go_up_and_the_exposition_parses(
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
+) -> None:
+    """A file rewritten smaller: the journal's uploaded bytes go down, but a counter that
+    went down would read as a restart to Prometheus; bytes sent only ever add up."""
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = make_config(
+        f"s3://{bucket}/{PREFIX}", settle="0.5s", daemon={"metrics_listen": f"127.0.0.1:{port}"}
+    )
+
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        values = {}
+        for family in text_string_to_metric_families(text):  # the client's own parser
+            for sample in family.samples:
+                values[sample.name] = sample.value
+        return values
+
+    big = write_file(layout["watch"] / "Batch1" / "table.csv", b"x" * 1000)
+    daemon = Daemon(config, tmp_path / "metrics.log")
+    try:
+        wait_object(s3_client, bucket, f"{PREFIX}Batch1/table.csv", big)
+        first = scrape()
+        small = write_file(layout["watch"] / "Batch1" / "table.csv", b"y" * 10)
+        wait_object(s3_client, bucket, f"{PREFIX}Batch1/table.csv", small)
+        wait_until(lambda: scrape()["cpg_daemon_files_uploaded_total"] == 2, 20, "2 uploads")
+        second = scrape()
+    finally:
+        assert daemon.terminate() == 0
+    assert first["cpg_daemon_bytes_uploaded_total"] == 1000
+    assert second["cpg_daemon_bytes_uploaded_total"] == 1010  # not 10, as in the journal
+    assert second["cpg_daemon_upload_duration_seconds_count"] == 2
+    assert second["cpg_daemon_last_upload_timestamp_seconds"] >= first[
+        "cpg_daemon_last_upload_timestamp_seconds"
+    ]
+    assert second["cpg_daemon_build_info"] == 1
+    assert second["process_resident_memory_bytes"] > 0  # the standard process metrics
+    assert second["cpg_daemon_upload_failures_total"] == 0
+

@@ -150,3 +150,9 @@ async def test_the_pipeline_on_an_in_memory_store_rides_out_slowdown_and_errors(
     assert {name: store.object_bytes("bkt", f"p/w/B/{name}") for name in contents} == contents
     puts = [c.key for c in store.calls if c.operation == "PutObject"]
     assert len(puts) == len(contents) + 3  # two throttled, one failed, then each once
+    # What the metrics endpoint counts (engine/tally.py): only ever up.
+    tally = engine.scheduler.tally.watches["w"]
+    counts = (tally.files_uploaded, tally.throttled, tally.retries, tally.files_failed)
+    assert counts == (6, 2, 1, 0)
+    assert tally.bytes_uploaded == sum(len(data) for data in contents.values())
+    assert sum(tally.duration_counts) + tally.duration_over == 6

@@ -32,6 +32,7 @@ from cpg_daemon.core.errors import (
     VanishedError,
 )
 from cpg_daemon.engine.pacing import SlowDownPacer, backoff, wait_event
+from cpg_daemon.engine.tally import Tally
 from cpg_daemon.engine.uploader import Uploader
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
 from cpg_daemon.journal import Failure, FileRecord, Journal
@@ -101,6 +102,8 @@ class Scheduler:
         self._idle.set()
         self._recent: deque[RecentError] = deque(maxlen=RECENT_ERRORS)
         self._finished: list[Callable[[FileRecord], None]] = []
+        self.tally = Tally()
+        """Uploads, failures, retries and throttled requests since the start (metrics)."""
         self._clock = clock
         self._slowdown = SlowDownPacer(workers)
         self._in_hand = 0
@@ -271,6 +274,7 @@ class Scheduler:
             structlog.contextvars.bound_contextvars(watch=record.watch, path=str(path)),
             files.confined_to(watch.path),  # a folder swapped for a symlink is not followed
         ):
+            started = self._clock.monotonic()
             try:
                 outcome = await self._uploader.upload(store, record, path)
             except VanishedError:
@@ -295,9 +299,13 @@ class Scheduler:
                 if outcome == "changed":
                     await self._journal.requeue(record.id)
                     self.wake()
+                elif outcome == "uploaded":  # not "already-present": nothing was sent
+                    seconds = self._clock.monotonic() - started
+                    self.tally.uploaded(record.watch, record.size, seconds, self._clock.time())
 
     async def _throttled(self, record: FileRecord, path: Path, error: str) -> None:
         """S3 throttled this file's requests: put it back, hold back the others."""
+        self.tally.throttled(record.watch)
         pause = self._slowdown.throttled(self._clock.monotonic(), error)
         if pause is not None:
             log.warning(
@@ -344,6 +352,7 @@ class Scheduler:
             await self._fail(record, path, f"{error} (after {attempts} attempts)", failure)
             return
         delay = backoff(record.attempts)
+        self.tally.retried(record.watch)
         log.warning("retry_later", error=error, seconds=round(delay, 1))
         self.remember(path, record.key, error)
         await self._follow_clock()  # before a due time on the wall clock is written
@@ -371,6 +380,7 @@ class Scheduler:
     async def _fail(
         self, record: FileRecord, path: Path, error: str, failure: Failure = "error"
     ) -> None:
+        self.tally.failed(record.watch)
         log.error("upload_failed", key=record.key, error=error)
         self.remember(path, record.key, error)
         await self._journal.mark_failed(record.id, error, failure=failure)

@@ -171,7 +171,10 @@ class Daemon:
             tg.start_soon(self._signals)
         await tg.start(ControlServer(daemon.socket, registry, daemon.socket_group).run)
         if daemon.metrics_listen:
-            await tg.start(MetricsServer(daemon.metrics_listen, lambda: status({})).run)
+            metrics = MetricsServer(
+                daemon.metrics_listen, lambda: status({}), engine.scheduler.tally
+            )
+            await tg.start(metrics.run)
         await tg.start(engine.run)
 
         async def watch_all() -> None:
