@@ -41,25 +41,24 @@ MAX_SCRAPES = 16
 """Scrapes served at once (a connection is held at most 10 s); more get 503."""
 
 
+COUNTERS = (
+    ("cpg_daemon_files_uploaded", "Files uploaded since the daemon started", "files_uploaded"),
+    ("cpg_daemon_bytes_uploaded", "Bytes uploaded since the daemon started", "bytes_uploaded"),
+    ("cpg_daemon_upload_failures", "Files that failed since the start", "files_failed"),
+    ("cpg_daemon_upload_retries", "Uploads to be tried again later", "retries"),
+    ("cpg_daemon_throttled", "Files put back because S3 asked for fewer requests", "throttled"),
+)
+"""(name, help, WatchTally attribute) of each counter."""
+
+
 def metric_families(status: StatusReply, tally: Tally) -> Iterator[Metric]:
     """The status object (what is true now) and the tally (what happened since the
     start, counters that only go up) as metric families."""
     labels = ["watch"]
-    files = CounterMetricFamily(
-        "cpg_daemon_files_uploaded", "Files uploaded since the daemon started", labels=labels
-    )
-    data = CounterMetricFamily(
-        "cpg_daemon_bytes_uploaded", "Bytes uploaded since the daemon started", labels=labels
-    )
-    failures = CounterMetricFamily(
-        "cpg_daemon_upload_failures", "Files that failed since the start", labels=labels
-    )
-    retries = CounterMetricFamily(
-        "cpg_daemon_upload_retries", "Uploads to be tried again later", labels=labels
-    )
-    throttled = CounterMetricFamily(
-        "cpg_daemon_throttled", "Files put back because S3 asked for fewer requests", labels=labels
-    )
+    counters = [
+        (CounterMetricFamily(name, text, labels=labels), attribute)
+        for name, text, attribute in COUNTERS
+    ]
     durations = HistogramMetricFamily(
         "cpg_daemon_upload_duration_seconds", "Time to upload one file", labels=labels
     )
@@ -70,11 +69,8 @@ def metric_families(status: StatusReply, tally: Tally) -> Iterator[Metric]:
     )
     for name in [w["name"] for w in status["watches"]]:
         counts = tally.watches.get(name) or WatchTally()
-        files.add_metric([name], counts.files_uploaded)
-        data.add_metric([name], counts.bytes_uploaded)
-        failures.add_metric([name], counts.files_failed)
-        retries.add_metric([name], counts.retries)
-        throttled.add_metric([name], counts.throttled)
+        for family, attribute in counters:
+            family.add_metric([name], getattr(counts, attribute))
         cumulative, buckets = 0, []
         for bound, count in zip(DURATION_BUCKETS, counts.duration_counts, strict=True):
             cumulative += count
@@ -83,7 +79,8 @@ def metric_families(status: StatusReply, tally: Tally) -> Iterator[Metric]:
         durations.add_metric([name], buckets, sum_value=counts.duration_sum)
         if counts.last_upload_at is not None:
             last.add_metric([name], counts.last_upload_at)
-    yield from (files, data, failures, retries, throttled, durations, last)
+    yield from (family for family, _ in counters)
+    yield from (durations, last)
     yield from _journal_families(status)
     yield from _credential_families(status)
     build = InfoMetricFamily("cpg_daemon_build", "The cpg-daemon that runs")
