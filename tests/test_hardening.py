@@ -176,10 +176,10 @@ async def test_a_command_whose_client_hung_up_is_cancelled_but_not_one_that_half
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, theirs:
         theirs.shutdown(socket.SHUT_WR)  # half-closed: still waiting for the reply
-        assert await control._unless_gone(ours, soon()) == "done"
+        assert await control._unless_gone(ours, soon) == "done"
         theirs.close()  # hung up
         with anyio.fail_after(5):
-            assert await control._unless_gone(ours, forever()) is None
+            assert await control._unless_gone(ours, forever) is None
         assert cancelled.is_set()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import json
 import os
@@ -223,7 +224,7 @@ class ControlServer:
                 except TimeoutError:
                     return
                 raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-                reply = await _unless_gone(raw, self._answer(line, peer))
+                reply = await _unless_gone(raw, functools.partial(self._answer, line, peer))
                 if reply is None:
                     log.info("control_client_gone", consequence="its command was cancelled")
                     return
@@ -265,8 +266,8 @@ class ControlServer:
         return {"ok": True, "result": result}
 
 
-async def _unless_gone(raw: socket.socket, answer: Awaitable[T]) -> T | None:
-    """``answer``'s result, or None if the client hung up first (its command cancelled:
+async def _unless_gone(raw: socket.socket, answer: Callable[[], Awaitable[T]]) -> T | None:
+    """``answer()``'s result, or None if the client hung up first (its command cancelled:
     an abandoned ``verify`` stops reading files and listing S3).
 
     A client that only half-closed (``shutdown(SHUT_WR)``) still waits for its reply:
@@ -275,7 +276,7 @@ async def _unless_gone(raw: socket.socket, answer: Awaitable[T]) -> T | None:
     result: list[T] = []
 
     async def run() -> None:
-        result.append(await answer)
+        result.append(await answer())
         tg.cancel_scope.cancel()
 
     async def watch() -> None:
