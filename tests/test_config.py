@@ -502,8 +502,10 @@ def test_a_glob_of_another_dialect_is_refused_rather_than_matching_nothing(
 
 
 def test_a_bracket_matches_what_the_refusals_suggest() -> None:
-    from cpg_daemon.core.objectkeys import PathFilter
+    from cpg_daemon.core.objectkeys import PathFilter, glob_problem
 
-    literal = PathFilter(("**",), ("**/[{]draft[}].csv", "[*]*"))
+    literal = PathFilter(("**",), ("**/[{]draft[}].csv", "[*]*", "**/[.]DS_Store"))
     assert not literal.accepts("Plate1/{draft}.csv") and not literal.accepts("*old")
+    assert not literal.accepts("Plate1/.DS_Store")
+    assert all(glob_problem(p) is None for p in ("[{]x", "[*]", "[.]DS_Store", "[\\]"))
     assert literal.accepts("Plate1/draft.csv") and literal.accepts("old")

@@ -141,7 +141,7 @@ def glob_problem(pattern: str) -> str | None:
     Forms of other glob dialects would otherwise match nothing, silently: an
     ``exclude`` that fails open.
     """
-    if "[:" in pattern or "[=" in pattern or "[." in pattern:
+    if _POSIX_CLASS.search(pattern):
         return "POSIX classes such as [[:digit:]] are not supported: write [0-9]"
     outside = _CLASS.sub("", pattern)  # within [...] every character is itself
     if "{" in outside or "}" in outside:
@@ -154,6 +154,8 @@ def glob_problem(pattern: str) -> str | None:
     return None
 
 
+_POSIX_CLASS = re.compile(r"\[[^\]]*\[[:=.]")
+"""``[:digit:]``, ``[=a=]`` or ``[.x.]`` inside a bracket expression."""
 _CLASS = re.compile(r"\[.[^\]]*\]")
 """A bracket expression as glob_to_regex reads it: ``[`` and ``]`` with one or more
 characters between."""
