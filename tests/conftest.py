@@ -14,6 +14,7 @@ from typing import Any
 
 import boto3  # type: ignore[import-untyped]
 import pytest
+import structlog
 from botocore.config import Config
 from daemonproc import ConfigMaker
 from loopguard import STEP_WALL_SECONDS, HarnessClient, LoopGuard, harness
@@ -225,3 +226,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return -float(marker.args[0]) if marker and marker.args else 0.0
 
     items.sort(key=allowed)  # stable: the rest keep their order
+
+
+@pytest.fixture(autouse=True)
+def structlog_as_it_was() -> Iterator[None]:
+    """A command run in-process (``cli.main([...])``) configures logging for the whole
+    process, at level error for ``check``: later tests' ``capture_logs`` would then see
+    nothing below it. Each test starts from structlog's defaults."""
+    yield
+    structlog.reset_defaults()

@@ -187,8 +187,14 @@ def test_a_watch_under_tmp_is_named_by_install_service_and_check(
     err = capsys.readouterr().err
     assert "watch scratch: /var/tmp/outbox is under /var/tmp" in err and "PrivateTmp" in err
     assert "watch data" not in err
-    cli.main(["check", "--offline", "-c", str(config)])
-    out = capsys.readouterr().out
+    # In a process of its own: check sets up logging for the whole process.
+    out = subprocess.run(
+        [sys.executable, "-m", "cpg_daemon", "check", "--offline", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
     assert "  warning: /var/tmp/outbox is under /var/tmp" in out
     assert out.count("PrivateTmp=yes") == 1
 
