@@ -34,6 +34,8 @@ from daemonproc import (
 )
 from s3server import S3Server
 
+from cpg_daemon.cli.localserver import free_port
+
 PREFIX = "cpg0001-env/broad/images/2024_01_01_Batch1/images/"
 
 
@@ -324,10 +326,7 @@ class _LateRelay:
 
     def __init__(self, upstream_port: int) -> None:
         self._upstream = upstream_port
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = int(probe.getsockname()[1])
-        probe.close()
+        self.port = free_port()
         self._listener: socket.socket | None = None
 
     def open(self) -> None:

@@ -22,6 +22,8 @@ from daemonproc import (
 )
 from s3server import S3Server
 
+from cpg_daemon.cli.localserver import free_port
+
 MiB = 1024 * 1024
 
 
@@ -416,12 +418,9 @@ def test_watch_folder_created_after_start_is_picked_up(
 def test_metrics_endpoint_reports_what_was_uploaded(
     tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
 ) -> None:
-    import socket
     import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = make_config(
         f"s3://{bucket}/{PREFIX}", settle="0.5s", daemon={"metrics_listen": f"127.0.0.1:{port}"}
     )
@@ -446,14 +445,11 @@ def test_metrics_counters_only_go_up_and_the_exposition_parses(
 ) -> None:
     """A file rewritten smaller: the journal's uploaded bytes go down, but a counter that
     went down would read as a restart to Prometheus; bytes sent only ever add up."""
-    import socket
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = make_config(
         f"s3://{bucket}/{PREFIX}", settle="0.5s", daemon={"metrics_listen": f"127.0.0.1:{port}"}
     )

@@ -28,6 +28,7 @@ from daemonproc import (
     write_file,
 )
 
+from cpg_daemon.cli.localserver import free_port
 from cpg_daemon.ops import control
 from cpg_daemon.ops.commands import Commands
 
@@ -54,12 +55,6 @@ def enough_descriptors() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
 
 def _hold(count: int, family: int, address: Any) -> list[socket.socket]:
     """``count`` connections that send nothing; those the daemon closed are kept too."""
@@ -84,7 +79,7 @@ def test_a_thousand_idle_connections_neither_stop_the_daemon_nor_hold_up_an_uplo
     bucket: str,
     enough_descriptors: None,
 ) -> None:
-    port = _free_port()
+    port = free_port()
     config = make_config(
         f"s3://{bucket}/{PREFIX}", settle="0.5s", daemon={"metrics_listen": f"127.0.0.1:{port}"}
     )

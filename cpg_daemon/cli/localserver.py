@@ -40,7 +40,8 @@ class LocalServerError(RuntimeError):
     """The local S3 server did not come up."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
@@ -81,7 +82,7 @@ class LocalS3Server:
         ``own_session``: in a session of its own, so that Ctrl-C in a terminal reaches
         only the caller, which stops the server when it is ready to.
         """
-        port = _free_port()
+        port = free_port()
         with open(log_path, "wb") as log_file:
             # The child keeps its own copy of the descriptor; ours is closed on exit.
             process = subprocess.Popen(

@@ -299,7 +299,7 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args)
     from cpg_daemon.discovery.plan import describe_plan, plan_watch
     from cpg_daemon.engine.grants import assign
-    from cpg_daemon.ops.service import private_tmp_notes
+    from cpg_daemon.ops.service import private_tmp_problem
 
     assignment = assign(config)
     problems = 0
@@ -312,8 +312,9 @@ def _check(args: argparse.Namespace) -> int:
         provider = assignment.by_watch[watch.name]
         _say(f"watch {watch.name}: {watch.path} -> {watch.destination}")
         _say(f"  credentials: {provider.config.source} {provider.config.target}".rstrip())
-        for note in private_tmp_notes([watch]):  # fine in the foreground, not as the service
-            _say(f"  warning: {note.partition(': ')[2]}")
+        problem = private_tmp_problem(watch.path)  # fine in the foreground, not as the service
+        if problem is not None:
+            _say(f"  warning: {problem}")
         if not watch.path.is_dir():
             _say(f"  problem: {watch.path} does not exist or is not a folder")
             problems += 1

@@ -202,8 +202,7 @@ class ControlServer:
         try:
             await self._converse(stream)
         except Exception as exc:  # a bug in a handler must not stop the uploads
-            log.error("control_client_failed", error=repr(exc))
-            await stream.aclose()
+            log.error("control_client_failed", error=repr(exc))  # listeners.serve closes it
 
     async def _converse(self, stream: anyio.abc.SocketStream) -> None:
         peer = peer_of(stream.extra(anyio.abc.SocketAttribute.raw_socket))

@@ -19,12 +19,12 @@ import pwd
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cpg_daemon.core.config import DEFAULT_STATE_DIR, DaemonConfig, WatchConfig, load_config
+from cpg_daemon.core.config import DEFAULT_STATE_DIR, DaemonConfig, load_config
 
 UNIT_NAME = "cpg-daemon.service"
 DEFAULT_COMMAND = ("/opt/cpg-daemon/bin/cpg-daemon",)
@@ -77,16 +77,16 @@ PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
 """What the unit's PrivateTmp=yes replaces with empty folders of the service's own."""
 
 
-def private_tmp_notes(watches: Sequence[WatchConfig]) -> list[str]:
-    """A watched folder under /tmp or /var/tmp is empty to the service (PrivateTmp=yes)."""
-    return [
-        f"watch {w.name}: {w.path} is under {tmp}, which the service sees as an empty "
-        "folder of its own (PrivateTmp=yes): move the folder, or set PrivateTmp=no in a "
-        "drop-in (systemctl edit cpg-daemon)"
-        for w in watches
-        for tmp in PRIVATE_TMP
-        if Path(os.path.abspath(w.path)).is_relative_to(tmp)
-    ]
+def private_tmp_problem(path: Path) -> str | None:
+    """Why the service would see ``path`` as an empty folder (PrivateTmp=yes), or None."""
+    for tmp in PRIVATE_TMP:
+        if Path(os.path.abspath(path)).is_relative_to(tmp):
+            return (
+                f"{path} is under {tmp}, which the service sees as an empty folder of its "
+                "own (PrivateTmp=yes): move the folder, or set PrivateTmp=no in a drop-in "
+                "(systemctl edit cpg-daemon)"
+            )
+    return None
 
 
 def installation(
@@ -112,7 +112,10 @@ def installation(
     if config.exists():
         loaded = load_config(config)
         daemon = loaded.daemon
-        notes += private_tmp_notes(loaded.watches)
+        for watch in loaded.watches:
+            problem = private_tmp_problem(watch.path)
+            if problem is not None:
+                notes.append(f"watch {watch.name}: {problem}")
     else:
         daemon = DaemonConfig()
         notes.append(
