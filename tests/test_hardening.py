@@ -8,8 +8,10 @@ what it prints is what happened.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +148,66 @@ def test_names_in_a_watch_cannot_forge_what_status_and_check_print(
         assert not [line for line in lines if line.startswith("999 uploaded")], shown.stdout
         for escaped in forged.values():
             assert escaped in shown.stdout, (escaped, shown.stdout)
+
+
+# -- symlinked folders in a watch ----------------------------------------------------------
+
+
+def _inotify_watches(pid: int) -> int:
+    """Watches the kernel holds for a process's inotify instances (from /proc)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == "anon_inode:inotify":
+                info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+                count += sum(line.startswith("inotify wd:") for line in info.splitlines())
+    return count
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="inotify is Linux's")
+def test_symlinked_folders_in_a_watch_cost_no_watches_and_every_real_folder_is_watched(
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
+) -> None:
+    """A writer links big trees into a watch (``/usr/lib`` cost 11,312 inotify watches
+    once). The daemon watches its real folders only, uploads nothing from behind a link,
+    and after a restart each real folder has events at once (the periodic walk is an
+    hour away)."""
+    outside = tmp_path / "outside"
+    for i in range(300):
+        (outside / f"lib{i}" / "sub").mkdir(parents=True)
+    (outside / "lib0" / "secret.csv").write_bytes(b"not for upload\n")
+    real = [f"Batch1/Plate{i}" for i in range(20)]
+    for folder in real:
+        (layout["watch"] / folder).mkdir(parents=True)
+    (layout["watch"] / "usr-lib").symlink_to(outside, target_is_directory=True)
+    (layout["watch"] / "Batch1" / "Plate0" / "etc").symlink_to(outside / "lib0")
+    config = make_config(
+        f"s3://{bucket}/{PREFIX}", settle="0.5s", daemon={"rescan_interval": "1h"}
+    )
+    folders = 1 + 1 + len(real)  # the watch, Batch1, the plates
+    for run in range(2):  # the second time, after a restart
+        daemon = Daemon.started(config, layout["state"].parent / f"links-{run}.log")
+        pid = daemon.process.pid
+        try:
+            wait_until(lambda: _inotify_watches(pid) >= folders, 20, "watches set up")  # noqa: B023
+            assert _inotify_watches(pid) == folders
+            began = time.monotonic()
+            expected = {
+                f"{PREFIX}{folder}/run{run}.csv": write_file(
+                    layout["watch"] / folder / f"run{run}.csv", f"{folder} {run}\n".encode()
+                )
+                for folder in real
+            }
+            for key, data in expected.items():
+                wait_object(s3_client, bucket, key, data, UPLOAD_WITHIN)
+            took = time.monotonic() - began
+            assert daemon.process.poll() is None
+        finally:
+            assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+        listed = s3_client.list_objects_v2(Bucket=bucket, Prefix=PREFIX).get("Contents", [])
+        keys = {item["Key"] for item in listed}
+        assert not [key for key in keys if "usr-lib" in key or "/etc/" in key], keys
+        print(f"run {run}: {folders} watches, 20 files in 20 folders uploaded in {took:.1f} s")
 
 
 # -- a client that leaves, and verifies at once ------------------------------------------

@@ -7,6 +7,8 @@ daemon tests' part.
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -225,14 +227,21 @@ async def test_events_bring_in_new_files_and_a_ready_marker_brings_in_its_folder
         tg.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "watchfiles"])
 async def test_running_out_of_descriptors_for_inotify_polls_instead_of_dying(
-    tmp_path: Path, journal: Journal, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, journal: Journal, monkeypatch: pytest.MonkeyPatch, inotify: bool
 ) -> None:
-    """watchfiles reports EMFILE as its own error; the watch polls, with a warning."""
+    """No descriptor for an inotify instance (an OSError from our own, watchfiles' own
+    error from watchfiles): the watch polls, with a warning."""
     from structlog.testing import capture_logs
 
     from cpg_daemon.discovery import watcher as watcher_module
 
+    def no_descriptor(self: object) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(watcher_module, "INOTIFY", inotify)
+    monkeypatch.setattr(watcher_module.FolderEvents, "open", no_descriptor)
     asked: list[bool | None] = []
     polling = anyio.Event()
 
@@ -258,6 +267,6 @@ async def test_running_out_of_descriptors_for_inotify_polls_instead_of_dying(
             with anyio.fail_after(10):
                 await polling.wait()
             tg.cancel_scope.cancel()
-    assert asked == [None, True]
+    assert asked == ([True] if inotify else [None, True])
     warnings = [e for e in logs if e["event"] == "events_unavailable_polling"]
     assert len(warnings) == 1 and "LimitNOFILE" in warnings[0]["hint"]

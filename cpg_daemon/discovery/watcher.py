@@ -1,9 +1,11 @@
 """Discovery of one watch: which files under it are finished, and so ready to upload.
 
 Three sources feed one settle tracker (``settle.py``): a walk at start-up,
-filesystem events (watchfiles, recursive; a batch folder moved in arrives as one
-event for the folder, which is then walked), and a periodic walk as a safety net
-for missed events, inotify overflows and network mounts. Settled files pass the
+filesystem events (on Linux from inotify, every real folder and no symlinked one,
+``inotify.py``; elsewhere, or when inotify cannot be had, from watchfiles; a batch
+folder moved in arrives as one event for the folder, which is then walked), and a
+periodic walk as a safety net for missed events and network mounts (an inotify queue
+overflow asks for a walk at once). Settled files pass the
 watch's admission policy (``admission.py``) on their way to the journal, which
 queues what is new or changed. The walking and stat calls (``scan.py``) run in
 worker threads; the tracker and the policy are changed on the event loop only.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.objectkeys import PathFilter
 from cpg_daemon.core.structure import Finding
 from cpg_daemon.discovery.admission import Admission, Rejection
+from cpg_daemon.discovery.inotify import FolderEvents
 from cpg_daemon.discovery.scan import Seen, look_at, restat, scan_folder, undecodable_name
 from cpg_daemon.discovery.settle import Instant, SettleTracker
 from cpg_daemon.journal import Discovered, Journal
@@ -52,6 +56,11 @@ BATCH = 500
 """Settled files handed to the journal in one transaction."""
 LOOK_AT_ONCE = 1000
 """Changed paths looked at in one worker-thread call (the event loop runs in between)."""
+GATHER = 0.1
+"""Seconds inotify events are let gather before they are read (a file written in many
+writes is then one change, not hundreds)."""
+INOTIFY = sys.platform == "linux"
+"""Events from inotify directly (``inotify.py``), not from watchfiles."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,8 @@ class Watcher:
         """A folder could not be read during the last walk: walk again after WALK_RETRY."""
         self._unreadable: set[str] = set()
         """Folders the daemon's user may not read, reported once (until they are read)."""
+        self._events: FolderEvents | None = None
+        """The inotify watches, while events come from them."""
 
     def expect_remote(self, sizes: Mapping[str, int] | None) -> None:
         """Before ``run``: what the destination holds, for the first walk of a new watch.
@@ -191,6 +202,7 @@ class Watcher:
             log.info("watch_path_back", watch=self.watch.name, path=str(self._root))
             self._error = None
         queued = 0
+        walked: list[str] = []
         stack = [rel_dir]
         while stack:
             folder = stack.pop()
@@ -222,7 +234,13 @@ class Watcher:
                 self._unreadable.discard(folder)
                 log.info("folder_walked", watch=self.watch.name, path=str(self._root / folder))
             stack.extend(folders)
+            walked.extend(folders)
             queued += await self._observe(found)
+        events = self._events
+        if events is not None and walked:
+            # A folder that could not be watched when it appeared (unreadable then, or
+            # made while the watches were being set up) is watched from now on.
+            await anyio.to_thread.run_sync(events.watch_folders, walked)
         if not rel_dir:
             self._scans += 1
             self._last_scan_seconds = self._clock.monotonic() - started
@@ -291,13 +309,15 @@ class Watcher:
             await self._observe(found)
 
     async def _follow_events(self) -> None:
-        """Turn filesystem events into observations; falls back to polling if inotify fails.
+        """Turn filesystem events into observations; falls back to polling if events fail.
 
-        Unreadable folders are not ignored at first: watchfiles' option for that
-        ignores every error, the inotify watch limit included, and would leave the
-        rest of the tree silently unwatched. A first permission error is reported
-        and only then ignored (with the periodic rescan as the safety net); the
-        watch limit switches this watch to polling.
+        On Linux the events come from inotify (``_follow_inotify``). Out of
+        descriptors or of inotify watches, the watch polls with watchfiles (which
+        also serves other systems). With watchfiles, unreadable folders are not
+        ignored at first: its option for that ignores every error, the inotify watch
+        limit included, and would leave the rest of the tree silently unwatched. A
+        first permission error is reported and only then ignored (with the periodic
+        rescan as the safety net).
         """
         force_polling: bool | None = None
         ignore_denied = False
@@ -308,32 +328,13 @@ class Watcher:
                 if await anyio.to_thread.run_sync(self._root.is_dir):
                     self.request_rescan()  # it is back (a mount, say): walk it now
                 continue
+            inotify = INOTIFY and not force_polling
             try:
                 self._watching = True
-                established = False
-                async for changes in watchfiles.awatch(
-                    self._root,
-                    watch_filter=None,
-                    recursive=True,
-                    force_polling=force_polling,
-                    poll_delay_ms=POLL_DELAY_MS,
-                    debounce=200,
-                    step=50,
-                    ignore_permission_denied=ignore_denied,
-                    stop_event=self._stop,
-                    rust_timeout=1000,
-                    yield_on_timeout=True,
-                ):
-                    if not established:
-                        # The first yield means the kernel now reports events. If a
-                        # walk began before that, a file created after it passed its
-                        # folder had no event: walk again, not at the periodic rescan.
-                        established = True
-                        if self._first_walk_begun:
-                            self.request_rescan()
-                        self._events_live.set()
-                    if changes:
-                        await self._on_changes(changes)
+                if inotify:
+                    await self._follow_inotify()
+                else:
+                    await self._follow_watchfiles(force_polling, ignore_denied)
             except Exception as exc:
                 self._watching = False
                 if isinstance(exc, PermissionError) and not ignore_denied:
@@ -345,6 +346,14 @@ class Watcher:
                         "give the daemon's user read access. Watching the rest",
                     )
                     ignore_denied = True
+                    continue
+                if (
+                    inotify
+                    and isinstance(exc, OSError)
+                    and exc.errno not in (errno.ENOSPC, errno.EMFILE, errno.ENFILE)
+                ):
+                    # The root is unreadable (reported above), or went away between two looks.
+                    await self._clock.sleep(WALK_RETRY)
                     continue
                 hint = _why_no_events(exc)
                 if hint is not None and not force_polling:
@@ -381,6 +390,74 @@ class Watcher:
             if self._stop.is_set():
                 await anyio.sleep_forever()  # stopped: wait for the cancellation that follows
             await self._clock.sleep(1.0)  # the root went away; wait for it to come back
+
+    def _events_established(self) -> None:
+        """The kernel reports events now. If a walk began before that, a file created
+        after it passed its folder had no event: walk again, not at the periodic rescan."""
+        if self._first_walk_begun:
+            self.request_rescan()
+        self._events_live.set()
+
+    async def _follow_inotify(self) -> None:
+        """Events from inotify until the root goes away or ``stop()``. Raises ``OSError``
+        when inotify cannot be had (no descriptor, no watches left, the root unreadable)."""
+        if self._stop.is_set():
+            return
+        source = FolderEvents(self._root, self._filter.excludes_dir)
+        await anyio.to_thread.run_sync(source.open)
+        try:
+            self._events = source
+            self._events_established()
+            async with anyio.create_task_group() as tg:
+
+                async def on_stop() -> None:
+                    await self._stop.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(on_stop)
+                while True:
+                    await anyio.wait_readable(source.fileno())
+                    await anyio.sleep(GATHER)
+                    events = await anyio.to_thread.run_sync(source.read)
+                    if events.overflowed:
+                        log.warning(
+                            "events_overflowed",
+                            watch=self.watch.name,
+                            hint="the kernel dropped filesystem events (raise "
+                            "fs.inotify.max_queued_events); walking the watch again",
+                        )
+                        self.request_rescan()
+                    if events.changes:
+                        await self._on_changes(events.changes)
+                    if events.root_gone:
+                        break
+                tg.cancel_scope.cancel()
+        finally:
+            self._events = None
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(source.close)
+
+    async def _follow_watchfiles(self, force_polling: bool | None, ignore_denied: bool) -> None:
+        """Events (or polling) from watchfiles until the root goes away or ``stop()``."""
+        established = False
+        async for changes in watchfiles.awatch(
+            self._root,
+            watch_filter=None,
+            recursive=True,
+            force_polling=force_polling,
+            poll_delay_ms=POLL_DELAY_MS,
+            debounce=200,
+            step=50,
+            ignore_permission_denied=ignore_denied,
+            stop_event=self._stop,
+            rust_timeout=1000,
+            yield_on_timeout=True,
+        ):
+            if not established:
+                established = True
+                self._events_established()
+            if changes:
+                await self._on_changes(changes)
 
     async def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
         changed: list[str] = []
