@@ -260,7 +260,7 @@ CASES = [
     # credentials consistency
     ('[credentials]\nsource = "profile"\n', "credentials.profile", "profile"),
     (
-        '[credentials]\nsource = "access-grants"\ntarget = "s3://b/p/*"\n',
+        '[credentials]\nsource = "access-grants"\ntarget = "s3://bkt/p/*"\n',
         "credentials.account_id",
         "12-digit",
     ),
@@ -269,6 +269,17 @@ CASES = [
         "credentials.target",
         "s3://",
     ),
+    (  # the gallery guide's own example: without /*, refused with the fix
+        '[credentials]\ntarget = "s3://staging-cellpainting-gallery/cpg0016-jump"\n',
+        "credentials.target",
+        "write 's3://staging-cellpainting-gallery/cpg0016-jump/*'",
+    ),
+    (
+        '[credentials]\ntarget = "s3://bkt/cpg0123-example*"\n',
+        "credentials.target",
+        "every folder whose name begins the same): write 's3://bkt/cpg0123-example/*'",
+    ),
+    ('[credentials]\ntarget = "https://b/p/*"\n', "credentials.target", "s3://"),
     ('[credentials]\nsource = "assume-role"\n', "credentials.role_arn", "arn:"),
     (
         '[credentials]\nduration = "1h"\nrefresh_before = "1h"\n',

@@ -84,7 +84,7 @@ async def test_files_go_from_folder_to_s3_and_a_reload_adds_a_watch(
         # A reload that cannot work changes nothing.
         broken = dataclasses.replace(
             config,
-            credentials=(dataclasses.replace(config.credentials[0], target="s3://other/"),),
+            credentials=(dataclasses.replace(config.credentials[0], target="s3://other/*"),),
         )
         with pytest.raises(ConfigError, match="no \\[credentials\\] target covers"):
             await engine.reload(broken)

@@ -16,9 +16,9 @@ from cpg_daemon.engine.grants import Grants, assign
 
 pytestmark = pytest.mark.anyio
 
-A = CredentialsConfig(target="s3://bkt/a/")
-A_DEEPER = CredentialsConfig(target="s3://bkt/a/deeper/")
-B = CredentialsConfig(target="s3://bkt/b/")
+A = CredentialsConfig(target="s3://bkt/a/*")
+A_DEEPER = CredentialsConfig(target="s3://bkt/a/deeper/*")
+B = CredentialsConfig(target="s3://bkt/b/*")
 
 
 def _config(*credentials: CredentialsConfig, s3: S3Config | None = None) -> Config:

@@ -25,10 +25,50 @@ from cpg_daemon.core.objectkeys import (
     parse_s3_uri,
     part_count,
     part_ranges,
+    target_covers,
 )
 
 GiB = 1024**3
 DEFAULT_EXCLUDE = (".*", "**/.*", "*.tmp", "**/*.tmp", "**/Thumbs.db")
+
+# -- grant targets ----------------------------------------------------------------------
+
+GALLERY = "s3://staging-cellpainting-gallery/"
+
+
+@pytest.mark.parametrize(
+    ("target", "destination", "covered"),
+    [
+        ("cpg0123-example/*", "cpg0123-example/", True),
+        ("cpg0123-example/*", "cpg0123-example/source/images/2024_01_01_Batch1/", True),
+        ("cpg0123-example/*", "cpg0123-example-other/", False),  # a / boundary, not a string
+        ("cpg0123-example/*", "cpg0123/", False),
+        ("cpg0123-example/source/*", "cpg0123-example/", False),  # wider than the grant
+        ("*", "anything/at/all/", True),
+        ("*", "", True),
+        ("", "anything/", True),  # no target: the entry covers every destination
+    ],
+)
+def test_a_target_covers_its_folder_and_below_at_a_slash(
+    target: str, destination: str, covered: bool
+) -> None:
+    full = GALLERY + target if target else ""
+    where = parse_s3_uri(GALLERY + destination)
+    assert target_covers(full, where) is covered
+    assert not target_covers(full.replace("staging-", "other-"), where) or not full
+
+
+@given(
+    st.from_regex(r"[a-z0-9]{1,8}(/[a-z0-9-]{1,8}){0,3}", fullmatch=True),
+    st.text("-_x", max_size=3),
+)
+def test_no_target_covers_a_sibling_whose_name_only_begins_the_same(
+    folder: str, suffix: str
+) -> None:
+    assume(suffix)
+    assert not target_covers(f"{GALLERY}{folder}/*", parse_s3_uri(f"{GALLERY}{folder}{suffix}/"))
+    assert target_covers(f"{GALLERY}{folder}/*", parse_s3_uri(f"{GALLERY}{folder}/{suffix}/"))
+
 
 # -- parse_s3_uri ----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from cpg_daemon.core.objectkeys import (
     MIN_PART_SIZE,
     S3Location,
     glob_problem,
+    parse_grant_target,
     parse_s3_uri,
 )
 from cpg_daemon.core.units import parse_duration, parse_size
@@ -406,6 +407,13 @@ def _listen_address(value: object) -> str:
     return text
 
 
+def _target(value: object) -> str:
+    text = _string(value)
+    if text:
+        parse_grant_target(text)  # ValueError with the fix
+    return text
+
+
 def _endpoint(value: object) -> str:
     text = _string(value)
     if text and not text.startswith(("http://", "https://")):
@@ -535,7 +543,7 @@ def _credentials(reader: _Reader, table: Mapping[str, Any], w: str) -> Credentia
         source=source,
         profile=reader.get(table, w, "profile", _string, ""),
         account_id=reader.get(table, w, "account_id", _string, ""),
-        target=reader.get(table, w, "target", _string, ""),
+        target=reader.get(table, w, "target", _target, ""),
         permission=reader.get(table, w, "permission", _PERMISSION, "READWRITE"),
         duration=reader.get(table, w, "duration", _duration_range(900, 43200), d.duration),
         refresh_before=reader.get(
@@ -549,7 +557,7 @@ def _credentials(reader: _Reader, table: Mapping[str, Any], w: str) -> Credentia
     if source == "access-grants":
         if not credentials.account_id.isdigit() or len(credentials.account_id) != 12:
             reader.fail(f"{w}.account_id", "Access Grants needs the 12-digit AWS account id")
-        if not credentials.target.startswith("s3://"):
+        if not credentials.target:
             reader.fail(
                 f"{w}.target", 'Access Grants needs a target such as "s3://bucket/prefix/*"'
             )

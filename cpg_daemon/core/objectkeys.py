@@ -68,6 +68,33 @@ def parse_s3_uri(uri: str) -> S3Location:
     return S3Location(bucket, prefix)
 
 
+def parse_grant_target(target: str) -> S3Location:
+    """The folder an Access Grants target (``s3://bucket/folder/*``) covers.
+
+    A target covers a folder and everything under it, so it ends in ``/*``: without
+    the ``/``, ``.../cpg0123-example*`` would also cover ``.../cpg0123-example-other/``,
+    and without the ``*`` it would name one object. Either is refused with the fix.
+    """
+    if not target.endswith("/*"):
+        fixed = target.rstrip("*").rstrip("/") + "/*"
+        why = (
+            "without the '/', it would also cover every folder whose name begins the same"
+            if target.endswith("*")
+            else "a target is a folder and everything under it"
+        )
+        raise ValueError(f"{target!r} does not end in '/*' ({why}): write {fixed!r}")
+    return parse_s3_uri(target[:-1])
+
+
+def target_covers(target: str, destination: S3Location) -> bool:
+    """Whether a target (``s3://bucket/folder/*``, or "" for any) covers a destination:
+    the same bucket, and the destination at or under the folder, at a ``/``."""
+    if not target:
+        return True
+    folder = parse_grant_target(target)
+    return destination.bucket == folder.bucket and destination.prefix.startswith(folder.prefix)
+
+
 def object_key(prefix: str, relative_path: str | PurePosixPath) -> str:
     """The key of a file: the destination prefix, then its path below the watch with ``/``."""
     relative = PurePosixPath(relative_path)

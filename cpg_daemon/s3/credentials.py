@@ -51,7 +51,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cpg_daemon.core.config import Config, CredentialsConfig
 from cpg_daemon.core.errors import ConfigError, CpgError, CredentialsError
-from cpg_daemon.core.objectkeys import S3Location
+from cpg_daemon.core.objectkeys import S3Location, target_covers
 from cpg_daemon.s3 import _botocore
 
 log = structlog.get_logger(__name__)
@@ -69,14 +69,6 @@ class CredentialStatistics:
     expires_at: str | None
     last_error: str | None
     renewals: int
-
-
-def target_covers(target: str, destination: S3Location) -> bool:
-    """Whether an Access Grants style target (``s3://bucket/prefix/*``) covers a destination."""
-    if not target:
-        return True
-    base = target[:-1] if target.endswith("*") else target
-    return str(destination).startswith(base)
 
 
 def _iso(moment: datetime | None) -> str | None:
