@@ -432,6 +432,39 @@ def test_a_profile_that_does_not_exist_is_a_configuration_error(
     assert "no AWS profile named 'nope'" in upload.stderr
 
 
+def test_the_guides_bare_section_in_aws_config_is_named_with_the_fix(tmp_path: Path) -> None:
+    """The gallery's guide had people add ``[cpg_staging]`` to ~/.aws/config, where the
+    AWS CLI and botocore read only ``[profile cpg_staging]``."""
+    Path(os.environ["AWS_CONFIG_FILE"]).write_text("[cpg_staging]\nregion = us-east-1\n")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[credentials]\nsource = "profile"\nprofile = "cpg_staging"\n')
+    result = run_cli("check", "--offline", "-c", str(cfg))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "credentials.profile" in result.stderr
+    assert f"{os.environ['AWS_CONFIG_FILE']} has a section [cpg_staging]" in result.stderr
+    assert "rename it to [profile cpg_staging]" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "[cpg_staging]\naws_access_key_id = \"AKIAIOSFODNN7EXAMPLE\"\n",
+        "[profile cpg_staging]\ncredential_process = /opt/get-keys\n",  # not even TOML
+    ],
+)
+def test_an_aws_profile_pasted_into_the_config_points_to_the_aws_files(
+    tmp_path: Path, pasted: str
+) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(pasted)
+    result = run_cli("check", "--offline", "-c", str(cfg))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "is an AWS profile, which belongs in the AWS files" in result.stderr
+    assert "~/.aws/credentials under [cpg_staging]" in result.stderr
+    assert 'profile = "cpg_staging"' in result.stderr
+    assert "AKIAIOSFODNN7EXAMPLE" not in result.stdout + result.stderr
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
     reason="needs root and setpriv, to run cpg-daemon as a user who may not read the folder",

@@ -205,13 +205,37 @@ def load_config(path: Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(file, "", "the file is not valid UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
+        pasted = _AWS_PROFILE_SECTION.search(raw.decode("utf-8", "replace"))
+        if pasted is not None:
+            raise ConfigError(file, "", _aws_profile_pasted(pasted.group(1))) from None
         raise ConfigError(file, "", f"not valid TOML: {exc}") from None
     return parse_config(data, path)
+
+
+_AWS_PROFILE_SECTION = re.compile(r"^\s*\[profile\s+([^\]\s]+)\s*\]", re.MULTILINE)
+"""``[profile NAME]``: a section of ~/.aws/config, which is not TOML."""
+_AWS_PROFILE_KEYS = re.compile(
+    r"^(aws_|region$|output$|credential_process$|sso_|role_arn$|source_profile$)"
+)
+
+
+def _aws_profile_pasted(name: str) -> str:
+    return (
+        f"[{name}] / [profile {name}] is an AWS profile, which belongs in the AWS files of "
+        "the user running cpg-daemon, not here: its keys in ~/.aws/credentials under "
+        f"[{name}] (mode 0600), other settings in ~/.aws/config under [profile {name}]. "
+        f'Then, here: [credentials] source = "profile" (or "access-grants") and '
+        f'profile = "{name}"'
+    )
 
 
 def parse_config(data: Mapping[str, Any], path: Path | None) -> Config:
     """Validate an already-parsed TOML document (``path`` is only used in messages)."""
     reader = _Reader(str(path) if path else "<config>")
+    for name, value in data.items():
+        known = name in ("daemon", "s3", "credentials", "watch")
+        if not known and isinstance(value, dict) and any(map(_AWS_PROFILE_KEYS.match, value)):
+            reader.fail(name, _aws_profile_pasted(name))
     reader.only_keys(data, "", ("daemon", "s3", "credentials", "watch"))
     daemon = _daemon(reader, reader.table(data, "daemon"))
     s3 = _s3(reader, reader.table(data, "s3"))

@@ -19,6 +19,7 @@ Keys never reach logs, status or errors: only their expiry does.
 
 from __future__ import annotations
 
+import configparser
 import os
 import random
 import re
@@ -78,11 +79,30 @@ def _iso(moment: datetime | None) -> str | None:
 class ProfileMissingError(CpgError):
     """The configured AWS profile exists in none of the files botocore reads."""
 
-    def __init__(self, profile: str) -> None:
-        super().__init__(
+    def __init__(self, profile: str, config_file: str = "~/.aws/config") -> None:
+        message = (
             f"no AWS profile named {profile!r} in ~/.aws/config, ~/.aws/credentials "
             f"(of the user running cpg-daemon) or $CREDENTIALS_DIRECTORY/{CREDENTIALS_FILE_NAME}"
         )
+        if _bare_section(config_file, profile):
+            # The gallery's guide had people add [NAME] to ~/.aws/config; the AWS CLI
+            # and botocore read only [profile NAME] there.
+            message = (
+                f"{config_file} has a section [{profile}], but in that file a profile's "
+                f"section is written [profile {profile}] (only ~/.aws/credentials uses "
+                f"[{profile}]): rename it to [profile {profile}]"
+            )
+        super().__init__(message)
+
+
+def _bare_section(config_file: str, name: str) -> bool:
+    """Whether an AWS config file has ``[name]`` (not ``[profile name]``)."""
+    parser = configparser.RawConfigParser(strict=False)
+    try:
+        parser.read(os.path.expanduser(config_file), encoding="utf-8")
+    except (OSError, configparser.Error, UnicodeDecodeError):
+        return False
+    return parser.has_section(name)
 
 
 class CredentialProvider:
@@ -117,7 +137,7 @@ class CredentialProvider:
         profile = self.config.profile if self.config.source != "environment" else ""
         if profile:
             if profile not in core.available_profiles:
-                raise ProfileMissingError(profile)
+                raise ProfileMissingError(profile, str(core.get_config_variable("config_file")))
             core.set_config_variable("profile", profile)
         return aioboto3.Session(botocore_session=core, region_name=self.region)
 
