@@ -274,14 +274,19 @@ def exchange(path: Path, payload: bytes, timeout: float = 10.0) -> list[dict[str
     return [json.loads(line) for line in data.splitlines()]
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``cpg-daemon ARGS...`` as a subprocess, its output captured as text."""
+def run_cli(
+    *args: str, timeout: float = 60, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``cpg-daemon ARGS...`` as a subprocess, its output captured as text (``input``:
+    its standard input; else none, as from a terminal-less cron job)."""
     result = subprocess.run(
         [sys.executable, "-m", "cpg_daemon", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
     )
     CLI_OUTPUT.append((" ".join(args), result.stdout + result.stderr))
     return result

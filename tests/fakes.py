@@ -949,7 +949,7 @@ class _ProxyHandler(_Handler):
             self.close_connection = True
             self._bad_gateway(exc)
             return
-        self.proxy._count_forwarded()
+        self.proxy._count_forwarded(f"{self.command} {self.path}", response.status)
         self._relay(response)
 
     def _bad_gateway(self, exc: BaseException) -> None:
@@ -1021,6 +1021,7 @@ class AuthProxy(_BackgroundServer):
         self._counts_lock = threading.Lock()
         self._rejections: collections.Counter[str] = collections.Counter()
         self._forwarded = 0
+        self._answered: list[tuple[str, int]] = []
 
     @property
     def rejections(self) -> dict[str, int]:
@@ -1038,11 +1039,19 @@ class AuthProxy(_BackgroundServer):
         with self._counts_lock:
             self._rejections.clear()
             self._forwarded = 0
+            self._answered.clear()
 
     def _count_rejection(self, code: str) -> None:
         with self._counts_lock:
             self._rejections[code] += 1
 
-    def _count_forwarded(self) -> None:
+    def _count_forwarded(self, request: str, status: int) -> None:
         with self._counts_lock:
             self._forwarded += 1
+            self._answered.append((request, status))
+
+    @property
+    def answered(self) -> list[tuple[str, int]]:
+        """("METHOD /path?query", status) of each request forwarded upstream, in order."""
+        with self._counts_lock:
+            return list(self._answered)

@@ -193,6 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit once the sample is uploaded and verified (default when not on a terminal)",
     )
 
+    keys = commands.add_parser(
+        "credentials",
+        help="hand keys obtained elsewhere (a laptop) to the running daemon",
+        description="Reads, from standard input, the JSON that `aws s3control "
+        "get-data-access` prints, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+        "AWS_SESSION_TOKEN lines (export, set or $Env: forms); with nothing piped in, "
+        "this command's own AWS_* environment variables. The daemon tries them, uses them "
+        'at once for the watches of its source = "handed-over" entry and keeps them '
+        "until they expire. Keys are never printed or logged.",
+    )
+    keys.add_argument("action", choices=["set"], help="set: hand over new keys")
+    keys.add_argument(
+        "--target",
+        default=None,
+        help="the [credentials] target the keys are for (default: the grant's target in "
+        "the JSON, or the only handed-over entry)",
+    )
+    _socket_args(keys)
+
     example = commands.add_parser(
         "config", help="print a configuration file to start from (--example)"
     )
@@ -245,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retry": _control,
         "rescan": _control,
         "reload": _reload,
+        "credentials": _credentials,
         "config": _example_config,
         "install-service": _install_service,
         "recover-journal": _recover_journal,
@@ -669,6 +689,27 @@ def _control(args: argparse.Namespace) -> int:
     else:
         verb = {"pause": "paused", "resume": "resumed", "rescan": "rescanning"}[args.command]
         _say(f"{verb}: {', '.join(result[verb])}")
+    return EXIT_OK
+
+
+def _credentials(args: argparse.Namespace) -> int:
+    from cpg_daemon.cli.keys import KeysFormatError, keys_from_environment, parse_keys
+
+    piped = sys.stdin.read() if sys.stdin is not None and not sys.stdin.isatty() else ""
+    try:
+        keys = parse_keys(piped) if piped.strip() else keys_from_environment(os.environ)
+    except KeysFormatError as exc:
+        _say(f"cpg-daemon credentials: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    result, failed = _ask(args, "credentials", keys.request(args.target))
+    if failed is not None:
+        return failed
+    until = result["expires_at"] or "an unknown time (no expiration given)"
+    watches = ", ".join(result["watches"]) or "none"
+    _say(f"credentials {result['target']}: handed to the daemon, valid until {until}")
+    _say(f"watches using them: {watches}")
+    if result.get("note"):
+        _say(f"note: {result['note']}")
     return EXIT_OK
 
 

@@ -49,7 +49,7 @@ CANNED_ACLS = (
     "aws-exec-read",
 )
 LogFormat = Literal["json", "console", "auto"]
-CredentialSource = Literal["access-grants", "assume-role", "profile", "environment"]
+CredentialSource = Literal["access-grants", "assume-role", "profile", "environment", "handed-over"]
 StructurePolicy = Literal["warn", "reject", "off"]
 DataPlane = Literal["auto", "crt", "botocore"]
 DATA_PLANES: tuple[DataPlane, ...] = ("auto", "crt", "botocore")
@@ -103,6 +103,9 @@ class CredentialsConfig:
     refresh_before: float = 30 * 60.0
     endpoint_url: str = ""
     role_arn: str = ""
+    warn_before: float = 3600.0
+    """How long before keys the daemon cannot renew itself expire it warns (log, status,
+    systemd's status line, metrics)."""
 
 
 @dataclass(frozen=True)
@@ -554,13 +557,14 @@ def _credentials(reader: _Reader, table: Mapping[str, Any], w: str) -> Credentia
             "refresh_before",
             "endpoint_url",
             "role_arn",
+            "warn_before",
         ),
     )
     source: CredentialSource = reader.get(
         table,
         w,
         "source",
-        _choice("access-grants", "assume-role", "profile", "environment"),
+        _choice("access-grants", "assume-role", "profile", "environment", "handed-over"),
         d.source,
     )
     credentials = CredentialsConfig(
@@ -575,9 +579,18 @@ def _credentials(reader: _Reader, table: Mapping[str, Any], w: str) -> Credentia
         ),
         endpoint_url=reader.get(table, w, "endpoint_url", _endpoint, ""),
         role_arn=reader.get(table, w, "role_arn", _string, ""),
+        warn_before=reader.get(
+            table, w, "warn_before", _duration_range(0, 43200), d.warn_before
+        ),
     )
     if source == "profile" and not credentials.profile:
         reader.fail(f"{w}.profile", 'source = "profile" needs the name of an AWS profile')
+    if source == "handed-over" and not credentials.target:
+        reader.fail(
+            f"{w}.target",
+            'handed-over keys need the target they were obtained for, such as '
+            '"s3://staging-cellpainting-gallery/cpg0123-example/*"',
+        )
     if source == "access-grants":
         if not credentials.account_id.isdigit() or len(credentials.account_id) != 12:
             reader.fail(f"{w}.account_id", "Access Grants needs the 12-digit AWS account id")

@@ -100,6 +100,21 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def duration(seconds: float) -> str:
+    """``3d 4h``, ``2h 13m``, ``5m 7s``, ``12s``."""
+    seconds = max(int(seconds), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
 def timestamp(seconds: float) -> str:
     """Seconds since the epoch as an ISO 8601 UTC time, to the second (status, hooks)."""
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")

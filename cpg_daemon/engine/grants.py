@@ -24,10 +24,12 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from cpg_daemon.core.config import Config, S3Config
-from cpg_daemon.core.errors import CredentialsError
+from cpg_daemon.core.errors import CpgError, CredentialsError
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
 from cpg_daemon.s3.credentials import (
     CredentialProvider,
+    HandedOverProvider,
+    Keys,
     RenewingProvider,
     build_providers,
     provider_for,
@@ -240,3 +242,69 @@ class Grants:
         for grant in self._grants:
             if not await grant.provider.first_attempt():
                 raise CredentialsError(grant.provider.statistics().last_error or "no credentials")
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """What became of keys handed to the daemon."""
+
+    target: str
+    expires_at: str | None
+    watches: tuple[str, ...]
+    note: str | None
+    """Set when the keys were taken but could not be confirmed (no permission to list)."""
+
+
+async def hand_over(grants: Grants, table: WatchTable, keys: Keys, target: str) -> HandOver:
+    """Give handed-over keys to the entry for ``target`` (or the only such entry).
+
+    The keys are tried with one listing of a destination they serve: keys S3
+    refuses (expired, unknown, a broken token) are refused here and the old ones
+    stay. Taken keys are used at once by every watch of the entry, resume what
+    waited, and are kept in the state folder for a restart.
+    """
+    handed = [g for g in grants if isinstance(g.provider, HandedOverProvider)]
+    if not handed:
+        raise CredentialsError(
+            'no [credentials] entry has source = "handed-over": keys can only be handed '
+            "to such an entry (README: \"Keys from a laptop\")"
+        )
+    chosen = [g for g in handed if target and g.provider.config.target == target]
+    if not chosen and not target and len(handed) == 1:
+        chosen = handed
+    if not chosen:
+        targets = ", ".join(g.provider.config.target for g in handed)
+        asked = f"target {target}" if target else "no target"
+        raise CredentialsError(
+            f"{asked} names no handed-over entry; name one with --target "
+            f"(handed-over targets: {targets})"
+        )
+    grant = chosen[0]
+    provider = grant.provider
+    assert isinstance(provider, HandedOverProvider)
+    watches = [a for a in table.values() if a.grant is grant]
+    before = await provider.hand_over(keys)
+    note = None
+    if watches:
+        destination = watches[0].config.destination
+        try:
+            async for _ in grant.store.list_objects(destination.bucket, destination.prefix):
+                break
+        except CredentialsError as exc:
+            await provider.restore(before)
+            raise CredentialsError(f"S3 refused these keys ({exc}); the old keys stay") from None
+        except CpgError as exc:
+            note = f"taken, but a listing of {destination} to try them failed: {exc}"
+    if not provider.usable:
+        stats = provider.statistics()
+        await provider.restore(before)
+        raise CredentialsError(f"these keys cannot be used: {stats.last_error or stats.state}")
+    await provider.keep()
+    stats = provider.statistics()
+    log.info(
+        "credentials_handed_over",
+        target=stats.target,
+        expires_at=stats.expires_at,
+        watches=[a.name for a in watches],
+    )
+    return HandOver(stats.target, stats.expires_at, tuple(a.name for a in watches), note)

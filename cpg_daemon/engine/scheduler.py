@@ -323,15 +323,21 @@ class Scheduler:
     ) -> None:
         """The keys were refused or could not be had: never a reason for a file to fail.
 
-        The keys are renewed at once and the file retried with them, without
-        counting an attempt; while there are no usable keys its watch is not
-        fed at all. Only when freshly renewed keys are refused again does the
-        retry count, so a key that can never work still ends in a visible failure.
+        The keys are renewed (or read again) at once and the file retried with them,
+        without counting an attempt; while there are no usable keys its watch is not
+        fed at all. Keys a person must replace (environment, profile, handed over)
+        that S3 refuses stop their watches until other keys arrive: files wait,
+        visibly, and none fails. Keys the daemon renews itself (Access Grants, a
+        role) count an attempt only when freshly renewed keys are refused again, so
+        a grant that can never work still ends in a visible failure.
         """
         grant = watch.grant
         error = f"{CREDENTIALS_PREFIX} {exc}"
         renewed = await grant.renew_now()
-        if not grant.usable or (renewed and not record.keys_refused):
+        renews_itself = grant.provider.renews_itself
+        if not renewed and not renews_itself:
+            grant.provider.refuse(str(exc))
+        if not grant.usable or not renews_itself or (renewed and not record.keys_refused):
             log.warning("credentials_refused", error=str(exc), renewed=renewed)
             await self._journal.requeue(record.id, error, failure="keys")
             self.wake()

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import ExitStack
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from cpg_daemon.engine import verify
+from cpg_daemon.engine import grants, verify
 from cpg_daemon.ops.control import CommandError, Registry
 from cpg_daemon.ops.status import StatusReply, gather
+from cpg_daemon.s3.credentials import Keys
 
 if TYPE_CHECKING:
     from cpg_daemon.ops.daemon import Daemon
@@ -57,6 +59,15 @@ class Commands:
             self.reload,
             "read the configuration file again (as SIGHUP); refused if it is invalid",
             mutating=True,
+        )
+
+        add(
+            "credentials",
+            self.credentials,
+            'hand over keys to the [credentials] entry with source = "handed-over" '
+            "(args.access_key_id, .secret_access_key, .session_token, .expiration, .target)",
+            mutating=True,
+            secret=True,
         )
 
         async def help_(args: Args) -> dict[str, str]:
@@ -158,3 +169,45 @@ class Commands:
 
     async def reload(self, args: Args) -> dict[str, Any]:
         return await self._daemon.reload()
+
+    async def credentials(self, args: Args) -> dict[str, Any]:
+        keys = handed_keys(args)
+        target = args.get("target") or ""
+        if not isinstance(target, str):
+            raise CommandError("args.target must be a string")
+        engine = self._daemon.engine
+        done = await grants.hand_over(engine.grants, engine.table, keys, target)
+        return {
+            "target": done.target,
+            "expires_at": done.expires_at,
+            "watches": list(done.watches),
+            "note": done.note,
+        }
+
+
+def handed_keys(args: Args) -> Keys:
+    """The keys in a ``credentials`` request; a CommandError (never quoting a key) if not."""
+    fields = {}
+    for name in ("access_key_id", "secret_access_key", "session_token"):
+        value = args.get(name, "")
+        if not isinstance(value, str) or (name != "session_token" and not value):
+            raise CommandError(f"args.{name} must be a non-empty string")
+        fields[name] = value
+    expiration = args.get("expiration")
+    expires_at = None
+    if expiration is not None:
+        if not isinstance(expiration, str):
+            raise CommandError("args.expiration must be an ISO 8601 time")
+        try:
+            expires_at = datetime.fromisoformat(expiration.replace("Z", "+00:00"))
+        except ValueError:
+            raise CommandError(f"args.expiration is not an ISO 8601 time: {expiration!r}") from None
+        if expires_at.tzinfo is None:
+            expires_at = expires_at.replace(tzinfo=timezone.utc)
+        if expires_at <= datetime.now(timezone.utc):
+            raise CommandError(
+                f"these keys expired at {expires_at.isoformat(timespec='seconds')}: obtain new ones"
+            )
+    return Keys(
+        fields["access_key_id"], fields["secret_access_key"], fields["session_token"], expires_at
+    )

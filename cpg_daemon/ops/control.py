@@ -65,6 +65,8 @@ class Command:
     handler: Handler
     help: str
     mutating: bool
+    secret: bool = False
+    """Its arguments are never logged (keys)."""
 
 
 class Registry:
@@ -73,8 +75,10 @@ class Registry:
     def __init__(self) -> None:
         self.commands: dict[str, Command] = {}
 
-    def add(self, name: str, handler: Handler, help: str, *, mutating: bool) -> None:
-        self.commands[name] = Command(handler, help, mutating)
+    def add(
+        self, name: str, handler: Handler, help: str, *, mutating: bool, secret: bool = False
+    ) -> None:
+        self.commands[name] = Command(handler, help, mutating, secret)
 
     def help(self) -> dict[str, str]:
         return {name: command.help for name, command in sorted(self.commands.items())}
@@ -261,7 +265,8 @@ class ControlServer:
         except (CommandError, CpgError) as exc:  # CpgError: a missing bucket in verify, say
             return {"ok": False, "error": str(exc)}
         if command.mutating:
-            log.info("control_command", command=name, args=args, peer_uid=peer and peer.uid)
+            shown: object = "(not logged)" if command.secret else args
+            log.info("control_command", command=name, args=shown, peer_uid=peer and peer.uid)
         return {"ok": True, "result": result}
 
 

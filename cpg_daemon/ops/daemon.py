@@ -290,9 +290,18 @@ class Daemon:
 
 
 def status_line(status: StatusReply) -> str:
-    """The one line ``systemctl status`` shows (sd_notify STATUS=)."""
+    """The one line ``systemctl status`` shows (sd_notify STATUS=); a credentials
+    problem comes first, since it stops the uploads."""
     files = status["files"]
-    line = (
+    keys = ""
+    for cred in status["credentials"]:
+        if cred["state"] in ("refused", "waiting", "expired", "error"):
+            keys += f"KEYS {cred['state'].upper()} ({cred['target']}), files wait; "
+        elif cred.get("warning") and cred.get("expires_at"):
+            keys += f"KEYS EXPIRE {cred['expires_at']} ({cred['target']}); "
+    if keys:
+        keys = keys.rstrip("; ") + " (see cpg-daemon status) | "
+    line = keys + (
         f"{status['state']}: {files['uploaded']:,} uploaded, {files['uploading']:,} uploading, "
         f"{files['queued']:,} queued, {files['failed']:,} failed"
     )

@@ -131,6 +131,11 @@ def _credential_families(status: StatusReply) -> Iterator[Metric]:
     valid = GaugeMetricFamily(
         "cpg_daemon_credentials_valid", "1 when the keys are valid", labels=["target"]
     )
+    expiring = GaugeMetricFamily(
+        "cpg_daemon_credentials_expiring",
+        "1 when the keys expire within warn_before and nothing will renew them",
+        labels=["target"],
+    )
     now = datetime.now(timezone.utc)
     for cred in status["credentials"]:
         if cred["expires_at"]:
@@ -138,7 +143,8 @@ def _credential_families(status: StatusReply) -> Iterator[Metric]:
             expiry.add_metric([cred["target"]], expires.timestamp())
             left.add_metric([cred["target"]], (expires - now).total_seconds())
         valid.add_metric([cred["target"]], 1 if cred["state"] == "valid" else 0)
-    yield from (expiry, left, valid)
+        expiring.add_metric([cred["target"]], 1 if cred.get("warning") else 0)
+    yield from (expiry, left, valid, expiring)
 
 
 class _Snapshot:

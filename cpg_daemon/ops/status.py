@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from cpg_daemon import __version__
 from cpg_daemon.core.text import printable, printable_tree
-from cpg_daemon.core.units import format_size, timestamp
+from cpg_daemon.core.units import duration, format_size, timestamp
 from cpg_daemon.journal import FILE_STATES, FileState, JournalStatistics
 
 if TYPE_CHECKING:  # the snapshots' types only: `cpg-daemon status` imports no S3 client
@@ -73,6 +73,8 @@ class CredentialStatus(TypedDict):
     expires_at: str | None
     last_error: str | None
     renewals: int
+    warning: str | None
+    """Keys about to expire with nothing to renew them: what to do (``warn_before``)."""
 
 
 class RecentErrorStatus(TypedDict):
@@ -214,6 +216,7 @@ def gather(
                 "expires_at": c.expires_at,
                 "last_error": c.last_error,
                 "renewals": c.renewals,
+                "warning": c.warning,
             }
             for c in credentials
         ],
@@ -316,21 +319,6 @@ def _batch_lines(batches: BatchesStatus, shown: int = 5) -> list[str]:
     return lines
 
 
-def duration(seconds: float) -> str:
-    """``3d 4h``, ``2h 13m``, ``5m 7s``, ``12s``."""
-    seconds = max(int(seconds), 0)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {secs}s"
-    return f"{secs}s"
-
-
 def _counts(files: FileCounts) -> str:
     text = (
         f"{files['uploaded']:,} uploaded, {files['uploading']:,} uploading, "
@@ -359,6 +347,14 @@ def _structure_lines(structure: StructureStatus, shown: int = 3) -> list[str]:
     if count > shown:
         lines.append(f"      ... {count - shown:,} more: `status --json`, or the log")
     return lines
+
+
+_CREDENTIAL_STATES = {
+    "refused": "REFUSED by S3, files wait for new keys",
+    "waiting": "WAITING for keys, files wait",
+    "expired": "EXPIRED, files wait for new keys",
+    "error": "ERROR, files wait",
+}
 
 
 def render(status: StatusReply, errors: int = 5) -> str:
@@ -401,14 +397,21 @@ def render(status: StatusReply, errors: int = 5) -> str:
         lines += _structure_lines(watch.get("structure") or {})
     now = datetime.now(timezone.utc)
     for cred in status["credentials"]:
-        text = f"credentials {cred['target']}: {cred['state']}"
+        state = cred["state"]
+        shown = _CREDENTIAL_STATES.get(state, state)
+        text = f"credentials {cred['target']} ({cred['source']}): {shown}"
         expires_at = cred.get("expires_at")
         if expires_at:
             left = (datetime.fromisoformat(expires_at) - now).total_seconds()
             text += f", expires in {duration(left)}" if left > 0 else ", expired"
+        elif state == "valid":
+            text += ", expiry not known"
         if cred.get("last_error"):
-            text += f" (last error: {cred['last_error']})"
+            label = "why" if state in ("refused", "waiting") else "last error"
+            text += f" ({label}: {cred['last_error']})"
         lines.append(text)
+        if cred.get("warning"):
+            lines.append(f"    WARNING: {cred['warning']}")
     config = status.get("config") or {}
     if config.get("reload_error"):
         lines.append(

@@ -14,6 +14,7 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
 from typing import Any
 
 import aioboto3
@@ -175,6 +176,16 @@ def share_credentials(session: aioboto3.Session, credentials: Any) -> None:
     keys); set this way, renewed keys reach every client of the session at once.
     """
     _core(session)._credentials = credentials
+
+
+def credentials_expiry(credentials: Any) -> datetime | None:
+    """When keys from botocore's chain expire (refreshable ones: a process, SSO, a
+    role, AWS_CREDENTIAL_EXPIRATION), or None for static keys. The expiry is a private
+    attribute of botocore's RefreshableCredentials."""
+    expiry = getattr(credentials, "_expiry_time", None)
+    if not isinstance(expiry, datetime):
+        return None
+    return expiry if expiry.tzinfo is not None else expiry.replace(tzinfo=timezone.utc)
 
 
 class RenewableCredentials(AioRefreshableCredentials):  # type: ignore[misc]

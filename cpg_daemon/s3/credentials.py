@@ -20,6 +20,9 @@ Keys never reach logs, status or errors: only their expiry does.
 from __future__ import annotations
 
 import configparser
+import contextlib
+import dataclasses
+import json
 import os
 import random
 import re
@@ -28,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -53,11 +56,14 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from cpg_daemon.core.config import Config, CredentialsConfig
 from cpg_daemon.core.errors import ConfigError, CpgError, CredentialsError
 from cpg_daemon.core.objectkeys import S3Location, target_covers
+from cpg_daemon.core.units import duration
 from cpg_daemon.s3 import _botocore
 
 log = structlog.get_logger(__name__)
 
-CredentialState = Literal["valid", "refreshing", "expired", "error"]
+CredentialState = Literal["valid", "refreshing", "expired", "refused", "waiting", "error"]
+"""``refused``: S3 refused the keys and no others were found; ``waiting``: handed-over
+keys were never given (or have expired and were dropped)."""
 CREDENTIALS_FILE_NAME = "aws-credentials"
 """The file looked for in systemd's ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=``)."""
 
@@ -70,6 +76,8 @@ class CredentialStatistics:
     expires_at: str | None
     last_error: str | None
     renewals: int
+    warning: str | None = None
+    """Set from ``warn_before`` ahead of an expiry nothing will renew: what to do."""
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -105,20 +113,201 @@ def _bare_section(config_file: str, name: str) -> bool:
     return parser.has_section(name)
 
 
+@dataclass(frozen=True)
+class Keys:
+    """One set of keys and, when known, when they expire. Never logged or shown."""
+
+    access_key: str
+    secret_key: str
+    token: str
+    expires_at: datetime | None
+
+    def __repr__(self) -> str:  # a traceback or a debugger never shows the secret
+        return f"Keys(expires_at={self.expires_at!r})"
+
+
+class KeysExpiredError(CredentialsError):
+    """The only keys there are have expired (nothing renews them)."""
+
+
+FAR_FUTURE = timedelta(days=3650)
+"""The expiry botocore is told for keys whose expiry is not known (static keys)."""
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 class CredentialProvider:
     """Keys for one ``[credentials]`` entry, handed out as an aioboto3 Session.
 
-    The base class serves ``environment`` and ``profile``: botocore's chain,
-    always usable, nothing to renew.
+    The keys live in one refreshable credentials object that every S3 client of the
+    session signs with, so new keys (renewed, re-read from the AWS files, handed
+    over) reach every client at once and nothing is rebuilt. Subclasses say where
+    keys come from (``_fetch``) and whether the daemon renews them itself.
+
+    This base class serves ``environment`` and ``profile``: botocore's standard
+    chain, read again when the AWS files change (every ``LOOK_EVERY`` s, a stat
+    each) or when S3 refuses the keys. Keys the chain refreshes by itself
+    (``credential_process``, SSO, a role in the profile) are renewed ahead of their
+    expiry. Keys S3 refuses, and that no new read replaces, stop this entry's
+    watches (``refuse``): files wait, none fails, until other keys arrive.
     """
+
+    LOOK_EVERY = 5.0
+    """Seconds between looks at the expiry and the AWS files."""
+    ADVISORY = 15 * 60.0
+    """Seconds before a known expiry that keys the chain can refresh are renewed."""
 
     def __init__(self, config: CredentialsConfig, region: str) -> None:
         self.config = config
         self.region = region
-        self.session = self._long_term_session()
+        self._mandatory = min(30.0, self._advisory_timeout() / 2)
+        """Seconds before their expiry botocore stops using keys."""
+        self._keys = _botocore.RenewableCredentials(
+            access_key="",
+            secret_key="",
+            token="",
+            expiry_time=EPOCH,  # fetched at the first request, or by run()
+            refresh_using=self._refresh,
+            method=f"cpg-daemon-{config.source}",
+            advisory_timeout=self._advisory_timeout(),
+            mandatory_timeout=self._mandatory,
+        )
+        self.session = aioboto3.Session(region_name=region)
+        _botocore.share_credentials(self.session, self._keys)
         self._listeners: list[Callable[[], None]] = []
+        self._lock = anyio.Lock()
+        self._attempted = anyio.Event()
+        self._in_use: Keys | None = None
+        self._expires_at: datetime | None = None
+        self._state: CredentialState = "refreshing"
+        self._last_error: str | None = None
+        self._refused: str | None = None
+        """Why S3 refused the keys in use (None: it did not)."""
+        self._renewals = 0
+        self._renews_itself = False
+        self._warned = False
+        self._files: tuple[tuple[str, int, int], ...] = ()
+        self._check_profile()
+
+    def _advisory_timeout(self) -> float:
+        return self.ADVISORY
+
+    # -- what others ask -------------------------------------------------------------
+
+    @property
+    def renews_itself(self) -> bool:
+        """Whether fresh keys come without a person (Access Grants, a role, SSO...)."""
+        return self._renews_itself
+
+    @property
+    def usable(self) -> bool:
+        """Whether uploads may use this provider's keys now."""
+        if self._refused is not None or self._state == "error":
+            return False
+        return self._expires_at is None or self._seconds_left() > 0
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return self._expires_at
+
+    def covers(self, destination: S3Location) -> bool:
+        """Whether this entry's target covers a destination (no target covers all)."""
+        return target_covers(self.config.target, destination)
+
+    def on_usable(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever the keys become usable again."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+    def describe(self) -> str:
+        """The entry as status names it: its target, else what the keys come from."""
+        return self.config.target or f"({self.config.source})"
+
+    def statistics(self) -> CredentialStatistics:
+        state = self._state
+        if self._refused is not None:
+            state = "refused"
+        elif state == "valid" and not self.usable:
+            state = "expired"
+        return CredentialStatistics(
+            target=self.describe(),
+            source=self.config.source,
+            state=state,
+            expires_at=_iso(self._expires_at),
+            last_error=self._refused or self._last_error,
+            renewals=self._renewals,
+            warning=self._warning(),
+        )
+
+    def _seconds_left(self) -> float:
+        if self._expires_at is None:
+            return float("inf")
+        return (self._expires_at - datetime.now(timezone.utc)).total_seconds()
+
+    def _warning(self) -> str | None:
+        """Keys that expire within ``warn_before`` with nothing to renew them, or None."""
+        left = self._seconds_left()
+        if self._expires_at is None or left > self.config.warn_before or left <= 0:
+            return None
+        if self.renews_itself and self._last_error is None:
+            return None
+        at = self._expires_at.strftime("%Y-%m-%d %H:%M UTC")
+        why = (
+            f"renewing them fails ({self._last_error})"
+            if self.renews_itself
+            else "the daemon cannot renew them"
+        )
+        return f"the keys expire at {at} (in {duration(left)}) and {why}: {self.fix()}"
+
+    def fix(self) -> str:
+        """What a person does to give this entry new keys."""
+        if self.config.source == "profile":
+            return (
+                f"put new keys in profile {self.config.profile!r} (~/.aws/credentials of the "
+                f"daemon's user): they are read within {self.LOOK_EVERY:.0f} s"
+            )
+        return (
+            "restart the daemon with new keys in its environment (or in ~/.aws/credentials "
+            'of its user, read within 5 s), or use source = "handed-over" and hand keys '
+            "over with cpg-daemon credentials set"
+        )
+
+    # -- keys ------------------------------------------------------------------------
+
+    async def _fetch(self) -> Keys:
+        """The current keys from botocore's standard chain (the files read again)."""
+        self._files = await anyio.to_thread.run_sync(_aws_files_signature)
+        try:
+            session = await anyio.to_thread.run_sync(self._long_term_session)
+        except ProfileMissingError as exc:
+            raise CredentialsError(str(exc)) from None
+        try:
+            found = await session.get_credentials()
+            if found is None:
+                raise CredentialsError(self._no_keys())
+            frozen = await found.get_frozen_credentials()
+        except (BotoCoreError, ClientError) as exc:
+            raise CredentialsError(f"cannot get keys: {exc}") from None
+        expiry = _botocore.credentials_expiry(found)
+        self._renews_itself = expiry is not None and found.method != "env"
+        return Keys(frozen.access_key, frozen.secret_key, frozen.token or "", expiry)
+
+    def _no_keys(self) -> str:
+        where = f"profile {self.config.profile!r}" if self.config.profile else "the environment"
+        return (
+            f"no AWS keys found ({where}, ~/.aws/credentials, or {CREDENTIALS_FILE_NAME} in "
+            "$CREDENTIALS_DIRECTORY)"
+        )
+
+    def _check_profile(self) -> None:
+        """A missing profile is a configuration error, found before anything starts."""
+        if self.config.source == "profile":
+            self._long_term_session()
 
     def _long_term_session(self) -> aioboto3.Session:
+        """A session on botocore's standard chain (reads the AWS files: blocking)."""
         core = AioSession()
         directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
         try:
@@ -141,108 +330,339 @@ class CredentialProvider:
             core.set_config_variable("profile", profile)
         return aioboto3.Session(botocore_session=core, region_name=self.region)
 
-    def covers(self, destination: S3Location) -> bool:
-        """Whether this entry's target covers a destination (no target covers all)."""
-        return target_covers(self.config.target, destination)
+    async def _refresh(self) -> dict[str, str]:
+        """botocore's refresh callback: new keys, as its metadata.
 
-    @property
-    def usable(self) -> bool:
-        """Whether uploads may use this provider's keys now."""
-        return True
+        Keys already at their end are an error here (a CredentialsError, which the
+        scheduler handles by waiting), not botocore's RuntimeError after the fact.
+        """
+        keys = await self._fetch()
+        if keys.expires_at is not None:
+            left = (keys.expires_at - datetime.now(timezone.utc)).total_seconds()
+            if left <= self._mandatory:
+                at = keys.expires_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+                raise KeysExpiredError(f"the keys expired at {at}: {self.fix()}")
+        self._in_use = keys
+        self._expires_at = keys.expires_at
+        expiry = keys.expires_at or datetime.now(timezone.utc) + FAR_FUTURE
+        return {
+            "access_key": keys.access_key,
+            "secret_key": keys.secret_key,
+            "token": keys.token,
+            "expiry_time": expiry.isoformat(),
+        }
 
-    def on_usable(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever the keys become usable again."""
-        self._listeners.append(callback)
+    def refuse(self, reason: str) -> None:
+        """S3 refused the keys in use and no other keys were found: stop the watches.
 
-    def _notify(self) -> None:
-        for callback in self._listeners:
-            callback()
+        They start again by themselves once other keys arrive (``renew_now`` finds
+        keys that differ from these).
+        """
+        if self._refused is None:
+            log.warning(
+                "credentials_waiting",
+                target=self.describe(),
+                error=reason,
+                hint=f"files wait (none fails) until new keys arrive: {self.fix()}",
+            )
+        self._refused = reason
 
     async def renew_now(self) -> bool:
-        """Renew at once (after the server refused the keys); whether that worked."""
-        return False
+        """Read the keys again; whether they are new keys that may be used."""
+        seen = self._renewals
+        async with self._lock:
+            if self._renewals != seen:
+                return self.usable  # renewed while we waited: one renewal serves them all
+            return await self._renew()
 
     async def first_attempt(self) -> bool:
         """Wait for the running provider's first attempt at keys; whether they are usable."""
+        await self._attempted.wait()
+        return self.usable
+
+    async def _renew(self) -> bool:
+        try:
+            return await self._renew_once()
+        finally:
+            self._attempted.set()
+
+    async def _renew_once(self) -> bool:
+        was_usable = self.usable
+        before = self._in_use
+        if self._state != "valid" or not was_usable:
+            self._state = "refreshing"
+        try:
+            await self._keys.renew()
+        except CredentialsError as exc:
+            self._renew_failed(str(exc), isinstance(exc, KeysExpiredError))
+            return False
+        same = before is not None and self._in_use is not None and (
+            before.access_key == self._in_use.access_key and before.token == self._in_use.token
+        )
+        self._last_error = None
+        self._state = "valid"
+        if same and not self.renews_itself:
+            return False  # the very keys in use (refused, perhaps): nothing new
+        self._refused = None
+        self._warned = False
+        self._renewals += 1
+        log.info(
+            "credentials_renewed",
+            target=self.describe(),
+            expires_at=_iso(self._expires_at),
+            valid_for_s=None if self._expires_at is None else round(self._seconds_left()),
+        )
+        if not was_usable and self.usable:
+            self._notify()
         return True
 
+    def _renew_failed(self, error: str, expired: bool = False) -> None:
+        self._last_error = error
+        if expired:
+            self._state = "expired"
+        else:
+            self._state = "valid" if self.usable and self._in_use is not None else "error"
+        log.warning(
+            "credentials_renewal_failed",
+            target=self.describe(),
+            error=error,
+            keys_valid_for_s=None
+            if self._expires_at is None
+            else round(max(self._seconds_left(), 0.0)),
+        )
+
+    def look(self) -> None:
+        """Warn once when the keys are about to expire with nothing to renew them."""
+        warning = self._warning()
+        if warning is not None and not self._warned:
+            self._warned = True
+            log.warning("credentials_expiring", target=self.describe(), hint=warning)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Keep the keys fresh until cancelled (nothing to do for the standard chain)."""
+        """Keep the keys current until cancelled: the first keys at once (so their
+        expiry shows), then again when the AWS files change, when keys the chain can
+        refresh near their end, and after a failure."""
         task_status.started()
+        await self.renew_now()
+        while True:
+            await anyio.sleep(self.LOOK_EVERY)
+            self.look()
+            changed = await anyio.to_thread.run_sync(_aws_files_signature) != self._files
+            ending = self.renews_itself and self._seconds_left() < self.ADVISORY
+            if changed or ending or (self._state == "error"):
+                await self.renew_now()
+
+
+def _aws_files_signature() -> tuple[tuple[str, int, int], ...]:
+    """(path, mtime, size) of each AWS file botocore reads keys from, to notice a change."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    paths = [
+        os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"),
+    ]
+    if directory:
+        paths.append(str(Path(directory) / CREDENTIALS_FILE_NAME))
+    seen = []
+    for path in paths:
+        try:
+            info = os.stat(os.path.expanduser(path))
+        except OSError:
+            continue
+        seen.append((path, info.st_mtime_ns, info.st_size))
+    return tuple(seen)
+
+
+class HandedOverProvider(CredentialProvider):
+    """Keys a person obtained elsewhere (a laptop) and handed to the daemon.
+
+    They arrive with ``cpg-daemon credentials set`` (``hand_over``), are kept in
+    the state folder (``HandedOverKeys``, mode 0600) until they expire, so a restart
+    keeps them, and cannot be renewed by the daemon: before they expire it warns,
+    and once they expire (or S3 refuses them) the watches wait for new ones. A
+    daemon may start with none: it runs, queues, and says it waits for keys.
+    """
+
+    def __init__(self, config: CredentialsConfig, region: str, store: HandedOverKeys) -> None:
+        self._store = store
+        self._handed = store.load(config.target)
+        super().__init__(config, region)
+        if self._handed is None:
+            self._state = "waiting"
+
+    @property
+    def usable(self) -> bool:
+        return self._handed is not None and super().usable
+
+    def _advisory_timeout(self) -> float:
+        return 2.0  # nothing renews these keys: use them to their end
+
+    def fix(self) -> str:
+        return (
+            "hand over new keys: cpg-daemon credentials set (README: \"Keys from a laptop\")"
+        )
 
     def statistics(self) -> CredentialStatistics:
-        return CredentialStatistics(
-            target=self.config.target or f"({self.config.source})",
-            source=self.config.source,
-            state="valid",
-            expires_at=None,
-            last_error=None,
-            renewals=0,
-        )
+        stats = super().statistics()
+        if self._handed is None:
+            return dataclasses.replace(
+                stats, state="waiting", last_error="no keys yet: " + self.fix()
+            )
+        return stats
+
+    async def _fetch(self) -> Keys:
+        if self._handed is None:
+            raise CredentialsError("no keys were handed over yet: " + self.fix())
+        return self._handed
+
+    async def hand_over(self, keys: Keys) -> tuple[Keys | None, str | None]:
+        """Use these keys from now on; returns what to ``restore`` if S3 refuses them."""
+        before = (self._handed, self._refused)
+        self._handed = keys
+        await self.renew_now()
+        return before
+
+    async def restore(self, before: tuple[Keys | None, str | None]) -> None:
+        """Go back to the keys in use before ``hand_over`` (S3 refused the new ones)."""
+        self._handed, refused = before
+        if self._handed is None:
+            self._in_use = None
+            self._expires_at = None
+            self._state = "waiting"
+        else:
+            await self.renew_now()
+        self._refused = refused
+
+    async def keep(self) -> None:
+        """Store the keys in use, for a restart."""
+        if self._handed is not None:
+            await anyio.to_thread.run_sync(self._store.save, self.config.target, self._handed)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        if self._handed is not None:
+            await self.renew_now()
+        else:
+            self._attempted.set()  # nothing to try: a one-shot command says so at once
+        expired_said = False
+        while True:
+            self.look()
+            if self._handed is not None and not self.usable and not expired_said:
+                expired_said = True
+                log.warning(
+                    "credentials_expired",
+                    target=self.describe(),
+                    hint=f"files wait (none fails) until new keys arrive: {self.fix()}",
+                )
+            elif self.usable:
+                expired_said = False
+            await anyio.sleep(self.LOOK_EVERY)
+
+
+class HandedOverKeys:
+    """Handed-over keys in the state folder, by target: one JSON file, mode 0600.
+
+    Written atomically (a new file renamed over the old); expired keys are dropped
+    when the file is read. Only the daemon's user (and root) can read it, like
+    ~/.aws/credentials.
+    """
+
+    NAME = "handed-over-keys.json"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / self.NAME
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("handed_over_keys_unreadable", path=str(self.path), error=str(exc))
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def load(self, target: str) -> Keys | None:
+        """The keys kept for this target, unless they have expired."""
+        entry = self._read().get(target)
+        if not isinstance(entry, dict):
+            return None
+        try:
+            expiry = entry.get("expires_at")
+            keys = Keys(
+                entry["access_key"],
+                entry["secret_key"],
+                entry.get("token", ""),
+                datetime.fromisoformat(expiry) if expiry else None,
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        if keys.expires_at is not None and keys.expires_at <= datetime.now(timezone.utc):
+            return None
+        return keys
+
+    def save(self, target: str, keys: Keys) -> None:
+        data = self._read()
+        data[target] = {
+            "access_key": keys.access_key,
+            "secret_key": keys.secret_key,
+            "token": keys.token,
+            "expires_at": _iso(keys.expires_at) or "",
+        }
+        now = datetime.now(timezone.utc)
+        for name, entry in list(data.items()):
+            expiry = entry.get("expires_at") if isinstance(entry, dict) else None
+            with contextlib.suppress(TypeError, ValueError):
+                if expiry and datetime.fromisoformat(expiry) <= now:
+                    del data[name]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.NAME}.{os.getpid()}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, json.dumps(data).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, self.path)
 
 
 class RenewingProvider(CredentialProvider):
-    """Short-lived keys from Access Grants or AssumeRole, renewed before they expire."""
+    """Short-lived keys from Access Grants or AssumeRole, renewed before they expire.
+
+    A renewal loop renews them ``refresh_before`` ahead of the *returned* expiry
+    (with jitter); failures are retried with backoff while the keys last.
+    """
 
     RETRY_FIRST = 5.0
     RETRY_MAX = 300.0
 
     def __init__(self, config: CredentialsConfig, region: str) -> None:
         super().__init__(config, region)
-        self._base = self.session  # the long-term keys
-        # The session S3 clients are made from holds the short-lived keys from the
-        # start (empty and expired until the first renewal), so no client can fall
-        # back to the standard chain by accident.
-        self._keys = _botocore.RenewableCredentials(
-            access_key="",
-            secret_key="",
-            token="",
-            expiry_time=datetime(1970, 1, 1, tzinfo=timezone.utc),
-            refresh_using=self._fetch,
-            method=f"cpg-daemon-{config.source}",
-            # botocore's own on-demand refresh is the last resort, only in the final
-            # moments; the renewal loop renews well before that.
-            advisory_timeout=min(60.0, config.refresh_before / 2),
-            mandatory_timeout=min(30.0, config.refresh_before / 4),
-        )
-        self.session = aioboto3.Session(region_name=region)
-        _botocore.share_credentials(self.session, self._keys)
-        self._expires_at: datetime | None = None
-        self._state: CredentialState = "refreshing"
-        self._last_error: str | None = None
-        self._renewals = 0
+        self._base = self._long_term_session()  # the long-term keys
+        self._renews_itself = True
         self._client: Any = None
-        self._lock = anyio.Lock()
-        self._attempted = anyio.Event()
         self._unusable_since: float | None = None
 
-    # -- what others ask -------------------------------------------------------------
+    def _advisory_timeout(self) -> float:
+        # botocore's own on-demand refresh is the last resort, only in the final
+        # moments; the renewal loop renews well before that.
+        return min(60.0, self.config.refresh_before / 2)
+
+    def _check_profile(self) -> None:
+        pass  # the long-term session, built in __init__, checks it
 
     @property
     def usable(self) -> bool:
         return self._expires_at is not None and self._seconds_left() > 0
 
-    @property
-    def expires_at(self) -> datetime | None:
-        return self._expires_at
+    def describe(self) -> str:
+        return self.config.target or self.config.role_arn
 
-    def statistics(self) -> CredentialStatistics:
-        state = self._state
-        if state == "valid" and not self.usable:
-            state = "expired"
-        return CredentialStatistics(
-            target=self.config.target or self.config.role_arn,
-            source=self.config.source,
-            state=state,
-            expires_at=_iso(self._expires_at),
-            last_error=self._last_error,
-            renewals=self._renewals,
-        )
+    def fix(self) -> str:
+        return "see the last error; renewals are retried"
 
-    def _seconds_left(self) -> float:
-        if self._expires_at is None:
-            return 0.0
-        return (self._expires_at - datetime.now(timezone.utc)).total_seconds()
+    def refuse(self, reason: str) -> None:
+        pass  # the scheduler renews these keys at once instead
 
     # -- renewing --------------------------------------------------------------------
 
@@ -257,7 +677,7 @@ class RenewingProvider(CredentialProvider):
 
     def _next_attempt_in(self, renewed: bool) -> float:
         """Seconds until the loop tries again."""
-        left = self._seconds_left()
+        left = self._seconds_left() if self._expires_at is not None else 0.0
         if renewed:
             # refresh_before ahead of the returned expiry, with jitter; but never in the
             # first half of the keys' life (a server may grant less than refresh_before).
@@ -284,47 +704,16 @@ class RenewingProvider(CredentialProvider):
                         self._client = None
             return await self._renew()
 
-    async def first_attempt(self) -> bool:
-        await self._attempted.wait()
-        return self.usable
-
-    async def _renew(self) -> bool:
-        try:
-            return await self._renew_once()
-        finally:
-            self._attempted.set()
+    def _renew_failed(self, error: str, expired: bool = False) -> None:
+        super()._renew_failed(error, expired)
+        if not self.usable and self._unusable_since is None:
+            self._unusable_since = time.monotonic()
 
     async def _renew_once(self) -> bool:
-        was_usable = self.usable
-        if self._state != "valid" or not was_usable:
-            self._state = "refreshing"
-        try:
-            await self._keys.renew()
-        except CredentialsError as exc:
-            self._last_error = str(exc)
-            self._state = "valid" if self.usable else "error"
-            if not self.usable and self._unusable_since is None:
-                self._unusable_since = time.monotonic()
-            log.warning(
-                "credentials_renewal_failed",
-                target=self.statistics().target,
-                error=str(exc),
-                keys_valid_for_s=round(max(self._seconds_left(), 0.0)),
-            )
-            return False
-        self._last_error = None
-        self._state = "valid"
-        self._renewals += 1
-        self._unusable_since = None
-        log.info(
-            "credentials_renewed",
-            target=self.statistics().target,
-            expires_at=_iso(self._expires_at),
-            valid_for_s=round(self._seconds_left()),
-        )
-        if not was_usable:
-            self._notify()
-        return True
+        renewed = await super()._renew_once()
+        if renewed:
+            self._unusable_since = None
+        return renewed
 
     @asynccontextmanager
     async def _control_client(self) -> AsyncIterator[Any]:
@@ -352,8 +741,8 @@ class RenewingProvider(CredentialProvider):
                 client.meta.events.register("before-send.s3-control", keep_host)
             yield client
 
-    async def _fetch(self) -> dict[str, str]:
-        """New keys, as botocore's refresh metadata. Raises CredentialsError, one sentence."""
+    async def _fetch(self) -> Keys:
+        """New keys from S3 Control or STS. Raises CredentialsError, one sentence."""
         if self._client is None:
             raise CredentialsError("the credentials provider is not running")
         try:
@@ -376,13 +765,7 @@ class RenewingProvider(CredentialProvider):
         expiration = keys["Expiration"]
         if expiration.tzinfo is None:
             expiration = expiration.replace(tzinfo=timezone.utc)
-        self._expires_at = expiration
-        return {
-            "access_key": keys["AccessKeyId"],
-            "secret_key": keys["SecretAccessKey"],
-            "token": keys["SessionToken"],
-            "expiry_time": expiration.isoformat(),
-        }
+        return Keys(keys["AccessKeyId"], keys["SecretAccessKey"], keys["SessionToken"], expiration)
 
     def _explain(self, exc: ClientError | BotoCoreError) -> str:
         """One sentence a person can act on, for the errors people actually hit."""
@@ -435,9 +818,15 @@ def _keep_host(host: str, request: Any, **_: Any) -> None:
     request.headers["Host"] = host
 
 
-def make_provider(entry: CredentialsConfig, region: str) -> CredentialProvider:
+def make_provider(
+    entry: CredentialsConfig, region: str, state_dir: Path | None = None
+) -> CredentialProvider:
     if entry.source in ("access-grants", "assume-role"):
         return RenewingProvider(entry, region)
+    if entry.source == "handed-over":
+        if state_dir is None:
+            raise CredentialsError('source = "handed-over" needs the daemon\'s state folder')
+        return HandedOverProvider(entry, region, HandedOverKeys(state_dir))
     return CredentialProvider(entry, region)
 
 
@@ -456,7 +845,7 @@ def build_providers(
             providers.append(same[0])
             continue
         try:
-            providers.append(make_provider(entry, config.s3.region))
+            providers.append(make_provider(entry, config.s3.region, config.daemon.state_dir))
         except ProfileMissingError as exc:
             where = "credentials" if len(config.credentials) == 1 else f"credentials[{index}]"
             raise ConfigError(
