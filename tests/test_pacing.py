@@ -6,23 +6,31 @@ numbers (and a ManualClock where something waits): no test here sleeps.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
+from cpg_daemon.core.bandwidth import parse_bandwidth
 from cpg_daemon.core.clock import ManualClock
 from cpg_daemon.engine.pacing import (
     RETRY_MAX,
     THROTTLE_MAX,
     Bandwidth,
+    BandwidthStatistics,
     MemoryBudget,
     SlowDownPacer,
+    TokenBucket,
     Uniform,
     backoff,
+    pace_chunk,
     wait_event,
 )
 from cpg_daemon.engine.uploader import Throughput
+from cpg_daemon.s3.dataplane import PacedBody
 
 
 def middle(low: float, high: float) -> float:
@@ -160,7 +168,7 @@ def test_the_feeder_claims_within_the_allowance(
 
 
 def test_bandwidth_reservations_queue_behind_each_other() -> None:
-    link = Bandwidth(100)
+    link = TokenBucket(100)
     assert link.reserve(0.0, 100) == 0.0  # an idle link: at once
     assert link.reserve(0.0, 100) == 1.0
     assert link.reserve(0.5, 50) == 1.5
@@ -170,7 +178,7 @@ def test_bandwidth_reservations_queue_behind_each_other() -> None:
 
 
 def test_no_bandwidth_limit_never_waits() -> None:
-    link = Bandwidth(0)
+    link = TokenBucket(0)
     assert [link.reserve(0.0, 10**9) for _ in range(3)] == [0.0, 0.0, 0.0]
 
 
@@ -182,7 +190,7 @@ def test_no_bandwidth_limit_never_waits() -> None:
 def test_bandwidth_never_sends_faster_than_its_rate_and_never_idles_a_waiter(
     rate: int, requests: list[tuple[float, int]]
 ) -> None:
-    link = Bandwidth(rate)
+    link = TokenBucket(rate)
     now = 0.0
     link_free = 0.0  # when the bytes reserved so far have had their time
     for gap, amount in requests:
@@ -196,14 +204,146 @@ def test_bandwidth_never_sends_faster_than_its_rate_and_never_idles_a_waiter(
             link_free = start + amount / rate
 
 
+@pytest.mark.parametrize(
+    ("steps", "waits"),
+    [
+        # (now, new rate or None to reserve 100 bytes) -> each reservation's wait
+        # 200 bytes in line: 1 s at the doubled rate
+        ([(0.0, None), (0.0, None), (0.0, 200), (0.0, None)], [0.0, 1.0, 1.0]),
+        # at 0.5 s, 150 bytes in line: at 50 B/s they take 3 s
+        ([(0.0, None), (0.0, None), (0.5, 50), (0.5, None)], [0.0, 1.0, 3.0]),
+        ([(0.0, None), (0.0, None), (0.0, 0), (0.0, None)], [0.0, 1.0, 0.0]),  # off: no line
+        ([(0.0, 0), (0.0, None), (0.0, 100), (0.0, None), (0.0, None)], [0.0, 0.0, 1.0]),
+    ],
+)
+def test_a_new_rate_re_times_the_bytes_waiting_in_line(
+    steps: list[tuple[float, int | None]], waits: list[float]
+) -> None:
+    link = TokenBucket(100)
+    seen = []
+    for now, rate in steps:
+        if rate is None:
+            seen.append(link.reserve(now, 100))
+        else:
+            link.set_rate(now, rate)
+    assert seen == pytest.approx(waits)
+
+
+@pytest.mark.parametrize(
+    ("rate", "chunk"),
+    [
+        (0, 0),  # unlimited: no pacing, the body goes whole
+        (1000, 16 * 1024),  # slow links: at least 16 KiB a read
+        (2 * 1024**2, 2 * 1024**2 // 10),  # a tenth of a second's worth
+        (100 * 1000**2, 1024**2),  # fast links: at most 1 MiB a read
+    ],
+)
+def test_paced_reads_are_a_tenth_of_a_second_within_bounds(rate: int, chunk: int) -> None:
+    assert pace_chunk(rate) == chunk
+
+
+class _Timetable:
+    """A Bandwidth on a ManualClock whose local time starts on Monday 2026-12-07 at ``start``."""
+
+    def __init__(self, limit: str, start: str = "07:59:58") -> None:
+        self.clock = ManualClock()
+        hour, minute, second = (int(p) for p in start.split(":"))
+        origin = datetime(2026, 12, 7, hour, minute, second)
+        wall = self.clock.time()
+        self.link = Bandwidth(
+            parse_bandwidth(limit),
+            self.clock,
+            local=lambda t: origin + timedelta(seconds=t - wall),
+        )
+
+
+@pytest.mark.anyio
+async def test_the_limit_changes_at_the_boundaries_and_is_logged_once() -> None:
+    table = _Timetable("08:00,1MB 08:01,off")
+    link, clock = table.link, table.clock
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(link.follow)
+            assert link.statistics() == BandwidthStatistics(0, "08:00,1MB 08:01,off")
+            await clock.settle()
+            clock.advance(2.0)  # 08:00:00
+            await clock.settle()
+            assert link.statistics().limit_bytes_per_s == 1000**2
+            assert link.chunk() == 100_000
+            clock.advance(30.0)
+            await clock.settle()
+            clock.advance(30.0)  # 08:01:00
+            await clock.settle()
+            assert link.chunk() == 0
+            link.set_limit(parse_bandwidth("2MB"))  # a reload
+            await clock.settle()
+            tg.cancel_scope.cancel()
+    changes = [(e["limit_bytes_per_s"], e["schedule"]) for e in logs]
+    assert [e["event"] for e in logs] == ["bandwidth_limit_changed"] * 3
+    assert changes == [
+        (1000**2, "08:00,1MB 08:01,off"),
+        (0, "08:00,1MB 08:01,off"),
+        (2 * 1000**2, "2MB"),
+    ]
+
+
+@pytest.mark.anyio
+async def test_paced_bodies_share_the_limit_a_tenth_of_a_second_at_a_time() -> None:
+    """Three 300 kB bodies written at once at 1 MB/s: 100 kB reads, one after another, so
+    no second of the run carries more than the limit and the one read that opened it."""
+    table = _Timetable("1MB", start="12:00:00")
+    link, clock = table.link, table.clock
+    sent: list[tuple[float, int]] = []
+
+    async def write(body: PacedBody) -> None:
+        async for piece in body:
+            sent.append((clock.monotonic(), len(piece)))
+
+    bodies = [PacedBody(bytes(300_000), link) for _ in range(3)]
+    assert all(body.must_stream() for body in bodies)
+    async with anyio.create_task_group() as tg:
+        for body in bodies:
+            tg.start_soon(write, body)
+        await clock.run_until_idle()
+    assert sum(n for _, n in sent) == 900_000
+    assert {n for _, n in sent} == {100_000}
+    assert [t for t, _ in sent] == pytest.approx([i * 0.1 for i in range(9)])
+    for start in [t for t, _ in sent]:
+        window = sum(n for t, n in sent if start <= t < start + 1.0)
+        assert window <= 1000**2
+
+
+@pytest.mark.anyio
+async def test_a_body_of_one_read_is_paid_whole_and_unlimited_ones_go_at_once() -> None:
+    table = _Timetable("1MB", start="12:00:00")
+    link, clock = table.link, table.clock
+    paid: list[float] = []
+
+    async def pay(body: PacedBody) -> None:
+        assert not body.must_stream()  # one read: any plane may send it, after pay()
+        await body.pay()
+        paid.append(clock.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(pay, PacedBody(bytes(100_000), link))
+        await clock.run_until_idle()
+    assert paid == pytest.approx([0.0, 0.1, 0.2])
+
+    body = PacedBody(b"abcdef", _Timetable("off").link)
+    assert not body.must_stream()
+    assert [bytes(p) async for p in body] == [b"abcdef"]  # unlimited: whole, at once
+    assert (body.tell(), body.seek(2), body.read(3), body.read()) == (6, 2, b"cde", b"f")
+
+
 @pytest.mark.anyio
 async def test_bandwidth_paces_concurrent_uploads_on_the_clock() -> None:
-    clock = ManualClock()
-    link = Bandwidth(1000)
+    table = _Timetable("1000", start="12:00:00")
+    link, clock = table.link, table.clock
     sent: list[tuple[str, float]] = []
 
     async def upload(name: str, size: int) -> None:
-        await link.consume(size, clock)
+        await link.take(size)
         sent.append((name, clock.monotonic()))
 
     async with anyio.create_task_group() as tg:

@@ -1,6 +1,6 @@
 """How fast the engine goes: SlowDown back-off, retry delays, bandwidth and memory budgets.
 
-The time policies (``backoff``, ``SlowDownPacer``, ``Bandwidth.reserve``) are handed
+The time policies (``backoff``, ``SlowDownPacer``, ``TokenBucket.reserve``) are handed
 the time (``now``, monotonic seconds) and answer with how long to wait; none of them
 sleeps, so each is tested with tables against plain numbers (rclone's ``lib/pacer``
 is the model). The waiting is done by their callers, on an injected ``Clock``; jitter
@@ -10,13 +10,22 @@ bytes, not time, and so is a plain anyio primitive.
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 
 import anyio
 import anyio.lowlevel
+import structlog
+from anyio.abc import TaskStatus
 
-from cpg_daemon.core.clock import Clock
+from cpg_daemon.core.bandwidth import BandwidthLimit, describe_rate
+from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
+from cpg_daemon.s3.dataplane import Body, PacedBody
+
+log = structlog.get_logger(__name__)
 
 Uniform = Callable[[float, float], float]
 """``random.uniform``, or a fixed stand-in in tests."""
@@ -104,12 +113,27 @@ class SlowDownPacer:
         return max(1, self.workers - busy)
 
 
-class Bandwidth:
-    """A token bucket shared by all uploads: ``rate`` bytes per second, 0 = unlimited.
+PACE_SLICE = 0.1
+"""Seconds of the limit one paced read may take: the wire follows the limit over
+windows of a few tenths of a second, not a request body at a time."""
+PACE_CHUNK_MIN = 16 * 1024
+PACE_CHUNK_MAX = 1024 * 1024
 
-    Each request reserves its bytes' time on the link: it may start once the
-    requests before it have had theirs, so any stretch of time carries at most
-    ``rate`` bytes per second plus the one request that opened it.
+
+def pace_chunk(rate: int) -> int:
+    """Bytes per paced read at ``rate`` bytes per second; 0 (unlimited): no pacing."""
+    if rate <= 0:
+        return 0
+    return min(max(int(rate * PACE_SLICE), PACE_CHUNK_MIN), PACE_CHUNK_MAX)
+
+
+class TokenBucket:
+    """The time policy of a shared link: ``rate`` bytes per second, 0 = unlimited.
+
+    Each read reserves its bytes' time on the link: it may go once the reads before
+    it have had theirs, so any stretch of time carries at most ``rate`` bytes per
+    second plus the one read that opened it (``pace_chunk``: a tenth of a second's
+    worth). Nothing is saved up while the link idles.
     """
 
     def __init__(self, rate: int) -> None:
@@ -125,11 +149,117 @@ class Bandwidth:
         self._next_free = start + amount / self.rate
         return start - now
 
-    async def consume(self, amount: int, clock: Clock) -> None:
-        """Reserve ``amount`` bytes and wait, on ``clock``, until they may be sent."""
-        wait = self.reserve(clock.monotonic(), amount)
+    def set_rate(self, now: float, rate: int) -> None:
+        """Change the rate at ``now``: bytes reserved and not yet due keep their place
+        in line, their remaining time re-timed at the new rate (none when unlimited)."""
+        backlog = max(0.0, self._next_free - now) * self.rate
+        self.rate = rate
+        self._next_free = now + backlog / rate if rate > 0 else 0.0
+
+
+FOLLOW_MAX = 60.0
+"""Seconds at most between two looks at the timetable (the wall clock may be set)."""
+
+
+@dataclass(frozen=True)
+class BandwidthStatistics:
+    limit_bytes_per_s: int
+    """The limit in force now; 0 = unlimited."""
+    schedule: str
+    """``s3.max_bandwidth`` as configured ("" for none)."""
+
+
+def local_time(seconds: float) -> datetime:
+    """Seconds since the epoch as the machine's local (naive) time."""
+    return datetime.fromtimestamp(seconds)
+
+
+class Bandwidth:
+    """The link all uploads share: ``s3.max_bandwidth``'s limit in force, paced.
+
+    The limit in force is read from the timetable at the wall clock's local time on
+    every use, so it changes at each boundary without a restart; ``follow`` looks at
+    the boundaries as they pass, so the change is logged (``bandwidth_limit_changed``)
+    even while nothing uploads. All of it runs on the event loop: request bodies are
+    paced by ``take`` as they are written (``s3.dataplane.PacedBody``), never on a
+    thread of their own.
+    """
+
+    def __init__(
+        self,
+        limit: BandwidthLimit,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        local: Callable[[float], datetime] = local_time,
+    ) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._local = local
+        self._bucket = TokenBucket(limit.at(local(clock.time())))
+        self._changed: anyio.Event | None = None
+        """Set by a reload, to wake ``follow``."""
+
+    @property
+    def limit(self) -> BandwidthLimit:
+        return self._limit
+
+    def set_limit(self, limit: BandwidthLimit) -> None:
+        """A reloaded ``max_bandwidth``: in force at once."""
+        self._limit = limit
+        self.rate()
+        if self._changed is not None:
+            self._changed.set()
+
+    def rate(self) -> int:
+        """Bytes per second in force now (0: unlimited); logs when that changed."""
+        rate = self._limit.at(self._local(self._clock.time()))
+        if rate != self._bucket.rate:
+            self._bucket.set_rate(self._clock.monotonic(), rate)
+            log.info(
+                "bandwidth_limit_changed",
+                limit_bytes_per_s=rate,
+                limit=describe_rate(rate),
+                schedule=self._limit.text,
+            )
+        return rate
+
+    # -- the s3.dataplane.Pacer protocol --------------------------------------------------
+
+    def chunk(self) -> int:
+        """Bytes per paced read now; 0 when unlimited."""
+        return pace_chunk(self.rate())
+
+    def slowest(self) -> int:
+        """The lowest limit the timetable ever puts in force (0: never limited)."""
+        return self._limit.lowest
+
+    async def take(self, amount: int) -> None:
+        """Wait, on the clock, until ``amount`` more bytes may go on the wire."""
+        self.rate()
+        wait = self._bucket.reserve(self._clock.monotonic(), amount)
         if wait > 0:
-            await clock.sleep(wait)
+            await self._clock.sleep(wait)
+
+    def body(self, data: bytes | io.BytesIO) -> Body:
+        """``data`` as a request body: paced while a limit may be in force."""
+        return PacedBody(data, self) if self._limit.limited else data
+
+    # ---------------------------------------------------------------------------------------
+
+    async def follow(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Look at the limit at each boundary of the timetable (and at least every
+        minute, or at once after a reload), so its changes show in the log, status and
+        metrics when they happen; until cancelled."""
+        task_status.started()
+        while True:
+            self.rate()
+            left = self._limit.seconds_to_next(self._local(self._clock.time()))
+            wait = FOLLOW_MAX if left is None else min(FOLLOW_MAX, left + 0.001)
+            self._changed = anyio.Event()
+            await wait_event(self._changed, wait, self._clock)
+
+    def statistics(self) -> BandwidthStatistics:
+        return BandwidthStatistics(self.rate(), self._limit.text)
 
 
 class MemoryBudget:
