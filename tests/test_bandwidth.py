@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cpg_daemon.core.bandwidth import BandwidthLimit, describe_rate, parse_bandwidth
+from cpg_daemon.core.bandwidth import (
+    DAY_SECONDS,
+    DAYS,
+    WEEK_SECONDS,
+    BandwidthLimit,
+    describe_rate,
+    parse_bandwidth,
+)
 
 MB = 1000**2
 
@@ -133,3 +142,42 @@ def test_bad_values_say_what_is_wrong(value: object, problem: str) -> None:
 def test_rates_read_as_a_person_reads_them() -> None:
     assert describe_rate(0) == "unlimited"
     assert describe_rate(10 * 1024**2) == "10.0 MiB/s"
+
+
+@settings(deadline=None)  # a loaded machine must not fail a test for its speed
+@given(
+    entries=st.dictionaries(
+        st.tuples(st.sampled_from([None, *DAYS]), st.integers(0, 23), st.integers(0, 59)),
+        st.integers(0, 10**9),
+        min_size=1,
+        max_size=12,
+    ),
+    second=st.integers(0, WEEK_SECONDS - 1),
+)
+def test_the_limit_is_the_latest_entry_s_and_holds_until_the_next_one(
+    entries: dict[tuple[str | None, int, int], int], second: int
+) -> None:
+    daily = {(h, m) for d, h, m in entries if d is None}
+    entries = {k: v for k, v in entries.items() if k[0] is None or (k[1], k[2]) not in daily}
+    text = " ".join(
+        f"{'' if d is None else d.title() + '-'}{h:02d}:{m:02d},{rate or 'off'}"
+        for (d, h, m), rate in entries.items()
+    )
+    limit = parse_bandwidth(text)
+    # Every entry, once per day it applies on, by second of the week.
+    starts = {
+        day * DAY_SECONDS + h * 3600 + m * 60: rate
+        for (d, h, m), rate in entries.items()
+        for day in (range(7) if d is None else [DAYS.index(d)])
+    }
+    latest = max((s for s in starts if s <= second), default=max(starts))
+    when = at(MON, "00:00") + timedelta(seconds=second)
+    assert limit.at(when) == starts[latest]
+    to_next = limit.seconds_to_next(when)
+    if len(starts) == 1:
+        assert to_next is None
+    else:
+        assert to_next is not None and 0 < to_next <= WEEK_SECONDS
+        assert limit.at(when + timedelta(seconds=to_next - 1)) == starts[latest]
+        following = (second + to_next) % WEEK_SECONDS
+        assert following in starts

@@ -336,6 +336,12 @@ async def test_a_body_of_one_read_is_paid_whole_and_unlimited_ones_go_at_once() 
     assert (body.tell(), body.seek(2), body.read(3), body.read()) == (6, 2, b"cde", b"f")
 
 
+def test_bodies_are_paced_only_when_a_limit_may_be_in_force() -> None:
+    data = b"x" * 10
+    assert _Timetable("").link.body(data) is data  # botocore sends bytes as they are
+    assert isinstance(_Timetable("08:00,1MB 19:00,off").link.body(data), PacedBody)
+
+
 @pytest.mark.anyio
 async def test_bandwidth_paces_concurrent_uploads_on_the_clock() -> None:
     table = _Timetable("1000", start="12:00:00")
