@@ -167,66 +167,85 @@ def test_the_feeder_claims_within_the_allowance(
 # -- bandwidth ------------------------------------------------------------------------------
 
 
-def test_bandwidth_reservations_queue_behind_each_other() -> None:
+@pytest.mark.parametrize(
+    ("asks", "answers"),
+    [
+        # (now, bytes) -> 0.0 (sent, taken from the credit) or the seconds to ask again in.
+        # 100 B/s: the credit is at most 10 bytes, a tenth of a second's worth.
+        ([(0.0, 10), (0.0, 10), (0.1, 10), (0.1, 5)], [0.0, 0.1, 0.0, 0.05]),
+        # A read larger than the credit goes once the credit is full, and leaves a debt.
+        ([(0.0, 100), (0.0, 100), (0.5, 100), (1.0, 100)], [0.0, 1.0, 0.5, 0.0]),
+        # Idle for a long time: still only 10 bytes saved up.
+        ([(0.0, 10), (100.0, 30), (100.0, 10)], [0.0, 0.0, 0.3]),
+        ([(0.0, 0), (0.0, 10), (0.0, 0)], [0.0, 0.0, 0.0]),  # nothing to send: no wait
+    ],
+)
+def test_reads_wait_for_the_credit_they_need(
+    asks: list[tuple[float, int]], answers: list[float]
+) -> None:
     link = TokenBucket(100)
-    assert link.reserve(0.0, 100) == 0.0  # an idle link: at once
-    assert link.reserve(0.0, 100) == 1.0
-    assert link.reserve(0.5, 50) == 1.5
-    assert link.reserve(2.5, 10) == 0.0  # the link has been idle since 2.5
-    assert link.reserve(2.5, 0) == 0.0
-    assert link.reserve(10.0, 100) == 0.0
+    assert [link.take(now, amount) for now, amount in asks] == pytest.approx(answers)
 
 
 def test_no_bandwidth_limit_never_waits() -> None:
     link = TokenBucket(0)
-    assert [link.reserve(0.0, 10**9) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert [link.take(0.0, 10**9) for _ in range(3)] == [0.0, 0.0, 0.0]
 
 
 @settings(deadline=None)  # a loaded machine must not fail a test for its speed
 @given(
     rate=st.integers(1, 10**9),
-    requests=st.lists(st.tuples(st.floats(0, 10), st.integers(0, 10**8)), min_size=1),
+    reads=st.lists(st.tuples(st.floats(0, 10), st.integers(0, 10**8)), min_size=1),
 )
-def test_bandwidth_never_sends_faster_than_its_rate_and_never_idles_a_waiter(
-    rate: int, requests: list[tuple[float, int]]
+def test_a_link_never_sends_faster_than_its_rate_and_never_idles_a_waiter(
+    rate: int, reads: list[tuple[float, int]]
 ) -> None:
+    """Reads one after another (the line), each asked again when told, after ``gap``:
+    between any two of them the link sent at most ``rate`` bytes per second, plus the
+    credit saved up (``burst``), plus the last read; and a read told to wait goes when
+    it asks again then."""
     link = TokenBucket(rate)
     now = 0.0
-    link_free = 0.0  # when the bytes reserved so far have had their time
-    for gap, amount in requests:
+    sent: list[tuple[float, int]] = []
+    for gap, amount in reads:
         now += gap
-        start = now + link.reserve(now, amount)
-        assert start >= now
+        wait = link.take(now, amount)
+        if wait > 0:
+            now += wait
+            assert link.take(now, amount) == 0.0
         if amount:
-            # At most ``rate`` bytes per second: each start waits for the bytes before it,
-            # and no longer than that.
-            assert start == pytest.approx(max(now, link_free), rel=1e-9, abs=1e-9)
-            link_free = start + amount / rate
+            sent.append((now, amount))
+    for first in range(len(sent)):
+        total = 0
+        for at, amount in sent[first:]:
+            total += amount
+            allowed = rate * (at - sent[first][0]) + link.burst + amount
+            assert total <= allowed * (1 + 1e-9) + 1e-6
 
 
 @pytest.mark.parametrize(
-    ("steps", "waits"),
+    ("steps", "answers"),
     [
-        # (now, new rate or None to reserve 100 bytes) -> each reservation's wait
-        # 200 bytes in line: 1 s at the doubled rate
-        ([(0.0, None), (0.0, None), (0.0, 200), (0.0, None)], [0.0, 1.0, 1.0]),
-        # at 0.5 s, 150 bytes in line: at 50 B/s they take 3 s
-        ([(0.0, None), (0.0, None), (0.5, 50), (0.5, None)], [0.0, 1.0, 3.0]),
-        ([(0.0, None), (0.0, None), (0.0, 0), (0.0, None)], [0.0, 1.0, 0.0]),  # off: no line
-        ([(0.0, 0), (0.0, None), (0.0, 100), (0.0, None), (0.0, None)], [0.0, 0.0, 1.0]),
+        # (now, a new rate, or None to ask for 100 bytes) -> each ask's answer; 100 B/s
+        # a debt of 90 bytes and a credit of 20 to make up at 200 B/s
+        ([(0.0, None), (0.0, None), (0.0, 200), (0.0, None)], [0.0, 1.0, 0.55]),
+        # at 0.5 s a debt of 40 bytes, and a credit of 5 to make up, at 50 B/s
+        ([(0.0, None), (0.5, 50), (0.5, None)], [0.0, 0.9]),
+        ([(0.0, None), (0.0, 0), (0.0, None)], [0.0, 0.0]),  # off: no waiting
+        ([(0.0, 0), (0.0, None), (0.0, 100), (0.0, None), (0.1, None)], [0.0, 0.1, 0.0]),
     ],
 )
-def test_a_new_rate_re_times_the_bytes_waiting_in_line(
-    steps: list[tuple[float, int | None]], waits: list[float]
+def test_a_new_rate_applies_to_the_debt_and_the_credit(
+    steps: list[tuple[float, int | None]], answers: list[float]
 ) -> None:
     link = TokenBucket(100)
     seen = []
     for now, rate in steps:
         if rate is None:
-            seen.append(link.reserve(now, 100))
+            seen.append(link.take(now, 100))
         else:
             link.set_rate(now, rate)
-    assert seen == pytest.approx(waits)
+    assert seen == pytest.approx(answers)
 
 
 @pytest.mark.parametrize(
@@ -334,6 +353,9 @@ async def test_a_body_of_one_read_is_paid_whole_and_unlimited_ones_go_at_once() 
     assert not body.must_stream()
     assert [bytes(p) async for p in body] == [b"abcdef"]  # unlimited: whole, at once
     assert (body.tell(), body.seek(2), body.read(3), body.read()) == (6, 2, b"cde", b"f")
+    into = bytearray(4)  # how the CRT reads it: into its own buffer
+    assert (body.seek(1), body.readinto(memoryview(into)), into) == (1, 4, bytearray(b"bcde"))
+    assert (body.readinto(memoryview(into)), body.readinto(memoryview(into))) == (1, 0)
 
 
 def test_bodies_are_paced_only_when_a_limit_may_be_in_force() -> None:

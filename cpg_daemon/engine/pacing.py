@@ -1,6 +1,6 @@
 """How fast the engine goes: SlowDown back-off, retry delays, bandwidth and memory budgets.
 
-The time policies (``backoff``, ``SlowDownPacer``, ``TokenBucket.reserve``) are handed
+The time policies (``backoff``, ``SlowDownPacer``, ``TokenBucket.take``) are handed
 the time (``now``, monotonic seconds) and answer with how long to wait; none of them
 sleeps, so each is tested with tables against plain numbers (rclone's ``lib/pacer``
 is the model). The waiting is done by their callers, on an injected ``Clock``; jitter
@@ -130,31 +130,51 @@ def pace_chunk(rate: int) -> int:
 class TokenBucket:
     """The time policy of a shared link: ``rate`` bytes per second, 0 = unlimited.
 
-    Each read reserves its bytes' time on the link: it may go once the reads before
-    it have had theirs, so any stretch of time carries at most ``rate`` bytes per
-    second plus the one read that opened it (``pace_chunk``: a tenth of a second's
-    worth). Nothing is saved up while the link idles.
+    Credit accrues at ``rate`` up to ``burst``, a tenth of a second's worth
+    (``PACE_SLICE``). A read goes once the credit covers it (or covers ``burst``, for a
+    read larger than that, which leaves a debt the next reads wait out) and takes its
+    bytes from the credit. So any stretch of time carries at most ``rate`` bytes per
+    second, plus ``burst``, plus the one read that opened it; and a stall of the caller
+    (a busy machine) saves up no more than ``burst`` to send at once afterwards. The
+    caller lets one read at a time ask (``Bandwidth.take``: a line, first come first
+    served).
     """
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, now: float = 0.0) -> None:
         self.rate = rate
-        self._next_free = 0.0
-        """Monotonic time at which the bytes reserved so far have had their time."""
+        self._credit = self.burst
+        """Bytes that may go now; below 0 after a read larger than ``burst``."""
+        self._stamp = now
+        """Monotonic time up to which ``_credit`` has accrued."""
 
-    def reserve(self, now: float, amount: int) -> float:
-        """Reserve ``amount`` bytes at ``now``; seconds to wait before sending them."""
+    @property
+    def burst(self) -> float:
+        """The most credit the link saves up, in bytes."""
+        return self.rate * PACE_SLICE
+
+    def _accrue(self, now: float) -> None:
+        if now > self._stamp:
+            self._credit = min(self.burst, self._credit + (now - self._stamp) * self.rate)
+            self._stamp = now
+
+    def take(self, now: float, amount: int) -> float:
+        """``amount`` bytes at ``now``: 0.0 when they may go (and are taken), else the
+        seconds until they may (nothing is taken: ask again then)."""
         if self.rate <= 0 or amount <= 0:
             return 0.0
-        start = max(now, self._next_free)
-        self._next_free = start + amount / self.rate
-        return start - now
+        self._accrue(now)
+        wait = (min(amount, self.burst) - self._credit) / self.rate
+        if wait > 1e-9:
+            return wait
+        self._credit -= amount
+        return 0.0
 
     def set_rate(self, now: float, rate: int) -> None:
-        """Change the rate at ``now``: bytes reserved and not yet due keep their place
-        in line, their remaining time re-timed at the new rate (none when unlimited)."""
-        backlog = max(0.0, self._next_free - now) * self.rate
+        """Change the rate at ``now``: a debt is paid off at the new rate, credit is kept
+        up to the new ``burst``."""
+        self._accrue(now)
         self.rate = rate
-        self._next_free = now + backlog / rate if rate > 0 else 0.0
+        self._credit = min(self._credit, self.burst)
 
 
 FOLLOW_MAX = 60.0
@@ -195,7 +215,9 @@ class Bandwidth:
         self._limit = limit
         self._clock = clock
         self._local = local
-        self._bucket = TokenBucket(limit.at(local(clock.time())))
+        self._bucket = TokenBucket(limit.at(local(clock.time())), clock.monotonic())
+        self._line: anyio.Lock | None = None
+        """Held by the one read waiting for credit; the others queue on it in order."""
         self._changed: anyio.Event | None = None
         """Set by a reload, to wake ``follow``."""
 
@@ -235,10 +257,14 @@ class Bandwidth:
 
     async def take(self, amount: int) -> None:
         """Wait, on the clock, until ``amount`` more bytes may go on the wire."""
-        self.rate()
-        wait = self._bucket.reserve(self._clock.monotonic(), amount)
-        if wait > 0:
-            await self._clock.sleep(wait)
+        if self.rate() <= 0 or amount <= 0:
+            return
+        if self._line is None:
+            self._line = anyio.Lock()
+        async with self._line:
+            while (wait := self._bucket.take(self._clock.monotonic(), amount)) > 0:
+                await self._clock.sleep(wait)
+                self.rate()  # a boundary of the timetable may have passed meanwhile
 
     def body(self, data: bytes | io.BytesIO) -> Body:
         """``data`` as a request body: paced while a limit may be in force."""

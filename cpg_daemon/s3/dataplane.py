@@ -51,7 +51,8 @@ class PacedBody:
     is not an ``io.IOBase``: aiohttp would then read it on executor threads. Only a
     plane that writes the body as it goes can pace it (``must_stream``); the CRT
     copies a body into its own buffer first, so it is handed only bodies of one chunk
-    or less, after ``pay`` (``route``).
+    or less, after ``pay`` (``route``): it then reads it (``readinto``, on a thread of
+    its own) while the event loop only waits for the reply.
     """
 
     def __init__(self, data: bytes | io.BytesIO, pacer: Pacer) -> None:
@@ -87,11 +88,20 @@ class PacedBody:
             self._position += len(piece)
             yield piece
 
-    def read(self, size: int = -1) -> bytes:
-        end = len(self._data) if size < 0 else min(len(self._data), self._position + size)
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._data)
+        if size is not None and size >= 0:
+            end = min(end, self._position + size)
         piece = self._data[self._position : end].tobytes()
         self._position = max(self._position, end)
         return piece
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Unpaced, straight into ``buffer`` (the CRT's)."""
+        piece = self._data[self._position : self._position + len(buffer)]
+        buffer[: len(piece)] = piece
+        self._position += len(piece)
+        return len(piece)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._data)}
@@ -132,10 +142,8 @@ class PutRequest:
         """The request, as error messages name it."""
         return f"PutObject s3://{self.bucket}/{self.key}"
 
-    def stream(self) -> BinaryIO:
-        """The body as a binary stream (bytes wrapped without a copy), unpaced."""
-        if isinstance(self.body, PacedBody):
-            return io.BytesIO(self.body.rest())
+    def stream(self) -> BinaryIO | PacedBody:
+        """The body as a binary stream, read unpaced (bytes wrapped without a copy)."""
         return io.BytesIO(self.body) if isinstance(self.body, bytes) else self.body
 
 
