@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cpg_daemon.core.bandwidth import BandwidthLimit
 from cpg_daemon.core.config import (
     DEFAULT_EXCLUDE,
     Config,
@@ -73,7 +74,8 @@ def test_example_config_loads_with_documented_values() -> None:
     assert s3.part_size == 16 * MiB
     assert s3.multipart_threshold == 64 * MiB
     assert s3.checksum == "CRC32C"
-    assert s3.max_bandwidth == 0
+    assert s3.max_bandwidth == BandwidthLimit()
+    assert not s3.max_bandwidth.limited
 
     (credentials,) = config.credentials
     assert credentials.profile == "cpg_staging"
@@ -157,7 +159,7 @@ destination = "s3://bucket/cpg0123/Batch9/"
     assert config.daemon.metrics_listen == "127.0.0.1:9464"
     assert config.s3.part_size == 8 * MiB
     assert config.s3.multipart_threshold == 10**8
-    assert config.s3.max_bandwidth == 10**8
+    assert config.s3.max_bandwidth == BandwidthLimit.constant(10**8)
     assert config.s3.checksum == "SHA256"
     assert config.s3.acl == ""
     assert config.s3.endpoint_url == "http://127.0.0.1:9000"
@@ -244,6 +246,10 @@ CASES = [
     ('[s3]\nmultipart_threshold = "1MiB"\n', "s3.multipart_threshold", "out of range"),
     ("[s3]\nmax_concurrency = 0\n", "s3.max_concurrency", "out of range"),
     ("[s3]\nmax_bandwidth = -1\n", "s3.max_bandwidth", ">= 0"),
+    ('[s3]\nmax_bandwidth = "08:00,10MB 25:00,off"\n', "s3.max_bandwidth", "time of day"),
+    ('[s3]\nmax_bandwidth = "08:00,10MB 19:00"\n', "s3.max_bandwidth", '"08:00,10MB"'),
+    ('[s3]\nmax_bandwidth = "08:00,fast"\n', "s3.max_bandwidth", "cannot read size 'fast'"),
+    ('[s3]\nmax_bandwidth = "Mon-08:00,1MB 08:00,2MB"\n', "s3.max_bandwidth", "Mon 08:00"),
     ('[credentials]\nduration = "13h"\n', "credentials.duration", "out of range"),
     ('[daemon]\nrescan_interval = "1s"\n', "daemon.rescan_interval", "out of range"),
     # bad choices

@@ -7,6 +7,7 @@ are the ones a hand-made URL gets wrong: spaces, '+', '%', '&', '=', non-ASCII.
 from __future__ import annotations
 
 import io
+import random
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import aioboto3
 import pytest
+from faultproxy import Fault, FaultProxy, Rule
 from s3server import S3Server
 
 from cpg_daemon.core.checksums import ALGORITHMS, encode
@@ -29,9 +31,11 @@ from cpg_daemon.core.errors import (
 from cpg_daemon.s3 import crt
 from cpg_daemon.s3.dataplane import (
     CRT_BODY_LIMIT,
+    PacedBody,
     PartRequest,
     PlaneName,
     PutRequest,
+    body_length,
     route,
 )
 from cpg_daemon.s3.store import ObjectStore, choose_data_plane
@@ -273,6 +277,66 @@ def test_the_crt_sends_bodies_up_to_its_limit_and_botocore_the_rest() -> None:
     assert route(small, botocore, crt) is crt
     assert route(large, botocore, crt) is botocore
     assert route(small, botocore, None) is botocore  # no CRT plane: botocore sends all
+
+
+class _Pacer:
+    """A link with a fixed read size (0: no limit in force) that never waits."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk_size = chunk
+        self.taken: list[int] = []
+
+    def chunk(self) -> int:
+        return self.chunk_size
+
+    def slowest(self) -> int:
+        return self.chunk_size * 10
+
+    async def take(self, amount: int) -> None:
+        self.taken.append(amount)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "length", "plane"),
+    [
+        (100_000, 100_000, "crt"),  # one paced read: paid whole, then the CRT sends it
+        (100_000, 100_001, "botocore"),  # more: only a plane that streams can pace it
+        (0, CRT_BODY_LIMIT, "crt"),  # no limit in force now: routed as any body
+        (0, CRT_BODY_LIMIT + 1, "botocore"),
+    ],
+)
+def test_a_paced_body_of_more_than_one_read_goes_to_the_plane_that_streams(
+    chunk: int, length: int, plane: str
+) -> None:
+    botocore, crt = _Plane("botocore"), _Plane("crt")
+    body = PacedBody(bytes(length), _Pacer(chunk))
+    request = PutRequest("b", "k", body, body_length(body), "")
+    assert request.length == length
+    assert route(request, botocore, crt).name == plane
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        yield proxy
+
+
+@pytest.mark.anyio
+async def test_a_paced_body_cut_off_mid_way_is_sent_again_from_its_start(
+    proxy: FaultProxy, bucket: str, s3_client: Any
+) -> None:
+    """botocore rewinds the body (seek) before its retry; the paced reads start over."""
+    data = random.Random(5).randbytes(MiB)
+    pacer = _Pacer(64 * 1024)
+    proxy.set_rules(Rule(Fault("reset", after_bytes=300_000), frozenset({"PutObject"}), times=1))
+    s3 = S3Config(endpoint_url=proxy.endpoint_url)
+    async with ObjectStore.connect(aioboto3.Session(), s3) as store:
+        await store.put_object(bucket, "paced", PacedBody(data, pacer), crc32c(data))
+    assert s3_client.get_object(Bucket=bucket, Key="paced")["Body"].read() == data
+    assert [s.fault for s in proxy.seen() if s.request.operation == "PutObject"] == ["reset", ""]
+    # Paced a read at a time, the first attempt's reads up to the reset and all the second's.
+    assert set(pacer.taken) == {64 * 1024}
+    assert sum(pacer.taken) >= MiB + 300_000
 
 
 class _Client:

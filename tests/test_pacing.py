@@ -6,23 +6,31 @@ numbers (and a ManualClock where something waits): no test here sleeps.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
+from cpg_daemon.core.bandwidth import parse_bandwidth
 from cpg_daemon.core.clock import ManualClock
 from cpg_daemon.engine.pacing import (
     RETRY_MAX,
     THROTTLE_MAX,
     Bandwidth,
+    BandwidthStatistics,
     MemoryBudget,
     SlowDownPacer,
+    TokenBucket,
     Uniform,
     backoff,
+    pace_chunk,
     wait_event,
 )
 from cpg_daemon.engine.uploader import Throughput
+from cpg_daemon.s3.dataplane import PacedBody
 
 
 def middle(low: float, high: float) -> float:
@@ -159,51 +167,211 @@ def test_the_feeder_claims_within_the_allowance(
 # -- bandwidth ------------------------------------------------------------------------------
 
 
-def test_bandwidth_reservations_queue_behind_each_other() -> None:
-    link = Bandwidth(100)
-    assert link.reserve(0.0, 100) == 0.0  # an idle link: at once
-    assert link.reserve(0.0, 100) == 1.0
-    assert link.reserve(0.5, 50) == 1.5
-    assert link.reserve(2.5, 10) == 0.0  # the link has been idle since 2.5
-    assert link.reserve(2.5, 0) == 0.0
-    assert link.reserve(10.0, 100) == 0.0
+@pytest.mark.parametrize(
+    ("asks", "answers"),
+    [
+        # (now, bytes) -> 0.0 (sent, taken from the credit) or the seconds to ask again in.
+        # 100 B/s: the credit is at most 10 bytes, a tenth of a second's worth.
+        ([(0.0, 10), (0.0, 10), (0.1, 10), (0.1, 5)], [0.0, 0.1, 0.0, 0.05]),
+        # A read larger than the credit goes once the credit is full, and leaves a debt.
+        ([(0.0, 100), (0.0, 100), (0.5, 100), (1.0, 100)], [0.0, 1.0, 0.5, 0.0]),
+        # Idle for a long time: still only 10 bytes saved up.
+        ([(0.0, 10), (100.0, 30), (100.0, 10)], [0.0, 0.0, 0.3]),
+        ([(0.0, 0), (0.0, 10), (0.0, 0)], [0.0, 0.0, 0.0]),  # nothing to send: no wait
+    ],
+)
+def test_reads_wait_for_the_credit_they_need(
+    asks: list[tuple[float, int]], answers: list[float]
+) -> None:
+    link = TokenBucket(100)
+    assert [link.take(now, amount) for now, amount in asks] == pytest.approx(answers)
 
 
 def test_no_bandwidth_limit_never_waits() -> None:
-    link = Bandwidth(0)
-    assert [link.reserve(0.0, 10**9) for _ in range(3)] == [0.0, 0.0, 0.0]
+    link = TokenBucket(0)
+    assert [link.take(0.0, 10**9) for _ in range(3)] == [0.0, 0.0, 0.0]
 
 
 @settings(deadline=None)  # a loaded machine must not fail a test for its speed
 @given(
     rate=st.integers(1, 10**9),
-    requests=st.lists(st.tuples(st.floats(0, 10), st.integers(0, 10**8)), min_size=1),
+    reads=st.lists(st.tuples(st.floats(0, 10), st.integers(0, 10**8)), min_size=1),
 )
-def test_bandwidth_never_sends_faster_than_its_rate_and_never_idles_a_waiter(
-    rate: int, requests: list[tuple[float, int]]
+def test_a_link_never_sends_faster_than_its_rate_and_never_idles_a_waiter(
+    rate: int, reads: list[tuple[float, int]]
 ) -> None:
-    link = Bandwidth(rate)
+    """Reads one after another (the line), each asked again when told, after ``gap``:
+    between any two of them the link sent at most ``rate`` bytes per second, plus the
+    credit saved up (``burst``), plus the last read; and a read told to wait goes when
+    it asks again then."""
+    link = TokenBucket(rate)
     now = 0.0
-    link_free = 0.0  # when the bytes reserved so far have had their time
-    for gap, amount in requests:
+    sent: list[tuple[float, int]] = []
+    for gap, amount in reads:
         now += gap
-        start = now + link.reserve(now, amount)
-        assert start >= now
+        wait = link.take(now, amount)
+        if wait > 0:
+            now += wait
+            assert link.take(now, amount) == 0.0
         if amount:
-            # At most ``rate`` bytes per second: each start waits for the bytes before it,
-            # and no longer than that.
-            assert start == pytest.approx(max(now, link_free), rel=1e-9, abs=1e-9)
-            link_free = start + amount / rate
+            sent.append((now, amount))
+    for first in range(len(sent)):
+        total = 0
+        for at, amount in sent[first:]:
+            total += amount
+            allowed = rate * (at - sent[first][0]) + link.burst + amount
+            assert total <= allowed * (1 + 1e-9) + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("steps", "answers"),
+    [
+        # (now, a new rate, or None to ask for 100 bytes) -> each ask's answer; 100 B/s
+        # a debt of 90 bytes and a credit of 20 to make up at 200 B/s
+        ([(0.0, None), (0.0, None), (0.0, 200), (0.0, None)], [0.0, 1.0, 0.55]),
+        # at 0.5 s a debt of 40 bytes, and a credit of 5 to make up, at 50 B/s
+        ([(0.0, None), (0.5, 50), (0.5, None)], [0.0, 0.9]),
+        ([(0.0, None), (0.0, 0), (0.0, None)], [0.0, 0.0]),  # off: no waiting
+        ([(0.0, 0), (0.0, None), (0.0, 100), (0.0, None), (0.1, None)], [0.0, 0.1, 0.0]),
+    ],
+)
+def test_a_new_rate_applies_to_the_debt_and_the_credit(
+    steps: list[tuple[float, int | None]], answers: list[float]
+) -> None:
+    link = TokenBucket(100)
+    seen = []
+    for now, rate in steps:
+        if rate is None:
+            seen.append(link.take(now, 100))
+        else:
+            link.set_rate(now, rate)
+    assert seen == pytest.approx(answers)
+
+
+@pytest.mark.parametrize(
+    ("rate", "chunk"),
+    [
+        (0, 0),  # unlimited: no pacing, the body goes whole
+        (1000, 16 * 1024),  # slow links: at least 16 KiB a read
+        (2 * 1024**2, 2 * 1024**2 // 10),  # a tenth of a second's worth
+        (100 * 1000**2, 1024**2),  # fast links: at most 1 MiB a read
+    ],
+)
+def test_paced_reads_are_a_tenth_of_a_second_within_bounds(rate: int, chunk: int) -> None:
+    assert pace_chunk(rate) == chunk
+
+
+class _Timetable:
+    """A Bandwidth on a ManualClock whose local time starts on Monday 2026-12-07 at ``start``."""
+
+    def __init__(self, limit: str, start: str = "07:59:58") -> None:
+        self.clock = ManualClock()
+        hour, minute, second = (int(p) for p in start.split(":"))
+        origin = datetime(2026, 12, 7, hour, minute, second)
+        wall = self.clock.time()
+        self.link = Bandwidth(
+            parse_bandwidth(limit),
+            self.clock,
+            local=lambda t: origin + timedelta(seconds=t - wall),
+        )
+
+
+@pytest.mark.anyio
+async def test_the_limit_changes_at_the_boundaries_and_is_logged_once() -> None:
+    table = _Timetable("08:00,1MB 08:01,off")
+    link, clock = table.link, table.clock
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(link.follow)
+            assert link.statistics() == BandwidthStatistics(0, "08:00,1MB 08:01,off")
+            await clock.settle()
+            clock.advance(2.0)  # 08:00:00
+            await clock.settle()
+            assert link.statistics().limit_bytes_per_s == 1000**2
+            assert link.chunk() == 100_000
+            clock.advance(30.0)
+            await clock.settle()
+            clock.advance(30.0)  # 08:01:00
+            await clock.settle()
+            assert link.chunk() == 0
+            link.set_limit(parse_bandwidth("2MB"))  # a reload
+            await clock.settle()
+            tg.cancel_scope.cancel()
+    changes = [(e["limit_bytes_per_s"], e["schedule"]) for e in logs]
+    assert [e["event"] for e in logs] == ["bandwidth_limit_changed"] * 3
+    assert changes == [
+        (1000**2, "08:00,1MB 08:01,off"),
+        (0, "08:00,1MB 08:01,off"),
+        (2 * 1000**2, "2MB"),
+    ]
+
+
+@pytest.mark.anyio
+async def test_paced_bodies_share_the_limit_a_tenth_of_a_second_at_a_time() -> None:
+    """Three 300 kB bodies written at once at 1 MB/s: 100 kB reads, one after another, so
+    no second of the run carries more than the limit and the one read that opened it."""
+    table = _Timetable("1MB", start="12:00:00")
+    link, clock = table.link, table.clock
+    sent: list[tuple[float, int]] = []
+
+    async def write(body: PacedBody) -> None:
+        async for piece in body:
+            sent.append((clock.monotonic(), len(piece)))
+
+    bodies = [PacedBody(bytes(300_000), link) for _ in range(3)]
+    assert all(body.must_stream() for body in bodies)
+    async with anyio.create_task_group() as tg:
+        for body in bodies:
+            tg.start_soon(write, body)
+        await clock.run_until_idle()
+    assert sum(n for _, n in sent) == 900_000
+    assert {n for _, n in sent} == {100_000}
+    assert [t for t, _ in sent] == pytest.approx([i * 0.1 for i in range(9)])
+    for start in [t for t, _ in sent]:
+        window = sum(n for t, n in sent if start <= t < start + 1.0)
+        assert window <= 1000**2
+
+
+@pytest.mark.anyio
+async def test_a_body_of_one_read_is_paid_whole_and_unlimited_ones_go_at_once() -> None:
+    table = _Timetable("1MB", start="12:00:00")
+    link, clock = table.link, table.clock
+    paid: list[float] = []
+
+    async def pay(body: PacedBody) -> None:
+        assert not body.must_stream()  # one read: any plane may send it, after pay()
+        await body.pay()
+        paid.append(clock.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(pay, PacedBody(bytes(100_000), link))
+        await clock.run_until_idle()
+    assert paid == pytest.approx([0.0, 0.1, 0.2])
+
+    body = PacedBody(b"abcdef", _Timetable("off").link)
+    assert not body.must_stream()
+    assert [bytes(p) async for p in body] == [b"abcdef"]  # unlimited: whole, at once
+    assert (body.tell(), body.seek(2), body.read(3), body.read()) == (6, 2, b"cde", b"f")
+    into = bytearray(4)  # how the CRT reads it: into its own buffer
+    assert (body.seek(1), body.readinto(memoryview(into)), into) == (1, 4, bytearray(b"bcde"))
+    assert (body.readinto(memoryview(into)), body.readinto(memoryview(into))) == (1, 0)
+
+
+def test_bodies_are_paced_only_when_a_limit_may_be_in_force() -> None:
+    data = b"x" * 10
+    assert _Timetable("").link.body(data) is data  # botocore sends bytes as they are
+    assert isinstance(_Timetable("08:00,1MB 19:00,off").link.body(data), PacedBody)
 
 
 @pytest.mark.anyio
 async def test_bandwidth_paces_concurrent_uploads_on_the_clock() -> None:
-    clock = ManualClock()
-    link = Bandwidth(1000)
+    table = _Timetable("1000", start="12:00:00")
+    link, clock = table.link, table.clock
     sent: list[tuple[str, float]] = []
 
     async def upload(name: str, size: int) -> None:
-        await link.consume(size, clock)
+        await link.take(size)
         sent.append((name, clock.monotonic()))
 
     async with anyio.create_task_group() as tg:

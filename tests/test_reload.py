@@ -246,3 +246,27 @@ def test_reload_leaves_an_upload_in_flight_alone_and_names_restart_only_settings
     assert len({r.query["uploadId"] for r in parts}) == 1, "the upload was restarted"
     numbers = [int(r.query["partNumber"]) for r in parts]
     assert sorted(numbers) == list(range(1, 9)), "parts were sent again or at another size"
+
+
+def test_a_reload_puts_a_new_max_bandwidth_in_force(setup: Setup) -> None:
+    """s3.max_bandwidth is the one [s3] setting a reload applies: in status at once,
+    logged once, and no restart asked for."""
+    setup.write(setup.watch("images"))
+    daemon = setup.start()
+    try:
+        assert setup.status()["bandwidth"] == {"limit_bytes_per_s": 0, "schedule": ""}
+        timetable = "00:00,1MB 12:00,1MB"  # a timetable, whatever the time of the test
+        setup.write(setup.watch("images"), s3={"max_bandwidth": timetable})
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: _reloads(daemon), 30, "the reload")
+        status = setup.status()
+        assert status["bandwidth"] == {"limit_bytes_per_s": 10**6, "schedule": timetable}
+        assert status["config"]["restart_needed"] == []
+        changes = [e for e in daemon.events() if e.get("event") == "bandwidth_limit_changed"]
+        assert [c["limit_bytes_per_s"] for c in changes] == [10**6]
+        human = run_cli("status", "-s", setup.socket).stdout
+        assert f"bandwidth: 976.6 KiB/s now (s3.max_bandwidth = '{timetable}')" in human
+        setup.put("images", "Batch1/a.tiff", b"a" * 2000)  # and uploads go on
+        setup.wait_object("cpg0001-test/broad/images/Batch1/a.tiff", b"a" * 2000)
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()

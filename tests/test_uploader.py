@@ -28,7 +28,9 @@ import pytest
 from awscrt import checksums as crt
 from pipeline import table_of
 from s3server import S3Server
+from wiremeter import WireMeter
 
+from cpg_daemon.core.bandwidth import parse_bandwidth
 from cpg_daemon.core.checksums import ChecksumName
 from cpg_daemon.core.config import S3Config, WatchConfig
 from cpg_daemon.core.errors import FileChangedError, RetryableError
@@ -874,3 +876,56 @@ async def test_wait_idle_returns_once_files_that_overlapped_have_finished(
                 await idle.wait()
             tg.cancel_scope.cancel()
         assert {r.state for r in await journal.records()} == {"uploaded"}
+
+
+# -- 9. bandwidth on the wire -------------------------------------------------------------
+
+
+def busiest_second(arrivals: list[tuple[float, int]]) -> int:
+    """The most bytes that arrived within any one second."""
+    return max(sum(n for t, n in arrivals if start <= t < start + 1.0) for start, _ in arrivals)
+
+
+@pytest.mark.anyio
+async def test_max_bandwidth_paces_the_bytes_on_the_wire(
+    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    """7.5 MiB at 2 MiB/s, measured where the bytes reach the server: a multipart file
+    (botocore streams its parts, paced a read at a time), bodies of a few reads (the
+    same) and bodies of one read (paid up front, then sent by the CRT). A loaded machine
+    can only make it slower, so only upper bounds are asserted."""
+    limit = 2 * MiB
+    root = tmp_path / "watch"
+    contents = {"big.bin": write_file(root / "big.bin", payload(PART + MiB, 1))}
+    for i in range(2):
+        contents[f"mid{i}.bin"] = write_file(root / f"mid{i}.bin", payload(MiB // 2, 10 + i))
+    for i in range(8):
+        contents[f"small{i}.bin"] = write_file(root / f"small{i}.bin", payload(64 * 1024, 20 + i))
+    with WireMeter(s3_server.endpoint_url) as meter:
+        s3 = s3_config(meter.endpoint_url, max_bandwidth=parse_bandwidth("2MiB"), max_concurrency=4)
+        async with (
+            opened_journal(tmp_path / "journal.sqlite") as journal,
+            connected(ObjectStore, s3) as store,
+        ):
+            assert store.data_plane == "crt"
+            uploader = Uploader(journal, s3, anyio.CapacityLimiter(4))
+            await discover(journal, root, bucket, sorted(contents))
+            table = table_of({WATCH: watch_config(root, bucket)}, {WATCH: store})
+            scheduler = Scheduler(journal, uploader, table, 4, 3)
+            rows = await run_scheduler_until(scheduler, journal, all_settled, within=30)
+        arrivals = meter.arrivals()
+    assert {r.rel_path: r.state for r in rows} == dict.fromkeys(contents, "uploaded")
+    total = sum(n for _, n in arrivals)
+    body_bytes = sum(len(data) for data in contents.values())
+    assert body_bytes <= total < body_bytes + 100 * 1024  # the bodies, and requests' heads
+    seconds = arrivals[-1][0] - arrivals[0][0]
+    rate, busiest = total / seconds, busiest_second(arrivals)
+    measured = (
+        f"{total} bytes in {seconds:.2f} s: {rate / MiB:.2f} MiB/s, the busiest second "
+        f"{busiest / MiB:.2f} MiB (limit {limit / MiB:.0f} MiB/s)"
+    )
+    print(measured)  # shown by pytest -rP
+    assert rate <= 1.3 * limit, measured
+    assert busiest <= 1.3 * limit, measured
+    for rel, data in contents.items():
+        assert object_bytes(s3_client, bucket, PREFIX + rel) == data

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cpg_daemon.core.bandwidth import parse_bandwidth
 from cpg_daemon.core.config import Config, DaemonConfig, S3Config, WatchConfig
 from cpg_daemon.core.objectkeys import S3Location
 from cpg_daemon.engine.watches import plan_reload, restart_only_changes
@@ -86,6 +87,16 @@ def test_settings_read_at_start_keep_their_running_values(
     assert plan.config.daemon.metrics_listen == old.daemon.metrics_listen
     # ... and nothing about the watches changed.
     assert (plan.added, plan.removed, plan.changed) == ((), (), ())
+
+
+def test_a_reload_applies_a_new_max_bandwidth_and_keeps_the_rest_of_s3() -> None:
+    old = _config(_watch("a"))
+    timetable = parse_bandwidth("08:00,10MB 19:00,off")
+    s3 = dataclasses.replace(old.s3, max_bandwidth=timetable, part_size=32 * 1024**2)
+    plan = plan_reload(old, dataclasses.replace(old, s3=s3))
+    assert plan.restart_needed == ("s3.part_size",)
+    assert plan.config.s3.max_bandwidth == timetable
+    assert plan.config.s3.part_size == old.s3.part_size
 
 
 def test_settings_a_reload_applies_are_taken() -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, cast
 
+from cpg_daemon.core.bandwidth import BandwidthLimit, parse_bandwidth
 from cpg_daemon.core.checksums import CHECKSUM_NAMES, ChecksumName
 from cpg_daemon.core.errors import ConfigError
 from cpg_daemon.core.objectkeys import (
@@ -80,8 +81,9 @@ class S3Config:
     part_size: int = 16 * 1024**2
     multipart_threshold: int = 64 * 1024**2
     checksum: ChecksumName = "CRC32C"
-    max_bandwidth: int = 0
-    """Bytes per second for all uploads together; 0 means unlimited."""
+    max_bandwidth: BandwidthLimit = field(default_factory=BandwidthLimit)
+    """Bytes per second for all uploads together, or a timetable of such limits by
+    local time of day (``core.bandwidth``); unlimited by default. A reload applies it."""
     max_bytes_in_flight: int = 48 * 1024**2
     """File bytes held in memory for requests in flight, all uploads together (the
     default keeps the whole process near 150 MiB while it uploads multi-GiB files)."""
@@ -386,12 +388,6 @@ def _duration_range(low: float, high: float) -> Callable[[object], float]:
     return convert
 
 
-def _optional_size(value: object) -> int:
-    if value == "":
-        return 0
-    return parse_size(value)
-
-
 def _path(value: object) -> Path:
     text = _string(value)
     if not text:
@@ -527,7 +523,7 @@ def _s3(reader: _Reader, table: Mapping[str, Any]) -> S3Config:
             d.multipart_threshold,
         ),
         checksum=checksum,
-        max_bandwidth=reader.get(table, w, "max_bandwidth", _optional_size, 0),
+        max_bandwidth=reader.get(table, w, "max_bandwidth", parse_bandwidth, d.max_bandwidth),
         max_bytes_in_flight=reader.get(
             table,
             w,

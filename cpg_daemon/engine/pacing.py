@@ -1,6 +1,6 @@
 """How fast the engine goes: SlowDown back-off, retry delays, bandwidth and memory budgets.
 
-The time policies (``backoff``, ``SlowDownPacer``, ``Bandwidth.reserve``) are handed
+The time policies (``backoff``, ``SlowDownPacer``, ``TokenBucket.take``) are handed
 the time (``now``, monotonic seconds) and answer with how long to wait; none of them
 sleeps, so each is tested with tables against plain numbers (rclone's ``lib/pacer``
 is the model). The waiting is done by their callers, on an injected ``Clock``; jitter
@@ -10,13 +10,22 @@ bytes, not time, and so is a plain anyio primitive.
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 
 import anyio
 import anyio.lowlevel
+import structlog
+from anyio.abc import TaskStatus
 
-from cpg_daemon.core.clock import Clock
+from cpg_daemon.core.bandwidth import BandwidthLimit, describe_rate
+from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
+from cpg_daemon.s3.dataplane import Body, PacedBody
+
+log = structlog.get_logger(__name__)
 
 Uniform = Callable[[float, float], float]
 """``random.uniform``, or a fixed stand-in in tests."""
@@ -104,32 +113,179 @@ class SlowDownPacer:
         return max(1, self.workers - busy)
 
 
-class Bandwidth:
-    """A token bucket shared by all uploads: ``rate`` bytes per second, 0 = unlimited.
+PACE_SLICE = 0.1
+"""Seconds of the limit one paced read may take: the wire follows the limit over
+windows of a few tenths of a second, not a request body at a time."""
+PACE_CHUNK_MIN = 16 * 1024
+PACE_CHUNK_MAX = 1024 * 1024
 
-    Each request reserves its bytes' time on the link: it may start once the
-    requests before it have had theirs, so any stretch of time carries at most
-    ``rate`` bytes per second plus the one request that opened it.
+
+def pace_chunk(rate: int) -> int:
+    """Bytes per paced read at ``rate`` bytes per second; 0 (unlimited): no pacing."""
+    if rate <= 0:
+        return 0
+    return min(max(int(rate * PACE_SLICE), PACE_CHUNK_MIN), PACE_CHUNK_MAX)
+
+
+class TokenBucket:
+    """The time policy of a shared link: ``rate`` bytes per second, 0 = unlimited.
+
+    Credit accrues at ``rate`` up to ``burst``, a tenth of a second's worth
+    (``PACE_SLICE``). A read goes once the credit covers it (or covers ``burst``, for a
+    read larger than that, which leaves a debt the next reads wait out) and takes its
+    bytes from the credit. So any stretch of time carries at most ``rate`` bytes per
+    second, plus ``burst``, plus the one read that opened it; and a stall of the caller
+    (a busy machine) saves up no more than ``burst`` to send at once afterwards. The
+    caller lets one read at a time ask (``Bandwidth.take``: a line, first come first
+    served).
     """
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, now: float = 0.0) -> None:
         self.rate = rate
-        self._next_free = 0.0
-        """Monotonic time at which the bytes reserved so far have had their time."""
+        self._credit = self.burst
+        """Bytes that may go now; below 0 after a read larger than ``burst``."""
+        self._stamp = now
+        """Monotonic time up to which ``_credit`` has accrued."""
 
-    def reserve(self, now: float, amount: int) -> float:
-        """Reserve ``amount`` bytes at ``now``; seconds to wait before sending them."""
+    @property
+    def burst(self) -> float:
+        """The most credit the link saves up, in bytes."""
+        return self.rate * PACE_SLICE
+
+    def _accrue(self, now: float) -> None:
+        if now > self._stamp:
+            self._credit = min(self.burst, self._credit + (now - self._stamp) * self.rate)
+            self._stamp = now
+
+    def take(self, now: float, amount: int) -> float:
+        """``amount`` bytes at ``now``: 0.0 when they may go (and are taken), else the
+        seconds until they may (nothing is taken: ask again then)."""
         if self.rate <= 0 or amount <= 0:
             return 0.0
-        start = max(now, self._next_free)
-        self._next_free = start + amount / self.rate
-        return start - now
+        self._accrue(now)
+        wait = (min(amount, self.burst) - self._credit) / self.rate
+        if wait > 1e-9:
+            return wait
+        self._credit -= amount
+        return 0.0
 
-    async def consume(self, amount: int, clock: Clock) -> None:
-        """Reserve ``amount`` bytes and wait, on ``clock``, until they may be sent."""
-        wait = self.reserve(clock.monotonic(), amount)
-        if wait > 0:
-            await clock.sleep(wait)
+    def set_rate(self, now: float, rate: int) -> None:
+        """Change the rate at ``now``: a debt is paid off at the new rate, credit is kept
+        up to the new ``burst``."""
+        self._accrue(now)
+        self.rate = rate
+        self._credit = min(self._credit, self.burst)
+
+
+FOLLOW_MAX = 60.0
+"""Seconds at most between two looks at the timetable (the wall clock may be set)."""
+
+
+@dataclass(frozen=True)
+class BandwidthStatistics:
+    limit_bytes_per_s: int
+    """The limit in force now; 0 = unlimited."""
+    schedule: str
+    """``s3.max_bandwidth`` as configured ("" for none)."""
+
+
+def local_time(seconds: float) -> datetime:
+    """Seconds since the epoch as the machine's local (naive) time."""
+    return datetime.fromtimestamp(seconds)
+
+
+class Bandwidth:
+    """The link all uploads share: ``s3.max_bandwidth``'s limit in force, paced.
+
+    The limit in force is read from the timetable at the wall clock's local time on
+    every use, so it changes at each boundary without a restart; ``follow`` looks at
+    the boundaries as they pass, so the change is logged (``bandwidth_limit_changed``)
+    even while nothing uploads. All of it runs on the event loop: request bodies are
+    paced by ``take`` as they are written (``s3.dataplane.PacedBody``), never on a
+    thread of their own.
+    """
+
+    def __init__(
+        self,
+        limit: BandwidthLimit,
+        clock: Clock = SYSTEM_CLOCK,
+        *,
+        local: Callable[[float], datetime] = local_time,
+    ) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._local = local
+        self._bucket = TokenBucket(limit.at(local(clock.time())), clock.monotonic())
+        self._line: anyio.Lock | None = None
+        """Held by the one read waiting for credit; the others queue on it in order."""
+        self._changed: anyio.Event | None = None
+        """Set by a reload, to wake ``follow``."""
+
+    @property
+    def limit(self) -> BandwidthLimit:
+        return self._limit
+
+    def set_limit(self, limit: BandwidthLimit) -> None:
+        """A reloaded ``max_bandwidth``: in force at once."""
+        self._limit = limit
+        self.rate()
+        if self._changed is not None:
+            self._changed.set()
+
+    def rate(self) -> int:
+        """Bytes per second in force now (0: unlimited); logs when that changed."""
+        rate = self._limit.at(self._local(self._clock.time()))
+        if rate != self._bucket.rate:
+            self._bucket.set_rate(self._clock.monotonic(), rate)
+            log.info(
+                "bandwidth_limit_changed",
+                limit_bytes_per_s=rate,
+                limit=describe_rate(rate),
+                schedule=self._limit.text,
+            )
+        return rate
+
+    # -- the s3.dataplane.Pacer protocol --------------------------------------------------
+
+    def chunk(self) -> int:
+        """Bytes per paced read now; 0 when unlimited."""
+        return pace_chunk(self.rate())
+
+    def slowest(self) -> int:
+        """The lowest limit the timetable ever puts in force (0: never limited)."""
+        return self._limit.lowest
+
+    async def take(self, amount: int) -> None:
+        """Wait, on the clock, until ``amount`` more bytes may go on the wire."""
+        if self.rate() <= 0 or amount <= 0:
+            return
+        if self._line is None:
+            self._line = anyio.Lock()
+        async with self._line:
+            while (wait := self._bucket.take(self._clock.monotonic(), amount)) > 0:
+                await self._clock.sleep(wait)
+                self.rate()  # a boundary of the timetable may have passed meanwhile
+
+    def body(self, data: bytes | io.BytesIO) -> Body:
+        """``data`` as a request body: paced while a limit may be in force."""
+        return PacedBody(data, self) if self._limit.limited else data
+
+    # ---------------------------------------------------------------------------------------
+
+    async def follow(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Look at the limit at each boundary of the timetable (and at least every
+        minute, or at once after a reload), so its changes show in the log, status and
+        metrics when they happen; until cancelled."""
+        task_status.started()
+        while True:
+            self.rate()
+            left = self._limit.seconds_to_next(self._local(self._clock.time()))
+            wait = FOLLOW_MAX if left is None else min(FOLLOW_MAX, left + 0.001)
+            self._changed = anyio.Event()
+            await wait_event(self._changed, wait, self._clock)
+
+    def statistics(self) -> BandwidthStatistics:
+        return BandwidthStatistics(self.rate(), self._limit.text)
 
 
 class MemoryBudget:

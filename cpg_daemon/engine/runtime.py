@@ -127,13 +127,15 @@ class Engine:
     # -- running -------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Renew keys, feed files to the uploader, follow batches; until cancelled.
+        """Renew keys, follow the bandwidth timetable, feed files to the uploader, follow
+        batches; until cancelled.
 
         Ready once all of them run; watchers are started afterwards (``start_watches``).
         """
         async with anyio.create_task_group() as tg:
             self._task_group = tg
             await self.grants.start_renewals(tg)
+            await tg.start(self.uploader.bandwidth.follow)
             await tg.start(self.scheduler.run)
             await tg.start(self.batches.run)
             await tg.start(self._host_watchers)
@@ -249,6 +251,7 @@ class Engine:
             self._task_group.start_soon(grant.retire)
         await self.grants.start_renewals(self._task_group)
         self.config = plan.config
+        self.uploader.bandwidth.set_limit(plan.config.s3.max_bandwidth)
         self.table = self.grants.table(plan.config, assignment)
         self.scheduler.file_attempts = plan.config.daemon.file_attempts
         self.scheduler.watches_changed()

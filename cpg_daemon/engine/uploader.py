@@ -6,6 +6,8 @@ takes its body's size from the shared memory budget (``max_bytes_in_flight``)
 and then a slot of the one shared limiter (``max_concurrency``), both *before*
 its bytes are read: file bytes in memory stay within the budget (a single body
 larger than the whole budget goes alone), and requests in flight within the limit.
+Bodies are handed over paced by the shared ``Bandwidth`` (``s3.max_bandwidth``): the
+data plane writes them no faster than the limit in force.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class Uploader:
         self._s3 = s3
         self._limiter = limiter
         self._clock = clock
-        self._bandwidth = Bandwidth(s3.max_bandwidth)
+        self.bandwidth = Bandwidth(s3.max_bandwidth, clock)
+        """``s3.max_bandwidth``: paces the request bodies as they are written."""
         self._memory = MemoryBudget(s3.max_bytes_in_flight)
         self._checksum: ChecksumName = s3.checksum
         self._bytes_sent = 0
@@ -187,8 +190,9 @@ class Uploader:
                 body, digest = await files.read_range(
                     path, 0, record.size, expected, self._checksum
                 )
-                await self._bandwidth.consume(record.size, self._clock)
-                etag = await store.put_object(record.bucket, record.key, body, encode(digest))
+                etag = await store.put_object(
+                    record.bucket, record.key, self.bandwidth.body(body), encode(digest)
+                )
                 del body
                 self._sent(record.size)
         finally:
@@ -344,9 +348,13 @@ class Uploader:
                 body, digest = await files.read_range(
                     path, part.offset, part.length, expected, self._checksum
                 )
-                await self._bandwidth.consume(part.length, self._clock)
                 etag = await store.upload_part(
-                    record.bucket, record.key, upload_id, part.number, body, encode(digest)
+                    record.bucket,
+                    record.key,
+                    upload_id,
+                    part.number,
+                    self.bandwidth.body(body),
+                    encode(digest),
                 )
                 del body  # the slot is released below: the body must be gone by then
                 self._sent(part.length)

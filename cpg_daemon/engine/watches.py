@@ -55,6 +55,8 @@ class WatchTable(Mapping[str, ActiveWatch]):
 
 RESTART_ONLY_DAEMON = ("state_dir", "socket", "socket_group", "metrics_listen")
 """``[daemon]`` settings read once at start."""
+RELOADED_S3 = ("max_bandwidth",)
+"""``[s3]`` settings a reload applies; the others are read once at start."""
 
 
 def restart_only_changes(old: Config, new: Config) -> tuple[str, ...]:
@@ -67,7 +69,8 @@ def restart_only_changes(old: Config, new: Config) -> tuple[str, ...]:
     changed += [
         f"s3.{field.name}"
         for field in dataclasses.fields(old.s3)
-        if getattr(old.s3, field.name) != getattr(new.s3, field.name)
+        if field.name not in RELOADED_S3
+        and getattr(old.s3, field.name) != getattr(new.s3, field.name)
     ]
     return tuple(changed)
 
@@ -101,7 +104,7 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     restart_needed = restart_only_changes(old, new)
     effective = dataclasses.replace(
         new,
-        s3=old.s3,
+        s3=dataclasses.replace(old.s3, **{name: getattr(new.s3, name) for name in RELOADED_S3}),
         daemon=dataclasses.replace(
             new.daemon, **{name: getattr(old.daemon, name) for name in RESTART_ONLY_DAEMON}
         ),

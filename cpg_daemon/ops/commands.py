@@ -112,6 +112,7 @@ class Commands:
             journal=await engine.journal.statistics(),
             scheduler=stats,
             uploader=engine.uploader.statistics(),
+            bandwidth=engine.uploader.bandwidth.statistics(),
             watchers=engine.watcher_statistics(),
             credentials=[grant.provider.statistics() for grant in engine.grants],
             batches=engine.batches.statistics(),

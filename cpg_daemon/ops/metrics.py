@@ -115,6 +115,11 @@ def _journal_families(status: StatusReply) -> Iterator[Metric]:
         "the counter's way)",
         value=status["throughput_bytes_per_s"],
     )
+    yield GaugeMetricFamily(
+        "cpg_daemon_bandwidth_limit_bytes_per_second",
+        "The s3.max_bandwidth limit in force now (it follows a timetable); 0 = unlimited",
+        value=status["bandwidth"]["limit_bytes_per_s"],
+    )
 
 
 def _credential_families(status: StatusReply) -> Iterator[Metric]:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from cpg_daemon import __version__
+from cpg_daemon.core.bandwidth import describe_rate
 from cpg_daemon.core.text import printable, printable_tree
 from cpg_daemon.core.units import duration, format_size, timestamp
 from cpg_daemon.journal import FILE_STATES, FileState, JournalStatistics
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # the snapshots' types only: `cpg-daemon status` imports no S
     from cpg_daemon.core.config import WatchConfig
     from cpg_daemon.discovery.watcher import WatcherStatistics
     from cpg_daemon.engine.batches import BatchStatistics
+    from cpg_daemon.engine.pacing import BandwidthStatistics
     from cpg_daemon.engine.scheduler import RecentError, SchedulerStatistics
     from cpg_daemon.engine.uploader import UploaderStatistics
     from cpg_daemon.s3.credentials import CredentialStatistics
@@ -113,6 +115,13 @@ class ThrottleStatus(TypedDict):
     last_error: str | None
 
 
+class BandwidthStatus(TypedDict):
+    limit_bytes_per_s: int
+    """The ``s3.max_bandwidth`` limit in force now; 0 = unlimited."""
+    schedule: str
+    """``s3.max_bandwidth`` as configured: a limit, a timetable, or "" for none."""
+
+
 class JournalStatus(TypedDict):
     path: str
     writable: bool
@@ -137,6 +146,7 @@ class StatusReply(TypedDict):
     files: FileCounts
     bytes: ByteCounts
     throughput_bytes_per_s: float
+    bandwidth: BandwidthStatus
     eta_s: int | None
     requests_in_flight: int
     credentials: list[CredentialStatus]
@@ -161,6 +171,7 @@ def gather(
     journal: JournalStatistics,
     scheduler: SchedulerStatistics,
     uploader: UploaderStatistics,
+    bandwidth: BandwidthStatistics,
     watchers: Sequence[WatcherStatistics],
     credentials: Sequence[CredentialStatistics],
     batches: BatchStatistics | None,
@@ -206,6 +217,10 @@ def gather(
         "files": total_files,
         "bytes": {"queued": queued_bytes, "uploaded": journal.total("uploaded").bytes},
         "throughput_bytes_per_s": throughput,
+        "bandwidth": {
+            "limit_bytes_per_s": bandwidth.limit_bytes_per_s,
+            "schedule": bandwidth.schedule,
+        },
         "eta_s": round(queued_bytes / throughput) if throughput > 0 and queued_bytes else None,
         "requests_in_flight": uploader.requests_in_flight,
         "credentials": [
@@ -374,6 +389,12 @@ def render(status: StatusReply, errors: int = 5) -> str:
     if eta is not None:
         line += f", about {duration(eta)} left"
     lines.append(line)
+    bandwidth = status.get("bandwidth") or {}
+    if bandwidth.get("schedule"):
+        limit = bandwidth["limit_bytes_per_s"]
+        lines.append(
+            f"bandwidth: {describe_rate(limit)} now (s3.max_bandwidth = {bandwidth['schedule']!r})"
+        )
     journal = status.get("journal") or {}
     if journal.get("error"):
         lines.append(

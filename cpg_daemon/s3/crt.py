@@ -40,7 +40,7 @@ from cpg_daemon.core.checksums import ALGORITHMS, Algorithm
 from cpg_daemon.core.config import S3Config
 from cpg_daemon.core.errors import CpgError, CredentialsError, RetryableError, ThrottledError
 from cpg_daemon.s3 import _botocore
-from cpg_daemon.s3.dataplane import PartRequest, PlaneName, PutRequest
+from cpg_daemon.s3.dataplane import PacedBody, PartRequest, PlaneName, PutRequest
 from cpg_daemon.s3.errors import classify
 
 STALL_SECONDS = 120.0
@@ -230,11 +230,17 @@ class CrtDataPlane:
             self._signing = (identity, signing)
         return self._signing[1]
 
-    def _deadline(self, length: int) -> float:
+    def _deadline(self, request: PutRequest) -> float:
+        """Seconds the request gets: the stall allowance, and its body at the slowest
+        rate a connection may see (a share of the lowest bandwidth limit, if lower)."""
         rate = SLOWEST_RATE
-        if self._config.max_bandwidth:
-            rate = min(rate, max(1, self._config.max_bandwidth // self._config.max_concurrency))
-        return STALL_SECONDS + length / rate
+        body = request.body
+        # A paced body knows the running limit (a reload may have changed it).
+        limit = body.pacer.slowest() if isinstance(body, PacedBody) else 0
+        limit = limit or self._config.max_bandwidth.lowest
+        if limit:
+            rate = min(rate, max(1, limit // self._config.max_concurrency))
+        return STALL_SECONDS + request.length / rate
 
     def _checksum_headers(self, request: PutRequest) -> list[tuple[str, str]]:
         if not self._algorithm.enabled:
@@ -275,6 +281,11 @@ class CrtDataPlane:
             ),
             request.stream(),
         )
+        if isinstance(request.body, PacedBody):
+            # The CRT copies the body before sending it at line rate: the link's share
+            # is taken for all of it first (``route`` sends it only bodies of one paced
+            # read or less while a limit is in force).
+            await request.body.pay()
         reply: dict[str, str] = {}
         outcome: list[tuple[Exception | None, int, bytes | None]] = []
         finished = anyio.Event()
@@ -301,7 +312,7 @@ class CrtDataPlane:
             on_headers=on_headers,
             on_done=on_done,
         )
-        timeout = self._deadline(request.length)
+        timeout = self._deadline(request)
         try:
             with anyio.move_on_after(timeout):
                 await finished.wait()

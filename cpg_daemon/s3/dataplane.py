@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal, Protocol
 from urllib.parse import urlsplit
@@ -23,8 +24,104 @@ from cpg_daemon.s3.errors import translate_errors
 
 PlaneName = Literal["crt", "botocore"]
 
-Body = bytes | BinaryIO
-"""A request body: bytes, or a seekable binary stream (sent without a copy)."""
+
+class Pacer(Protocol):
+    """The shared link's limit (``engine.pacing.Bandwidth``), as a paced body uses it."""
+
+    def chunk(self) -> int:
+        """Bytes per paced read now; 0 when no limit is in force."""
+        ...
+
+    def slowest(self) -> int:
+        """The lowest limit ever in force, bytes per second (0: never limited)."""
+        ...
+
+    async def take(self, amount: int) -> None:
+        """Wait until ``amount`` more bytes may go on the wire."""
+        ...
+
+
+class PacedBody:
+    """Request bytes whose reads are paced by the shared link (``s3.max_bandwidth``).
+
+    To botocore it is a seekable stream (``read``/``seek``/``tell``: the length, and a
+    rewind before a retry); to aiohttp, which sends it, an async iterable of chunks of
+    ``Pacer.chunk()`` bytes, each sent once the link has room for it. So the wire
+    follows the limit over a fraction of a second rather than a part at a time. It
+    is not an ``io.IOBase``: aiohttp would then read it on executor threads. Only a
+    plane that writes the body as it goes can pace it (``must_stream``); the CRT
+    copies a body into its own buffer first, so it is handed only bodies of one chunk
+    or less, after ``pay`` (``route``): it then reads it (``readinto``, on a thread of
+    its own) while the event loop only waits for the reply.
+    """
+
+    def __init__(self, data: bytes | io.BytesIO, pacer: Pacer) -> None:
+        if isinstance(data, io.BytesIO):  # its buffer, from its position: no copy
+            self._data = data.getbuffer()[data.tell() :]
+        else:
+            self._data = memoryview(data)
+        self._pacer = pacer
+        self._position = 0
+
+    @property
+    def pacer(self) -> Pacer:
+        return self._pacer
+
+    def must_stream(self) -> bool:
+        """Whether the rest is more than one paced read: only a streaming plane may send it."""
+        chunk = self._pacer.chunk()
+        return 0 < chunk < len(self._data) - self._position
+
+    async def pay(self) -> None:
+        """Wait until the rest may go at once (for a plane that sends from its own copy)."""
+        await self._pacer.take(len(self._data) - self._position)
+
+    def __aiter__(self) -> AsyncIterator[memoryview]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[memoryview]:
+        """The rest, a paced read at a time (slices of the bytes: no copies)."""
+        while self._position < len(self._data):
+            size = self._pacer.chunk() or len(self._data)
+            piece = self._data[self._position : self._position + size]
+            await self._pacer.take(len(piece))
+            self._position += len(piece)
+            yield piece
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._data)
+        if size is not None and size >= 0:
+            end = min(end, self._position + size)
+        piece = self._data[self._position : end].tobytes()
+        self._position = max(self._position, end)
+        return piece
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Unpaced, straight into ``buffer`` (the CRT's)."""
+        piece = self._data[self._position : self._position + len(buffer)]
+        buffer[: len(piece)] = piece
+        self._position += len(piece)
+        return len(piece)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._data)}
+        self._position = max(0, base[whence] + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def seekable(self) -> bool:
+        return True
+
+    def rest(self) -> memoryview:
+        """The bytes from the position on, without a copy."""
+        return self._data[self._position :]
+
+
+Body = bytes | BinaryIO | PacedBody
+"""A request body: bytes, a seekable binary stream (sent without a copy), or bytes
+paced by the shared bandwidth limit."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +142,8 @@ class PutRequest:
         """The request, as error messages name it."""
         return f"PutObject s3://{self.bucket}/{self.key}"
 
-    def stream(self) -> BinaryIO:
-        """The body as a binary stream (bytes wrapped without a copy)."""
+    def stream(self) -> BinaryIO | PacedBody:
+        """The body as a binary stream, read unpaced (bytes wrapped without a copy)."""
         return io.BytesIO(self.body) if isinstance(self.body, bytes) else self.body
 
 
@@ -66,6 +163,8 @@ def body_length(body: Body) -> int:
     """The bytes of a request body, from a stream's position to its end."""
     if isinstance(body, bytes):
         return len(body)
+    if isinstance(body, PacedBody):
+        return len(body.rest())
     start = body.tell()
     end = body.seek(0, io.SEEK_END)
     body.seek(start)
@@ -172,7 +271,11 @@ def choose_data_plane(s3: S3Config) -> tuple[PlaneName, str]:
 
 def route(request: PutRequest, botocore: DataPlane, crt: DataPlane | None) -> DataPlane:
     """The plane that sends one request: the CRT's, when connected, for bodies up to
-    CRT_BODY_LIMIT; botocore's for everything else."""
+    CRT_BODY_LIMIT; botocore's for everything else, and for a paced body longer than
+    one paced read (botocore writes a body as it goes, so its reads pace the wire;
+    the CRT copies it whole first, then sends at line rate)."""
+    if isinstance(request.body, PacedBody) and request.body.must_stream():
+        return botocore
     if crt is not None and request.length <= CRT_BODY_LIMIT:
         return crt
     return botocore
