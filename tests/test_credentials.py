@@ -432,6 +432,34 @@ def test_a_profile_that_does_not_exist_is_a_configuration_error(
     assert "no AWS profile named 'nope'" in upload.stderr
 
 
+def test_a_one_shot_upload_gets_its_keys_from_access_grants_without_a_config_file(
+    tmp_path: Path, plane: FakeControlPlane, proxy: AuthProxy, s3_client: Any, bucket: str
+) -> None:
+    """``upload --access-grants``: the long-term keys (the environment's here, which S3
+    itself refuses) only ask GetDataAccess for keys, for the destination's first folder."""
+    plane.registry.lifetime = 3600.0
+    source = tmp_path / "plate"
+    files = {f"{i}.tiff": write(source / f"{i}.tiff", os.urandom(2000 + i)) for i in range(3)}
+    dest = f"s3://{bucket}/{PREFIX}"
+    common = [
+        "upload", str(source), dest, "--endpoint-url", proxy.endpoint_url,
+        "--state-dir", str(tmp_path / "state"), "--access-grants",
+    ]  # fmt: skip
+    missing = run_cli(*common, "--grants-endpoint-url", plane.endpoint_url)
+    assert missing.returncode == 2
+    assert "needs the grants instance's 12-digit account (--account-id)" in missing.stderr
+    done = run_cli(
+        *common, "--account-id", ACCOUNT, "--grants-endpoint-url", plane.endpoint_url
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_objects(s3_client, bucket, files, 5)
+    assert {(c.target, c.permission) for c in plane.data_access_calls} == {
+        (f"s3://{bucket}/cpg0001-test/*", "READWRITE")
+    }
+    assert proxy.rejections.get("InvalidAccessKeyId", 0) == 0  # the long-term keys: never S3
+    assert_no_secrets(done.stdout + done.stderr, plane)
+
+
 def test_the_guides_bare_section_in_aws_config_is_named_with_the_fix(tmp_path: Path) -> None:
     """The gallery's guide had people add ``[cpg_staging]`` to ~/.aws/config, where the
     AWS CLI and botocore read only ``[profile cpg_staging]``."""

@@ -35,6 +35,8 @@ from cpg_daemon.core.checksums import CHECKSUM_NAMES, encode
 from cpg_daemon.core.config import (
     CANNED_ACLS,
     DEFAULT_SOCKET,
+    GALLERY_BUCKET,
+    GALLERY_GRANTS_ACCOUNT,
     Config,
     CredentialsConfig,
     S3Config,
@@ -42,7 +44,13 @@ from cpg_daemon.core.config import (
     load_config,
 )
 from cpg_daemon.core.errors import ConfigError, CpgError
-from cpg_daemon.core.objectkeys import MAX_PART_SIZE, MIN_PART_SIZE, S3Location, parse_s3_uri
+from cpg_daemon.core.objectkeys import (
+    MAX_PART_SIZE,
+    MIN_PART_SIZE,
+    S3Location,
+    parse_grant_target,
+    parse_s3_uri,
+)
 from cpg_daemon.core.text import printable
 from cpg_daemon.core.units import format_size, parse_size
 from cpg_daemon.ops import control, logs
@@ -121,7 +129,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--acl", default=None, choices=CANNED_ACLS, help="canned ACL ('' sends none)"
     )
     upload.add_argument("--checksum", default=None, choices=CHECKSUM_NAMES)
-    upload.add_argument("--profile", default=None, help="AWS profile with the keys to use")
+    upload.add_argument(
+        "--profile",
+        default=None,
+        help="AWS profile with the keys to use: on S3 directly or, with --access-grants, "
+        "only to ask S3 Access Grants for short-lived keys (the gallery's long-term keys "
+        "may do nothing else)",
+    )
+    upload.add_argument(
+        "--access-grants",
+        action="store_true",
+        help="get keys for the destination from S3 Access Grants (GetDataAccess, renewed "
+        "as needed), as the gallery's guide does by hand",
+    )
+    upload.add_argument(
+        "--grant-target",
+        default=None,
+        metavar="s3://BUCKET/FOLDER/*",
+        help="with --access-grants: the target you were granted (default: the "
+        "destination's first folder, s3://BUCKET/FOLDER/*)",
+    )
+    upload.add_argument(
+        "--account-id",
+        default=None,
+        help="with --access-grants: the grants instance's account (default for "
+        f"{GALLERY_BUCKET}: {GALLERY_GRANTS_ACCOUNT})",
+    )
+    upload.add_argument(
+        "--grants-endpoint-url", default=None, help=argparse.SUPPRESS
+    )  # a private or test S3 Control endpoint
     upload.add_argument("--region", default=None, help="AWS region (default us-east-1)")
     upload.add_argument(
         "--state-dir",
@@ -398,6 +434,28 @@ async def _probe_write(store: Storage, destination: S3Location) -> str | None:
     return None
 
 
+def _grant_for(args: argparse.Namespace, destination: S3Location) -> CredentialsConfig:
+    """The Access Grants entry ``upload --access-grants`` uses (ValueError: what is wrong)."""
+    folder = destination.prefix.split("/", 1)[0]
+    target = args.grant_target or (
+        f"s3://{destination.bucket}/{folder}/*" if folder else f"s3://{destination.bucket}/*"
+    )
+    parse_grant_target(target)
+    gallery = destination.bucket == GALLERY_BUCKET
+    account = args.account_id or (GALLERY_GRANTS_ACCOUNT if gallery else "")
+    if not (account.isdigit() and len(account) == 12):
+        raise ValueError(
+            "--access-grants needs the grants instance's 12-digit account (--account-id)"
+        )
+    return CredentialsConfig(
+        source="access-grants",
+        profile=args.profile or "",
+        account_id=account,
+        target=target,
+        endpoint_url=args.grants_endpoint_url or "",
+    )
+
+
 def _upload(args: argparse.Namespace) -> int:
     from cpg_daemon.engine import oneshot
     from cpg_daemon.s3.credentials import ProfileMissingError
@@ -437,7 +495,13 @@ def _upload(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         changes["part_size"] = size
     s3 = replace(s3, **changes)
-    if args.profile is not None:
+    if args.access_grants:
+        try:
+            credentials = _grant_for(args, destination)
+        except ValueError as exc:
+            _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    elif args.profile is not None:
         credentials = CredentialsConfig(source="profile", profile=args.profile)
     try:
         watch = oneshot.source_watch(args.src, destination)

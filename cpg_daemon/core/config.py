@@ -50,6 +50,9 @@ CANNED_ACLS = (
     "aws-exec-read",
 )
 LogFormat = Literal["json", "console", "auto"]
+GALLERY_BUCKET = "staging-cellpainting-gallery"
+GALLERY_GRANTS_ACCOUNT = "309624411020"
+"""The gallery's S3 Access Grants instance (its guide's get-data-access --account-id)."""
 CredentialSource = Literal["access-grants", "assume-role", "profile", "environment", "handed-over"]
 StructurePolicy = Literal["warn", "reject", "off"]
 DataPlane = Literal["auto", "crt", "botocore"]
