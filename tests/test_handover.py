@@ -396,3 +396,35 @@ def test_new_keys_pasted_into_the_profile_file_resume_the_queue_without_a_reload
     rows = journal_rows(tmp_path / "state")
     assert sorted((r["state"], r["attempts"]) for r in rows) == [("uploaded", 0)] * 2
     assert any(e.get("event") == "credentials_waiting" for e in daemon.events())
+
+
+def test_the_expiry_of_keys_from_a_credential_process_shows_in_status(
+    tmp_path: Path, proxy: AuthProxy, registry: KeyRegistry, s3_client: Any, bucket: str
+) -> None:
+    """botocore knows when a ``credential_process``'s keys expire: so does status."""
+    keys = registry.mint(lifetime=2 * 3600)
+    printed = tmp_path / "process-output.json"
+    printed.write_text(
+        json.dumps(
+            {
+                "Version": 1,
+                "AccessKeyId": keys.access_key_id,
+                "SecretAccessKey": keys.secret_access_key,
+                "SessionToken": keys.session_token,
+                "Expiration": keys.expiration.isoformat(),
+            }
+        )
+    )
+    Path(os.environ["AWS_CONFIG_FILE"]).write_text(
+        f"[profile lab]\ncredential_process = cat {printed}\n"
+    )
+    config = make_config(tmp_path, proxy, {"source": "profile", "profile": "lab"}, bucket)
+    files = drop(tmp_path, {"a.tiff": b"a"})
+    daemon = Daemon.started(config, tmp_path / "daemon.log")
+    try:
+        wait_until(lambda: uploaded(s3_client, bucket, files), 30, "uploaded")
+        (cred,) = status_of(config)["credentials"]
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    assert cred["state"] == "valid" and cred["warning"] is None
+    assert datetime.fromisoformat(cred["expires_at"]) == keys.expiration.replace(microsecond=0)
