@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,6 +32,7 @@ from daemonproc import (
     status_json,
     wait_object,
     wait_until,
+    write_config,
     write_file,
 )
 
@@ -364,6 +366,141 @@ def test_scrapes_and_status_beside_a_million_files_neither_slow_uploads_nor_cost
     )
 
 
+# -- the control socket: held connections, abandoned verifies ------------------------------
+
+HELD_CONTROL = 250
+"""Silent connections a socket user holds: the 64 served at once, and more."""
+ARCHIVE_FILES = 800
+"""Files staged by hand that a verify must check one by one (HeadObject and a read):
+about 3 s of the daemon's CPU for one whole verify."""
+ABANDONED = 10
+CANCEL_WITHIN = 1.0
+"""Seconds a hung-up client's command has to be cancelled (the daemon looks every 0.5 s)."""
+QUIET_WINDOW = 3.0
+"""Seconds the daemon's CPU time is measured for after the verifies were abandoned."""
+QUIET_CPU = 0.5
+"""CPU seconds the daemon may use in that window: 0.05 measured once the verify is
+cancelled; 1.56 when the abandoned verify runs on, 2.10 with all ten running at once as
+before the fix (issue 15: 19.4 s in 20 s)."""
+
+
+def test_held_control_connections_turn_a_status_away_at_once_and_lapse_after_the_read_timeout(
+    layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
+) -> None:
+    """Finding 4 (connections): a socket user holding more connections than the daemon
+    serves at once. An operator's ``cpg-daemon status`` is told the daemon is busy, at
+    once (not a hang, not "no daemon"), uploads go on, and the silent connections are
+    dropped after ``READ_TIMEOUT`` even though their owner never closes them."""
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.5s")
+    daemon = Daemon.started(config, layout["state"].parent / "daemon.log")
+    sock = layout["state"] / "control.sock"
+    held: list[socket.socket] = []
+    try:
+        holding = time.monotonic()
+        held = _hold(HELD_CONTROL, socket.AF_UNIX, str(sock))
+        asked = time.monotonic()
+        busy = run_cli("status", "-c", str(config))
+        answered_in = time.monotonic() - asked
+        assert busy.returncode == 1, busy.stdout + busy.stderr  # not 3: the daemon is there
+        assert "try again in a moment" in busy.stderr, busy.stderr
+        assert answered_in < control.CLIENT_TIMEOUT, answered_in
+        began = time.monotonic()
+        data = write_file(layout["watch"] / "Batch1" / "held.csv", b"held\n")
+        wait_object(s3_client, bucket, f"{PREFIX}Batch1/held.csv", data, FILES_WITHIN)
+        took = time.monotonic() - began
+
+        def served() -> bool:
+            reply = exchange(sock, b'{"v": 1, "command": "help"}\n')
+            return bool(reply and reply[0]["ok"])
+
+        time.sleep(max(0.0, control.READ_TIMEOUT - 2 - (time.monotonic() - holding)))
+        wait_until(served, 15, "a slot freed by the read timeout")
+        lapsed = time.monotonic() - holding
+        assert daemon.process.poll() is None, daemon.log_text()[-3000:]
+        assert status_json(config)["files"]["uploaded"] == 1
+    finally:
+        for connection in held:
+            connection.close()
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    print(
+        f"status turned away in {answered_in:.1f} s, a file uploaded in {took:.1f} s, and "
+        f"served again {lapsed:.0f} s after {HELD_CONTROL} connections were opened (none closed)"
+    )
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system time of a process so far (/proc/PID/stat, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_abandoned_verifies_stop_burning_cpu_and_an_upload_stays_on_time(
+    layout: dict[str, Path], tmp_path: Path, s3_server: Any, s3_client: Any, bucket: str
+) -> None:
+    """Finding 4 (verify): ``verify`` is read-only, so any socket user may start it; it
+    reads every file whose object the journal cannot prove. Ten clients start one and
+    hang up (one verify runs at a time, so one of them starts): the daemon cancels it, its
+    CPU goes quiet, and the next verify is served."""
+    archive = layout["staging"]
+
+    def stage(number: int) -> None:  # as by `aws s3 sync`: the daemon never sent these
+        data = f"archived file {number}\n".encode()
+        write_file(archive / f"f{number:04d}.csv", data)
+        s3_client.put_object(Bucket=bucket, Key=f"archive/f{number:04d}.csv", Body=data)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(stage, range(ARCHIVE_FILES)))
+    watches = [
+        {"name": "plates", "path": str(layout["watch"]), "destination": f"s3://{bucket}/{PREFIX}"},
+        # Files written just now do not settle for a day: the daemon leaves them alone.
+        {"name": "archive", "path": str(archive), "destination": f"s3://{bucket}/archive/"},
+    ]
+    watches[0]["settle"], watches[1]["settle"] = "0.5s", "24h"
+    config = write_config(
+        tmp_path / "verify.toml",
+        state_dir=layout["state"],
+        endpoint_url=s3_server.endpoint_url,
+        watches=watches,
+    )
+    daemon = Daemon.started(config, layout["state"].parent / "daemon.log")
+    sock = layout["state"] / "control.sock"
+    pid = daemon.process.pid
+    try:
+        before = _cpu_seconds(pid)
+        clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(ABANDONED)]
+        for client in clients:
+            client.connect(str(sock))
+            client.sendall(b'{"v": 1, "command": "verify"}\n')
+        time.sleep(0.3)  # one has started (walking, listing, asking S3); the rest are refused
+        for client in clients:
+            client.close()
+        time.sleep(CANCEL_WITHIN)
+        during = _cpu_seconds(pid) - before
+        quiet_from, cpu_from = time.monotonic(), _cpu_seconds(pid)
+        data = write_file(layout["watch"] / "Batch1" / "meanwhile.csv", b"meanwhile\n")
+        wait_object(s3_client, bucket, f"{PREFIX}Batch1/meanwhile.csv", data, FILES_WITHIN)
+        took = time.monotonic() - quiet_from
+        time.sleep(max(0.0, QUIET_WINDOW - took))
+        quiet = _cpu_seconds(pid) - cpu_from
+        window = time.monotonic() - quiet_from
+        # The lock was released by each cancelled verify: the next one is served.
+        reply = exchange(sock, b'{"v": 1, "command": "verify", "args": {"watch": "plates"}}\n')
+        assert reply[0]["ok"] is True, reply
+        assert reply[0]["result"]["counts"] == {"match": 1}, reply
+        assert daemon.process.poll() is None, daemon.log_text()[-3000:]
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    gone = _events(daemon, "control_client_gone")
+    assert quiet < QUIET_CPU, (quiet, window, len(gone))
+    assert gone, "no abandoned verify was cancelled"
+    print(
+        f"{ABANDONED} verifies abandoned ({during:.2f} s of CPU while they were sent, "
+        f"{len(gone)} cancelled); then {quiet:.2f} s of CPU in {window:.1f} s, a file "
+        f"uploaded in {took:.1f} s"
+    )
+
+
 # -- a client that leaves, and verifies at once ------------------------------------------
 
 
@@ -413,3 +550,26 @@ async def test_a_second_verify_while_one_runs_is_refused() -> None:
                 await commands.verify({})
             release.set()
         assert await commands.verify({}) == {"ok": True}  # one at a time, not none
+
+
+def test_a_client_turned_away_before_it_has_sent_its_request_reads_why(tmp_path: Path) -> None:
+    """The daemon answers a client beyond its limit and closes without reading: a
+    ``cpg-daemon status`` still sending then got a broken pipe and printed a traceback."""
+    path = tmp_path / "busy.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen()
+
+        def turn_away() -> None:
+            client, _ = server.accept()
+            with client:
+                client.sendall(b'{"v": 1, "ok": false, "error": "busy; try again"}\n')
+                time.sleep(0.2)  # the request fills the socket's buffer meanwhile
+
+        thread = threading.Thread(target=turn_away)
+        thread.start()
+        try:  # a request longer than the buffer: its sending fails once the daemon closes
+            with pytest.raises(control.CommandError, match="busy; try again"):
+                control.request(path, "status", {"junk": "x" * 4_000_000})
+        finally:
+            thread.join()

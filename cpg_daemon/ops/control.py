@@ -347,10 +347,15 @@ def request(
         except OSError as exc:
             raise NoDaemonError(f"cannot connect to {path}: {exc.strerror or exc}") from None
         line = json.dumps({"v": PROTOCOL_VERSION, "command": command, "args": dict(args or {})})
-        sock.sendall(line.encode() + b"\n")
+        # Turned away (busy) before the request was read: the reply is here all the same.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(line.encode() + b"\n")
         reply = b""
         while not reply.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
                 raise NoDaemonError(f"the daemon on {path} closed the connection")
             reply += chunk
