@@ -130,8 +130,15 @@ class ConfigMaker:
 class Daemon:
     """``cpg-daemon run -c CONFIG`` as a subprocess, its output in a log file."""
 
-    def __init__(self, config: Path, log_path: Path, wrapper: Sequence[str] = ()) -> None:
-        """``wrapper``: a command line the daemon runs under (``unshare ...``, say)."""
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        wrapper: Sequence[str] = (),
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        """``wrapper``: a command line the daemon runs under (``unshare ...``, say);
+        ``pass_fds``: descriptors the wrapper (or the daemon) inherits."""
         self.config = config
         self.log_path = log_path
         DAEMON_LOGS.append(log_path)
@@ -143,12 +150,11 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=os.environ.copy(),
+            pass_fds=pass_fds,
         )
 
     @classmethod
-    def started(
-        cls, config: Path, log_path: Path, *, timeout: float = DEFAULT_TIMEOUT
-    ) -> Daemon:
+    def started(cls, config: Path, log_path: Path, *, timeout: float = DEFAULT_TIMEOUT) -> Daemon:
         """A daemon that has logged ``running`` (killed if it does not get there)."""
         daemon = cls(config, log_path)
         try:

@@ -32,10 +32,13 @@ from daemonproc import Daemon, exchange, journal_rows, wait_until, write_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from s3server import S3Server
+from structlog.testing import capture_logs
 
 from cpg_daemon import __version__
 from cpg_daemon.cli import main as cli_main
 from cpg_daemon.core.config import DEFAULT_SOCKET
+from cpg_daemon.core.errors import FatalError
+from cpg_daemon.ops import control, systemd
 
 SETTLE = "0.5s"
 SETTLE_S = 0.5
@@ -631,6 +634,144 @@ def test_socket_group_members_reach_a_socket_in_a_folder_the_daemon_created(
         stop(daemon)
     assert reply != "denied"
     assert json.loads(reply)["ok"] is True
+
+
+_LISTEN_FDS_SHIM = """
+import os, sys
+fd = int(sys.argv[1])
+os.dup2(fd, 3)  # the first descriptor a service manager passes
+if fd != 3:
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="control")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+"""Starts the daemon as systemd starts a socket-activated service: the socket as
+descriptor 3, LISTEN_PID the daemon's own pid (exec keeps it), LISTEN_FDS and its name."""
+
+
+def systemd_socket(path: Path, mode: int, group: str | None = None) -> socket.socket:
+    """What cpg-daemon.socket makes, as root, before the daemon starts."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    path.chmod(mode)
+    if group is not None:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    listener.listen()
+    return listener
+
+
+def start_on(listener: socket.socket, config: Path, log: Path) -> Daemon:
+    """A daemon handed ``listener`` by the sd_listen_fds protocol."""
+    fd = listener.fileno()
+    shim = [sys.executable, "-c", _LISTEN_FDS_SHIM, str(fd)]
+    daemon = Daemon(config, log, wrapper=shim, pass_fds=[fd])
+    try:
+        daemon.wait_for_event("running")
+    except BaseException:
+        daemon.kill()
+        raise
+    return daemon
+
+
+def test_sockets_passed_to_another_process_are_not_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LISTEN_PID of a parent (a shell that ran the daemon): nothing is ours; the
+    variables go all the same, so that no child of the daemon reads them either."""
+    monkeypatch.setenv("LISTEN_PID", str(os.getppid()))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_FDNAMES", "control")
+    assert systemd.listen_fds() == []
+    assert not {"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"} & set(os.environ)
+
+
+def test_the_control_socket_is_the_one_named_control_and_must_listen(tmp_path: Path) -> None:
+    with (
+        systemd_socket(tmp_path / "control.sock", 0o660) as listener,
+        systemd_socket(tmp_path / "other.sock", 0o660) as other,
+        capture_logs() as logs,
+    ):
+        chosen = control.inherited_listener(
+            [("metrics", other), ("control", listener)], tmp_path / "configured.sock"
+        )
+        assert chosen is listener
+        assert other.fileno() == -1  # closed: nobody serves it
+        assert [e["event"] for e in logs] == ["inherited_socket_unused", "control_socket_elsewhere"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+        bound.bind(str(tmp_path / "not-listening.sock"))
+        with pytest.raises(FatalError, match="not a listening Unix stream socket"):
+            control.inherited_listener([("unknown", bound)], tmp_path / "not-listening.sock")
+
+
+def test_a_daemon_serves_the_socket_systemd_made_and_leaves_it_in_place(
+    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    """cpg-daemon.socket: systemd binds the socket (its owner, group and mode) and hands
+    it over. The daemon neither probes it (it would find "another daemon") nor binds,
+    chmods or removes it, on reload or on exit; a restart serves the same socket."""
+    watches = [watch_table("w", tmp_path / "outbox", f"s3://{bucket}/p/")]
+    Path(watches[0]["path"]).mkdir()
+    state = tmp_path / "state"
+    config = write_config(
+        tmp_path / "run.toml", state_dir=state, endpoint_url=s3_server.endpoint_url, watches=watches
+    )
+    state.mkdir()
+    sock = state / "control.sock"
+    with systemd_socket(sock, 0o600) as listener:
+        made = sock.stat()
+        daemon = start_on(listener, config, tmp_path / "first.log")
+        try:
+            [listening] = [e for e in daemon.events() if e["event"] == "control_socket_listening"]
+            assert listening["made_by"] == "systemd" and listening["socket"] == str(sock)
+            status = cli("status", "--json", "-s", str(sock))
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout)["state"] == "running"
+            reloaded = cli("reload", "-c", str(config))
+            assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+            assert ask(sock, "help")  # still served after the reload
+        finally:
+            stop(daemon)
+        after = sock.stat()
+        assert (after.st_ino, after.st_mode) == (made.st_ino, made.st_mode)  # not rebound
+        # systemd restarts the service on the same socket; nothing was lost in between.
+        waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        waiting.connect(str(sock))  # queued while no daemon runs, as systemd would queue it
+        daemon = start_on(listener, config, tmp_path / "second.log")
+        try:
+            with waiting:
+                waiting.sendall(b'{"v": 1, "command": "status"}\n')
+                waiting.settimeout(10)
+                assert json.loads(waiting.recv(65536))["ok"] is True
+        finally:
+            stop(daemon)
+        assert sock.stat().st_ino == made.st_ino
+
+
+def test_the_socket_systemd_made_keeps_the_peer_checks(
+    tmp_path: Path, shared_dir: Path, s3_server: S3Server, bucket: str
+) -> None:
+    """A socket unit with a looser SocketMode= (0666): anyone may connect and read the
+    status, but only root, the daemon's user and socket_group may change anything."""
+    _needs_other_user()
+    watches = [watch_table("w", tmp_path / "outbox", f"s3://{bucket}/p/")]
+    Path(watches[0]["path"]).mkdir()
+    sock = shared_dir / "control.sock"
+    config = write_config(
+        tmp_path / "run.toml",
+        state_dir=tmp_path / "state",
+        endpoint_url=s3_server.endpoint_url,
+        watches=watches,
+        daemon={"socket": str(sock), "socket_group": SOCKET_GROUP},
+    )
+    with systemd_socket(sock, 0o666, SOCKET_GROUP) as listener:
+        daemon = start_on(listener, config, tmp_path / "daemon.log")
+        try:
+            outsider = json.loads(as_other_user(sock, "status", in_group=False))
+            assert outsider["ok"] is True
+            refused = json.loads(as_other_user(sock, "pause", in_group=False))
+            assert refused["ok"] is False and "permission denied" in refused["error"]
+            member = json.loads(as_other_user(sock, "pause", in_group=True))
+            assert member == {"v": 1, "ok": True, "result": {"paused": ["w"]}}
+        finally:
+            stop(daemon)
 
 
 # -- 6. robustness --------------------------------------------------------------------------

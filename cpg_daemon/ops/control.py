@@ -12,6 +12,11 @@ read timeout and a line-length limit, so a slow or broken client cannot stall
 the daemon. Commands that change anything check the peer's credentials
 (SO_PEERCRED): root, the daemon's own user, or a member of the socket's group.
 No TCP listener exists for control.
+
+The socket is the daemon's own, or, under systemd with ``cpg-daemon.socket``, the one
+systemd made (as root: its owner, group and mode are the unit's, whatever groups the
+daemon's user is in). An inherited socket is never removed nor bound again by the
+daemon; the same permission checks apply to its clients.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ T = TypeVar("T")
 MAX_CLIENTS = 64
 """Clients served at once; the next ones are told the daemon is busy (see listeners)."""
 CLIENT_TIMEOUT = 10.0
+SYSTEMD_NAME = "control"
+"""The control socket's name among the sockets systemd passes (FileDescriptorName=)."""
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
@@ -155,6 +162,49 @@ def prepare_socket_path(path: Path, group: str = "") -> None:
     )
 
 
+def inherited_listener(passed: list[tuple[str, socket.socket]], path: Path) -> socket.socket | None:
+    """The control socket among the sockets systemd passed (``sd_listen_fds``): the one
+    named ``control``, or the only one; None when none was passed.
+
+    It must be a listening Unix stream socket. One bound elsewhere than ``path``
+    (``daemon.socket``) is used all the same, with a warning: a unit written for an
+    older configuration should not stop the uploads. Other sockets are closed.
+    """
+    if not passed:
+        return None
+    chosen = next((s for name, s in passed if name == SYSTEMD_NAME), None)
+    if chosen is None and len(passed) == 1:
+        chosen = passed[0][1]
+    for name, other in passed:
+        if other is not chosen:
+            log.warning("inherited_socket_unused", name=name, consequence="closed")
+            other.close()
+    if chosen is None:
+        names = ", ".join(name for name, _ in passed)
+        raise FatalError(
+            f"systemd passed sockets ({names}) but none named {SYSTEMD_NAME!r} "
+            "(FileDescriptorName=control in cpg-daemon.socket)"
+        )
+    listening = chosen.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if chosen.family != socket.AF_UNIX or chosen.type != socket.SOCK_STREAM or not listening:
+        chosen.close()
+        raise FatalError(
+            "the control socket systemd passed is not a listening Unix stream socket "
+            "(cpg-daemon.socket needs ListenStream=/path/to/control.sock)"
+        )
+    bound = chosen.getsockname()
+    if bound != str(path):
+        log.warning(
+            "control_socket_elsewhere",
+            socket=str(bound),
+            configured=str(path),
+            consequence=f"clients must be pointed at {bound} (cpg-daemon status -s PATH)",
+            fix="run cpg-daemon install-service again, then systemctl daemon-reload and "
+            "restart cpg-daemon.socket and cpg-daemon",
+        )
+    return chosen
+
+
 def _chgrp(path: Path, group: str) -> None:
     try:
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
@@ -163,31 +213,56 @@ def _chgrp(path: Path, group: str) -> None:
 
 
 class ControlServer:
-    """Serves the registry on the daemon's socket until cancelled."""
+    """Serves the registry on the daemon's socket until cancelled.
 
-    def __init__(self, path: Path, registry: Registry, group: str = "") -> None:
+    ``inherited``: the listening socket systemd made (``inherited_listener``); without
+    it the server makes its own at ``path`` and removes it on the way out.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        registry: Registry,
+        group: str = "",
+        *,
+        inherited: socket.socket | None = None,
+    ) -> None:
         self.path = path
         self.registry = registry
         self.group = group
+        self.inherited = inherited
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self.inherited is not None:
+            listener = await anyio.abc.SocketListener.from_socket(self.inherited)
+            log.info(
+                "control_socket_listening",
+                socket=str(self.inherited.getsockname()),
+                made_by="systemd",
+            )
+            task_status.started()
+            await self._serve(listener)
+            return
         await anyio.to_thread.run_sync(prepare_socket_path, self.path, self.group)
         listener = await anyio.create_unix_listener(self.path)
         try:
             await anyio.to_thread.run_sync(self._set_permissions)
             log.info("control_socket_listening", socket=str(self.path))
             task_status.started()
-            async with listener:
-                await listeners.serve(
-                    [listener],
-                    self._serve_client,
-                    name="control",
-                    limit=MAX_CLIENTS,
-                    turn_away=_turn_away,
-                )
+            await self._serve(listener)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._remove)
+
+    async def _serve(self, listener: anyio.abc.SocketListener) -> None:
+        async with listener:
+            await listeners.serve(
+                [listener],
+                self._serve_client,
+                name="control",
+                limit=MAX_CLIENTS,
+                turn_away=_turn_away,
+            )
 
     def _set_permissions(self) -> None:
         os.chmod(self.path, 0o660)

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,11 +38,12 @@ from cpg_daemon.ops.control import (
     ControlServer,
     Handler,
     Registry,
+    inherited_listener,
     prepare_socket_path,
 )
 from cpg_daemon.ops.metrics import MAX_SCRAPES, MetricsServer
 from cpg_daemon.ops.status import ConfigStatus, StatusReply
-from cpg_daemon.ops.systemd import Notifier
+from cpg_daemon.ops.systemd import Notifier, listen_fds
 
 log = structlog.get_logger(__name__)
 
@@ -76,10 +78,14 @@ class Daemon:
         *,
         handle_signals: bool = True,
         notifier: Notifier | None = None,
+        control_socket: socket.socket | None = None,
     ) -> None:
+        """``control_socket``: a listening socket systemd made (``cpg-daemon.socket``),
+        served instead of one of the daemon's own at ``daemon.socket``."""
         self._config = config
         self._handle_signals = handle_signals
         self._notifier = notifier or Notifier()
+        self._control_socket = control_socket
         self._stopping = anyio.Event()
         self._force = anyio.Event()
         self._running = anyio.Event()
@@ -125,9 +131,10 @@ class Daemon:
         config = self.config
         # A configuration mistake stops us before anything is touched.
         assignment = await anyio.to_thread.run_sync(assign, config)
-        await anyio.to_thread.run_sync(
-            prepare_socket_path, config.daemon.socket, config.daemon.socket_group
-        )
+        if self._control_socket is None:  # systemd's socket is ours: nothing to look at
+            await anyio.to_thread.run_sync(
+                prepare_socket_path, config.daemon.socket, config.daemon.socket_group
+            )
         lock = await anyio.to_thread.run_sync(lock_state_dir, config.daemon.state_dir)
         open_files = listeners.raise_open_files_limit()
         try:
@@ -169,7 +176,10 @@ class Daemon:
             tg.start_soon(self._notifier.keep_alive, interval)
         if self._handle_signals:
             tg.start_soon(self._signals)
-        await tg.start(ControlServer(daemon.socket, registry, daemon.socket_group).run)
+        control = ControlServer(
+            daemon.socket, registry, daemon.socket_group, inherited=self._control_socket
+        )
+        await tg.start(control.run)
         if daemon.metrics_listen:
             metrics = MetricsServer(
                 daemon.metrics_listen, lambda: status({}), engine.scheduler.tally
@@ -328,6 +338,8 @@ def forbid_core_dumps() -> None:
 
 
 async def run(config: Config) -> None:
-    """Run the daemon until SIGTERM/SIGINT (SIGHUP reloads the configuration)."""
+    """Run the daemon until SIGTERM/SIGINT (SIGHUP reloads the configuration), on the
+    control socket systemd passed if it passed one."""
     forbid_core_dumps()
-    await Daemon(config).run()
+    control = inherited_listener(listen_fds(), config.daemon.socket)
+    await Daemon(config, control_socket=control).run()

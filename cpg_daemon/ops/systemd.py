@@ -1,10 +1,15 @@
-"""sd_notify: READY, STATUS, WATCHDOG, RELOADING and STOPPING for systemd.
+"""systemd's two protocols: sd_notify (READY, STATUS, WATCHDOG, RELOADING, STOPPING) and
+sd_listen_fds (the sockets a socket unit opened for the daemon).
 
-The protocol is one datagram per message on the AF_UNIX socket named by
+sd_notify is one datagram per message on the AF_UNIX socket named by
 ``$NOTIFY_SOCKET`` (a leading ``@`` means Linux's abstract namespace), so no
 library is needed. Without ``$NOTIFY_SOCKET`` every call is a no-op, and a send
 that fails is logged once and never stops the daemon: systemd's view of the
 service is a convenience, the uploads are the job.
+
+sd_listen_fds: descriptors 3, 4, ... are listening sockets when ``$LISTEN_PID`` is
+this process and ``$LISTEN_FDS`` says how many; ``$LISTEN_FDNAMES`` names them
+(``FileDescriptorName=``), colon-separated.
 """
 
 from __future__ import annotations
@@ -16,7 +21,41 @@ import time
 import anyio
 import structlog
 
+from cpg_daemon.core.errors import FatalError
+
 log = structlog.get_logger(__name__)
+
+LISTEN_FDS_START = 3
+"""The first descriptor a service manager passes (``SD_LISTEN_FDS_START``)."""
+
+
+def listen_fds() -> list[tuple[str, socket.socket]]:
+    """The sockets systemd passed this process, with their names (``"unknown"`` when
+    the socket unit gave none); empty when nothing was passed, or passed to another
+    process.
+
+    As ``sd_listen_fds(1)``: the variables are removed from the environment and the
+    descriptors marked close-on-exec, so that no child (a batch hook) inherits them.
+    """
+    pid = os.environ.pop("LISTEN_PID", "")
+    count = os.environ.pop("LISTEN_FDS", "")
+    names = os.environ.pop("LISTEN_FDNAMES", "")
+    if not pid or pid != str(os.getpid()) or not count.isdigit():
+        return []
+    labels = names.split(":") if names else []
+    if len(labels) != int(count):
+        labels = ["unknown"] * int(count)
+    passed = []
+    for fd, label in enumerate(labels, LISTEN_FDS_START):
+        try:
+            os.set_inheritable(fd, False)
+            passed.append((label, socket.socket(fileno=fd)))
+        except OSError as exc:
+            raise FatalError(
+                f"descriptor {fd} ({label}) that systemd passed is not a socket: "
+                f"{exc.strerror or exc}"
+            ) from None
+    return passed
 
 
 class Notifier:
