@@ -20,11 +20,12 @@ import pytest
 from daemonproc import write_config
 
 from cpg_daemon.cli import main as cli
-from cpg_daemon.core.config import DEFAULT_CONFIG_PATH
+from cpg_daemon.core.config import DEFAULT_CONFIG_PATH, DEFAULT_SOCKET
 from cpg_daemon.ops import service
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "systemd" / "cpg-daemon.service"
+SHIPPED_SOCKET = REPO / "systemd" / "cpg-daemon.socket"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (Debian package systemd)"
@@ -33,6 +34,8 @@ needs_systemd_analyze = pytest.mark.skipif(
 MAX_EXPOSURE = 1.8
 """`systemd-analyze security` scored the unit 1.4 ("OK") with systemd 252; the margin
 allows for other versions' weights. A unit with only User= scores 9.2."""
+EXPOSURE_ON_252 = 1.4
+"""On systemd 252, where it was measured, the score may not grow at all."""
 
 EXPOSURE = re.compile(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)")
 
@@ -47,10 +50,10 @@ def _copy_with_real_executable(tmp_path: Path) -> Path:
     return copy
 
 
-def _verify(unit: Path) -> subprocess.CompletedProcess[str]:
+def _verify(unit: Path, *more: Path) -> subprocess.CompletedProcess[str]:
     assert SYSTEMD_ANALYZE is not None
     return subprocess.run(
-        [SYSTEMD_ANALYZE, "verify", str(unit)],
+        [SYSTEMD_ANALYZE, "verify", str(unit), *map(str, more)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -65,8 +68,8 @@ def _complaints(result: subprocess.CompletedProcess[str], unit: Path) -> list[st
     return [line for line in output if unit.name in line or str(unit.parent) in line]
 
 
-def _assert_verifies(unit: Path) -> None:
-    result = _verify(unit)
+def _assert_verifies(unit: Path, *more: Path) -> None:
+    result = _verify(unit, *more)
     everything = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode == 0, everything
     assert _complaints(result, unit) == [], everything
@@ -142,7 +145,11 @@ def test_sandbox_exposure_stays_low(tmp_path: Path) -> None:
     )
     match = EXPOSURE.search(result.stdout)
     assert match, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+    version = subprocess.run(
+        [SYSTEMD_ANALYZE, "--version"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout.split()
+    allowed = EXPOSURE_ON_252 if version[:2] == ["systemd", "252"] else MAX_EXPOSURE
+    assert float(match.group(1)) <= allowed, result.stdout
 
 
 def test_install_service_prints_the_unit_for_this_installation(
@@ -265,12 +272,13 @@ def test_install_service_writes_the_unit_atomically_with_mode_0644(
     assert "absent.toml does not exist yet" in err
     assert "aws-credentials does not exist: systemd will not start the service" in err
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
-    assert sorted(p.name for p in folder.iterdir()) == ["cpg-daemon.service"]
+    assert sorted(p.name for p in folder.iterdir()) == ["cpg-daemon.service", "cpg-daemon.socket"]
+    assert stat.S_IMODE((folder / "cpg-daemon.socket").stat().st_mode) == 0o644
     text = target.read_text()
     assert f"\nLoadCredential=aws-credentials:{tmp_path / 'aws-credentials'}\n" in text
     assert cli.main(["install-service", "-c", str(tmp_path / "absent.toml")]) == 0
     assert capsys.readouterr().out != text  # LoadCredential only when asked for
-    _assert_verifies(target)
+    _assert_verifies(target, folder / "cpg-daemon.socket")
 
 
 def test_install_service_refuses_a_bad_user_name(capsys: pytest.CaptureFixture[str]) -> None:
@@ -284,3 +292,91 @@ def test_install_service_reports_a_folder_it_cannot_write(
     missing = tmp_path / "no-such-folder" / "cpg-daemon.service"
     assert cli.main(["install-service", "--output", str(missing)]) == 1
     assert f"cannot write {missing}" in capsys.readouterr().err
+
+
+# -- the socket unit ------------------------------------------------------------------------
+
+
+def test_the_repository_socket_unit_is_the_one_the_package_ships() -> None:
+    assert SHIPPED_SOCKET.read_text(encoding="utf-8") == service.template(
+        service.SOCKET_UNIT_NAME
+    ), "systemd/cpg-daemon.socket and cpg_daemon/data/cpg-daemon.socket differ"
+
+
+def test_rendering_the_socket_with_the_defaults_gives_the_shipped_unit() -> None:
+    default = service.Installation(config=DEFAULT_CONFIG_PATH)
+    assert service.render_socket(default) == service.template(service.SOCKET_UNIT_NAME)
+
+
+def test_the_socket_unit_is_the_daemons_socket_made_by_systemd() -> None:
+    """Made by systemd (as root, so SocketGroup= works whatever the daemon's groups),
+    handed over as "control", and stopped with the service (no activation by a client
+    after an administrator stopped the daemon); the service keeps its folder."""
+    socket_lines = set(service.template(service.SOCKET_UNIT_NAME).splitlines())
+    for expected in (
+        "ListenStream=/run/cpg-daemon/control.sock",
+        "FileDescriptorName=control",
+        "SocketMode=0660",
+        "SocketUser=cpg-daemon",
+        "SocketGroup=cpg-daemon",
+        "PartOf=cpg-daemon.service",
+        "WantedBy=sockets.target",
+    ):
+        assert expected in socket_lines, expected
+    assert str(DEFAULT_SOCKET) == "/run/cpg-daemon/control.sock"
+    service_lines = set(service.template().splitlines())
+    for expected in (
+        "Wants=cpg-daemon.socket",
+        "After=cpg-daemon.socket",
+        "RuntimeDirectoryPreserve=yes",
+    ):
+        assert expected in service_lines, expected
+
+
+@needs_systemd_analyze
+def test_shipped_units_pass_systemd_analyze_verify_together(tmp_path: Path) -> None:
+    unit = _copy_with_real_executable(tmp_path)
+    socket_unit = tmp_path / "cpg-daemon.socket"
+    socket_unit.write_text(SHIPPED_SOCKET.read_text(encoding="utf-8"), encoding="utf-8")
+    _assert_verifies(socket_unit, unit)
+    socket_unit.write_text(
+        socket_unit.read_text().replace("SocketMode=", "SocketMod="), encoding="utf-8"
+    )
+    assert _complaints(_verify(socket_unit, unit), socket_unit) != []
+
+
+@needs_systemd_analyze
+def test_install_service_writes_a_socket_unit_for_the_configs_socket_and_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """daemon.socket and daemon.socket_group go into the socket unit; the daemon's user
+    owns it (ExecReload= runs `cpg-daemon reload` as that user)."""
+    config = write_config(
+        tmp_path / "config.toml",
+        state_dir=Path("/var/lib/cpg-daemon"),
+        endpoint_url="",
+        watches=[],
+        daemon={"socket": "/run/cpg-uploads/ctl %i.sock", "socket_group": "imaging-admins"},
+    )
+    folder = tmp_path / "system"
+    folder.mkdir()
+    args = ["install-service", "-c", str(config), "--user", "uploader"]
+    assert cli.main([*args, "--output", str(folder / "cpg-daemon.service")]) == 0
+    out, err = capsys.readouterr()
+    assert f"wrote {folder / 'cpg-daemon.service'} and {folder / 'cpg-daemon.socket'}" in out
+    assert "systemctl enable --now cpg-daemon.socket cpg-daemon.service" in out
+    assert "there is no group 'imaging-admins' (daemon.socket_group) yet" in err
+    lines = (folder / "cpg-daemon.socket").read_text().splitlines()
+    assert "ListenStream=/run/cpg-uploads/ctl %%i.sock" in lines  # % is systemd's
+    assert "SocketUser=uploader" in lines and "SocketGroup=imaging-admins" in lines
+    assert cli.main([*args, "--socket-unit"]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+    _assert_verifies(folder / "cpg-daemon.service", folder / "cpg-daemon.socket")
+
+
+def test_without_socket_group_the_socket_is_the_daemons_group() -> None:
+    installation = service.Installation(
+        config=DEFAULT_CONFIG_PATH, user="uploader", group="imaging"
+    )
+    lines = service.render_socket(installation).splitlines()
+    assert "SocketUser=uploader" in lines and "SocketGroup=imaging" in lines

@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     service = commands.add_parser(
         "install-service",
-        help="the systemd unit for this installation, on stdout or written to --output",
+        help="the systemd units for this installation (the service and its control "
+        "socket): the service on stdout, or both written to --output",
     )
     _config_arg(service)
     service.add_argument(
@@ -270,7 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="PATH",
-        help="write the unit here (atomically, mode 0644), e.g. /etc/systemd/system/",
+        help="write cpg-daemon.service and cpg-daemon.socket into this folder (or the "
+        "service to this file and the socket beside it; atomically, mode 0644), "
+        "e.g. /etc/systemd/system/",
+    )
+    service.add_argument(
+        "--socket-unit",
+        action="store_true",
+        help="print the socket unit (cpg-daemon.socket) instead of the service",
     )
     service.add_argument(
         "--user", default="cpg-daemon", help="the daemon's user (default: cpg-daemon)"
@@ -583,22 +591,27 @@ def _install_service(args: argparse.Namespace) -> int:
             aws_credentials=args.aws_credentials,
         )
         unit = service.render(installation)
+        socket_unit = service.render_socket(installation)
     except ValueError as exc:
         _say(f"cpg-daemon install-service: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     for note in notes:
         _say(f"cpg-daemon install-service: note: {note}", file=sys.stderr)
     if args.output is None:
-        print(unit, end="")
+        print(socket_unit if args.socket_unit else unit, end="")
         return EXIT_OK
+    # A folder gets both; a file gets the service, and the socket goes beside it.
+    folder = args.output if args.output.is_dir() else args.output.parent
     try:
         path = service.write_unit(unit, args.output)
+        socket_path = service.write_unit(socket_unit, folder, service.SOCKET_UNIT_NAME)
     except OSError as exc:
         _say(f"cpg-daemon install-service: cannot write {args.output}: {exc}", file=sys.stderr)
         return EXIT_PROBLEM
     print(
-        f"wrote {path}; now `systemctl daemon-reload`, then `systemctl enable --now "
-        f"{path.name}` (first install) or `systemctl restart {path.name}`"
+        f"wrote {path} and {socket_path}; now `systemctl daemon-reload`, then "
+        f"`systemctl enable --now {socket_path.name} {path.name}` (first install) or "
+        f"`systemctl restart {path.name}` (its socket restarts with it)"
     )
     return EXIT_OK
 

@@ -1,12 +1,12 @@
-"""The systemd unit for this installation (``cpg-daemon install-service``).
+"""The systemd units for this installation (``cpg-daemon install-service``).
 
-The unit ships inside the package (``data/cpg-daemon.service``, the same file as
-``systemd/cpg-daemon.service`` in the repository), written for an installation in
-/opt/cpg-daemon with its config in /etc/cpg-daemon. Rendering puts in what differs
-on this machine: where cpg-daemon is installed, the config file, the user, and what
-the config implies for systemd (the stop timeout, folders it must be allowed to
-write). With the defaults everywhere, the rendered unit is the shipped one, byte
-for byte.
+The units ship inside the package (``data/cpg-daemon.service`` and
+``data/cpg-daemon.socket``, the same files as ``systemd/`` in the repository), written
+for an installation in /opt/cpg-daemon with its config in /etc/cpg-daemon. Rendering
+puts in what differs on this machine: where cpg-daemon is installed, the config file,
+the user, and what the config implies for systemd (the stop timeout, folders it must be
+allowed to write, the control socket's path and group). With the defaults everywhere,
+the rendered units are the shipped ones, byte for byte.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cpg_daemon.core.config import DEFAULT_STATE_DIR, DaemonConfig, load_config
+from cpg_daemon.core.config import DEFAULT_SOCKET, DEFAULT_STATE_DIR, DaemonConfig, load_config
 
 UNIT_NAME = "cpg-daemon.service"
+SOCKET_UNIT_NAME = "cpg-daemon.socket"
+"""The control socket, made by systemd (in daemon.socket_group) and passed to the service."""
 DEFAULT_COMMAND = ("/opt/cpg-daemon/bin/cpg-daemon",)
 DEFAULT_USER = "cpg-daemon"
 RUNTIME_DIR = Path("/run/cpg-daemon")
@@ -38,9 +40,9 @@ _PLAIN_WORD = re.compile(r"[\w@+=:,./-]+")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*|[0-9]+")
 
 
-def template() -> str:
-    """The unit as shipped."""
-    return (resources.files("cpg_daemon") / "data" / UNIT_NAME).read_text(encoding="utf-8")
+def template(name: str = UNIT_NAME) -> str:
+    """A unit as shipped (the service, or ``SOCKET_UNIT_NAME``)."""
+    return (resources.files("cpg_daemon") / "data" / name).read_text(encoding="utf-8")
 
 
 def installed_command() -> tuple[str, ...]:
@@ -71,6 +73,10 @@ class Installation:
     stop_timeout: int = math.ceil(DaemonConfig().drain_timeout) + STOP_MARGIN
     writable: tuple[Path, ...] = ()
     """Folders outside the state and runtime directories the daemon must write."""
+    socket: Path = DEFAULT_SOCKET
+    """daemon.socket: where the socket unit listens."""
+    socket_group: str = ""
+    """daemon.socket_group: the socket's group ('': the daemon's group)."""
 
 
 PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
@@ -132,6 +138,13 @@ def installation(
             f"{path} is outside {DEFAULT_STATE_DIR} and {RUNTIME_DIR}: the unit allows "
             f"writing there (ReadWritePaths=); it must exist and be writable by {user}"
         )
+    if daemon.socket_group and not _NAME.fullmatch(daemon.socket_group):
+        raise ValueError(f"{daemon.socket_group!r} is not a valid group name (socket_group)")
+    if daemon.socket_group and not _exists(grp.getgrnam, daemon.socket_group):
+        notes.append(
+            f"there is no group {daemon.socket_group!r} (daemon.socket_group) yet: systemd "
+            f"will not make the control socket until there is (groupadd {daemon.socket_group})"
+        )
     if not _exists(pwd.getpwnam, user):
         notes.append(
             f"there is no user {user!r} yet: useradd --system --home-dir {DEFAULT_STATE_DIR} "
@@ -152,6 +165,8 @@ def installation(
             aws_credentials=aws_credentials,
             stop_timeout=math.ceil(daemon.drain_timeout) + STOP_MARGIN,
             writable=tuple(writable),
+            socket=Path(os.path.abspath(daemon.socket)),
+            socket_group=daemon.socket_group,
         ),
         notes,
     )
@@ -177,9 +192,27 @@ def render(installation: Installation, unit: str | None = None) -> str:
     if installation.writable:
         paths = " ".join(_quote(str(path), dollars=False) for path in installation.writable)
         lines["#ReadWritePaths="] = f"ReadWritePaths={paths}"
+    return _fill(template() if unit is None else unit, lines)
+
+
+def render_socket(installation: Installation, unit: str | None = None) -> str:
+    """The socket unit (by default the shipped one) for this installation: its path is
+    daemon.socket, its owner the daemon's user, its group daemon.socket_group (or the
+    daemon's group)."""
+    path = _quote(str(installation.socket), dollars=False, quote=False)
+    lines = {
+        "ListenStream=": f"ListenStream={path}",
+        "SocketUser=": f"SocketUser={installation.user}",
+        "SocketGroup=": f"SocketGroup={installation.socket_group or installation.group}",
+    }
+    return _fill(template(SOCKET_UNIT_NAME) if unit is None else unit, lines)
+
+
+def _fill(unit: str, lines: dict[str, str]) -> str:
+    """``unit`` with the first line starting with each key replaced by its value."""
     out = []
     replaced = set()
-    for line in (template() if unit is None else unit).splitlines(keepends=True):
+    for line in unit.splitlines(keepends=True):
         prefix = next((p for p in lines if line.startswith(p)), None)
         if prefix is not None and prefix not in replaced:
             replaced.add(prefix)
@@ -191,14 +224,14 @@ def render(installation: Installation, unit: str | None = None) -> str:
     return "".join(out)
 
 
-def write_unit(text: str, path: Path) -> Path:
-    """Write the unit to ``path`` (or ``path/cpg-daemon.service`` for a folder).
+def write_unit(text: str, path: Path, name: str = UNIT_NAME) -> Path:
+    """Write a unit to ``path`` (or ``path/NAME`` for a folder).
 
     Atomically, mode 0644 whatever the umask: systemd never sees half a file, and a
     failed write leaves the old unit in place.
     """
     if path.is_dir():
-        path = path / UNIT_NAME
+        path = path / name
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
