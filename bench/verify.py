@@ -3,8 +3,10 @@
 Makes N small files (deterministic), stages them with PutObject (CRC32C, as the
 daemon sends) and writes the daemon's journal for them as the daemon would,
 then times `cpg-daemon verify` as a subprocess, median of several runs, in
-two ways side by side: with the journal (the ETag in one listing proves each
-object) and without it (HeadObject per object, each file read again).
+three ways side by side: with the journal (the ETag in one listing proves each
+object), without it (HeadObject per object, each file read again), and against
+the manifest `cpg-daemon manifest` writes from that journal, as a maintainer
+without the files runs it (`verify --manifest`: one listing, no file read).
 
     .venv/bin/python bench/verify.py --files 100000 --runs 3
     .venv/bin/python bench/verify.py --files 2000 --runs 1     # a smoke run
@@ -134,11 +136,11 @@ def write_config(path: Path, state: Path, endpoint: str, root: Path) -> None:
     )
 
 
-def timed_verify(config: Path) -> tuple[float, float, int, str]:
+def timed_verify(config: Path, *extra: str) -> tuple[float, float, int, str]:
     """Wall seconds, CPU seconds, peak RSS (KiB) and the summary line of one run."""
     started = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, "-m", "cpg_daemon", "verify", "-c", str(config)],
+        [sys.executable, "-m", "cpg_daemon", "verify", "-c", str(config), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=dict(os.environ, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench"),
@@ -175,10 +177,22 @@ def main() -> int:
             with_journal, without = base / "with.toml", base / "without.toml"
             write_config(with_journal, state, endpoint, root)
             write_config(without, bare, endpoint, root)
-            results: dict[str, list[tuple[float, float, int, str]]] = {"journal": [], "none": []}
-            for _ in range(args.runs):  # interleaved: A B A B ...
+            listed = base / "manifest.jsonl"
+            command = [sys.executable, "-m", "cpg_daemon", "manifest", "-c", str(with_journal)]
+            subprocess.run(
+                [*command, "-o", str(listed)],
+                check=True,
+                capture_output=True,
+            )
+            results: dict[str, list[tuple[float, float, int, str]]] = {
+                "journal": [],
+                "none": [],
+                "manifest": [],
+            }
+            for _ in range(args.runs):  # interleaved: A B C A B C ...
                 results["journal"].append(timed_verify(with_journal))
                 results["none"].append(timed_verify(without))
+                results["manifest"].append(timed_verify(without, "--manifest", str(listed)))
         finally:
             server.terminate()
             server.wait()
@@ -189,7 +203,11 @@ def main() -> int:
         cpu = statistics.median(r[1] for r in runs)
         rss = statistics.median(r[2] for r in runs) / 1024
         medians[name] = wall
-        label = "with the journal" if name == "journal" else "without a journal"
+        label = {
+            "journal": "with the journal",
+            "none": "without a journal",
+            "manifest": "--manifest",
+        }[name]
         print(f"  {label:18} {wall:6.1f} s wall, {cpu:6.1f} s CPU, {rss:5.0f} MiB peak RSS")
         print(f"  {'':18} {runs[-1][3]}")
     print(f"  without / with: {medians['none'] / medians['journal']:.1f}x the time")

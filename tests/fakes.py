@@ -121,6 +121,9 @@ class MintedKeys:
     """UTC, millisecond precision: exactly what the wire format says."""
     issued_at: datetime
     """UTC time of minting."""
+    permission: str = "READWRITE"
+    """What the grant allows: READ keys may only GET and HEAD, WRITE keys only write
+    (AuthProxy refuses the rest with AccessDenied, as S3 does for a grant's keys)."""
 
     @property
     def lifetime(self) -> float:
@@ -160,7 +163,7 @@ class KeyRegistry:
         self.fail_with: ErrorSpec | None = None
         self.down: bool = False
 
-    def mint(self, lifetime: float | None = None) -> MintedKeys:
+    def mint(self, lifetime: float | None = None, permission: str = "READWRITE") -> MintedKeys:
         """Mint a key set valid for ``lifetime`` seconds (default: ``self.lifetime``)."""
         seconds = self.lifetime if lifetime is None else lifetime
         issued_at = _utcnow()
@@ -174,6 +177,7 @@ class KeyRegistry:
             session_token=token,
             expiration=expiration,
             issued_at=issued_at,
+            permission=permission,
         )
         with self._lock:
             self._keys[keys.access_key_id] = keys
@@ -623,7 +627,7 @@ class _ControlPlaneHandler(_Handler):
 
         if error is None:
             requested = DEFAULT_DURATION_SECONDS if duration is None else duration
-            keys = registry.mint(min(float(requested), registry.lifetime))
+            keys = registry.mint(min(float(requested), registry.lifetime), str(permission))
             status = 200
             body = (
                 '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -886,6 +890,10 @@ class _ProxyHandler(_Handler):
             code = None
         else:
             code = proxy.registry.check(access_key_id, token)
+            keys = proxy.registry.get(access_key_id) if code is None else None
+            reading = self.command in ("GET", "HEAD")
+            if keys is not None and keys.permission == ("WRITE" if reading else "READ"):
+                code = "AccessDenied"
         if code is not None:
             self._reject(code, access_key_id, token)
         else:

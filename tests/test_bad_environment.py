@@ -67,10 +67,12 @@ def _can_mount() -> bool:
 
 @pytest.fixture
 def small_state_dir(layout: dict[str, Path]) -> Iterator[Path]:
-    """The state directory on a 3 MiB tmpfs of its own."""
+    """The state directory on an 8 MiB tmpfs of its own (the journal's write-ahead log alone
+    may grow to 4 MiB before SQLite checkpoints it: with less, a loaded machine filled it
+    before the test did)."""
     state = layout["state"]
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(state)],
+        ["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(state)],
         capture_output=True,
         text=True,
     )

@@ -102,9 +102,11 @@ def s3_via(proxy: AuthProxy, credentials: dict[str, Any]) -> Any:
     )
 
 
-def data_access(plane: FakeControlPlane, target: str, **kwargs: Any) -> dict[str, Any]:
+def data_access(
+    plane: FakeControlPlane, target: str, permission: str = "READWRITE", **kwargs: Any
+) -> dict[str, Any]:
     reply: dict[str, Any] = s3control(plane).get_data_access(
-        AccountId=ACCOUNT_ID, Target=target, Permission="READWRITE", **kwargs
+        AccountId=ACCOUNT_ID, Target=target, Permission=permission, **kwargs
     )
     return reply
 
@@ -263,6 +265,41 @@ def test_data_access_keys_work_through_the_proxy(
     assert error_of(exc)[:2] == (404, "404")  # upstream errors are relayed
     assert proxy.rejections == {}
     assert proxy.forwarded == 6
+
+
+@pytest.mark.parametrize(
+    ("permission", "reads", "writes"),
+    [("READ", True, False), ("WRITE", False, True), ("READWRITE", True, True)],
+)
+def test_a_grants_permission_decides_what_its_keys_may_do(
+    control_plane: FakeControlPlane,
+    proxy: AuthProxy,
+    bucket: str,
+    s3_client: Any,
+    permission: str,
+    reads: bool,
+    writes: bool,
+) -> None:
+    control_plane.grants = [f"s3://{bucket}/cpg0001/*"]
+    s3_client.put_object(Bucket=bucket, Key="cpg0001/there.bin", Body=b"there")
+    keys = data_access(control_plane, f"s3://{bucket}/cpg0001/*", permission)["Credentials"]
+    s3 = s3_via(proxy, keys)
+
+    def allowed(call: Any) -> bool:
+        try:
+            call()
+        except ClientError as exc:
+            status = exc.response["ResponseMetadata"]["HTTPStatusCode"]
+            assert (status, exc.response["Error"]["Code"]) == (403, "AccessDenied")
+            return False
+        return True
+
+    assert allowed(lambda: s3.list_objects_v2(Bucket=bucket, Prefix="cpg0001/")) is reads
+    assert allowed(lambda: s3.get_object(Bucket=bucket, Key="cpg0001/there.bin")) is reads
+    assert allowed(lambda: s3.put_object(Bucket=bucket, Key="cpg0001/new.bin", Body=b"x")) is (
+        writes
+    )
+    assert allowed(lambda: s3.delete_object(Bucket=bucket, Key="cpg0001/there.bin")) is writes
 
 
 def test_multipart_upload_through_the_proxy(

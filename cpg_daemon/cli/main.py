@@ -12,6 +12,7 @@ The daemon: ``run`` (``ops.daemon``), and the control-socket clients ``status``,
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
@@ -206,7 +207,43 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the running daemon do it with its own credentials (over its socket)",
     )
+    verify.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="FILE",
+        help="check staging against a manifest instead of local files (no local folder "
+        "needed; read access is enough)",
+    )
+    verify.add_argument(
+        "--destination",
+        metavar="s3://BUCKET/PREFIX/",
+        help="with --manifest: where the objects are now (after a transfer), instead of "
+        "the manifest's destination",
+    )
+    verify.add_argument(
+        "--endpoint-url", default=None, help="with --manifest and no -c: an S3 endpoint"
+    )
+    verify.add_argument(
+        "--profile", default=None, help="with --manifest and no -c: the AWS profile to read with"
+    )
     _socket_args(verify)
+
+    manifest = commands.add_parser(
+        "manifest",
+        help="write the manifest of what a watch (or one folder of it) has uploaded",
+        description="From the journal: every uploaded object with its size, checksum and "
+        "ETag, after a header (destination, tool, totals). JSON lines; its SHA-256 goes "
+        "to FILE.sha256 (with -o) or standard error. The daemon writes one for each batch "
+        "when it completes, in STATE_DIR/manifests/.",
+    )
+    manifest.add_argument(
+        "watch", nargs="?", metavar="WATCH", help="the watch (default: the only one)"
+    )
+    manifest.add_argument(
+        "folder", nargs="?", metavar="FOLDER", help="only this top-level folder (a batch)"
+    )
+    manifest.add_argument("-o", "--output", type=Path, metavar="FILE", help="write it here")
+    _config_arg(manifest)
 
     recover = commands.add_parser(
         "recover-journal",
@@ -302,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "upload": _upload,
         "demo": _demo,
         "verify": _verify,
+        "manifest": _manifest,
         "status": _status,
         "pause": _control,
         "resume": _control,
@@ -619,7 +657,14 @@ def _install_service(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from cpg_daemon.engine import verify
 
-    if args.via_daemon:
+    if args.manifest is not None:
+        try:
+            result = _verify_against_manifest(args)
+        except (ValueError, CpgError) as exc:
+            _say(f"cpg-daemon verify: {exc}", file=sys.stderr)
+            return EXIT_CONFIG if isinstance(exc, (ValueError, ConfigError)) else EXIT_PROBLEM
+        summary = result.summary().replace("local files", "objects in the manifest")
+    elif args.via_daemon:
         arguments = {"quick": args.quick, "rows": args.report is not None}
         if args.watch:
             arguments["watch"] = args.watch
@@ -636,6 +681,17 @@ def _verify(args: argparse.Namespace) -> int:
             except KeyError as exc:
                 _say(f"cpg-daemon verify: {exc.args[0]}", file=sys.stderr)
                 return EXIT_PROBLEM
+        absent = [w for w in config.watches if not w.path.is_dir()]
+        for watch in absent:
+            _say(
+                f"cpg-daemon verify: watch {watch.name}: the local folder {watch.path} is not "
+                "here, and verify compares local files with staging. To check staging "
+                "without them: cpg-daemon verify --manifest FILE, with a batch's manifest "
+                "from the machine that uploaded it (STATE_DIR/manifests/)",
+                file=sys.stderr,
+            )
+        if absent:
+            return EXIT_PROBLEM
         logs.configure("console", "error")
         result = anyio.run(_verify_here, config, args.quick)
         summary = result.summary()
@@ -659,6 +715,76 @@ def _verify(args: argparse.Namespace) -> int:
         _say(f"report: {args.report}")
     print(summary)
     return EXIT_OK if not different else EXIT_PROBLEM
+
+
+def _verify_against_manifest(args: argparse.Namespace) -> Any:
+    """``verify --manifest``: with -c's [s3]/[credentials], else --endpoint-url/--profile."""
+    from cpg_daemon.core.config import DaemonConfig, WatchConfig
+    from cpg_daemon.engine import manifest
+
+    listed = manifest.read(args.manifest)
+    destination = parse_s3_uri(args.destination) if args.destination else listed.destination
+    if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
+        loaded = _load(args)
+        s3, credentials = loaded.s3, loaded.credentials
+    else:
+        s3 = S3Config(endpoint_url=args.endpoint_url or "")
+        credentials = (
+            CredentialsConfig(source="profile", profile=args.profile)
+            if args.profile
+            else CredentialsConfig(),
+        )
+    # A watch with no folder: only its destination (and the keys that cover it) count.
+    watch = WatchConfig("manifest", Path(os.devnull), destination)
+    config = Config(None, DaemonConfig(), s3, credentials, (watch,))
+    logs.configure("console", "error")
+
+    async def run() -> Any:
+        from cpg_daemon.engine.grants import Grants, assign
+
+        assignment = await anyio.to_thread.run_sync(assign, config)
+        async with Grants.open(config, assignment) as grants:
+            await grants.obtain()
+            store = grants.table(config, assignment)["manifest"].grant.store
+            return await manifest.verify_manifest(listed, store, destination)
+
+    return anyio.run(run)
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from cpg_daemon.engine import manifest
+    from cpg_daemon.journal import JOURNAL_NAME, read_uploads
+
+    config = _load(args)
+    names = [w.name for w in config.watches]
+    if args.watch is None and len(names) != 1:
+        _say(f"cpg-daemon manifest: name a watch ({', '.join(names) or 'none'})", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        watch = config.watch(args.watch or names[0])
+    except KeyError as exc:
+        _say(f"cpg-daemon manifest: {exc.args[0]}", file=sys.stderr)
+        return EXIT_CONFIG
+    folder = (args.folder or "").strip("/")
+    uploads = read_uploads(config.daemon.state_dir / JOURNAL_NAME, watch.name, folder)
+    if uploads is None:
+        _say(f"cpg-daemon manifest: no journal in {config.daemon.state_dir}", file=sys.stderr)
+        return EXIT_PROBLEM
+    destination = (
+        parse_s3_uri(f"s3://{watch.destination.bucket}/{watch.destination.prefix}{folder}/")
+        if folder
+        else watch.destination
+    )
+    built = manifest.build(uploads.values(), destination, watch.name, folder, watch.path)
+    if args.output is not None:
+        digest = manifest.write(built, args.output)
+        _say(f"manifest {args.output}: {built.header.files:,} objects, sha256 {digest}")
+    else:
+        data = manifest.encode(built)
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        _say(f"sha256 {hashlib.sha256(data).hexdigest()}", file=sys.stderr)
+    return EXIT_OK
 
 
 VERIFY_SHOWN = 50

@@ -26,6 +26,7 @@ does, uploads carry on: its outcome is only logged and shown in status.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -42,10 +43,11 @@ from anyio.abc import ByteReceiveStream, ByteSendStream, Process, TaskGroup, Tas
 
 from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
-from cpg_daemon.core.objectkeys import object_key
+from cpg_daemon.core.objectkeys import object_key, parse_s3_uri
 from cpg_daemon.core.units import timestamp
+from cpg_daemon.engine import manifest
 from cpg_daemon.engine.pacing import wait_event
-from cpg_daemon.journal import BatchProgress, BatchRecord, Journal
+from cpg_daemon.journal import BatchProgress, BatchRecord, Journal, read_uploads
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +84,10 @@ class BatchStatistics:
     """Batches with recent activity, to be looked at."""
     hooks_queued: int
     hooks_running: int
+    manifests: Mapping[tuple[str, str, float], tuple[str, str]] = dataclasses.field(
+        default_factory=dict
+    )
+    """(watch, batch, completed_at) -> (manifest file, SHA-256), as written since start."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,11 @@ class HookResult:
     seconds: float
 
 
-def summary(record: BatchRecord, watch: WatchConfig) -> dict[str, Any]:
-    """The JSON object an on_batch_complete command reads on stdin."""
+def summary(
+    record: BatchRecord, watch: WatchConfig, manifest: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """The JSON object an on_batch_complete command reads on stdin (``manifest``: the
+    batch's manifest file and its SHA-256, when it was written)."""
     return {
         "event": "batch_complete",
         "watch": record.watch,
@@ -106,6 +115,8 @@ def summary(record: BatchRecord, watch: WatchConfig) -> dict[str, Any]:
         "first_uploaded_at": timestamp(record.first_uploaded_at),
         "last_uploaded_at": timestamp(record.last_uploaded_at),
         "completed_at": timestamp(record.completed_at),
+        "manifest": manifest[0] if manifest else None,
+        "manifest_sha256": manifest[1] if manifest else None,
     }
 
 
@@ -283,6 +294,7 @@ class BatchTracker:
         self._hooks_idle.set()
         self._stop_at: float | None = None
         self._task_group: TaskGroup | None = None
+        self._manifests: dict[tuple[str, str, float], tuple[str, str]] = {}
 
     # -- for the other components --------------------------------------------------------
 
@@ -315,6 +327,7 @@ class BatchTracker:
             following=len(self._due),
             hooks_queued=sum(len(queue) for queue in self._hooks.values()),
             hooks_running=self._running_hooks,
+            manifests=dict(self._manifests),
         )
 
     # -- running -------------------------------------------------------------------------
@@ -416,6 +429,7 @@ class BatchTracker:
         )
         # Recorded first: a crash right after it leaves the hook queued, not a second event.
         await self._journal.record_batch(record)
+        written = await self._write_manifest(config, record)
         log.info(
             "batch_complete",
             watch=record.watch,
@@ -428,10 +442,47 @@ class BatchTracker:
             last_uploaded_at=timestamp(record.last_uploaded_at),
             duration_s=round(record.last_uploaded_at - record.first_uploaded_at, 3),
             again=again,
+            manifest=written[0] if written else None,
+            manifest_sha256=written[1] if written else None,
         )
         self._remember(record)
         if config.on_batch_complete:
             self._queue_hook(record)
+
+    async def _write_manifest(
+        self, config: WatchConfig, record: BatchRecord
+    ) -> tuple[str, str] | None:
+        """Write the batch's manifest (from the journal's rows, in a thread); returns its
+        path and SHA-256, or None when it could not be written (said in the log)."""
+        path = manifest.batch_path(
+            self._journal.path.parent, record.watch, record.name, record.completed_at
+        )
+
+        def work() -> str:
+            uploads = read_uploads(self._journal.path, record.watch, record.name) or {}
+            built = manifest.build(
+                uploads.values(),
+                parse_s3_uri(record.destination),
+                record.watch,
+                record.name,
+                config.path,
+            )
+            return manifest.write(built, path)
+
+        try:
+            digest = await anyio.to_thread.run_sync(work)
+        except OSError as exc:
+            log.warning(
+                "manifest_not_written",
+                watch=record.watch,
+                batch=record.name,
+                path=str(path),
+                error=exc.strerror or str(exc),
+            )
+            return None
+        written = (str(path), digest)
+        self._manifests[(record.watch, record.name, record.completed_at)] = written
+        return written
 
     def _remember(self, record: BatchRecord) -> None:
         """Put this completion at the top of the status list (replacing an older one)."""
@@ -471,7 +522,8 @@ class BatchTracker:
             return
         if not await self._set_hook(record, "running", None):
             return  # the batch completed again meanwhile: that completion's hook runs
-        data = summary(record, config)
+        written = self._manifests.get((record.watch, record.name, record.completed_at))
+        data = summary(record, config, written)
         if self._running_hooks == 0:
             self._hooks_idle = anyio.Event()
         self._running_hooks += 1

@@ -30,10 +30,13 @@ class Upload:
     etag: str
     checksum_algorithm: str
     checksum: str
+    uploaded_at: float | None = None
+    """Unix time of the upload."""
 
 
-def read_uploads(path: Path, watch: str) -> dict[str, Upload] | None:
-    """The uploaded files of a watch by rel_path; None when there is no readable journal.
+def read_uploads(path: Path, watch: str, folder: str = "") -> dict[str, Upload] | None:
+    """The uploaded files of a watch (or of one folder of it) by rel_path; None when there
+    is no readable journal.
 
     Blocking: run it in a thread.
     """
@@ -42,11 +45,15 @@ def read_uploads(path: Path, watch: str) -> dict[str, Upload] | None:
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             db.row_factory = sqlite3.Row
-            rows = db.execute(
-                "SELECT rel_path, key, size, mtime_ns, etag, checksum_algorithm, checksum "
-                "FROM files WHERE watch=? AND state='uploaded'",
-                (watch,),
-            ).fetchall()
+            query = (
+                "SELECT rel_path, key, size, mtime_ns, etag, checksum_algorithm, checksum, "
+                "uploaded_at FROM files WHERE watch=? AND state='uploaded'"
+            )
+            arguments: tuple[object, ...] = (watch,)
+            if folder:  # one range of the (watch, rel_path) index: "folder/" to "folder0"
+                query += " AND rel_path>=? AND rel_path<?"
+                arguments += (os.fsencode(folder) + b"/", os.fsencode(folder) + b"0")
+            rows = db.execute(query, arguments).fetchall()
     except sqlite3.Error as exc:
         log.warning("journal_not_read", journal=str(path), error=str(exc))
         return None
@@ -59,6 +66,7 @@ def read_uploads(path: Path, watch: str) -> dict[str, Upload] | None:
             row["etag"] or "",
             row["checksum_algorithm"] or "",
             row["checksum"] or "",
+            row["uploaded_at"],
         )
         for row in rows
     )

@@ -97,6 +97,9 @@ class BatchStatus(TypedDict):
     completed_at: str
     hook: str
     hook_detail: str | None
+    manifest: str | None
+    """The completion's manifest file (None: not written since the daemon started)."""
+    manifest_sha256: str | None
 
 
 class BatchesStatus(TypedDict):
@@ -304,6 +307,8 @@ def _batches(stats: BatchStatistics | None) -> BatchesStatus:
             "completed_at": timestamp(b.completed_at),
             "hook": b.hook_state,
             "hook_detail": b.hook_detail,
+            "manifest": _manifest(stats, b)[0],
+            "manifest_sha256": _manifest(stats, b)[1],
         }
         for b in (stats.completed if stats else ())
     ]
@@ -313,6 +318,11 @@ def _batches(stats: BatchStatistics | None) -> BatchesStatus:
         "hooks_queued": stats.hooks_queued if stats else 0,
         "hooks_running": stats.hooks_running if stats else 0,
     }
+
+
+def _manifest(stats: BatchStatistics | None, record: Any) -> tuple[str | None, str | None]:
+    found = stats.manifests.get((record.watch, record.name, record.completed_at)) if stats else None
+    return found if found is not None else (None, None)
 
 
 def _batch_lines(batches: BatchesStatus, shown: int = 5) -> list[str]:
@@ -331,6 +341,8 @@ def _batch_lines(batches: BatchesStatus, shown: int = 5) -> list[str]:
             if b.get("hook_detail") and b["hook"] != "ok":
                 text += f" ({b['hook_detail']})"
         lines.append(text)
+        if b.get("manifest"):
+            lines.append(f"    manifest {b['manifest']} (sha256 {b['manifest_sha256']})")
     return lines
 
 

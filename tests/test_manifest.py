@@ -1,0 +1,277 @@
+"""Manifests: what was uploaded, checked by someone who does not have the local files."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonproc import ConfigMaker, Daemon, run_cli, wait_until, write_config, write_file
+from fakes import AuthProxy, FakeControlPlane, KeyRegistry
+from memory_s3 import MemoryStore
+from s3server import S3Server
+
+from cpg_daemon.core.checksums import ALGORITHMS, encode
+from cpg_daemon.core.objectkeys import parse_s3_uri
+from cpg_daemon.engine import manifest
+from cpg_daemon.journal import Upload
+
+ACCOUNT = "309624411020"
+PREFIX = "cpg0001-test/broad/images/"
+
+
+# -- the format ---------------------------------------------------------------------------
+
+
+def _uploads(prefix: str, files: dict[str, bytes]) -> list[Upload]:
+    return [
+        Upload(
+            rel,
+            prefix + rel,
+            len(data),
+            1_700_000_000_000_000_000,
+            f'"{hashlib.md5(data).hexdigest()}"',
+            "CRC32C",
+            encode(ALGORITHMS["CRC32C"].digest(data)),
+            1_700_000_100.0,
+        )
+        for rel, data in files.items()
+    ]
+
+
+FILES = {"Plate2/b.tiff": b"bbbb", "Plate1/a.tiff": b"aaa", "Plate1/c.csv": b"c,c\n"}
+
+
+def test_a_manifest_is_json_lines_in_key_order_and_reads_back(tmp_path: Path) -> None:
+    destination = parse_s3_uri("s3://bkt/cpg0001-test/broad/images/Batch1/")
+    built = manifest.build(
+        _uploads(destination.prefix, FILES), destination, "plates", "Batch1", tmp_path
+    )
+    path = tmp_path / "m.jsonl"
+    digest = manifest.write(built, path)
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["format"] == "cpg-daemon-manifest/1"
+    assert (header["destination"], header["files"], header["bytes"]) == (str(destination), 3, 11)
+    assert [json.loads(line)["key"] for line in lines[1:]] == sorted(
+        destination.prefix + rel for rel in FILES
+    )
+    first = json.loads(lines[1])
+    assert first == {
+        "key": destination.prefix + "Plate1/a.tiff",
+        "size": 3,
+        "checksum_algorithm": "CRC32C",
+        "checksum": encode(ALGORITHMS["CRC32C"].digest(b"aaa")),
+        "etag": hashlib.md5(b"aaa").hexdigest(),
+        "mtime": "2023-11-14T22:13:20Z",
+        "uploaded_at": "2023-11-14T22:15:00Z",
+    }
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (tmp_path / "m.jsonl.sha256").read_text() == f"{digest}  m.jsonl\n"  # sha256sum -c
+    assert manifest.read(path) == built
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("", "is empty"),
+        ('{"a": 1}\n', "not a cpg-daemon manifest"),
+        ("key,size\n", "line 1: not JSON"),
+    ],
+)
+def test_what_is_not_a_manifest_is_named(tmp_path: Path, text: str, said: str) -> None:
+    path = tmp_path / "m.jsonl"
+    path.write_text(text)
+    with pytest.raises(manifest.ManifestError, match=said):
+        manifest.read(path)
+
+
+def test_a_manifest_cut_short_is_refused(tmp_path: Path) -> None:
+    destination = parse_s3_uri("s3://bkt/p/Batch1/")
+    path = tmp_path / "m.jsonl"
+    built = manifest.build(_uploads("p/Batch1/", FILES), destination, "w", "B", tmp_path)
+    manifest.write(built, path)
+    path.write_text("\n".join(path.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(manifest.ManifestError, match="lists 2 objects but its header says 3"):
+        manifest.read(path)
+
+
+@pytest.mark.anyio
+async def test_staging_against_a_manifest_names_each_difference(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.create_bucket("bkt")
+    destination = parse_s3_uri("s3://bkt/p/Batch1/")
+    files = {f"Plate{i}/f{i}.tiff": os.urandom(100 + i) for i in range(6)}
+    async def put(key: str, data: bytes) -> None:
+        await store.put_object("bkt", key, data, encode(store.algorithm.digest(data)))
+
+    for rel, data in files.items():
+        await put(destination.prefix + rel, data)
+    uploads = []
+    for rel in files:
+        head = await store.head("bkt", destination.prefix + rel)
+        assert head is not None
+        name = next(iter(head.checksums))
+        uploads.append(
+            Upload(rel, head.key, head.size, 0, head.etag, name, head.checksums[name], 0.0)
+        )
+    listed = manifest.build(uploads, destination, "w", "Batch1", tmp_path)
+    matched = await manifest.verify_manifest(listed, store)
+    assert matched.ok and matched.counts["match"] == 6
+
+    key = destination.prefix + "Plate{}/f{}.tiff"
+    await store.delete_object("bkt", key.format(0, 0))
+    same_size = os.urandom(101)  # overwritten: same size, other bytes
+    await put(key.format(1, 1), same_size)
+    await put(key.format(2, 2), os.urandom(500))
+    await put(destination.prefix + "stray.csv", b"x")
+    await put("p/Batch2/other.csv", b"y")
+    checked = await manifest.verify_manifest(listed, store)
+    assert {(row.path, row.status) for row in checked.rows if row.status != "match"} == {
+        ("Plate0/f0.tiff", "missing"),
+        ("Plate1/f1.tiff", "checksum_mismatch"),
+        ("Plate2/f2.tiff", "size_mismatch"),
+        ("stray.csv", "extra"),  # under the batch's folder; Batch2 is not this manifest's
+    }
+    assert checked.counts["match"] == 3
+
+
+# -- the whole hand-over -------------------------------------------------------------------
+
+
+@pytest.fixture
+def plane(bucket: str) -> Iterator[FakeControlPlane]:
+    with FakeControlPlane(
+        KeyRegistry(), grants=[f"s3://{bucket}/cpg0001-test/*"], expected_account_id=ACCOUNT
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server, plane: FakeControlPlane) -> Iterator[AuthProxy]:
+    with AuthProxy(s3_server.endpoint_url, plane.registry) as server:
+        yield server
+
+
+def _report(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_a_maintainer_without_the_files_checks_staging_against_the_batch_manifest(
+    tmp_path: Path,
+    layout: dict[str, Path],
+    make_config: ConfigMaker,
+    s3_client: Any,
+    bucket: str,
+    plane: FakeControlPlane,
+    proxy: AuthProxy,
+) -> None:
+    """The daemon uploads a two-plate batch and writes its manifest; on another machine
+    (no local folder, keys of a READ grant) ``verify --manifest`` matches every object,
+    then names exactly the one deleted and the one overwritten, and exits 1."""
+    batch = layout["watch"] / "2024_01_01_Batch1"
+    for plate in ("Plate1", "Plate2"):
+        for site in range(3):
+            write_file(batch / plate / f"{plate}_s{site}.tiff", os.urandom(5000 + site))
+    write_file(batch / "load_data.csv", b"Metadata_Plate,FileName\nPlate1,x\n")
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.3s")
+    daemon = Daemon.started(config, tmp_path / "daemon.log")
+    try:
+        event = daemon.wait_for_event("batch_complete", timeout=60)
+        status = json.loads(run_cli("status", "--json", "-c", str(config)).stdout)
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    path = Path(event["manifest"])
+    assert path.is_file() and path.parent.parent == layout["state"] / "manifests"
+    assert event["manifest_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    (shown,) = status["batches"]["completed"]
+    assert (shown["manifest"], shown["manifest_sha256"]) == (str(path), event["manifest_sha256"])
+    listed = manifest.read(path)
+    assert listed.header.files == 7 and listed.header.batch == "2024_01_01_Batch1"
+
+    # The maintainer's machine: the manifest, a READ grant, no local folder.
+    elsewhere = tmp_path / "maintainer"
+    elsewhere.mkdir()
+    copied = elsewhere / path.name
+    copied.write_bytes(path.read_bytes())
+    reader = write_config(
+        elsewhere / "config.toml",
+        state_dir=elsewhere / "state",
+        endpoint_url=proxy.endpoint_url,
+        watches=[],
+        credentials={
+            "source": "access-grants",
+            "account_id": ACCOUNT,
+            "target": f"s3://{bucket}/cpg0001-test/*",
+            "permission": "READ",
+            "endpoint_url": plane.endpoint_url,
+        },
+    )
+    report = elsewhere / "report.csv"
+    ok = run_cli("verify", "--manifest", str(copied), "-c", str(reader), "--report", str(report))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "7 match, 0 missing" in ok.stdout and "7 objects in the manifest" in ok.stdout
+    assert {row["status"] for row in _report(report)} == {"match"}
+    assert {c.permission for c in plane.data_access_calls} == {"READ"}
+
+    gone, changed = (f"{PREFIX}2024_01_01_Batch1/Plate{n}/Plate{n}_s1.tiff" for n in (1, 2))
+    s3_client.delete_object(Bucket=bucket, Key=gone)
+    s3_client.put_object(Bucket=bucket, Key=changed, Body=os.urandom(5001))  # same size
+    bad = run_cli("verify", "--manifest", str(copied), "-c", str(reader), "--report", str(report))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    rows = [row for row in _report(report) if row["status"] != "match"]
+    assert {(row["key"], row["status"]) for row in rows} == {
+        (gone, "missing"),
+        (changed, "checksum_mismatch"),
+    }
+    assert "5 match, 1 missing, 0 size_mismatch, 1 checksum_mismatch" in bad.stdout
+    # Reading was enough: the proxy refuses any write with READ keys, and refused nothing.
+    assert proxy.rejections.get("AccessDenied", 0) == 0
+
+
+def test_verify_without_the_local_folder_says_so_and_names_the_manifest_way(
+    tmp_path: Path, make_config: ConfigMaker, bucket: str
+) -> None:
+    config = make_config(f"s3://{bucket}/{PREFIX}")
+    text = config.read_text().replace(str(tmp_path / "outbox"), str(tmp_path / "not-here"))
+    config.write_text(text)
+    result = run_cli("verify", "-c", str(config))
+    assert result.returncode == 1
+    assert f"the local folder {tmp_path / 'not-here'} is not here" in result.stderr
+    assert "cpg-daemon verify --manifest FILE" in result.stderr
+    assert "extra" not in result.stdout
+
+
+def test_the_manifest_command_writes_one_for_a_watch_or_a_folder_from_the_journal(
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
+) -> None:
+    for name in ("A/one.csv", "A/two.csv", "B/three.csv"):
+        write_file(layout["watch"] / name, name.encode())
+    config = make_config(f"s3://{bucket}/{PREFIX}", settle="0.3s")
+    daemon = Daemon.started(config, tmp_path / "daemon.log")
+    try:
+        wait_until(
+            lambda: len(s3_client.list_objects_v2(Bucket=bucket).get("Contents", [])) == 3,
+            30,
+            "three uploads",
+        )
+        whole = run_cli("manifest", "-c", str(config))  # beside the running daemon
+        folder = run_cli(
+            "manifest", "plates", "A", "-c", str(config), "-o", str(tmp_path / "a.jsonl")
+        )
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    assert whole.returncode == 0, whole.stderr
+    lines = whole.stdout.splitlines()
+    assert json.loads(lines[0])["files"] == 3 and len(lines) == 4
+    assert f"sha256 {hashlib.sha256(whole.stdout.encode()).hexdigest()}" in whole.stderr
+    assert folder.returncode == 0, folder.stderr
+    only_a = manifest.read(tmp_path / "a.jsonl")
+    assert only_a.header.destination == f"s3://{bucket}/{PREFIX}A/"
+    assert [e.key for e in only_a.entries] == [f"{PREFIX}A/one.csv", f"{PREFIX}A/two.csv"]
