@@ -1,18 +1,25 @@
 """Where the S3 client's keys come from: one provider per ``[credentials]`` table.
 
-``environment`` and ``profile`` use botocore's standard chain as it is (it
-refreshes SSO and ``credential_process`` keys by itself).
+Every provider keeps its keys in one botocore refreshable-credentials object shared
+by every S3 client of its session, so new keys reach every client at once and
+nothing is rebuilt. The providers differ in where keys come from:
 
-``access-grants`` and ``assume-role`` start from long-term keys (the profile,
-the environment, or a file systemd passes with ``LoadCredential=``) and trade
-them for short-lived keys: S3 Control GetDataAccess or STS AssumeRole. The
-short-lived keys live in one botocore refreshable-credentials object shared
-by every S3 client of the provider's session, so renewed keys reach every
-client at once and nothing is rebuilt. A renewal loop renews them
-``refresh_before`` ahead of the *returned* expiry (with jitter); failures are
-retried with backoff while the keys last. While a provider has no valid keys
-its watches are paused (the scheduler asks ``usable``), so no file fails for
-lack of keys; they resume by themselves once a renewal succeeds.
+- ``environment`` and ``profile`` (``CredentialProvider``): botocore's standard
+  chain, read again when the AWS files change (a person pasted new keys) or S3
+  refuses the keys; what the chain can refresh itself (``credential_process``,
+  SSO, a role) is renewed ahead of its expiry.
+- ``access-grants`` and ``assume-role`` (``RenewingProvider``): long-term keys (the
+  profile, the environment, or a file systemd passes with ``LoadCredential=``)
+  traded for short-lived keys (S3 Control GetDataAccess or STS AssumeRole),
+  renewed ``refresh_before`` ahead of the *returned* expiry (with jitter);
+  failures are retried with backoff while the keys last.
+- ``handed-over`` (``HandedOverProvider``): keys obtained elsewhere and given to
+  the running daemon (``cpg-daemon credentials set``), kept in the state folder.
+
+While a provider has no usable keys (none yet, expired, refused by S3 and not
+replaced) its watches are paused (the scheduler asks ``usable``), so no file fails
+for lack of keys; they resume by themselves once keys arrive. Keys nothing renews
+are warned about ``warn_before`` ahead of their expiry.
 
 Keys never reach logs, status or errors: only their expiry does.
 """
@@ -417,11 +424,14 @@ class CredentialProvider:
         return True
 
     def _renew_failed(self, error: str, expired: bool = False) -> None:
+        again = error == self._last_error and not self.renews_itself
         self._last_error = error
         if expired:
             self._state = "expired"
         else:
             self._state = "valid" if self.usable and self._in_use is not None else "error"
+        if again:
+            return  # the chain is read again every few seconds: say it once
         log.warning(
             "credentials_renewal_failed",
             target=self.describe(),
