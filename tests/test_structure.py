@@ -7,6 +7,7 @@ The example keys are the trees drawn in the Cell Painting Gallery's
 
 from __future__ import annotations
 
+import re
 import string
 from collections import Counter
 from pathlib import Path
@@ -218,6 +219,18 @@ def test_each_bad_name_is_flagged_by_its_rule_with_a_clear_message(
     assert "http" not in finding.pointer and finding.pointer.startswith("Cell Painting Gallery")
     assert key.startswith(finding.folder) and finding.folder.endswith("/")
     assert str(finding).startswith(f"[{rule}] {finding.message}")
+
+
+def test_the_readme_table_lists_the_rules_and_their_levels() -> None:
+    """README's "Gallery folder rules" table names every rule, in order, with its level."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Gallery folder rules", 1)[1].split("\n### ", 1)[0]
+    listed: list[tuple[str, str]] = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            names, kind = (cell.strip() for cell in line.split("|")[1:3])
+            listed += [(name, kind) for name in re.findall(r"`([a-z-]+)`", names)]
+    assert listed == [(r.id, "required" if r.required else "advice") for r in RULES.values()]
 
 
 def test_a_key_with_several_problems_gets_each_outermost_first() -> None:
