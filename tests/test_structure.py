@@ -160,6 +160,20 @@ BAD = [
     ("myproject/broad/images/2024_04_01_B/images/P1/x.tiff", "project-name", True,
      ["'myproject'", "cpgNNNN-<name>"]),
     ("cpg0123/broad/images/2024_04_01_B/images/P1/x.tiff", "project-name", True, ["'cpg0123'"]),
+    ("cpg123-example/broad/images/2024_04_01_B/images/P1/x.tiff", "project-name", True,
+     ["'cpg123-example'", "cpgNNNN-<name>"]),
+    ("cpg0123-/broad/images/2024_04_01_B/images/P1/x.tiff", "project-name", True, ["'cpg0123-'"]),
+    ("cpg0036-EU-OS-bioactives/FMP/images/2023_03_01_Batch1_HepG2/images/P1/x.tiff",
+     "project-name-style", False, ["'cpg0036-EU-OS-bioactives'", "capitals", "keep it"]),
+    ("cpg0040-garcia-fossa-AgNP/broad/images/2023_01_01_B/images/P1/x.tiff",
+     "project-name-style", False, ["'cpg0040-garcia-fossa-AgNP'", "capitals"]),
+    ("cpg0123-my.project/broad/images/2024_04_01_B/images/P1/x.tiff", "project-name-style",
+     False, ["'.'", "lower-case letters and digits"]),
+    ("cpg0123-a--b/broad/images/2024_04_01_B/images/P1/x.tiff", "project-name-style", False,
+     ["stray"]),
+    ("cpg0123-my project/broad/images/2024_04_01_B/images/P1/x.tiff", "whitespace", True,
+     ["'cpg0123-my project'"]),
+    ("cpg0123-a#b/broad/images/2024_04_01_B/images/P1/x.tiff", "characters", True, ["'#'"]),
     ("cpg0123-example/broad/Images/2024_04_01_B/images/P1/x.tiff", "area", True,
      ["'Images'", "lower case"]),
     ("cpg0123-example/broad/raw/2024_04_01_B/x.tiff", "area", True,
@@ -219,6 +233,20 @@ def test_each_bad_name_is_flagged_by_its_rule_with_a_clear_message(
     assert "http" not in finding.pointer and finding.pointer.startswith("Cell Painting Gallery")
     assert key.startswith(finding.folder) and finding.folder.endswith("/")
     assert str(finding).startswith(f"[{rule}] {finding.message}")
+
+
+GOOD = [
+    # (rule, key): keys in the shape the documentation draws, which that rule lets pass
+    ("project-name", "cpg0036-EU-OS-bioactives/FMP/images/2023_03_01_Batch1_HepG2/images/P1/x"),
+    ("project-name-style", "cpg0026-lacoste_haghighi-rare-diseases/broad/workspace/qc/x.csv"),
+    ("workspace-folder", "cpg0016-jump/source_all/workspace/metadata_harmonized/draft.csv"),
+]
+
+
+@pytest.mark.parametrize(("rule", "key"), GOOD)
+def test_each_new_or_changed_rule_lets_documented_shapes_pass(rule: str, key: str) -> None:
+    assert rule in RULES
+    assert [f for f in check_key(key) if f.rule == rule or f.required] == []
 
 
 def test_the_readme_table_lists_the_rules_and_their_levels() -> None:
@@ -324,6 +352,19 @@ def test_whitespace_in_any_folder_below_the_project_is_flagged_and_required(
     assert found and found[0].required
     assert found[0].folder == "/".join(parts[: depth + 1]) + "/"
     assert blocking(check_key(bad)) is not None
+
+
+@given(
+    st.text(string.ascii_letters + string.digits + "_-.", min_size=1, max_size=20),
+    st.sampled_from(["images/2024_01_01_B/images/P1/x.tiff", "workspace/backend/B/P/P.sqlite"]),
+)
+def test_no_letter_digit_or_punctuation_in_a_project_name_keeps_a_file_out(
+    name: str, rest: str
+) -> None:
+    """Capitals, '.', '_' and '-' in the name after 'cpgNNNN-' are advice at most."""
+    findings = check_key(f"cpg0001-{name}/broad/{rest}")
+    assert blocking(findings) is None
+    assert {f.rule for f in findings} <= {"project-name-style"}
 
 
 @given(st.text(max_size=120))

@@ -14,6 +14,10 @@ shown, never used to keep a file out. Only findings marked ``required`` count fo
 ``structure = "reject"`` policy: a false warning is a nuisance, a false reject
 stops a lab's upload.
 
+The project folder must carry the identifier the gallery assigns
+(``cpgNNNN-<name>``); that the name is in lower case is advice, because published
+projects such as ``cpg0036-EU-OS-bioactives`` are not.
+
 Findings depend on the folder a file is in far more than on its name, so the
 folder part is computed once per folder (cached) and only the file name is
 looked at per key: 100,000 keys take a small fraction of a second.
@@ -45,8 +49,10 @@ WORKSPACE_FOLDERS = frozenset(
         "quality_control",
         "segmentation",
         "software",
-        # not in data_structure.md, but used by published gallery projects
-        # (cpg0016, cpg0021, cpg0034, cpg0042) for the data behind a paper
+        # not in any text of data_structure.md found, but used by published gallery
+        # projects: the data behind a paper (cpg0016, cpg0021, cpg0034, cpg0042), and the
+        # gallery's harmonized metadata (cpg0016-jump/source_all/workspace/metadata_harmonized/)
+        "metadata_harmonized",
         "publication_data",
     }
 )
@@ -95,7 +101,14 @@ RULES: dict[str, Rule] = {
         Rule(
             "project-name",
             True,
-            "the project folder is the gallery's identifier, cpgNNNN-<name>, in lower case",
+            "the project folder is the identifier the gallery assigned: cpgNNNN-<name>",
+            POINTER_TOP,
+        ),
+        Rule(
+            "project-name-style",
+            False,
+            "the project's name is in lower-case letters, digits, '-' and '_' (some "
+            "published projects differ: keep the identifier the gallery assigned)",
             POINTER_TOP,
         ),
         Rule(
@@ -188,7 +201,11 @@ class Finding:
         return f"[{self.rule}] {self.message} (see {self.pointer})"
 
 
-_PROJECT = re.compile(r"cpg[0-9]{4}-[a-z0-9]+(?:[_-][a-z0-9]+)*")
+# The identifier the gallery assigns (required): 'cpg', four digits, '-' and a name.
+_PROJECT_ID = re.compile(r"cpg[0-9]{4}-.")
+# The name as data_structure.md asks ([a-z0-9_]), with the '-' all projects use (advice).
+_PROJECT_STYLE = re.compile(r"cpg[0-9]{4}-[a-z0-9]+(?:[_-][a-z0-9]+)*")
+_PROJECT_ODD = re.compile(r"[^A-Za-z0-9_-]")
 # YYYY_MM_DD as documented; YYYYMMDD too, because the gallery's own pooled example
 # (cpg0021-periscope, 20210422_6W_CP257) uses it. A name after the date is optional.
 _BATCH = re.compile(
@@ -242,7 +259,7 @@ def _folder_findings(folder: str) -> tuple[tuple[Finding, ...], str | None]:
     parts = folder.split("/") if folder else []
     found: list[Finding] = []
     plate = _folder_rules(parts, found)
-    for depth in range(1, len(parts)):  # the project's name has a rule of its own
+    for depth in range(len(parts)):
         found += _name_problems(parts[depth], _prefix(parts, depth + 1))
     found.sort(key=lambda f: len(f.folder))  # stable: layout rules before name rules
     return tuple(found), plate
@@ -267,23 +284,7 @@ def _folder_rules(parts: list[str], found: list[Finding]) -> str | None:
             )
         )
     if parts:
-        project = parts[0]
-        if not _PROJECT.fullmatch(project):
-            if _PROJECT.fullmatch(project.lower()):
-                expected = f"lower case: '{project.lower()}'"
-            else:
-                expected = (
-                    "the identifier the gallery assigned, 'cpgNNNN-<name>' in lower-case "
-                    "letters, digits, '_' and '-' (e.g. 'cpg0016-jump')"
-                )
-            found.append(
-                _finding(
-                    "project-name",
-                    f"project folder '{project}' is not a gallery project name: expected "
-                    f"{expected}",
-                    project + "/",
-                )
-            )
+        found += _project_findings(parts[0])
     if len(parts) < 3:
         return None
 
@@ -349,6 +350,35 @@ def _folder_rules(parts: list[str], found: list[Finding]) -> str | None:
 def _prefix(parts: list[str], depth: int) -> str:
     """The key prefix of the first ``depth`` folders, ending in ``/``."""
     return "/".join(parts[:depth]) + "/"
+
+
+def _project_findings(project: str) -> list[Finding]:
+    """The project folder: the gallery's identifier (required), in lower case (advice)."""
+    folder = project + "/"
+    if not _PROJECT_ID.match(project):
+        if _PROJECT_STYLE.fullmatch(project.lower()):
+            expected = f"lower case: '{project.lower()}'"
+        else:
+            expected = "the identifier the gallery assigned, 'cpgNNNN-<name>' (e.g. 'cpg0016-jump')"
+        message = f"project folder '{project}' is not a gallery project name: expected {expected}"
+        return [_finding("project-name", message, folder)]
+    if _PROJECT_STYLE.fullmatch(project):
+        return []
+    name = project[len("cpg0000-") :]
+    what = " and ".join(
+        part
+        for part in ("capitals" if name.lower() != name else "", _odd(_PROJECT_ODD, name))
+        if part
+    )
+    return [
+        _finding(
+            "project-name-style",
+            f"project folder '{project}' has {what or 'a stray -/_'}: the gallery asks for "
+            "lower-case letters and digits joined by '-' or '_'; if this is the identifier "
+            "the gallery assigned, keep it",
+            folder,
+        )
+    ]
 
 
 def _images_findings(parts: list[str], here: str) -> list[Finding]:
