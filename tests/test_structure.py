@@ -140,8 +140,11 @@ OTHER_DOCUMENTED = [
     "cpg0026-lacoste_haghighi-rare-diseases/broad/images/2019_01_01_B1/images/P1/x.tiff",
     "cpg0016-jump-assembled/source_all/workspace/profiles_assembled/compound_no_source7/"
     "v1.0/profiles_var_mad_int_featselect.parquet",
-    *(f"cpg0016-jump/source_1/workspace/{folder}/x/y.csv" for folder in sorted(WORKSPACE_FOLDERS)),
 ]
+
+
+WS = "cpg0123-example/broad/workspace/"
+DL = "cpg0123-example/broad/workspace_dl/"
 
 
 def _rules(key: str) -> list[str]:
@@ -151,6 +154,11 @@ def _rules(key: str) -> list[str]:
 @pytest.mark.parametrize("key", JUMP_TREE + PERISCOPE_TREE + OTHER_DOCUMENTED)
 def test_the_trees_in_the_gallerys_documentation_follow_the_rules(key: str) -> None:
     assert check_key(key) == []
+
+
+@pytest.mark.parametrize("folder", sorted(WORKSPACE_FOLDERS))
+def test_every_known_workspace_folder_is_known(folder: str) -> None:
+    assert "workspace-folder" not in _rules(f"cpg0016-jump/source_1/workspace/{folder}/x/y.csv")
 
 
 BAD = [
@@ -200,6 +208,44 @@ BAD = [
      ["'P1_DNA.npy'"]),
     ("cpg0123-example/broad/workspace/profile/B/P/x.csv", "workspace-folder", False,
      ["'profile'", "spelling"]),
+    # below the first level of workspace/
+    (f"{WS}analysis/B/P1/Cells.csv", "analysis-layout", False,
+     ["directly in", "belong deeper", "analysis/<batch>/<plate>/analysis/<plate>-<well>-<site>/"]),
+    (f"{WS}analysis/B/P1/analysis/Cells.csv", "analysis-layout", False, ["belong deeper"]),
+    (f"{WS}analysis/B/P1/results/P1-A01-1/Cells.csv", "analysis-layout", False,
+     ["'results'", "is not analysis/"]),
+    (f"{WS}backend/P1.sqlite", "backend-layout", False,
+     ["belong deeper", "backend/<batch>/<plate>/", "<plate>.sqlite"]),
+    (f"{WS}backend/B/P1.sqlite", "backend-layout", False, ["belong deeper"]),
+    (f"{WS}backend/B/P1/old/P1.sqlite", "backend-layout", False, ["too deep", "old/"]),
+    (f"{WS}backend/B/P1/cells.sqlite", "backend-layout", False,
+     ["'cells.sqlite'", "'P1.sqlite'", "'P1.csv'"]),
+    (f"{WS}load_data_csv/load_data.csv", "load-data-layout", False,
+     ["belong deeper", "load_data_csv/<batch>/<plate>/", "load_data_with_illum.csv"]),
+    (f"{WS}load_data_csv/B/load_data.csv", "load-data-layout", False, ["belong deeper"]),
+    (f"{WS}load_data_csv/B/P1/v2/load_data.csv", "load-data-layout", False, ["too deep"]),
+    (f"{WS}metadata/platemaps/barcode_platemap.csv", "platemaps-layout", False,
+     ["belong deeper", "platemaps/<batch>/"]),
+    (f"{WS}metadata/platemaps/B/maps/M1.txt", "platemaps-layout", False,
+     ["'maps'", "is not platemap/"]),
+    (f"{WS}metadata/platemaps/B/platemap/old/M1.txt", "platemaps-layout", False, ["too deep"]),
+    (f"{WS}profiles/P1.csv.gz", "profiles-layout", False,
+     ["belong deeper", "profiles/<batch>/<plate>/"]),
+    (f"{WS}profiles/B/P1.csv.gz", "profiles-layout", False, ["belong deeper"]),
+    (f"{WS}segmentation/README.md", "segmentation-layout", False, ["belong deeper"]),
+    (f"{WS}segmentation/cellpose_c632b05b6930/masks/x.png", "segmentation-layout", False,
+     ["'masks'", "model/ or training/ or objects/"]),
+    # below the first level of workspace_dl/
+    (f"{DL}collated/collated.parquet", "dl-collated-layout", False,
+     ["belong deeper", "collated/<model>/"]),
+    (f"{DL}collated/m1/B/collated.parquet", "dl-collated-layout", False, ["too deep"]),
+    (f"{DL}consensus/consensus.parquet", "dl-consensus-layout", False, ["consensus/<model>/"]),
+    (f"{DL}embeddings/m1/B/P1/embedding.parquet", "dl-embeddings-layout", False,
+     ["belong deeper", "embeddings/<model>/<batch>/<plate>/<well>-<site>/"]),
+    (f"{DL}embeddings/embedding.parquet", "dl-embeddings-layout", False, ["belong deeper"]),
+    (f"{DL}profiles/m1/P1.parquet", "dl-profiles-layout", False,
+     ["belong deeper", "profiles/<model>/<batch>/"]),
+    (f"{DL}profiles/m1/B/P1/x/P1.parquet", "dl-profiles-layout", False, ["too deep"]),
     ("cpg0123-example/broad/workspace/readme.txt", "workspace-folder", False,
      ["directly in"]),
     ("cpg0123-example/broad/workspace_dl/features/m/x.parquet", "workspace-dl-folder", False,
@@ -240,6 +286,22 @@ GOOD = [
     ("project-name", "cpg0036-EU-OS-bioactives/FMP/images/2023_03_01_Batch1_HepG2/images/P1/x"),
     ("project-name-style", "cpg0026-lacoste_haghighi-rare-diseases/broad/workspace/qc/x.csv"),
     ("workspace-folder", "cpg0016-jump/source_all/workspace/metadata_harmonized/draft.csv"),
+    ("analysis-layout", f"{WS}analysis/B/P1/analysis/P1-A01/Cells.csv"),
+    ("analysis-layout", f"{WS}analysis/B/P1/analysis/P1-A01-1/masks/A01_s1--nuclei.tiff"),
+    ("backend-layout", f"{WS}backend/B/P1/P1.csv.gz"),
+    ("backend-layout", f"{WS}backend/B/P1/P1_augmented.csv"),
+    ("load-data-layout", f"{WS}load_data_csv/B/P1/load_data_with_illum.csv"),
+    ("load-data-layout", f"{WS}load_data_csv/B/P1/load_data_pipeline9.csv"),
+    ("platemaps-layout", f"{WS}metadata/platemaps/B/platemap/M1.txt"),
+    ("platemaps-layout", f"{WS}metadata/external_metadata/external_metadata.tsv"),
+    ("platemaps-layout", f"{WS}metadata/B/Barcodes.csv"),  # pooled metadata
+    ("platemaps-layout", f"{WS}metadata/barcodes.csv"),
+    ("profiles-layout", f"{WS}profiles/recipe_2024_a917fa7/ORF/v1.0a/profiles.parquet"),
+    ("segmentation-layout", f"{WS}segmentation/cellpose_c632b05b6930/training/x.tiff"),
+    ("dl-collated-layout", f"{DL}collated/m1/collated.csv"),
+    ("dl-consensus-layout", f"{DL}consensus/m1/consensus.csv"),
+    ("dl-embeddings-layout", f"{DL}embeddings/m1/B/P1/A18/embedding.parquet"),
+    ("dl-profiles-layout", f"{DL}profiles/m1/B/P1.parquet"),
 ]
 
 
@@ -313,23 +375,56 @@ _BATCH = st.builds(
 
 
 @st.composite
+def _workspace_tail(draw: st.DrawFn, folder: str) -> str:
+    """What follows ``workspace/<folder>/`` in the documented tree (or anything, if none)."""
+    batch, plate = draw(_BATCH), draw(_WORD)
+    rest = "/".join(draw(st.lists(_NAME, min_size=1, max_size=3)))
+    if folder == "analysis":
+        return f"{batch}/{plate}/analysis/{plate}-{draw(_WORD)}/{rest}"
+    if folder == "backend":
+        return f"{batch}/{plate}/{plate}.{draw(st.sampled_from(['sqlite', 'csv']))}"
+    if folder == "load_data_csv":
+        return f"{batch}/{plate}/{draw(_NAME)}"
+    if folder == "metadata":
+        platemap = draw(st.sampled_from(["barcode_platemap.csv", f"platemap/{draw(_WORD)}.txt"]))
+        return f"platemaps/{batch}/{platemap}"
+    if folder == "profiles":
+        return f"{batch}/{plate}/{rest}"
+    if folder == "segmentation":
+        kind = draw(st.sampled_from(["model", "training", "objects"]))
+        return f"{draw(_WORD)}/{kind}/{rest}"
+    return rest
+
+
+@st.composite
+def _dl_tail(draw: st.DrawFn, folder: str) -> str:
+    """What follows ``workspace_dl/<folder>/`` in the documented tree."""
+    model, batch, plate = draw(_NAME), draw(_BATCH), draw(_WORD)
+    if folder in ("collated", "consensus"):
+        return f"{model}/{draw(_NAME)}"
+    if folder == "embeddings":
+        site = draw(st.sampled_from(["A01-1", "A01/1", "A18"]))
+        return f"{model}/{batch}/{plate}/{site}/{draw(_NAME)}"
+    return f"{model}/{batch}/{plate}/{plate}.parquet"
+
+
+@st.composite
 def _good_key(draw: st.DrawFn) -> str:
     base = f"{draw(_PROJECT)}/{draw(_NAME)}/"
     area = draw(st.sampled_from(["images", "illum", "workspace", "workspace_dl"]))
-    tail = draw(st.lists(_NAME, min_size=1, max_size=4))
     if area == "workspace":
-        return (
-            base + f"workspace/{draw(st.sampled_from(sorted(WORKSPACE_FOLDERS)))}/" + "/".join(tail)
-        )
+        folder = draw(st.sampled_from(sorted(WORKSPACE_FOLDERS)))
+        return base + f"workspace/{folder}/" + draw(_workspace_tail(folder))
     if area == "workspace_dl":
         folder = draw(st.sampled_from(["collated", "consensus", "embeddings", "profiles"]))
-        return base + f"workspace_dl/{folder}/" + "/".join(tail)
+        return base + f"workspace_dl/{folder}/" + draw(_dl_tail(folder))
     batch = draw(_BATCH)
     if area == "illum":
         plate = draw(_WORD)
         channel = draw(_WORD)
         return base + f"images/{batch}/illum/{plate}/{plate}_Illum{channel}.npy"
     level = draw(st.sampled_from(["images", "images_projected", "images_corrected_cropped"]))
+    tail = draw(st.lists(_NAME, min_size=1, max_size=4))
     return base + f"images/{batch}/{level}/" + "/".join(tail)
 
 

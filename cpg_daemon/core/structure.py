@@ -14,9 +14,13 @@ shown, never used to keep a file out. Only findings marked ``required`` count fo
 ``structure = "reject"`` policy: a false warning is a nuisance, a false reject
 stops a lab's upload.
 
-The project folder must carry the identifier the gallery assigns
-(``cpgNNNN-<name>``); that the name is in lower case is advice, because published
-projects such as ``cpg0036-EU-OS-bioactives`` are not.
+Below the first level of ``workspace/`` and ``workspace_dl/`` the documentation
+draws a tree per folder (``backend/<batch>/<plate>/<plate>.sqlite``,
+``embeddings/<model>/<batch>/<plate>/<well>-<site>/``, ...) and describes it
+("is a folder for each batch", "typically"), never demands it: those rules
+(``LAYOUTS``) are advice. The project folder must carry the identifier
+the gallery assigns (``cpgNNNN-<name>``); that the name is in lower case is
+advice, because published projects such as ``cpg0036-EU-OS-bioactives`` are not.
 
 Findings depend on the folder a file is in far more than on its name, so the
 folder part is computed once per folder (cached) and only the file name is
@@ -75,6 +79,14 @@ POINTER_WORKSPACE_DL = (
 POINTER_NAMES = (
     "Cell Painting Gallery contributing_to_cpg.md, 'Remove special characters in folder names'"
 )
+
+
+def _section(name: str, area: str = "workspace") -> str:
+    """Where data_structure.md draws the tree below one folder of ``workspace[_dl]/``."""
+    return (
+        f"Cell Painting Gallery data_structure.md, section '{name} folder structure' "
+        f"under '{area} folder structure'"
+    )
 
 
 @dataclass(frozen=True)
@@ -150,10 +162,72 @@ RULES: dict[str, Rule] = {
             POINTER_WORKSPACE,
         ),
         Rule(
+            "analysis-layout",
+            False,
+            "analysis/<batch>/<plate>/analysis/<plate>-<well>-<site>/ holds CellProfiler's "
+            "CSVs (and outlines/ or masks/ below)",
+            _section("analysis"),
+        ),
+        Rule(
+            "backend-layout",
+            False,
+            "backend/<batch>/<plate>/ holds <plate>.sqlite and <plate>.csv",
+            _section("backend"),
+        ),
+        Rule(
+            "load-data-layout",
+            False,
+            "load_data_csv/<batch>/<plate>/ holds load_data.csv and load_data_with_illum.csv",
+            _section("load_data_csv"),
+        ),
+        Rule(
+            "platemaps-layout",
+            False,
+            "metadata/platemaps/<batch>/ holds barcode_platemap.csv and platemap/<name>.txt",
+            _section("metadata"),
+        ),
+        Rule(
+            "profiles-layout",
+            False,
+            "profiles/<batch>/<plate>/ holds the plate's profiles",
+            _section("profiles"),
+        ),
+        Rule(
+            "segmentation-layout",
+            False,
+            "segmentation/<software>_<hash>/ holds model/, training/ and objects/",
+            _section("segmentation"),
+        ),
+        Rule(
             "workspace-dl-folder",
             False,
             "workspace_dl/ holds collated, consensus, embeddings and profiles",
             POINTER_WORKSPACE_DL,
+        ),
+        Rule(
+            "dl-collated-layout",
+            False,
+            "collated/<model>/ holds the well-level profiles of all plates",
+            _section("collated", "workspace_dl"),
+        ),
+        Rule(
+            "dl-consensus-layout",
+            False,
+            "consensus/<model>/ holds the treatment-level profiles of all plates",
+            _section("consensus", "workspace_dl"),
+        ),
+        Rule(
+            "dl-embeddings-layout",
+            False,
+            "embeddings/<model>/<batch>/<plate>/<well>-<site>/ (or <well>/<site>/) holds "
+            "the single-cell embeddings",
+            _section("embeddings", "workspace_dl"),
+        ),
+        Rule(
+            "dl-profiles-layout",
+            False,
+            "profiles/<model>/<batch>/<plate>/ holds <plate>.parquet",
+            _section("profiles", "workspace_dl"),
         ),
         Rule(
             "whitespace",
@@ -201,6 +275,77 @@ class Finding:
         return f"[{self.rule}] {self.message} (see {self.pointer})"
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The folders data_structure.md draws below one folder of ``workspace[_dl]/``.
+
+    A level in angle brackets (``<batch>``) stands for any name; any other level
+    is the name (or ``|``-separated names) that must be there.
+    """
+
+    rule: str
+    levels: tuple[str, ...]
+    """Folders every file is in, below the documented folder."""
+    holds: str
+    """What the innermost level holds, for the messages."""
+    optional: tuple[str, ...] = ()
+    """Folders that may follow ``levels``."""
+    deeper: bool = False
+    """Whether folders of the tool's or imager's own may follow."""
+
+
+LAYOUTS: dict[tuple[str, ...], Layout] = {
+    ("workspace", "analysis"): Layout(
+        "analysis-layout",
+        ("<batch>", "<plate>", "analysis", "<plate>-<well>-<site>"),
+        "CellProfiler's CSVs for one site (or well)",
+        deeper=True,  # outlines/, masks/
+    ),
+    ("workspace", "backend"): Layout(
+        "backend-layout", ("<batch>", "<plate>"), "<plate>.sqlite and <plate>.csv"
+    ),
+    ("workspace", "load_data_csv"): Layout(
+        "load-data-layout",
+        ("<batch>", "<plate>"),
+        "the plate's LoadData CSVs (load_data.csv, load_data_with_illum.csv)",
+    ),
+    ("workspace", "metadata", "platemaps"): Layout(
+        "platemaps-layout",
+        ("<batch>",),
+        "barcode_platemap.csv (and platemap/<name>.txt)",
+        optional=("platemap",),
+    ),
+    ("workspace", "profiles"): Layout(
+        "profiles-layout",
+        ("<batch>", "<plate>"),
+        "the plate's profiles",
+        deeper=True,  # versioned recipe outputs nest further
+    ),
+    ("workspace", "segmentation"): Layout(
+        "segmentation-layout",
+        ("<software>_<hash>", "model|training|objects"),
+        "the model's README.md, training data or the objects",
+        deeper=True,
+    ),
+    ("workspace_dl", "collated"): Layout(
+        "dl-collated-layout", ("<model>",), "collated.parquet (or .csv)"
+    ),
+    ("workspace_dl", "consensus"): Layout(
+        "dl-consensus-layout", ("<model>",), "consensus.parquet (or .csv)"
+    ),
+    ("workspace_dl", "embeddings"): Layout(
+        "dl-embeddings-layout",
+        ("<model>", "<batch>", "<plate>", "<well>-<site>"),
+        "embedding.parquet or embedding.npz",
+        deeper=True,  # DeepProfiler: <well>/<site>/
+    ),
+    # The text says "a file for each plate" in the batch folder, the tree a plate folder.
+    ("workspace_dl", "profiles"): Layout(
+        "dl-profiles-layout", ("<model>", "<batch>"), "<plate>.parquet", optional=("<plate>",)
+    ),
+}
+"""Per folder of ``<project>/<source>/``: its documented tree (all advice)."""
+
 # The identifier the gallery assigns (required): 'cpg', four digits, '-' and a name.
 _PROJECT_ID = re.compile(r"cpg[0-9]{4}-.")
 # The name as data_structure.md asks ([a-z0-9_]), with the '-' all projects use (advice).
@@ -226,10 +371,10 @@ _FILE_BAD = re.compile(r"[^A-Za-z0-9_.,-]")
 def check_key(key: str) -> list[Finding]:
     """Every way ``key`` departs from the gallery's folder rules; [] when it follows them."""
     folder, _, name = key.rpartition("/")
-    findings, illum_plate = _folder_findings(folder)
+    findings, names = _folder_findings(folder)
     found = list(findings)
     if name:
-        found += _name_findings(folder, name, illum_plate)
+        found += _name_findings(folder, name, names)
     return found
 
 
@@ -249,24 +394,35 @@ def _odd(pattern: re.Pattern[str], name: str) -> str:
     return ", ".join(repr(c) for c in seen)
 
 
+@dataclass(frozen=True)
+class _PlateFiles:
+    """A folder whose files are named for its plate: the rule that says so, and the plate."""
+
+    rule: str
+    plate: str
+
+
 @lru_cache(maxsize=16384)
-def _folder_findings(folder: str) -> tuple[tuple[Finding, ...], str | None]:
-    """Findings shared by every file directly in ``folder``, and the plate of an illum folder.
+def _folder_findings(folder: str) -> tuple[tuple[Finding, ...], _PlateFiles | None]:
+    """Findings shared by every file directly in ``folder``, and how its files are named.
 
     ``folder`` has no trailing ``/``; "" is the top of the bucket. Findings come
     top-down (the outermost folder first).
     """
     parts = folder.split("/") if folder else []
     found: list[Finding] = []
-    plate = _folder_rules(parts, found)
+    names = _folder_rules(parts, found)
     for depth in range(len(parts)):
         found += _name_problems(parts[depth], _prefix(parts, depth + 1))
     found.sort(key=lambda f: len(f.folder))  # stable: layout rules before name rules
-    return tuple(found), plate
+    return tuple(found), names
 
 
-def _folder_rules(parts: list[str], found: list[Finding]) -> str | None:
-    """Adds the findings of a folder (given as its names) to ``found``; returns an illum plate."""
+def _folder_rules(parts: list[str], found: list[Finding]) -> _PlateFiles | None:
+    """Adds the findings of a folder (given as its names) to ``found``.
+
+    Returns how the files directly in it are to be named, where a rule says so.
+    """
     here = "/".join(parts) + "/" if parts else ""
     # The fixed levels: <project>/<source>/<area>/.
     if len(parts) < 3:
@@ -304,38 +460,30 @@ def _folder_rules(parts: list[str], found: list[Finding]) -> str | None:
     if area == "images":
         found += _images_findings(parts, here)
         if len(parts) == 6 and parts[4] == "illum":
-            return parts[5]
-    elif area == "workspace":
-        if len(parts) == 3:
-            found.append(
-                _finding(
-                    "workspace-folder",
-                    f"files directly in '{here}' belong in a folder such as analysis/, "
-                    "backend/, load_data_csv/, metadata/ or profiles/",
-                    here,
-                )
-            )
-        elif parts[3] not in WORKSPACE_FOLDERS:
-            known = ", ".join(sorted(WORKSPACE_FOLDERS))
-            found.append(
-                _finding(
-                    "workspace-folder",
-                    f"folder '{parts[3]}' under workspace/ is not one the gallery documents "
-                    f"({known}); extra kinds of data may have folders of their own, but check "
-                    "the spelling",
-                    _prefix(parts, 4),
-                )
-            )
-    elif len(parts) == 3:
+            return _PlateFiles("illum-name", parts[5])
+        return None
+    if len(parts) == 3:
+        if area == "workspace":
+            rule = "workspace-folder"
+            folders = "a folder such as analysis/, backend/, load_data_csv/, metadata/ or profiles/"
+        else:
+            rule = "workspace-dl-folder"
+            folders = "a folder: collated/, consensus/, embeddings/ or profiles/"
+        found.append(_finding(rule, f"files directly in '{here}' belong in {folders}", here))
+        return None
+    if area == "workspace" and parts[3] not in WORKSPACE_FOLDERS:
+        known = ", ".join(sorted(WORKSPACE_FOLDERS))
         found.append(
             _finding(
-                "workspace-dl-folder",
-                f"files directly in '{here}' belong in a folder: collated/, consensus/, "
-                "embeddings/ or profiles/",
-                here,
+                "workspace-folder",
+                f"folder '{parts[3]}' under workspace/ is not one the gallery documents "
+                f"({known}); extra kinds of data may have folders of their own, but check "
+                "the spelling",
+                _prefix(parts, 4),
             )
         )
-    elif parts[3] not in WORKSPACE_DL_FOLDERS:
+        return None
+    if area == "workspace_dl" and parts[3] not in WORKSPACE_DL_FOLDERS:
         found.append(
             _finding(
                 "workspace-dl-folder",
@@ -344,7 +492,8 @@ def _folder_rules(parts: list[str], found: list[Finding]) -> str | None:
                 _prefix(parts, 4),
             )
         )
-    return None
+        return None
+    return _layout_rules(parts, found)
 
 
 def _prefix(parts: list[str], depth: int) -> str:
@@ -442,6 +591,57 @@ def _images_findings(parts: list[str], here: str) -> list[Finding]:
     return found
 
 
+def _layout_rules(parts: list[str], found: list[Finding]) -> _PlateFiles | None:
+    """The documented tree below ``workspace/<folder>/`` or ``workspace_dl/<folder>/`` (advice).
+
+    ``parts`` are the folders of one key, at least ``<project>/<source>/<area>/<folder>``.
+    """
+    start = 5 if tuple(parts[2:5]) in LAYOUTS else 4
+    layout = LAYOUTS.get(tuple(parts[2:start]))
+    if layout is None:
+        return None
+    top = _prefix(parts, start)
+    tree = top + "/".join(f"({level})" if "|" in level else level for level in layout.levels) + "/"
+    below = parts[start:]
+    allowed = layout.levels + layout.optional
+    for depth, (name, expected) in enumerate(zip(below, allowed, strict=False)):
+        names = expected.split("|")
+        if not expected.startswith("<") and name not in names:
+            folder = _prefix(parts, start + depth)
+            choices = " or ".join(f"{n}/" for n in names)
+            found.append(
+                _finding(
+                    layout.rule,
+                    f"folder '{name}' in '{folder}' is not {choices}: expected '{tree}' "
+                    f"holding {layout.holds}",
+                    _prefix(parts, start + depth + 1),
+                )
+            )
+            return None
+    here = _prefix(parts, len(parts))
+    if len(below) < len(layout.levels):
+        found.append(
+            _finding(
+                layout.rule,
+                f"files directly in '{here}' belong deeper: expected '{tree}' holding "
+                f"{layout.holds}",
+                here,
+            )
+        )
+    elif len(below) > len(allowed) and not layout.deeper:
+        folder = _prefix(parts, start + len(allowed) + 1)
+        found.append(
+            _finding(
+                layout.rule,
+                f"'{folder}' is nested too deep: '{tree}' holds {layout.holds} directly",
+                folder,
+            )
+        )
+    elif layout.rule == "backend-layout" and len(below) == len(layout.levels):
+        return _PlateFiles(layout.rule, below[-1])
+    return None
+
+
 def _name_problems(name: str, folder_of: str) -> list[Finding]:
     """Whitespace and unusual characters in one folder name (required: contributing_to_cpg.md)."""
     found: list[Finding] = []
@@ -466,7 +666,7 @@ def _name_problems(name: str, folder_of: str) -> list[Finding]:
     return found
 
 
-def _name_findings(folder: str, name: str, illum_plate: str | None) -> list[Finding]:
+def _name_findings(folder: str, name: str, names: _PlateFiles | None) -> list[Finding]:
     """Findings about the file name itself (per key: kept cheap)."""
     here = folder + "/" if folder else ""
     found: list[Finding] = []
@@ -483,16 +683,28 @@ def _name_findings(folder: str, name: str, illum_plate: str | None) -> list[Find
                 here,
             )
         )
-    if illum_plate is not None:
-        plate_prefix = illum_plate + "_"
+    if names is None:
+        return found
+    plate_prefix = names.plate + "_"
+    if names.rule == "illum-name":
         if not (name.startswith(plate_prefix) and _ILLUM_REST.fullmatch(name, len(plate_prefix))):
             found.append(
                 _finding(
                     "illum-name",
                     f"illumination file '{name}' is not named "
-                    f"'{illum_plate}_Illum<Channel>.npy' (or "
-                    f"'{illum_plate}_Cycle<n>_Illum<Channel>.npy' for barcoding cycles)",
+                    f"'{names.plate}_Illum<Channel>.npy' (or "
+                    f"'{names.plate}_Cycle<n>_Illum<Channel>.npy' for barcoding cycles)",
                     here,
                 )
             )
+    elif not (name.startswith(plate_prefix) or name.startswith(names.plate + ".")):
+        found.append(
+            _finding(
+                names.rule,
+                f"file '{name}' in backend plate folder '{names.plate}' is not named for its "
+                f"plate: expected '{names.plate}.sqlite' (single cells) and "
+                f"'{names.plate}.csv' (per well)",
+                here,
+            )
+        )
     return found
