@@ -206,6 +206,13 @@ BAD = [
      ["'P2_IllumDNA.npy'", "'P1_Illum<Channel>.npy'"]),
     ("cpg0123-example/broad/images/2024_04_01_B/illum/P1/P1_DNA.npy", "illum-name", True,
      ["'P1_DNA.npy'"]),
+    # pooled plates' cycle folders
+    (f"{PERISCOPE}images/CP257A/c1-SBS-1/x.nd2", "pooled-cycle", False,
+     ["'c1-SBS-1'", "'CP257A'", "magnification", "'10X_c1-SBS-1'"]),
+    (f"{PERISCOPE}images/CP257A/10X_c1_SBS1/x.nd2", "pooled-cycle", False, ["'10X_c1_SBS1'"]),
+    (f"{PERISCOPE}images/CP257A/20X_cellpainting/x.nd2", "pooled-cycle", False,
+     ["'20X_cellpainting'", "'20X_CP_CP257A'"]),
+    (f"{PERISCOPE}images/CP257A/20x_CP_CP257A/x.nd2", "pooled-cycle", False, ["'20x_CP_CP257A'"]),
     ("cpg0123-example/broad/workspace/profile/B/P/x.csv", "workspace-folder", False,
      ["'profile'", "spelling"]),
     # below the first level of workspace/
@@ -285,6 +292,11 @@ GOOD = [
     # (rule, key): keys in the shape the documentation draws, which that rule lets pass
     ("project-name", "cpg0036-EU-OS-bioactives/FMP/images/2023_03_01_Batch1_HepG2/images/P1/x"),
     ("project-name-style", "cpg0026-lacoste_haghighi-rare-diseases/broad/workspace/qc/x.csv"),
+    ("pooled-cycle", f"{PERISCOPE}images/CP257A/10X_SBS-12/x.nd2"),
+    ("pooled-cycle", f"{PERISCOPE}images/CP257A/20X_CP_round_1/x.nd2"),
+    ("pooled-cycle", f"{PERISCOPE}images/CP257A/20X_CP/x.nd2"),
+    ("pooled-cycle", f"{JUMP}images/{BATCH}/images/BR00117035__2021-05-02T16_02_51/Images/x.tiff"),
+    ("pooled-cycle", "cpg0123-example/broad/images/2024_01_01_B/images/P1/TimePoint_1/x.tif"),
     ("workspace-folder", "cpg0016-jump/source_all/workspace/metadata_harmonized/draft.csv"),
     ("analysis-layout", f"{WS}analysis/B/P1/analysis/P1-A01/Cells.csv"),
     ("analysis-layout", f"{WS}analysis/B/P1/analysis/P1-A01-1/masks/A01_s1--nuclei.tiff"),
@@ -374,6 +386,10 @@ _BATCH = st.builds(
 )
 
 
+# Names an imager could give a plate's subfolders that are not cycle folders.
+_NOT_CYCLE = re.compile(r"[0-9][Xx]_|SBS|sbs|CP")
+
+
 @st.composite
 def _workspace_tail(draw: st.DrawFn, folder: str) -> str:
     """What follows ``workspace/<folder>/`` in the documented tree (or anything, if none)."""
@@ -424,7 +440,7 @@ def _good_key(draw: st.DrawFn) -> str:
         channel = draw(_WORD)
         return base + f"images/{batch}/illum/{plate}/{plate}_Illum{channel}.npy"
     level = draw(st.sampled_from(["images", "images_projected", "images_corrected_cropped"]))
-    tail = draw(st.lists(_NAME, min_size=1, max_size=4))
+    tail = draw(st.lists(_NAME.filter(lambda n: not _NOT_CYCLE.search(n)), min_size=1, max_size=4))
     return base + f"images/{batch}/{level}/" + "/".join(tail)
 
 

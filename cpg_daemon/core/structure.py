@@ -18,7 +18,8 @@ Below the first level of ``workspace/`` and ``workspace_dl/`` the documentation
 draws a tree per folder (``backend/<batch>/<plate>/<plate>.sqlite``,
 ``embeddings/<model>/<batch>/<plate>/<well>-<site>/``, ...) and describes it
 ("is a folder for each batch", "typically"), never demands it: those rules
-(``LAYOUTS``) are advice. The project folder must carry the identifier
+(``LAYOUTS``) are advice, as are the pooled experiments' cycle-folder names,
+which it says "should" follow. The project folder must carry the identifier
 the gallery assigns (``cpgNNNN-<name>``); that the name is in lower case is
 advice, because published projects such as ``cpg0036-EU-OS-bioactives`` are not.
 
@@ -78,6 +79,9 @@ POINTER_WORKSPACE_DL = (
 )
 POINTER_NAMES = (
     "Cell Painting Gallery contributing_to_cpg.md, 'Remove special characters in folder names'"
+)
+POINTER_POOLED = (
+    "Cell Painting Gallery data_structure.md, section 'Pooled Cell Painting experiments'"
 )
 
 
@@ -153,6 +157,13 @@ RULES: dict[str, Rule] = {
             "illumination functions are named <plate>_Illum<Channel>.npy "
             "(or <plate>_Cycle<n>_Illum<Channel>.npy)",
             POINTER_ILLUM,
+        ),
+        Rule(
+            "pooled-cycle",
+            False,
+            "a pooled plate's cycle folders are <magnification>X_..._SBS-<n> (barcoding) or "
+            "<magnification>X_CP_... (Cell Painting)",
+            POINTER_POOLED,
         ),
         Rule(
             "workspace-folder",
@@ -361,6 +372,12 @@ _MANIPULATION = re.compile(r"images_[A-Za-z0-9][A-Za-z0-9_.-]*")
 # <plate>_Illum<Channel>.npy, <plate>_Cycle<n>_Illum<Channel>.npy, with optional
 # suffixes such as _Round1 (repeated stains) or _H/_L (BR00117035_IllumBrightfield_H.npy).
 _ILLUM_REST = re.compile(r"(?:Cycle[0-9]+_)?Illum[A-Za-z0-9]+(?:_[A-Za-z0-9]+)*\.npy")
+# Pooled plates: a folder per imaging cycle, named for the magnification, then
+# ..._SBS-<n> (barcoding; the guide's own example is '10X_c1-SBS-1') or _CP_ (painting).
+# Other folders in a plate folder are the imager's own (an arrayed plate's 'Images/'),
+# so only a name that looks meant as a cycle folder is checked.
+_CYCLE_LIKE = re.compile(r"^[0-9]+[Xx]_|SBS|sbs|(?:^|_)CP(?:_|$)")
+_CYCLE = re.compile(r"[0-9]+X_(?:(?:.*[_-])?SBS-[0-9]+|(?:.*_)?CP(?:_.*)?)")
 _WHITESPACE = re.compile(r"\s")
 _FOLDER_BAD = re.compile(r"[^A-Za-z0-9_.-]")
 # File names may also hold ',' (the gallery's pooled example has Nikon names such as
@@ -588,6 +605,19 @@ def _images_findings(parts: list[str], here: str) -> list[Finding]:
                 "illumination files directly"
             )
         found.append(_finding("illum-layout", message, here))
+    elif level == "images" and len(parts) >= 7:
+        cycle = parts[6]
+        if _CYCLE_LIKE.search(cycle) and not _CYCLE.fullmatch(cycle):
+            found.append(
+                _finding(
+                    "pooled-cycle",
+                    f"cycle folder '{cycle}' in plate folder '{parts[5]}' is not named as the "
+                    "gallery asks: expected the magnification ('10X_'), then '..._SBS-<n>' for a "
+                    "barcoding cycle (e.g. '10X_c1-SBS-1') or '_CP_' for Cell Painting "
+                    "(e.g. '20X_CP_CP257A')",
+                    _prefix(parts, 7),
+                )
+            )
     return found
 
 
