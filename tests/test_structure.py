@@ -29,7 +29,14 @@ from hypothesis import strategies as st
 
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.objectkeys import parse_s3_uri
-from cpg_daemon.core.structure import RULES, WORKSPACE_FOLDERS, Finding, blocking, check_key
+from cpg_daemon.core.structure import (
+    LAYOUTS,
+    RULES,
+    WORKSPACE_FOLDERS,
+    Finding,
+    blocking,
+    check_key,
+)
 from cpg_daemon.discovery.watcher import Watcher
 from cpg_daemon.journal import Journal
 
@@ -321,6 +328,122 @@ GOOD = [
 def test_each_new_or_changed_rule_lets_documented_shapes_pass(rule: str, key: str) -> None:
     assert rule in RULES
     assert [f for f in check_key(key) if f.rule == rule or f.required] == []
+
+
+def test_every_rule_has_a_bad_example_and_each_new_or_changed_one_a_good_one() -> None:
+    assert {rule for _, rule, _, _ in BAD} == set(RULES)
+    changed = {"project-name", "project-name-style", "pooled-cycle", "workspace-folder"}
+    assert {rule for rule, _ in GOOD} >= changed | {layout.rule for layout in LAYOUTS.values()}
+
+
+# Keys in the shape of published gallery projects: the documentation's examples and
+# names, the object keys a public summary of the cpg0016 bucket quotes, the projects the
+# guide names (cpg0010, cpg0011, cpg0022, cpg0028, cpg0031), and the recent projects
+# whose names have capitals. Plate and file names past the documented levels are
+# representative, not copied from a listing.
+PUBLISHED_SHAPES = [
+    # cpg0036-EU-OS-bioactives: four sources, one batch per cell line
+    "cpg0036-EU-OS-bioactives/FMP/images/2023_03_01_Batch1_HepG2/images/"
+    "EOS-FMP-HepG2-P01__2023-03-01T10_00_00-Measurement1/Images/r01c01f01p01-ch1sk1fk1fl1.tiff",
+    "cpg0036-EU-OS-bioactives/FMP/images/2023_03_01_Batch1_HepG2/illum/EOS-FMP-HepG2-P01/"
+    "EOS-FMP-HepG2-P01_IllumDNA.npy",
+    "cpg0036-EU-OS-bioactives/FMP/images/2023_03_01_Batch2_U2OS/images/P02/r02c03f04p01-ch2.tiff",
+    "cpg0036-EU-OS-bioactives/USC/images/2023_04_12_Batch1_U2OS/images/P01/P01_A01_s1_w1.tif",
+    "cpg0036-EU-OS-bioactives/MEDINA/workspace/load_data_csv/2023_05_02_Batch1_HepG2/P01/"
+    "load_data_with_illum.csv",
+    "cpg0036-EU-OS-bioactives/IMTM/workspace/backend/2023_06_20_Batch1_U2OS/P01/P01.sqlite",
+    "cpg0036-EU-OS-bioactives/IMTM/workspace/profiles/2023_06_20_Batch1_U2OS/P01/"
+    "P01_normalized_feature_select_negcon_batch.csv.gz",
+    "cpg0036-EU-OS-bioactives/FMP/workspace/metadata/platemaps/2023_03_01_Batch1_HepG2/"
+    "barcode_platemap.csv",
+    "cpg0036-EU-OS-bioactives/FMP/workspace_dl/embeddings/cpcnn_zenodo_7114558/"
+    "2023_03_01_Batch1_HepG2/P01/A01-1/embedding.parquet",
+    "cpg0040-garcia-fossa-AgNP/broad/images/2023_10_03_AgNP_Batch1/images/Plate1/x.tiff",
+    "cpg0040-garcia-fossa-AgNP/broad/workspace/analysis/2023_10_03_AgNP_Batch1/Plate1/analysis/"
+    "Plate1-B02-1/Cells.csv",
+    # cpg0016-jump and its assembled profiles
+    "cpg0016-jump/source_all/workspace/metadata_harmonized/cpg0016-jump_draft.csv",
+    "cpg0016-jump/source_4/workspace/profiles/2021_04_26_Batch1/BR00117035/BR00117035.parquet",
+    "cpg0016-jump/source_4/workspace_dl/profiles/cpcnn_zenodo_7114558/2021_04_26_Batch1/"
+    "BR00117035/BR00117035.parquet",
+    "cpg0016-jump/source_4/workspace_dl/profiles/cpdistiller_mesmer_s41467_025_62193_z/"
+    "2021_04_26_Batch1/BR00117035/BR00117035.parquet",
+    "cpg0016-jump/source_4/workspace_dl/embeddings/cpcnn_zenodo_7114558/2021_04_26_Batch1/"
+    "BR00117035/A04-08/embedding.parquet",
+    "cpg0016-jump/source_4/workspace_dl/embeddings/"
+    "efficientnet_v2_imagenet21k_s_feature_vector_2_0260bc96/2021_04_26_Batch1/BR00117035/A18/"
+    "embedding.parquet",
+    "cpg0016-jump/source_4/workspace/load_data_csv/2021_04_26_Batch1/BR00117035/"
+    "load_data_with_illum.parquet",
+    "cpg0016-jump/source_4/workspace/analysis/2021_04_26_Batch1/BR00117035/analysis/"
+    "BR00117035-A01-1/Image.csv",
+    "cpg0016-jump/source_4/workspace/backend/2021_04_26_Batch1/BR00117035/BR00117035.sqlite",
+    "cpg0016-jump/source_10/images/2021_08_17_U2OS_48_hr_run16/images/Dest210823-174240/"
+    "W0001F0001T0001Z001C1.tif",
+    "cpg0016-jump/source_3/images/CP_25_all_Phenix1/images/"
+    "B40803aW__2021-07-20T22_35_02-Measurement1/Images/r01c01f01p01-ch1sk1fk1fl1.tiff",
+    "cpg0016-jump/source_13/images/20220914_Run1/images/CP-CC9-R1-01/CP-CC9-R1-01_A01_T0001F001"
+    "L01A01Z01C01.tif",
+    "cpg0016-jump-assembled/source_all/workspace/profiles_assembled/COMPOUND/v1.0/"
+    "profiles_var_mad_int_featselect_harmony.parquet",
+    "cpg0016-jump-assembled/source_all/workspace/profiles/jump-profiling-recipe_2024_a917fa7/"
+    "ORF/v1.0a/profiles_wellpos_cc_var_mad_outlier_featselect_sphering_harmony.parquet",
+    # the pilots and earlier projects
+    "cpg0000-jump-pilot/source_4/images/2020_11_04_CPJUMP1/images/"
+    "BR00117011__2020-11-08T19_57_47-Measurement1/Images/r01c01f01p01-ch1sk1fk1fl1.tiff",
+    "cpg0000-jump-pilot/source_4/images/2020_11_04_CPJUMP1/illum/BR00117011/"
+    "BR00117011_IllumAGP.npy",
+    "cpg0000-jump-pilot/source_4/workspace/load_data_csv/2020_11_04_CPJUMP1/BR00116991/"
+    "load_data.csv",
+    "cpg0001-cellpainting-protocol/source_4/images/2020_01_02_TestPhalloidinConcentration/"
+    "images_projected/BR00112197/r01c01f01-ch1.tiff",
+    "cpg0003-rosetta/broad/workspace/profiles/2017_12_05_Batch2/BR00092655/"
+    "BR00092655_normalized_variable_selected.csv",
+    "cpg0004-lincs/broad/workspace/backend/2016_04_01_a549_48hr_batch1/SQ00014812/"
+    "SQ00014812.sqlite",
+    "cpg0004-lincs/broad/workspace/metadata/platemaps/2016_04_01_a549_48hr_batch1/platemap/"
+    "C-7161-01-LM6-001.txt",
+    "cpg0010-caie-drugresponse/broad/images/2014_11_06_Batch1/images/Plate1/x.tif",
+    "cpg0011-lipocyteprofiler/broad/workspace/pipelines/2020_01_01_Batch1/analysis.cppipe",
+    "cpg0022-cmqtl/broad/workspace/quality_control/heatmap/2019_06_10_Batch3/BR00106708/"
+    "BR00106708_cell_count.png",
+    "cpg0028-kelley-resistance/broad/workspace/software/profiling-recipe/README.md",
+    "cpg0031-caicedo-cmvip/broad/workspace/segmentation/cellpose_0d8d2f32/objects/"
+    "2022_01_01_Batch1/P1/P1.zarr/.zgroup",
+    # pooled: cpg0021-periscope
+    "cpg0021-periscope/broad/images/20200805_A549_WG_Screen/images/CP186A/10X_c0-SBS-0/"
+    "Well1_Point1_0000_ChannelC,A,T,G,DAPI_Seq0000.nd2",
+    "cpg0021-periscope/broad/images/20200805_A549_WG_Screen/images/CP186A/20X_CP_CP186A/"
+    "Well1_Point1_0000_ChannelPhalloAF750,ZO1-AF488,DAPI_Seq0000.nd2",
+    "cpg0021-periscope/broad/images/20200805_A549_WG_Screen/illum/CP186A/CP186A_Cycle1_IllumA.npy",
+    "cpg0021-periscope/broad/workspace/metadata/20210422_6W_CP257/Barcodes.csv",
+    "cpg0021-periscope/broad/workspace/metadata/20210422_6W_CP257/metadata.json",
+    "cpg0021-periscope/broad/workspace/load_data_csv/20210422_6W_CP257/CP257A/"
+    "load_data_pipeline1.csv",
+    "cpg0021-periscope/broad/workspace/analysis/20210422_6W_CP257/CP257A/analysis/"
+    "CP257A-Well1-0/Cells.csv",
+    # optional workspace folders, and the deep-learning area's aggregates
+    "cpg0016-jump/source_4/workspace/assaydev/2021_04_26_Batch1/x.csv",
+    "cpg0016-jump/source_4/workspace/qc/2021_04_26_Batch1/summary.csv",
+    "cpg0016-jump/source_4/workspace/embeddings/cpcnn_zenodo_7114558/x.parquet",
+    "cpg0016-jump/source_4/workspace_dl/collated/efficientnet_v2_imagenet1k_s_feature_vector_2_"
+    "ec756ff/collated.parquet",
+    "cpg0016-jump/source_4/workspace_dl/consensus/efficientnet_v2_imagenet1k_s_feature_vector_2_"
+    "ec756ff/consensus.parquet",
+]
+ADVICE_ON_PUBLISHED_SHAPES = {
+    # (rule, folder): what the published shapes above draw, all of it advice
+    ("project-name-style", "cpg0036-EU-OS-bioactives/"),
+    ("project-name-style", "cpg0040-garcia-fossa-AgNP/"),
+    ("batch-name", "cpg0016-jump/source_3/images/CP_25_all_Phenix1/"),
+}
+
+
+def test_published_shapes_break_no_required_rule() -> None:
+    assert 40 <= len(PUBLISHED_SHAPES) <= 80
+    found = {(f.rule, f.folder) for key in PUBLISHED_SHAPES for f in check_key(key)}
+    assert found == ADVICE_ON_PUBLISHED_SHAPES
+    assert all(blocking(check_key(key)) is None for key in PUBLISHED_SHAPES)
 
 
 def test_the_readme_table_lists_the_rules_and_their_levels() -> None:
