@@ -852,7 +852,9 @@ def test_bad_input_gets_error_replies_and_never_hurts_the_daemon(
         with ThreadPoolExecutor(max_workers=20) as pool:
             answers = list(pool.map(lambda _: ask(sock, "status"), range(20)))
         assert len(answers) == 20 and all(a["version"] == __version__ for a in answers)
-        assert time.monotonic() - began < 5
+        # Served while the idle clients still hold their connections: a status queued
+        # behind them would have waited out their read timeout.
+        assert time.monotonic() - began < control.READ_TIMEOUT / 2
 
         after = cli("status", "--json", "-c", str(config))
         assert after.returncode == 0, after.stderr
