@@ -164,7 +164,9 @@ class TokenBucket:
             return 0.0
         self._accrue(now)
         wait = (min(amount, self.burst) - self._credit) / self.rate
-        if wait > 1e-9:
+        # A wait within the rounding of ``now`` itself (a few ulps of a large monotonic
+        # time) is none: otherwise a caller told to come back then could be sent away again.
+        if wait > max(1e-9, abs(now) * 1e-15):
             return wait
         self._credit -= amount
         return 0.0
