@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import anyio
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
@@ -197,6 +197,7 @@ def test_no_bandwidth_limit_never_waits() -> None:
     rate=st.integers(1, 10**9),
     reads=st.lists(st.tuples(st.floats(0, 10), st.integers(0, 10**8)), min_size=1),
 )
+@example(rate=1, reads=[(0.0, 67_108_865), (0.0, 1)])  # a wait within the rounding of `now`
 def test_a_link_never_sends_faster_than_its_rate_and_never_idles_a_waiter(
     rate: int, reads: list[tuple[float, int]]
 ) -> None:
