@@ -414,3 +414,23 @@ def test_a_target_that_is_not_a_dataset_exits_2(target: str) -> None:
     done = run_cli("check-dataset", target)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "cpg-daemon check-dataset:" in done.stderr
+
+
+def test_keys_and_endpoint_from_a_config_file_whose_target_covers_the_dataset(
+    s3_server: S3Server, s3_client: Any, bucket: str, demo_plate: Path, tmp_path: Path
+) -> None:
+    upload(s3_client, bucket, demo_plate, "cpg0000-demo/broad/")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[s3]\nendpoint_url = "{s3_server.endpoint_url}"\n'
+        f'[[credentials]]\nsource = "environment"\ntarget = "s3://{bucket}/cpg0000-demo/*"\n'
+        f'[[credentials]]\nsource = "environment"\ntarget = "s3://{bucket}/other/*"\n',
+        encoding="utf-8",
+    )
+    done = run_cli("check-dataset", f"s3://{bucket}/cpg0000-demo/broad/", "-c", str(config))
+    assert done.returncode == 0, done.stdout + done.stderr
+    elsewhere = run_cli("check-dataset", f"s3://{bucket}/cpg0001-x/broad/", "-c", str(config))
+    assert elsewhere.returncode == 2, elsewhere.stdout + elsewhere.stderr
+    assert "no [credentials] target" in elsewhere.stderr
+    assert "give --profile or --no-sign-request" in elsewhere.stderr
