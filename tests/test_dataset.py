@@ -189,7 +189,7 @@ def test_a_problem_says_which_plate_and_folder_and_where_the_guide_says_so() -> 
 
 
 def test_only_images_and_workspace_folders_without_any_minimum_is_one_problem() -> None:
-    result = report(["workspace_dl/embeddings/model/x.parquet"])
+    result = report(["workspace_dl/collated/efficientnet_ec756ff/collated.parquet"])
     assert [(p.check, p.required) for p in result.problems] == [("minimum", True)]
     assert "no images/" in result.problems[0].message
 

@@ -620,17 +620,19 @@ def _public(plate: _Plate) -> Plate:
     )
 
 
-def _rule_problems(keys: Iterable[str], top: str, skip: frozenset[str]) -> list[Problem]:
+def _rule_problems(keys: Iterable[str], top: str, unnamed: str | None) -> list[Problem]:
     """The per-key folder rules, once per folder and rule, with how many files share each.
 
     ``top`` is the target's prefix in the keys (``<project>/`` or ``<project>/<source>/``);
-    folders above it (the project's own name) are reported as the target's, "".
+    findings about folders above it (the project's own name) are reported as the
+    target's, "". ``unnamed``: a project whose own folder's name is not to be judged
+    (a local folder's name need not be the destination's).
     """
     counts: Counter[tuple[str, str]] = Counter()
     first: dict[tuple[str, str], Finding] = {}
     for key in keys:
         for finding in check_key(key):
-            if finding.rule in skip:
+            if unnamed is not None and finding.folder == f"{unnamed}/":
                 continue
             at = (finding.rule, finding.folder)
             counts[at] += 1
@@ -661,8 +663,8 @@ def analyse(
     ``entries`` are (path, size) with paths relative to the target: ``<source>/...``
     for a project, ``images/...``, ``workspace/...`` for a source. The per-key folder
     rules see each path as ``<project>/<source>/...``; ``check_project_name=False``
-    leaves the project's name out of them (a local folder's name is not the
-    destination's).
+    leaves out what they say about the project folder's own name (a local folder's
+    name is not the destination's).
     """
     gathered: dict[str, _Gathered] = defaultdict(_Gathered)
     keys: list[str] = []
@@ -697,9 +699,13 @@ def analyse(
                 pointer=CHECKS["minimum"].pointer,
             )
         )
-    skip = frozenset() if check_project_name else frozenset({"project-name"})
+    # A folder a dataset check already names (files at the wrong depth, beside the
+    # analysis/ folder) is not named again by a per-key rule about its layout.
+    claimed = {p.folder for p in problems if p.check in ("depth", "analysis-nesting")}
     names = {s.name for s in sources}
-    for problem in _rule_problems(keys, top, skip):
+    for problem in _rule_problems(keys, top, project if not check_project_name else None):
+        if problem.folder in claimed:
+            continue
         owner = source if source is not None else problem.folder.split("/", 1)[0]
         problems.append(replace(problem, source=owner if owner in names else ""))
     problems.sort(key=lambda p: (not p.required, p.source, p.batch, p.plate, p.folder, p.check))
