@@ -31,7 +31,7 @@ from cpg_daemon.core.checksums import ALGORITHMS, Algorithm, ChecksumName, PartD
 from cpg_daemon.core.errors import CpgError
 from cpg_daemon.s3.dataplane import Body, PutRequest, body_length
 from cpg_daemon.s3.errors import classify
-from cpg_daemon.s3.store import RemoteObject, RemotePart
+from cpg_daemon.s3.store import Level, RemoteObject, RemotePart
 
 MIN_PART_SIZE = 5 * 1024 * 1024
 """S3's smallest part, except the last one."""
@@ -199,6 +199,20 @@ class MemoryStore:
         for key in sorted(k for k in objects if k.startswith(prefix)):
             found = objects[key]
             yield RemoteObject(key, len(found.data), found.etag, {}, None)
+
+    async def list_level(self, bucket: str, prefix: str) -> Level:
+        await self._enter(Call("ListObjectsV2", bucket, prefix))
+        objects = self._objects(f"ListObjectsV2 s3://{bucket}/{prefix}", bucket)
+        folders: dict[str, None] = {}
+        here: list[RemoteObject] = []
+        for key in sorted(k for k in objects if k.startswith(prefix)):
+            name, slash, _ = key[len(prefix) :].partition("/")
+            if slash:
+                folders[f"{prefix}{name}/"] = None
+            else:
+                found = objects[key]
+                here.append(RemoteObject(key, len(found.data), found.etag, {}, None))
+        return Level(tuple(folders), tuple(here))
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str:
         what = f"CreateMultipartUpload s3://{bucket}/{key}"

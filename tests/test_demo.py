@@ -57,10 +57,10 @@ def test_demo_uploads_and_verifies_the_sample_then_exits() -> None:
     elapsed = time.monotonic() - started
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
-    assert "verify: 68 files match their objects (size and CRC32C), 0 differ" in out
-    assert "68/68 files" in out
+    assert "verify: 70 files match their objects (size and CRC32C), 0 differ" in out
+    assert "70/70 files" in out
     assert re.search(r"^  images +66 files match, 0 differ", out, re.MULTILINE), out
-    assert re.search(r"^  workspace +2 files match, 0 differ", out, re.MULTILINE), out
+    assert re.search(r"^  workspace +4 files match, 0 differ", out, re.MULTILINE), out
     # Where everything is, and the gallery's layout in the bucket.
     for what in ("config file", "journal", "control socket", "server log", "watch images"):
         assert f"  {what} " in out
@@ -71,7 +71,7 @@ def test_demo_uploads_and_verifies_the_sample_then_exits() -> None:
     assert f"{backend}DemoPlate1.sqlite" in out
     assert "/workspace/load_data_csv/2026_11_25_DemoBatch/DemoPlate1/load_data.csv" in out
     # Short enough for a CI log: one progress line a second at most.
-    progress = re.findall(r"^ +\d+\.\d s  \d+/68 files", out, re.MULTILINE)
+    progress = re.findall(r"^ +\d+\.\d s  \d+/70 files", out, re.MULTILINE)
     assert 1 <= len(progress) <= elapsed + 2, out
     assert "from another terminal" not in out  # it exits: nothing to ask
     _assert_left_nothing(out)
@@ -143,7 +143,7 @@ def test_ctrl_c_in_a_terminal_stops_the_daemon_and_the_server_and_cleans_up() ->
             check=False,
         )
         assert status.returncode == 0, status.stdout + status.stderr
-        assert "68 uploaded" in status.stdout
+        assert "70 uploaded" in status.stdout
         process.send_signal(signal.SIGINT)
         returncode = process.wait(timeout=60)
     finally:
@@ -155,7 +155,7 @@ def test_ctrl_c_in_a_terminal_stops_the_daemon_and_the_server_and_cleans_up() ->
     text = output()
     # Ctrl-C is how the interactive demo is meant to end: after a good run, status 0.
     assert returncode == 0, text
-    assert "verify: 68 files match their objects (size and CRC32C), 0 differ" in text
+    assert "verify: 70 files match their objects (size and CRC32C), 0 differ" in text
     assert "interrupted" not in text
     assert "stopping the daemon" in text
     assert "Traceback" not in text

@@ -219,6 +219,12 @@ def test_a_maintainer_without_the_files_checks_staging_against_the_batch_manifes
     assert "7 match, 0 missing" in ok.stdout and "7 objects in the manifest" in ok.stdout
     assert {row["status"] for row in _report(report)} == {"match"}
     assert {c.permission for c in plane.data_access_calls} == {"READ"}
+    # After a transfer, the gallery bucket is public: no keys at all.
+    anonymous = run_cli(
+        "verify", "--manifest", str(copied), "--no-sign-request",
+        "--endpoint-url", proxy.upstream_url,
+    )  # fmt: skip
+    assert anonymous.returncode == 0 and "7 match" in anonymous.stdout, anonymous.stderr
 
     gone, changed = (f"{PREFIX}2024_01_01_Batch1/Plate{n}/Plate{n}_s1.tiff" for n in (1, 2))
     s3_client.delete_object(Bucket=bucket, Key=gone)

@@ -21,7 +21,7 @@ from memory_s3 import MemoryStore
 from cpg_daemon.core.checksums import ALGORITHMS, PartDigest, encode
 from cpg_daemon.core.config import S3Config
 from cpg_daemon.core.errors import RetryableError, SkipFileError, UploadGoneError
-from cpg_daemon.s3.store import ObjectStore
+from cpg_daemon.s3.store import Level, ObjectStore
 
 MiB = 1024 * 1024
 KEY = "multi part/plate 1+2.sqlite"
@@ -176,6 +176,19 @@ async def test_listing_with_a_prefix(subject: Subject) -> None:
     await store.delete_object(bucket, "p/1.tif")
     assert [o.key async for o in store.list_objects(bucket, "p/")] == ["p/sub/2.tif"]
     assert await store.head(bucket, "p/1.tif") is None
+
+
+@pytest.mark.anyio
+async def test_one_level_lists_folders_and_the_objects_directly_in_it(subject: Subject) -> None:
+    store, bucket = subject.store, subject.bucket
+    for key in ("d/a.csv", "d/b/1.tif", "d/b/2.tif", "d/c/x/3.tif", "d-not/4", "e/5"):
+        await store.put_object(bucket, key, b"xy", crc32c(b"xy"))
+    level = await store.list_level(bucket, "d/")
+    assert level.folders == ("d/b/", "d/c/")
+    assert [(o.key, o.size) for o in level.objects] == [("d/a.csv", 2)]
+    top = await store.list_level(bucket, "")
+    assert top.folders == ("d-not/", "d/", "e/") and top.objects == ()
+    assert await store.list_level(bucket, "nothing/") == Level((), ())
 
 
 @pytest.mark.anyio

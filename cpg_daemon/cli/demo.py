@@ -174,6 +174,18 @@ def _load_data_csv() -> bytes:
     return out.getvalue().encode()
 
 
+PLATE_MAP = "DemoMap1"
+
+
+def _platemap() -> tuple[bytes, bytes]:
+    """The metadata the gallery requires: ``barcode_platemap.csv`` and the plate map itself."""
+    barcodes = f"Assay_Plate_Barcode,Plate_Map_Name\n{PLATE},{PLATE_MAP}\n".encode()
+    rows = ["plate_map_name\twell_position\tpert_type"]
+    for index, (r, c) in enumerate(WELLS):
+        rows.append(f"{PLATE_MAP}\t{_well(r, c)}\t{'negcon' if index % 6 == 0 else 'trt'}")
+    return barcodes, ("\n".join(rows) + "\n").encode()
+
+
 def _backend_sqlite(path: Path, rng: random.Random) -> None:
     """A CellProfiler-style backend: an Image table and per-cell features per compartment."""
     features = ["AreaShape_Area", "AreaShape_Eccentricity", "AreaShape_FormFactor"]
@@ -224,7 +236,8 @@ def make_sample(root: Path, seed: int = 2026) -> dict[str, int]:
     illum = root / "images" / BATCH / "illum" / PLATE
     backend = root / "workspace" / "backend" / BATCH / PLATE
     load_data = root / "workspace" / "load_data_csv" / BATCH / PLATE
-    for folder in (images, illum, backend, load_data):
+    platemaps = root / "workspace" / "metadata" / "platemaps" / BATCH
+    for folder in (images, illum, backend, load_data, platemaps / "platemap"):
         folder.mkdir(parents=True)
     for r, c in WELLS:
         for _, channel, _ in CHANNELS:
@@ -239,6 +252,9 @@ def make_sample(root: Path, seed: int = 2026) -> dict[str, int]:
         (illum / f"{PLATE}_Illum{stain}.npy").write_bytes(_npy(IMAGE_SIDE, values))
     _backend_sqlite(backend / f"{PLATE}.sqlite", rng)
     (load_data / "load_data.csv").write_bytes(_load_data_csv())
+    barcodes, platemap = _platemap()
+    (platemaps / "barcode_platemap.csv").write_bytes(barcodes)
+    (platemaps / "platemap" / f"{PLATE_MAP}.txt").write_bytes(platemap)
     return {
         path.relative_to(root).as_posix(): path.stat().st_size
         for path in sorted(root.rglob("*"))
@@ -510,7 +526,8 @@ class _Demo:
         _say(
             f"moving a plate into the watched folders, as a person would: {len(sizes)} files, "
             f"{format_size(total)} (TIFFs and Index.idx.xml, illumination .npy files, "
-            f"load_data.csv, the backend SQLite file{' in parts' if in_parts else ''})"
+            f"load_data.csv, the platemap, the backend SQLite file"
+            f"{' in parts' if in_parts else ''})"
         )
         staging = self.base / "staging"
         for name in WATCHES:

@@ -3,10 +3,11 @@
 The daemon: ``run`` (``ops.daemon``), and the control-socket clients ``status``,
 ``pause``, ``resume``, ``retry``, ``rescan``, ``reload`` and ``verify --via-daemon``
 (``ops.control``). One-shot work: ``upload`` (``engine.oneshot``), ``verify``
-(``engine.verify``), ``check`` (``discovery.plan`` and ``engine.grants``), ``demo``
-(``cli.demo``). Operations: ``install-service`` (``ops.service``) and
-``recover-journal`` (``journal``). Exit statuses follow the interface contract: 0 ok,
-1 a problem found or files failed, 2 a bad configuration.
+(``engine.verify``), ``check`` (``discovery.plan`` and ``engine.grants``),
+``check-dataset`` (``engine.dataset``, ``core.dataset``), ``demo`` (``cli.demo``).
+Operations: ``install-service`` (``ops.service``) and ``recover-journal`` (``journal``).
+Exit statuses follow the interface contract: 0 ok, 1 a problem found or files failed,
+2 a bad configuration.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from cpg_daemon.core.objectkeys import (
     S3Location,
     parse_grant_target,
     parse_s3_uri,
+    target_covers,
 )
 from cpg_daemon.core.text import printable
 from cpg_daemon.core.units import format_size, parse_size
@@ -58,6 +60,8 @@ from cpg_daemon.ops import control, logs
 from cpg_daemon.ops import status as status_view
 
 if TYPE_CHECKING:
+    from cpg_daemon.core.dataset import DatasetReport
+    from cpg_daemon.engine.dataset import Listing
     from cpg_daemon.engine.grants import Assignment
     from cpg_daemon.s3.store import Storage
 
@@ -169,6 +173,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upload.add_argument("--quiet", action="store_true", help="no progress line")
 
+    dataset = commands.add_parser(
+        "check-dataset",
+        help="list a dataset (on S3 or a local folder) as the gallery's maintainers see it "
+        "and check it against the gallery's guide",
+        description="Lists batches, plates per batch and what each plate has, and reports "
+        "what the Cell Painting Gallery's guide requires (exit status 1 when something is "
+        "missing) and what it advises (no effect on the exit status). TARGET is "
+        "s3://BUCKET/cpgNNNN-name/SOURCE/, s3://BUCKET/cpgNNNN-name/ (every source), or a "
+        "local folder laid out the same way (a source folder holds images/ or workspace/).",
+    )
+    dataset.add_argument(
+        "target", metavar="TARGET", help="s3://BUCKET/PROJECT/[SOURCE/] or a local folder"
+    )
+    dataset.add_argument(
+        "--json", action="store_true", help="the whole report as JSON (keys: see README)"
+    )
+    _config_arg(dataset)
+    dataset.add_argument(
+        "--profile", default=None, help="AWS profile whose keys list the bucket"
+    )
+    dataset.add_argument(
+        "--no-sign-request",
+        action="store_true",
+        help="send no keys (the public cellpainting-gallery bucket needs none)",
+    )
+    dataset.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint")
+    dataset.add_argument("--region", default=None, help="AWS region (default us-east-1)")
+    dataset.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="listings in flight at once (default 32)",
+    )
+
     status = commands.add_parser("status", help="what the running daemon is doing")
     _socket_args(status)
     status.add_argument("--json", action="store_true", help="the status object, for scripts")
@@ -225,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument(
         "--profile", default=None, help="with --manifest and no -c: the AWS profile to read with"
+    )
+    verify.add_argument(
+        "--no-sign-request",
+        action="store_true",
+        help="with --manifest: read without keys (the public gallery bucket, after a transfer)",
     )
     _socket_args(verify)
 
@@ -340,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": _demo,
         "verify": _verify,
         "manifest": _manifest,
+        "check-dataset": _check_dataset,
         "status": _status,
         "pause": _control,
         "resume": _control,
@@ -740,8 +784,12 @@ def _verify_against_manifest(args: argparse.Namespace) -> Any:
     logs.configure("console", "error")
 
     async def run() -> Any:
+        from cpg_daemon.engine.dataset import open_store
         from cpg_daemon.engine.grants import Grants, assign
 
+        if args.no_sign_request:
+            async with open_store(s3, None) as unsigned:
+                return await manifest.verify_manifest(listed, unsigned, destination)
         assignment = await anyio.to_thread.run_sync(assign, config)
         async with Grants.open(config, assignment) as grants:
             await grants.obtain()
@@ -789,6 +837,161 @@ def _manifest(args: argparse.Namespace) -> int:
 
 VERIFY_SHOWN = 50
 """Differences printed before "see --report"."""
+DATASET_SHOWN = 20
+"""Problems of one check printed before "... and N more"."""
+
+
+def _check_dataset(args: argparse.Namespace) -> int:
+    """``check-dataset TARGET``: 0 complete, 1 something required missing, 2 bad arguments."""
+    from cpg_daemon.engine import dataset
+
+    def bad(message: str) -> int:
+        _say(f"cpg-daemon check-dataset: {message}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    if args.concurrency is not None and not 1 <= args.concurrency <= 1024:
+        return bad("--concurrency must be 1 to 1024")
+    concurrency = args.concurrency or dataset.DEFAULT_CONCURRENCY
+    logs.configure("console", "error")
+    if not args.target.startswith("s3://"):
+        root = Path(args.target)
+        if not root.is_dir():
+            return bad(f"{args.target} is not a folder, nor an s3://BUCKET/PROJECT/[SOURCE/] URI")
+        try:
+            checked = dataset.check_folder(root)
+        except OSError as exc:
+            _say(f"cpg-daemon check-dataset: cannot read {args.target}: {exc}", file=sys.stderr)
+            return EXIT_PROBLEM
+        target = str(root)
+    else:
+        try:
+            location = parse_s3_uri(args.target)
+        except ValueError as exc:
+            return bad(str(exc))
+        if not 1 <= location.prefix.count("/") <= 2:
+            return bad(
+                f"{args.target} is not a dataset: expected s3://BUCKET/cpgNNNN-name/SOURCE/ "
+                "(one source) or s3://BUCKET/cpgNNNN-name/ (every source)"
+            )
+        if args.no_sign_request and args.profile:
+            return bad("--no-sign-request and --profile exclude each other")
+        try:
+            s3, credentials = _dataset_access(args, location)
+        except ValueError as exc:
+            return bad(str(exc))
+        checked = anyio.run(
+            lambda: dataset.check_s3(location, s3, credentials, concurrency=concurrency)
+        )
+        target = str(location)
+    report, listing = checked.report, checked.listing
+    if args.json:
+        document = report.to_json(target)
+        document["listing"] = {"requests": listing.requests, "seconds": round(listing.seconds, 3)}
+        print(json.dumps(document, indent=2))
+    else:
+        for line in _dataset_lines(report, target, listing):
+            _say(line)
+    return EXIT_OK if report.complete else EXIT_PROBLEM
+
+
+def _dataset_access(
+    args: argparse.Namespace, location: S3Location
+) -> tuple[S3Config, CredentialsConfig | None]:
+    """S3 settings and keys for check-dataset, as upload takes them (ValueError: why not)."""
+    s3, credentials = S3Config(), CredentialsConfig()
+    if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
+        config = _load(args)
+        s3 = config.s3
+        covering = [c for c in config.credentials if target_covers(c.target, location)]
+        if covering:
+            credentials = max(covering, key=lambda c: len(c.target))
+        elif not (args.profile or args.no_sign_request):
+            targets = ", ".join(c.target for c in config.credentials)
+            raise ValueError(
+                f"no [credentials] target of {config.path} covers {location} "
+                f"(targets: {targets}); give --profile or --no-sign-request"
+            )
+    changes: dict[str, Any] = {}
+    if args.endpoint_url is not None:
+        changes["endpoint_url"] = args.endpoint_url
+    if args.region is not None:
+        changes["region"] = args.region
+    s3 = replace(s3, **changes)
+    if args.no_sign_request:
+        return s3, None
+    if args.profile is not None:
+        credentials = CredentialsConfig(source="profile", profile=args.profile)
+    return s3, credentials
+
+
+def _dataset_lines(report: DatasetReport, target: str, listing: Listing) -> list[str]:
+    """The human-readable report (names pass through ``_say``, hence ``printable``)."""
+    from cpg_daemon.core.dataset import FOLDER_RULE
+
+    lines = [
+        f"check-dataset {target}: {report.objects:,} objects ({format_size(report.bytes)}) "
+        f"in {len(report.sources)} source{'s' if len(report.sources) != 1 else ''}, "
+        f"listed in {listing.seconds:.1f} s"
+        + (f" ({listing.requests:,} listings)" if listing.requests else "")
+    ]
+    for source in report.sources:
+        workspace = ", ".join(f"{name} ({files:,})" for name, files in source.workspace.items())
+        lines.append(
+            f"source {source.name}: {source.objects:,} objects ({format_size(source.bytes)}); "
+            f"workspace: {workspace or 'none'}"
+        )
+        for batch in source.batches:
+            count = len(batch.plates)
+            also = ", ".join(batch.image_manipulations)
+            extra = f"; also {also}" if also else ""
+            lines.append(f"  batch {batch.name}: {count} plate{'s' if count != 1 else ''}{extra}")
+            width = max([5, *(len(plate.name) for plate in batch.plates)])
+            lines.append(
+                f"    {'plate':<{width}}  {'images':>7} {'illum':>5} {'load_data':>9} "
+                f"{'analysis':>8} {'backend':>10} {'profiles':>8}"
+            )
+            for plate in batch.plates:
+                backend = f"{plate.backend}" + (" +sqlite" if plate.backend_sqlite else "")
+                row = (
+                    f"    {plate.name:<{width}}  {plate.images or '-':>7} {plate.illum or '-':>5} "
+                    f"{plate.load_data_csv or '-':>9} {plate.analysis or '-':>8} "
+                    f"{backend if plate.backend else '-':>10} {plate.profiles or '-':>8}"
+                )
+                folders = [f for f in plate.image_folders if f != plate.name]
+                if folders:
+                    row += f"  (images/{batch.name}/images/{', '.join(folders)}/)"
+                lines.append(row)
+    for required, heading in (
+        (True, "required (the gallery's guide asks for it; exit status 1):"),
+        (False, "advice (recommended, or the contributor's choice; exit status unchanged):"),
+    ):
+        problems = [p for p in report.problems if p.required == required]
+        if not problems:
+            continue
+        lines.append(heading)
+        shown: dict[str, int] = {}
+        for problem in problems:
+            name = problem.rule if problem.check == FOLDER_RULE else problem.check
+            shown[name] = shown.get(name, 0) + 1
+            if shown[name] > DATASET_SHOWN:
+                continue
+            files = f" ({problem.files:,} files)" if problem.check == FOLDER_RULE else ""
+            lines.append(f"  [{name}] {problem.message}{files}")
+        for name, count in shown.items():
+            if count > DATASET_SHOWN:
+                more = count - DATASET_SHOWN
+                lines.append(f"  [{name}] ... and {more:,} more (--json lists all)")
+    required_count, advice_count = len(report.required), len(report.advice)
+    if report.complete:
+        lines.append(
+            f"complete: nothing the gallery's guide requires is missing ({advice_count} advice)"
+        )
+    else:
+        lines.append(
+            f"incomplete: {required_count} required problem{'s' if required_count != 1 else ''} "
+            f"({advice_count} advice)"
+        )
+    return lines
 VERIFY_TIMEOUT = 24 * 3600.0
 """How long ``verify --via-daemon`` waits for the daemon's answer."""
 

@@ -22,6 +22,7 @@ import aioboto3
 import anyio.to_thread
 import structlog
 from aiobotocore.config import AioConfig
+from botocore import UNSIGNED
 from botocore.exceptions import ClientError
 
 from cpg_daemon.core.checksums import ALGORITHMS, Algorithm
@@ -48,6 +49,7 @@ from cpg_daemon.s3.errors import translate_errors
 __all__ = [
     "CRT_BODY_LIMIT",
     "Body",
+    "Level",
     "ObjectStore",
     "RemoteObject",
     "RemotePart",
@@ -74,6 +76,16 @@ class RemoteObject:
 
 
 @dataclass(frozen=True)
+class Level:
+    """One level of a folder: what a listing with ``Delimiter="/"`` returns."""
+
+    folders: tuple[str, ...]
+    """The prefixes of the folders directly below it (each ending in ``/``), in order."""
+    objects: tuple[RemoteObject, ...]
+    """The objects directly in it."""
+
+
+@dataclass(frozen=True)
 class RemotePart:
     number: int
     etag: str
@@ -81,9 +93,11 @@ class RemotePart:
     checksum: str | None
 
 
-def client_config(s3: S3Config) -> AioConfig:
-    """The botocore settings every S3 client of ours uses."""
+def client_config(s3: S3Config, unsigned: bool = False) -> AioConfig:
+    """The botocore settings every S3 client of ours uses (``unsigned``: requests carry
+    no signature, for reading a public bucket without keys, as ``--no-sign-request``)."""
     return AioConfig(
+        **({"signature_version": UNSIGNED} if unsigned else {}),
         retries={"mode": "standard", "total_max_attempts": s3.request_attempts},
         max_pool_connections=s3.max_concurrency + 4,
         connect_timeout=15,
@@ -102,12 +116,12 @@ def client_config(s3: S3Config) -> AioConfig:
     )
 
 
-def _client_options(s3: S3Config) -> dict[str, Any]:
+def _client_options(s3: S3Config, unsigned: bool = False) -> dict[str, Any]:
     """``session.client("s3", ...)``'s arguments for our settings."""
     options: dict[str, Any] = {
         "region_name": s3.region,
         "endpoint_url": s3.endpoint_url or None,
-        "config": client_config(s3),
+        "config": client_config(s3, unsigned),
     }
     if urlsplit(s3.endpoint_url).scheme == "http" and not proxy_for(s3.endpoint_url):
         # No TLS anywhere on the way: without this, the client's first request loads
@@ -155,6 +169,8 @@ class Storage(Protocol):
 
     def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[RemoteObject]: ...
 
+    async def list_level(self, bucket: str, prefix: str) -> Level: ...
+
     async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str: ...
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str: ...
@@ -195,10 +211,14 @@ class ObjectStore:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, session: aioboto3.Session, s3: S3Config) -> AsyncIterator[ObjectStore]:
+    async def connect(
+        cls, session: aioboto3.Session, s3: S3Config, *, unsigned: bool = False
+    ) -> AsyncIterator[ObjectStore]:
         """A store with its own client. Model files, the client and the CRT client are
-        built in worker threads: their CPU stays off the event loop."""
-        async with _botocore.client(session, "s3", **_client_options(s3)) as client:
+        built in worker threads: their CPU stays off the event loop. ``unsigned``: no
+        request is signed (reading a public bucket without keys)."""
+        options = _client_options(s3, unsigned)
+        async with _botocore.client(session, "s3", **options) as client:
             unreferenced = await anyio.to_thread.run_sync(unreferenced_endpoint_parameters, session)
             _botocore.leave_out_endpoint_parameters(client, unreferenced)
             plane, reason = choose_data_plane(s3)
@@ -275,6 +295,31 @@ class ObjectStore:
                         checksums={},
                         checksum_type=None,
                     )
+
+    async def list_level(self, bucket: str, prefix: str) -> Level:
+        """The folders and objects directly below a prefix (ListObjectsV2, Delimiter "/").
+
+        A big tree is listed level by level and its folders in parallel (``engine.dataset``):
+        one listing of the whole prefix would be one request after another.
+        """
+        folders: list[str] = []
+        objects: list[RemoteObject] = []
+        with translate_errors(f"ListObjectsV2 s3://{bucket}/{prefix} (one level)"):
+            paginator = self._client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+            async for page in pages:
+                folders += [str(item["Prefix"]) for item in page.get("CommonPrefixes", [])]
+                objects += [
+                    RemoteObject(
+                        key=item["Key"],
+                        size=int(item["Size"]),
+                        etag=str(item.get("ETag", "")),
+                        checksums={},
+                        checksum_type=None,
+                    )
+                    for item in page.get("Contents", [])
+                ]
+        return Level(tuple(folders), tuple(objects))
 
     async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str:
         """One PutObject with the ACL and the checksum computed while reading. Returns the ETag."""
