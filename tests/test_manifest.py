@@ -107,6 +107,7 @@ async def test_staging_against_a_manifest_names_each_difference(tmp_path: Path) 
     store.create_bucket("bkt")
     destination = parse_s3_uri("s3://bkt/p/Batch1/")
     files = {f"Plate{i}/f{i}.tiff": os.urandom(100 + i) for i in range(6)}
+
     async def put(key: str, data: bytes) -> None:
         await store.put_object("bkt", key, data, encode(store.algorithm.digest(data)))
 
@@ -281,3 +282,22 @@ def test_the_manifest_command_writes_one_for_a_watch_or_a_folder_from_the_journa
     only_a = manifest.read(tmp_path / "a.jsonl")
     assert only_a.header.destination == f"s3://{bucket}/{PREFIX}A/"
     assert [e.key for e in only_a.entries] == [f"{PREFIX}A/one.csv", f"{PREFIX}A/two.csv"]
+
+
+def test_a_stream_stopped_or_short_of_its_header_leaves_no_file(tmp_path: Path) -> None:
+    destination = parse_s3_uri("s3://bkt/p/Batch1/")
+    entries = [
+        manifest.entry_of(u) for u in _uploads("p/Batch1/", {f"{i}": b"x" for i in range(9000)})
+    ]
+    header = manifest.header_of(destination, "w", "Batch1", tmp_path, len(entries), 9000)
+    path = tmp_path / "m.jsonl"
+    with pytest.raises(manifest.ManifestError, match="the daemon is stopping"):
+        manifest.write_stream(header, entries, path, stopped=lambda: True)
+    with pytest.raises(
+        manifest.ManifestError, match="8,999 objects written but the header says 9,000"
+    ):
+        manifest.write_stream(header, entries[1:], path)
+    assert list(tmp_path.iterdir()) == []  # neither the manifest nor a temporary file
+    digest = manifest.write_stream(header, sorted(entries, key=lambda e: e.key), path)
+    assert manifest.read(path).header.files == 9000
+    assert (tmp_path / "m.jsonl.sha256").read_text().startswith(digest)

@@ -30,7 +30,9 @@ import dataclasses
 import json
 import os
 import signal
+import sqlite3
 import subprocess
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -47,7 +49,7 @@ from cpg_daemon.core.objectkeys import object_key, parse_s3_uri
 from cpg_daemon.core.units import timestamp
 from cpg_daemon.engine import manifest
 from cpg_daemon.engine.pacing import wait_event
-from cpg_daemon.journal import BatchProgress, BatchRecord, Journal, read_uploads
+from cpg_daemon.journal import BatchProgress, BatchRecord, Journal, iter_uploads
 
 log = structlog.get_logger(__name__)
 
@@ -427,9 +429,11 @@ class BatchTracker:
             completed_at=self._clock.time(),
             hook_state="queued" if config.on_batch_complete else "none",
         )
-        # Recorded first: a crash right after it leaves the hook queued, not a second event.
-        await self._journal.record_batch(record)
+        # The manifest first: a stop while it is written leaves the batch to complete
+        # again at the next start (with its manifest), not recorded without one.
         written = await self._write_manifest(config, record)
+        # Recorded next: a crash right after it leaves the hook queued, not a second event.
+        await self._journal.record_batch(record)
         log.info(
             "batch_complete",
             watch=record.watch,
@@ -452,34 +456,42 @@ class BatchTracker:
     async def _write_manifest(
         self, config: WatchConfig, record: BatchRecord
     ) -> tuple[str, str] | None:
-        """Write the batch's manifest (from the journal's rows, in a thread); returns its
-        path and SHA-256, or None when it could not be written (said in the log)."""
+        """Write the batch's manifest (its journal rows streamed to the file, in a thread);
+        returns its path and SHA-256, or None when it could not be written (logged).
+
+        A stop does not wait for it (a batch of a million files takes seconds): the
+        file is written whole or not at all, and the batch completes again at the next
+        start.
+        """
         path = manifest.batch_path(
             self._journal.path.parent, record.watch, record.name, record.completed_at
         )
+        header = manifest.header_of(
+            parse_s3_uri(record.destination),
+            record.watch,
+            record.name,
+            config.path,
+            record.files,
+            record.bytes,
+        )
+
+        stopping = threading.Event()
 
         def work() -> str:
-            uploads = read_uploads(self._journal.path, record.watch, record.name) or {}
-            built = manifest.build(
-                uploads.values(),
-                parse_s3_uri(record.destination),
-                record.watch,
-                record.name,
-                config.path,
-            )
-            return manifest.write(built, path)
+            uploads = iter_uploads(self._journal.path, record.watch, record.name)
+            entries = map(manifest.entry_of, uploads)
+            return manifest.write_stream(header, entries, path, stopping.is_set)
 
+        fields = {"watch": record.watch, "batch": record.name, "path": str(path)}
         try:
-            digest = await anyio.to_thread.run_sync(work)
-        except OSError as exc:
-            log.warning(
-                "manifest_not_written",
-                watch=record.watch,
-                batch=record.name,
-                path=str(path),
-                error=exc.strerror or str(exc),
-            )
+            digest = await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except (OSError, sqlite3.Error, manifest.ManifestError) as exc:
+            log.warning("manifest_not_written", error=str(exc), **fields)
             return None
+        except anyio.get_cancelled_exc_class():
+            stopping.set()  # the thread gives up within a few thousand lines
+            log.info("manifest_not_written", error="the daemon stopped first", **fields)
+            raise
         written = (str(path), digest)
         self._manifests[(record.watch, record.name, record.completed_at)] = written
         return written

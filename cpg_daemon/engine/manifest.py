@@ -25,13 +25,15 @@ completes again gets a new one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,56 +100,101 @@ def _time(seconds: float | None) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def build(
-    uploads: Iterable[Upload], destination: S3Location, watch: str, batch: str, root: Path
-) -> Manifest:
-    """A manifest of these uploads (from the journal), in key order."""
-    entries = tuple(
-        sorted(
-            (
-                Entry(
-                    key=upload.key,
-                    size=upload.size,
-                    checksum_algorithm=upload.checksum_algorithm,
-                    checksum=upload.checksum,
-                    etag=upload.etag.strip('"'),
-                    mtime=_time(upload.mtime_ns / 1e9),
-                    uploaded_at=_time(upload.uploaded_at),
-                )
-                for upload in uploads
-            ),
-            key=lambda entry: entry.key,
-        )
+def entry_of(upload: Upload) -> Entry:
+    return Entry(
+        key=upload.key,
+        size=upload.size,
+        checksum_algorithm=upload.checksum_algorithm,
+        checksum=upload.checksum,
+        etag=upload.etag.strip('"'),
+        mtime=_time(upload.mtime_ns / 1e9),
+        uploaded_at=_time(upload.uploaded_at),
     )
-    header = Header(
+
+
+def header_of(
+    destination: S3Location, watch: str, batch: str, root: Path, files: int, size: int
+) -> Header:
+    return Header(
         destination=str(destination),
         watch=watch,
         batch=batch,
         source=f"{socket.gethostname()}:{root}",
         tool=f"cpg-daemon {__version__}",
         created_at=_time(time.time()),
-        files=len(entries),
-        bytes=sum(entry.size for entry in entries),
+        files=files,
+        bytes=size,
     )
-    return Manifest(header, entries)
+
+
+def build(
+    uploads: Iterable[Upload], destination: S3Location, watch: str, batch: str, root: Path
+) -> Manifest:
+    """A manifest of these uploads (from the journal), in key order."""
+    entries = tuple(sorted((entry_of(u) for u in uploads), key=lambda entry: entry.key))
+    size = sum(entry.size for entry in entries)
+    return Manifest(header_of(destination, watch, batch, root, len(entries), size), entries)
+
+
+def _line(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def _header_line(header: Header) -> bytes:
+    fields = {"format": header.format}
+    fields.update((k, v) for k, v in dataclasses.asdict(header).items() if k != "format")
+    return _line(fields)
 
 
 def encode(manifest: Manifest) -> bytes:
-    header = {"format": manifest.header.format}
-    header.update((k, v) for k, v in dataclasses.asdict(manifest.header).items() if k != "format")
-    lines = [json.dumps(header, ensure_ascii=False)]
-    lines += [json.dumps(dataclasses.asdict(e), ensure_ascii=False) for e in manifest.entries]
-    return ("\n".join(lines) + "\n").encode("utf-8")
+    return _header_line(manifest.header) + b"".join(
+        _line(dataclasses.asdict(entry)) for entry in manifest.entries
+    )
 
 
 def write(manifest: Manifest, path: Path) -> str:
     """Write the manifest (and ``PATH.sha256``) atomically; returns its SHA-256. Blocking."""
-    data = encode(manifest)
-    digest = hashlib.sha256(data).hexdigest()
+    return write_stream(manifest.header, manifest.entries, path)
+
+
+def write_stream(
+    header: Header,
+    entries: Iterable[Entry],
+    path: Path,
+    stopped: Callable[[], bool] = lambda: False,
+) -> str:
+    """Write a manifest entry by entry (memory stays flat for a million objects), then
+    ``PATH.sha256``; atomically (a new file renamed in place); returns its SHA-256.
+    Blocking. ``entries`` must be in key order and as many as the header says;
+    ``stopped()`` turning true gives up (ManifestError), leaving no file behind."""
+    digest = hashlib.sha256()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, data)
-    _write_atomically(path.with_name(path.name + ".sha256"), f"{digest}  {path.name}\n".encode())
-    return digest
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    count = 0
+    try:
+        with open(temporary, "wb") as out:
+            for data in itertools.chain(
+                (_header_line(header),), (_line(dataclasses.asdict(e)) for e in entries)
+            ):
+                digest.update(data)
+                out.write(data)
+                count += 1
+                if count % 4096 == 0 and stopped():
+                    raise ManifestError(f"{path}: not written, the daemon is stopping")
+            out.flush()
+            os.fsync(out.fileno())
+        if count - 1 != header.files:
+            raise ManifestError(
+                f"{path}: {count - 1:,} objects written but the header says {header.files:,} "
+                "(the journal changed meanwhile)"
+            )
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    hexdigest = digest.hexdigest()
+    _write_atomically(path.with_name(path.name + ".sha256"), f"{hexdigest}  {path.name}\n".encode())
+    return hexdigest
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -26,7 +26,7 @@ from cpg_daemon.journal.files import (
 )
 from cpg_daemon.journal.journal import Journal
 from cpg_daemon.journal.lock import JOURNAL_NAME, LOCK_NAME, lock_state_dir
-from cpg_daemon.journal.reader import Upload, read_uploads
+from cpg_daemon.journal.reader import Upload, iter_uploads, read_uploads
 from cpg_daemon.journal.schema import SCHEMA_VERSION
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "Upload",
     "check_integrity",
     "damaged_error",
+    "iter_uploads",
     "lock_state_dir",
     "move_aside",
     "read_uploads",

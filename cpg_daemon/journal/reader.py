@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,31 +44,36 @@ def read_uploads(path: Path, watch: str, folder: str = "") -> dict[str, Upload] 
     if not path.is_file():
         return None
     try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            db.row_factory = sqlite3.Row
-            query = (
-                "SELECT rel_path, key, size, mtime_ns, etag, checksum_algorithm, checksum, "
-                "uploaded_at FROM files WHERE watch=? AND state='uploaded'"
-            )
-            arguments: tuple[object, ...] = (watch,)
-            if folder:  # one range of the (watch, rel_path) index: "folder/" to "folder0"
-                query += " AND rel_path>=? AND rel_path<?"
-                arguments += (os.fsencode(folder) + b"/", os.fsencode(folder) + b"0")
-            rows = db.execute(query, arguments).fetchall()
+        return {upload.rel_path: upload for upload in iter_uploads(path, watch, folder)}
     except sqlite3.Error as exc:
         log.warning("journal_not_read", journal=str(path), error=str(exc))
         return None
-    uploads = (
-        Upload(
-            os.fsdecode(row["rel_path"]),
-            row["key"],
-            row["size"],
-            row["mtime_ns"],
-            row["etag"] or "",
-            row["checksum_algorithm"] or "",
-            row["checksum"] or "",
-            row["uploaded_at"],
+
+
+def iter_uploads(path: Path, watch: str, folder: str = "") -> Iterator[Upload]:
+    """The uploaded files of a watch (or one folder of it) in rel_path order, one at a
+    time: a million rows cost no more memory than one. Raises sqlite3.Error.
+
+    Blocking: run it in a thread.
+    """
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        db.row_factory = sqlite3.Row
+        query = (
+            "SELECT rel_path, key, size, mtime_ns, etag, checksum_algorithm, checksum, "
+            "uploaded_at FROM files WHERE watch=? AND state='uploaded'"
         )
-        for row in rows
-    )
-    return {upload.rel_path: upload for upload in uploads}
+        arguments: tuple[object, ...] = (watch,)
+        if folder:  # one range of the (watch, rel_path) index: "folder/" to "folder0"
+            query += " AND rel_path>=? AND rel_path<?"
+            arguments += (os.fsencode(folder) + b"/", os.fsencode(folder) + b"0")
+        for row in db.execute(query + " ORDER BY rel_path", arguments):
+            yield Upload(
+                os.fsdecode(row["rel_path"]),
+                row["key"],
+                row["size"],
+                row["mtime_ns"],
+                row["etag"] or "",
+                row["checksum_algorithm"] or "",
+                row["checksum"] or "",
+                row["uploaded_at"],
+            )
