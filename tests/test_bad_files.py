@@ -92,8 +92,8 @@ def _all_objects(s3_client: Any, bucket: str) -> dict[str, dict[str, Any]]:
 # -- a burst of small files ---------------------------------------------------------------
 
 
-BURST = int(os.environ.get("CPG_BURST_FILES", "4000"))
-"""Files written at once: 4,000 in CI, 10,000 in the long form (CPG_BURST_FILES=10000)."""
+BURST = int(os.environ.get("CPG_BURST_FILES", "2000"))
+"""Files written at once: 2,000 in CI, 10,000 in the long form (CPG_BURST_FILES=10000)."""
 
 
 @pytest.mark.timeout(420)  # the wait below may take 300 s on a loaded machine
