@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --manifest: read without keys (the public gallery bucket, after a transfer)",
     )
+    verify.add_argument("--region", default=None, help="with --manifest: the AWS region")
     _socket_args(verify)
 
     manifest = commands.add_parser(
@@ -762,38 +763,21 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _verify_against_manifest(args: argparse.Namespace) -> Any:
-    """``verify --manifest``: with -c's [s3]/[credentials], else --endpoint-url/--profile."""
-    from cpg_daemon.core.config import DaemonConfig, WatchConfig
+    """``verify --manifest``: with -c's [s3]/[credentials], else --endpoint-url/--profile,
+    or no keys at all (--no-sign-request)."""
     from cpg_daemon.engine import manifest
 
     listed = manifest.read(args.manifest)
     destination = parse_s3_uri(args.destination) if args.destination else listed.destination
-    if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
-        loaded = _load(args)
-        s3, credentials = loaded.s3, loaded.credentials
-    else:
-        s3 = S3Config(endpoint_url=args.endpoint_url or "")
-        credentials = (
-            CredentialsConfig(source="profile", profile=args.profile)
-            if args.profile
-            else CredentialsConfig(),
-        )
-    # A watch with no folder: only its destination (and the keys that cover it) count.
-    watch = WatchConfig("manifest", Path(os.devnull), destination)
-    config = Config(None, DaemonConfig(), s3, credentials, (watch,))
+    if args.no_sign_request and args.profile:
+        raise ValueError("--no-sign-request and --profile exclude each other")
+    s3, credentials, state_dir = _read_access(args, destination)
     logs.configure("console", "error")
 
     async def run() -> Any:
         from cpg_daemon.engine.dataset import open_store
-        from cpg_daemon.engine.grants import Grants, assign
 
-        if args.no_sign_request:
-            async with open_store(s3, None) as unsigned:
-                return await manifest.verify_manifest(listed, unsigned, destination)
-        assignment = await anyio.to_thread.run_sync(assign, config)
-        async with Grants.open(config, assignment) as grants:
-            await grants.obtain()
-            store = grants.table(config, assignment)["manifest"].grant.store
+        async with open_store(s3, credentials, state_dir) as store:
             return await manifest.verify_manifest(listed, store, destination)
 
     return anyio.run(run)
@@ -876,11 +860,13 @@ def _check_dataset(args: argparse.Namespace) -> int:
         if args.no_sign_request and args.profile:
             return bad("--no-sign-request and --profile exclude each other")
         try:
-            s3, credentials = _dataset_access(args, location)
+            s3, credentials, state_dir = _read_access(args, location)
         except ValueError as exc:
             return bad(str(exc))
         checked = anyio.run(
-            lambda: dataset.check_s3(location, s3, credentials, concurrency=concurrency)
+            lambda: dataset.check_s3(
+                location, s3, credentials, concurrency=concurrency, state_dir=state_dir
+            )
         )
         target = str(location)
     report, listing = checked.report, checked.listing
@@ -894,14 +880,17 @@ def _check_dataset(args: argparse.Namespace) -> int:
     return EXIT_OK if report.complete else EXIT_PROBLEM
 
 
-def _dataset_access(
+def _read_access(
     args: argparse.Namespace, location: S3Location
-) -> tuple[S3Config, CredentialsConfig | None]:
-    """S3 settings and keys for check-dataset, as upload takes them (ValueError: why not)."""
-    s3, credentials = S3Config(), CredentialsConfig()
+) -> tuple[S3Config, CredentialsConfig | None, Path | None]:
+    """S3 settings, keys (None: unsigned) and the state folder (for handed-over keys) to
+    read ``location`` with, for check-dataset and verify --manifest: the -c config's
+    entry that covers it, else --profile, the environment, or --no-sign-request
+    (ValueError: why not)."""
+    s3, credentials, state_dir = S3Config(), CredentialsConfig(), None
     if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
         config = _load(args)
-        s3 = config.s3
+        s3, state_dir = config.s3, config.daemon.state_dir
         covering = [c for c in config.credentials if target_covers(c.target, location)]
         if covering:
             credentials = max(covering, key=lambda c: len(c.target))
@@ -918,10 +907,10 @@ def _dataset_access(
         changes["region"] = args.region
     s3 = replace(s3, **changes)
     if args.no_sign_request:
-        return s3, None
+        return s3, None, None
     if args.profile is not None:
         credentials = CredentialsConfig(source="profile", profile=args.profile)
-    return s3, credentials
+    return s3, credentials, state_dir
 
 
 def _dataset_lines(report: DatasetReport, target: str, listing: Listing) -> list[str]:

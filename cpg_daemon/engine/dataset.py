@@ -118,9 +118,10 @@ def is_source_folder(root: Path) -> bool:
 
 @asynccontextmanager
 async def open_store(
-    s3: S3Config, credentials: CredentialsConfig | None
+    s3: S3Config, credentials: CredentialsConfig | None, state_dir: Path | None = None
 ) -> AsyncIterator[Storage]:
-    """A store that lists with these keys (``None``: unsigned requests, no keys at all).
+    """A store that lists with these keys (``None``: unsigned requests, no keys at all;
+    ``state_dir``: where handed-over keys are kept).
 
     Keys an entry renews itself (Access Grants, a role) are obtained first; the listing
     takes minutes at most, well inside their lifetime. Only botocore is needed: no file
@@ -136,7 +137,7 @@ async def open_store(
         async with ObjectStore.connect(session, s3, unsigned=True) as store:
             yield store
         return
-    provider = await anyio.to_thread.run_sync(make_provider, credentials, s3.region)
+    provider = await anyio.to_thread.run_sync(make_provider, credentials, s3.region, state_dir)
     if isinstance(provider, RenewingProvider) and not await provider.renew_now():
         stats = provider.statistics()
         raise CredentialsError(f"credentials {stats.target}: {stats.last_error}")
@@ -150,12 +151,13 @@ async def check_s3(
     credentials: CredentialsConfig | None,
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
+    state_dir: Path | None = None,
 ) -> Checked:
     """List ``s3://bucket/<project>/[<source>/]`` and analyse it."""
     project, _, rest = location.prefix.partition("/")
     source = rest.rstrip("/") or None
     s3 = replace(s3, max_concurrency=concurrency)  # the client's connection pool
-    async with open_store(s3, credentials) as store:
+    async with open_store(s3, credentials, state_dir) as store:
         listing = await list_prefix(
             store,
             location,
