@@ -88,11 +88,12 @@ def _fill(folder: Path) -> Path:
     """Write a file until the filesystem holding ``folder`` has no space left."""
     filler = folder / "filler"
     chunk = b"\0" * 65536
-    with open(filler, "wb") as out:
+    # Unbuffered: a buffered file keeps what the last write could not place and raises
+    # ENOSPC again when it is closed.
+    with open(filler, "wb", buffering=0) as out:
         try:
-            while True:
-                out.write(chunk)
-                out.flush()
+            while out.write(chunk):
+                pass
         except OSError:
             pass
     return filler
