@@ -43,6 +43,17 @@ def test_the_s3_models_are_preloaded_into_the_sessions_loader() -> None:
     )
 
 
+def test_sessions_of_one_process_share_the_parsed_models() -> None:
+    first, second = aioboto3.Session(), aioboto3.Session(region_name="eu-west-1")
+    _botocore.preload_models(first, "s3")
+    _botocore.preload_models(second, "s3")
+    # The second session's client is built from the first's parsed model, not a new parse.
+    model = _botocore._core(second).get_component("data_loader").load_service_model
+    assert model("s3", "service-2") is _botocore._data_loader(first).load_service_model(
+        "s3", "service-2"
+    )
+
+
 def test_the_endpoint_rule_set_is_read_and_never_refers_to_the_object_key() -> None:
     session = aioboto3.Session()
     ruleset = _botocore.s3_endpoint_ruleset(session)

@@ -45,10 +45,28 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from cpg_daemon.core.errors import CpgError, FatalError
 from cpg_daemon.ops import listeners
+from cpg_daemon.ops.client import (
+    CLIENT_TIMEOUT,
+    PROTOCOL_VERSION,
+    CommandError,
+    NoDaemonError,
+    SocketPermissionError,
+    request,
+)
+
+__all__ = [
+    "CLIENT_TIMEOUT",
+    "PROTOCOL_VERSION",
+    "CommandError",
+    "ControlServer",
+    "NoDaemonError",
+    "Registry",
+    "SocketPermissionError",
+    "request",
+]
 
 log = structlog.get_logger(__name__)
 
-PROTOCOL_VERSION = 1
 MAX_LINE = 64 * 1024
 READ_TIMEOUT = 30.0
 GONE_POLL = 0.5
@@ -56,15 +74,10 @@ GONE_POLL = 0.5
 T = TypeVar("T")
 MAX_CLIENTS = 64
 """Clients served at once; the next ones are told the daemon is busy (see listeners)."""
-CLIENT_TIMEOUT = 10.0
 SYSTEMD_NAME = "control"
 """The control socket's name among the sockets systemd passes (FileDescriptorName=)."""
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
-
-
-class CommandError(Exception):
-    """A request the daemon understood but cannot do (unknown watch, say): an error reply."""
 
 
 @dataclass(frozen=True)
@@ -382,63 +395,3 @@ async def _reply(stream: anyio.abc.SocketStream, reply: dict[str, Any]) -> None:
     body = json.dumps({"v": PROTOCOL_VERSION, **reply}, default=str) + "\n"
     with anyio.fail_after(READ_TIMEOUT):
         await stream.send(body.encode())
-
-
-class NoDaemonError(Exception):
-    """Nothing answered on the socket; the message says what was tried and why it failed."""
-
-
-class SocketPermissionError(NoDaemonError):
-    """The socket is there, but this user may not connect to it."""
-
-
-def request(
-    path: Path,
-    command: str,
-    args: Mapping[str, Any] | None = None,
-    *,
-    timeout: float = CLIENT_TIMEOUT,
-) -> Any:
-    """Send one command to the running daemon (blocking; for the command line)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError:
-            raise NoDaemonError(
-                f"no cpg-daemon is listening on {path}: the daemon is not running, or it "
-                "uses another socket (see daemon.socket, or pass -s / -c)"
-            ) from None
-        except ConnectionRefusedError:
-            raise NoDaemonError(
-                f"no cpg-daemon is listening on {path} (a stale socket: the daemon is not running)"
-            ) from None
-        except PermissionError:
-            raise SocketPermissionError(
-                f"permission denied on {path}: run as root, the daemon's user, or a member "
-                "of daemon.socket_group"
-            ) from None
-        except OSError as exc:
-            raise NoDaemonError(f"cannot connect to {path}: {exc.strerror or exc}") from None
-        line = json.dumps({"v": PROTOCOL_VERSION, "command": command, "args": dict(args or {})})
-        # Turned away (busy) before the request was read: the reply is here all the same.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            sock.sendall(line.encode() + b"\n")
-        reply = b""
-        while not reply.endswith(b"\n"):
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                raise NoDaemonError(f"the daemon on {path} closed the connection")
-            reply += chunk
-    except TimeoutError:
-        raise NoDaemonError(f"the daemon on {path} did not answer in {timeout:g} s") from None
-    finally:
-        sock.close()
-    answer = json.loads(reply)
-    if not answer.get("ok"):
-        raise CommandError(str(answer.get("error")))
-    return answer.get("result")

@@ -17,15 +17,16 @@ from cpg_daemon import __version__
 from cpg_daemon.core.bandwidth import describe_rate
 from cpg_daemon.core.text import printable, printable_tree
 from cpg_daemon.core.units import duration, format_size, timestamp
-from cpg_daemon.journal import FILE_STATES, FileState, JournalStatistics
 
-if TYPE_CHECKING:  # the snapshots' types only: `cpg-daemon status` imports no S3 client
+if TYPE_CHECKING:  # the snapshots' types only: `cpg-daemon status` imports no S3 client,
+    # nor the journal (the daemon's side, gather(), imports it when it runs)
     from cpg_daemon.core.config import WatchConfig
     from cpg_daemon.discovery.watcher import WatcherStatistics
     from cpg_daemon.engine.batches import BatchStatistics
     from cpg_daemon.engine.pacing import BandwidthStatistics
     from cpg_daemon.engine.scheduler import RecentError, SchedulerStatistics
     from cpg_daemon.engine.uploader import UploaderStatistics
+    from cpg_daemon.journal import FileState, JournalStatistics
     from cpg_daemon.s3.credentials import CredentialStatistics
 
 
@@ -181,6 +182,8 @@ def gather(
     config: ConfigStatus,
 ) -> StatusReply:
     """The status object (required fields per INTERFACE.md, and a few more)."""
+    from cpg_daemon.journal import FILE_STATES
+
     settling = {w.name: w for w in watchers}
     per_watch: list[WatchStatus] = []
     for watch in watches:

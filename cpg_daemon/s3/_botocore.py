@@ -33,9 +33,28 @@ def _core(session: aioboto3.Session) -> Any:
     return session._session
 
 
+_loaders: dict[Any, Any] = {}
+"""One botocore model loader per data path, shared by every session of the process."""
+
+
 def _data_loader(session: aioboto3.Session) -> Any:
-    """botocore's loader of model files: an internal component of the session."""
-    return _core(session).get_component("data_loader")
+    """botocore's loader of model files: an internal component of the session, replaced
+    by the process's shared one for the same data path.
+
+    Each session makes a loader of its own, which parses S3's model files again (about
+    80 ms of CPU): a daemon makes a session per set of keys and per renewal, a one-shot
+    command several. The loader only reads files and caches what it parsed; the parsed
+    models are never changed, so sessions can share them.
+    """
+    core = _core(session)
+    path = core.get_config_variable("data_path")
+    with _building:
+        shared = _loaders.get(path)
+        if shared is None:
+            shared = _loaders[path] = core.get_component("data_loader")
+        else:
+            core.register_component("data_loader", shared)
+    return shared
 
 
 def preload_models(session: aioboto3.Session, service: str) -> None:
@@ -45,8 +64,8 @@ def preload_models(session: aioboto3.Session, service: str) -> None:
     on a busy machine); called in a worker thread first, the client built next finds
     them in memory instead of parsing them on the event loop.
     """
+    loader = _data_loader(session)
     with _building:
-        loader = _data_loader(session)
         loader.load_service_model(service, "service-2")
         for kind in ("endpoint-rule-set-1", "paginators-1"):
             with contextlib.suppress(DataNotFoundError):  # not every service has them
