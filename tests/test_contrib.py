@@ -35,6 +35,7 @@ def _exposed() -> str:
             }
         ],
         "throughput_bytes_per_s": 0.0,
+        "requests_allowed": 24,
         "bandwidth": {"limit_bytes_per_s": 2_000_000, "schedule": "08:00,2MB 19:00,off"},
         "credentials": [
             {"target": "s3://b/p/*", "state": "valid", "expires_at": "2027-01-01T00:00:00+00:00"}
@@ -43,11 +44,12 @@ def _exposed() -> str:
     return exposition(status, tally).decode()  # type: ignore[arg-type]
 
 
-def test_the_bandwidth_limit_in_force_is_a_gauge() -> None:
+def test_the_bandwidth_limit_and_the_requests_allowed_are_gauges() -> None:
     values = {
         s.name: s.value for f in text_string_to_metric_families(_exposed()) for s in f.samples
     }
     assert values["cpg_daemon_bandwidth_limit_bytes_per_second"] == 2_000_000
+    assert values["cpg_daemon_requests_allowed"] == 24
 
 
 def _sample_names(text: str) -> set[str]:

@@ -17,10 +17,12 @@ from structlog.testing import capture_logs
 from cpg_daemon.core.bandwidth import parse_bandwidth
 from cpg_daemon.core.clock import ManualClock
 from cpg_daemon.engine.pacing import (
+    IN_FLIGHT_START,
     RETRY_MAX,
     THROTTLE_MAX,
     Bandwidth,
     BandwidthStatistics,
+    InFlightPolicy,
     MemoryBudget,
     SlowDownPacer,
     TokenBucket,
@@ -511,3 +513,79 @@ async def test_wait_event_ends_at_the_event_or_after_the_time_on_the_clock() -> 
     assert ended == [2.0, 2.0]
     assert clock.sleepers == 0  # the other timer is gone
     await wait_event(event, 100.0, clock)  # already set: no wait
+
+
+# -- requests in flight -------------------------------------------------------------------
+
+
+def _run_link(
+    policy: InFlightPolicy,
+    seconds: float,
+    *,
+    rtt: float,
+    size: int,
+    most_per_s: float,
+    queued: bool = True,
+) -> list[int]:
+    """Feed the policy what a link would show: ``limit`` requests of ``size`` bytes in
+    flight, each taking ``rtt``, and at most ``most_per_s`` finished a second (the
+    client's CPU or the link's bandwidth). Returns the number allowed, second by second."""
+    now, seen, next_second = 0.0, [], 1.0
+    while now < seconds:
+        per_s = min(policy.limit / rtt, most_per_s)
+        now += 1 / per_s
+        new = policy.finished(now, size, saturated=queued)
+        assert new is None or new == policy.limit
+        if now >= next_second:
+            seen.append(policy.limit)
+            next_second += 1.0
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("rtt", "most_per_s", "at_least", "at_most"),
+    [
+        (0.100, 450.0, 45, 64),  # 100 ms away, 450 files/s of CPU: 45 are needed
+        (0.040, 450.0, 18, 40),  # 40 ms: 18 are needed
+        (0.001, 450.0, 16, 16),  # loopback: 16 already fill the CPU, more are undone
+    ],
+)
+def test_the_requests_allowed_climb_to_what_the_link_needs_and_no_further(
+    rtt: float, most_per_s: float, at_least: int, at_most: int
+) -> None:
+    policy = InFlightPolicy(64)
+    seen = _run_link(policy, 60, rtt=rtt, size=64 * 1024, most_per_s=most_per_s)
+    settled = seen[20:]
+    assert min(settled) >= at_least, seen
+    # Most of the time at most what is needed; a probe of half as many again now and
+    # then (undone within seconds).
+    assert sorted(settled)[len(settled) * 3 // 4] <= at_most, seen
+    assert max(settled) <= max(at_most * 3 // 2, at_most + 2), seen
+
+
+def test_without_files_waiting_the_number_stays() -> None:
+    """Fewer requests than allowed: the number is not what holds the uploads back."""
+    policy = InFlightPolicy(64)
+    seen = _run_link(policy, 30, rtt=0.1, size=64 * 1024, most_per_s=450, queued=False)
+    assert set(seen) == {IN_FLIGHT_START}
+
+
+def test_failures_cut_a_third_and_the_climb_waits() -> None:
+    policy = InFlightPolicy(64)
+    _run_link(policy, 30, rtt=0.1, size=64 * 1024, most_per_s=450)
+    high = policy.limit
+    assert policy.failed() == high * 2 // 3
+    for _ in range(20):
+        policy.failed()
+    assert policy.limit == 4  # the floor
+    # After failures, a few seconds pass before the first step up.
+    seen = _run_link(policy, 10, rtt=0.1, size=64 * 1024, most_per_s=450)
+    assert seen[:5] == [4] * 5, seen
+
+
+def test_the_ceiling_is_max_concurrency_even_below_the_start() -> None:
+    policy = InFlightPolicy(8)
+    assert policy.limit == 8
+    seen = _run_link(policy, 30, rtt=0.1, size=64 * 1024, most_per_s=450)
+    assert max(seen) == 8
+    assert InFlightPolicy(2).failed() is None  # the floor is the ceiling's when lower

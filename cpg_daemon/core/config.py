@@ -80,7 +80,7 @@ class S3Config:
     region: str = "us-east-1"
     endpoint_url: str = ""
     acl: str = "bucket-owner-full-control"
-    max_concurrency: int = 16
+    max_concurrency: int = 64
     part_size: int = 16 * 1024**2
     multipart_threshold: int = 64 * 1024**2
     checksum: ChecksumName = "CRC32C"
@@ -514,7 +514,7 @@ def _s3(reader: _Reader, table: Mapping[str, Any]) -> S3Config:
         region=reader.get(table, w, "region", _string, d.region) or d.region,
         endpoint_url=reader.get(table, w, "endpoint_url", _endpoint, ""),
         acl=reader.get(table, w, "acl", _choice(*CANNED_ACLS), d.acl),
-        max_concurrency=reader.get(table, w, "max_concurrency", _int_range(1, 1024), 16),
+        max_concurrency=reader.get(table, w, "max_concurrency", _int_range(1, 1024), 64),
         part_size=reader.get(
             table, w, "part_size", _size_range(MIN_PART_SIZE, MAX_PART_SIZE), d.part_size
         ),

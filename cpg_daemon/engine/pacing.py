@@ -290,6 +290,106 @@ class Bandwidth:
         return BandwidthStatistics(self.rate(), self._limit.text)
 
 
+IN_FLIGHT_START = 16
+"""Requests in flight at start: the old fixed number, right on a LAN or loopback."""
+IN_FLIGHT_FLOOR = 4
+IN_FLIGHT_WINDOW = 1.0
+"""Seconds of uploading per measurement of the throughput."""
+IN_FLIGHT_SAMPLES = 8
+"""Requests finished per measurement, at least."""
+IN_FLIGHT_GAIN = 0.08
+"""A step up is kept when the throughput grew by this fraction; else it is undone."""
+IN_FLIGHT_PROBE = 15
+"""Measurements held at one number before another step up is tried."""
+IN_FLIGHT_REQUEST_COST = 16 * 1024
+"""Bytes a request counts for besides its body: 4 KiB files count for their requests."""
+
+
+class InFlightPolicy:
+    """How many requests may be in flight: climbs while the throughput climbs.
+
+    On a link with a long round trip, each request spends most of its time waiting
+    for the other end, and only more of them at once fill the link; on loopback or a
+    LAN more of them only cost memory and CPU. Neither is known in advance, so the
+    number is measured: each window of ``IN_FLIGHT_WINDOW`` seconds in which the
+    requests were the limit (every slot taken, or files waiting for one) yields a
+    throughput (body bytes plus ``IN_FLIGHT_REQUEST_COST`` a request, per second).
+    The number then steps up by half; a step that did not raise the throughput by
+    ``IN_FLIGHT_GAIN`` is undone, and the next try comes ``IN_FLIGHT_PROBE`` windows
+    later. Errors (SlowDown, timeouts, 5xx) cut it by a third at once. It stays
+    between ``IN_FLIGHT_FLOOR`` and ``ceiling`` (``s3.max_concurrency``).
+
+    A time policy like the others here: handed ``now`` and the facts, it answers
+    with the new number, and never waits.
+    """
+
+    def __init__(self, ceiling: int, start: int = IN_FLIGHT_START) -> None:
+        self.ceiling = max(1, ceiling)
+        self.floor = min(IN_FLIGHT_FLOOR, self.ceiling)
+        self.limit = max(self.floor, min(start, self.ceiling))
+        self._since: float | None = None
+        self._amount = 0
+        self._done = 0
+        self._busy = 0
+        self._base: tuple[int, float] | None = None
+        """(number, throughput) before the step being tried; None: no step is tried."""
+        self._held = 0
+        """Measurements since the last step up, or since one was undone."""
+        self._skip = True
+        """The first window after a change mixes the two numbers: it is not used."""
+
+    def finished(self, now: float, amount: int, saturated: bool) -> int | None:
+        """A request's body of ``amount`` bytes went through at ``now``; ``saturated``:
+        every slot was taken, or someone was waiting for one. Returns the new number
+        of requests allowed when it changes."""
+        if self._since is None:
+            self._since = now
+        self._amount += amount + IN_FLIGHT_REQUEST_COST
+        self._done += 1
+        self._busy += saturated
+        elapsed = now - self._since
+        if elapsed < IN_FLIGHT_WINDOW or self._done < IN_FLIGHT_SAMPLES:
+            return None
+        throughput = self._amount / elapsed
+        limited = 2 * self._busy >= self._done
+        self._since, self._amount, self._done, self._busy = now, 0, 0, 0
+        if self._skip:
+            self._skip = False
+            return None
+        if not limited:
+            return None  # fewer requests than allowed: the number was not what held back
+        return self._measured(throughput)
+
+    def _measured(self, throughput: float) -> int | None:
+        if self._base is not None:
+            number, before = self._base
+            self._base = None
+            if throughput < before * (1 + IN_FLIGHT_GAIN):
+                self._held = 1  # the next try comes IN_FLIGHT_PROBE windows later
+                return self._set(number)  # no better: back to fewer
+            self._held = 0  # it paid: on up at once
+        self._held += 1
+        if self.limit < self.ceiling and (self._held == 1 or self._held > IN_FLIGHT_PROBE):
+            self._base = (self.limit, throughput)
+            return self._set(min(self.ceiling, max(self.limit + 2, self.limit * 3 // 2)))
+        return None
+
+    def failed(self) -> int | None:
+        """A request failed the way a congested link or server fails (SlowDown, a
+        timeout, a 5xx): a third fewer at once, and no step up for a while."""
+        self._base = None
+        self._held = 1
+        return self._set(max(self.floor, self.limit * 2 // 3))
+
+    def _set(self, number: int) -> int | None:
+        if number == self.limit:
+            return None
+        self.limit = number
+        self._skip = True
+        self._since, self._amount, self._done, self._busy = None, 0, 0, 0
+        return number
+
+
 class MemoryBudget:
     """Bytes of request bodies in memory, shared by all uploads, first come first served.
 

@@ -25,6 +25,7 @@ from cpg_daemon.core.errors import CpgError
 from cpg_daemon.discovery.watcher import Watcher, WatcherStatistics
 from cpg_daemon.engine.batches import BatchTracker
 from cpg_daemon.engine.grants import Assignment, Connect, Grants, assign
+from cpg_daemon.engine.pacing import InFlightPolicy
 from cpg_daemon.engine.scheduler import Scheduler
 from cpg_daemon.engine.uploader import Uploader
 from cpg_daemon.engine.watches import ReloadPlan, WatchTable, plan_reload
@@ -73,7 +74,11 @@ class Engine:
         self.resumed = resumed
         self.table: WatchTable = grants.table(config, assignment)
         self.uploader = Uploader(
-            journal, config.s3, anyio.CapacityLimiter(config.s3.max_concurrency), clock=clock
+            journal,
+            config.s3,
+            anyio.CapacityLimiter(config.s3.max_concurrency),
+            clock=clock,
+            in_flight=InFlightPolicy(config.s3.max_concurrency),
         )
         self.scheduler = Scheduler(
             journal,

@@ -195,7 +195,8 @@ class Scheduler:
                 await self._clock.sleep(pause)
                 continue
             idle = self._slowdown.claim_limit(self._in_hand, self._busy)
-            if idle == 0:
+            idle = min(idle, self._uploader.files_at_once(self._workers) - self._in_hand)
+            if idle <= 0:
                 self._room = anyio.Event()
                 await self._room.wait()  # a probe finished
                 continue
@@ -290,7 +291,8 @@ class Scheduler:
             except SkipFileError as exc:
                 await self._uploader.abort(store, record)
                 await self._fail(record, path, str(exc))
-            except RetryableError as exc:
+            except RetryableError as exc:  # a timeout, a 5xx, a connection lost
+                self._uploader.congested()
                 await self._retry_or_fail(store, record, path, str(exc))
             except CpgError as exc:
                 await self._fail(record, path, str(exc))
@@ -306,6 +308,7 @@ class Scheduler:
     async def _throttled(self, record: FileRecord, path: Path, error: str) -> None:
         """S3 throttled this file's requests: put it back, hold back the others."""
         self.tally.throttled(record.watch)
+        self._uploader.congested()
         pause = self._slowdown.throttled(self._clock.monotonic(), error)
         if pause is not None:
             log.warning(

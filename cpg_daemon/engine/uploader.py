@@ -26,7 +26,7 @@ from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import S3Config
 from cpg_daemon.core.errors import CpgError, FileChangedError, RetryableError, UploadGoneError
 from cpg_daemon.core.objectkeys import PartRange, choose_part_size, part_count, part_ranges
-from cpg_daemon.engine.pacing import Bandwidth, MemoryBudget
+from cpg_daemon.engine.pacing import Bandwidth, InFlightPolicy, MemoryBudget
 from cpg_daemon.journal import FileRecord, Journal, PartRecord
 from cpg_daemon.s3.store import RemoteObject, Storage
 
@@ -42,6 +42,8 @@ class UploaderStatistics:
     files_uploaded: int
     throughput_bytes_per_s: float
     """Bytes sent per second over the last THROUGHPUT_WINDOW seconds."""
+    requests_allowed: int = 0
+    """Requests allowed in flight now (adapted to the link, up to s3.max_concurrency)."""
 
 
 THROUGHPUT_WINDOW = 20.0
@@ -93,10 +95,15 @@ class Uploader:
         limiter: anyio.CapacityLimiter,
         *,
         clock: Clock = SYSTEM_CLOCK,
+        in_flight: InFlightPolicy | None = None,
     ) -> None:
+        """``in_flight``: adapts the limiter's size to the link (else it stays as given)."""
         self._journal = journal
         self._s3 = s3
         self._limiter = limiter
+        self._in_flight = in_flight
+        if in_flight is not None:
+            limiter.total_tokens = in_flight.limit
         self._clock = clock
         self.bandwidth = Bandwidth(s3.max_bandwidth, clock)
         """``s3.max_bandwidth``: paces the request bodies as they are written."""
@@ -113,11 +120,36 @@ class Uploader:
             self._bytes_sent,
             self._files_uploaded,
             round(self._rate.per_second(), 1),
+            int(stats.total_tokens),
         )
 
     def _sent(self, amount: int) -> None:
+        """A request's body went through (called while it still holds its slot)."""
         self._bytes_sent += amount
         self._rate.add(amount)
+        if self._in_flight is not None:
+            stats = self._limiter.statistics()
+            saturated = stats.borrowed_tokens >= stats.total_tokens or stats.tasks_waiting > 0
+            now = self._clock.monotonic()
+            self._allow(self._in_flight.finished(now, amount, bool(saturated)))
+
+    def congested(self) -> None:
+        """A request failed as an overloaded link or server fails: fewer at once."""
+        if self._in_flight is not None:
+            self._allow(self._in_flight.failed())
+
+    def files_at_once(self, workers: int) -> int:
+        """Files worth having in hand: those the requests allowed can serve, and half as
+        many again waiting (which shows the requests are the limit), within ``workers``."""
+        allowed = int(self._limiter.total_tokens)
+        return min(workers, allowed + max(2, allowed // 2))
+
+    def _allow(self, number: int | None) -> None:
+        if number is None:
+            return
+        before = int(self._limiter.total_tokens)
+        self._limiter.total_tokens = number
+        log.debug("requests_allowed", allowed=number, before=before)
 
     async def upload(self, store: Storage, record: FileRecord, path: Path) -> Outcome:
         """Upload one file. Raises an error class from ``errors`` when it cannot."""

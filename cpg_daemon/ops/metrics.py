@@ -116,6 +116,12 @@ def _journal_families(status: StatusReply) -> Iterator[Metric]:
         value=status["throughput_bytes_per_s"],
     )
     yield GaugeMetricFamily(
+        "cpg_daemon_requests_allowed",
+        "Requests allowed in flight now: adapted to the link (more on a long round trip), "
+        "up to s3.max_concurrency",
+        value=status["requests_allowed"],
+    )
+    yield GaugeMetricFamily(
         "cpg_daemon_bandwidth_limit_bytes_per_second",
         "The s3.max_bandwidth limit in force now (it follows a timetable); 0 = unlimited",
         value=status["bandwidth"]["limit_bytes_per_s"],

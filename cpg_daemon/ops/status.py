@@ -153,6 +153,7 @@ class StatusReply(TypedDict):
     bandwidth: BandwidthStatus
     eta_s: int | None
     requests_in_flight: int
+    requests_allowed: int
     credentials: list[CredentialStatus]
     watches: list[WatchStatus]
     recent_errors: list[RecentErrorStatus]
@@ -229,6 +230,7 @@ def gather(
         },
         "eta_s": round(queued_bytes / throughput) if throughput > 0 and queued_bytes else None,
         "requests_in_flight": uploader.requests_in_flight,
+        "requests_allowed": uploader.requests_allowed,
         "credentials": [
             {
                 "target": c.target,
