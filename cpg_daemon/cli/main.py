@@ -135,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("dest", metavar="DEST", help="destination folder, s3://bucket/prefix/")
     _config_arg(upload)
     upload.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint")
-    upload.add_argument("--concurrency", type=int, default=None, help="requests in flight")
+    upload.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="the most requests in flight (default 64; the number adapts to the link below it)",
+    )
     upload.add_argument("--part-size", default=None, help='multipart part size, e.g. "16MiB"')
     upload.add_argument(
         "--acl", default=None, choices=CANNED_ACLS, help="canned ACL ('' sends none)"
