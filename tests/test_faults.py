@@ -380,6 +380,31 @@ def test_slowdown_slows_the_daemon_down_however_many_files_wait(
     assert run.status["files"]["failed"] == 0, run.status
 
 
+def test_a_long_round_trip_gets_more_requests_in_flight(
+    tmp_path: Path, layout: dict[str, Path], proxy: FaultProxy, s3_client: Any, bucket: str
+) -> None:
+    """Every PutObject answered 0.25 s late (a far link, a slow first byte): 16 requests
+    at once fill it far below what the machine can do, so the daemon allows more."""
+    proxy.set_rules(Rule(Fault("stall", seconds=0.25), frozenset({"PutObject"})))
+    rng = random.Random(SEED)
+    files = {f"A/r{i:04d}.tiff": rng.randbytes(2000) for i in range(500)}
+    daemon = _start(tmp_path, layout, proxy, bucket, daemon={"log_level": "debug"})
+    try:
+        _drop(layout["watch"], files)
+        _wait_settled(layout["state"], len(files), 90)
+        status = status_json(daemon.config)
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-4000:]
+    steps = [e["allowed"] for e in daemon.events() if e.get("event") == "requests_allowed"]
+    puts = [s for s in proxy.seen() if s.request.operation == "PutObject"]
+    spread = max(s.at for s in puts) - min(s.at for s in puts)
+    report = f"allowed over time {steps}; {len(puts)} PUTs in {spread:.1f} s; {_report(proxy)}"
+    print(f"\nPutObject 0.25 s late: {report}")
+    assert steps and max(steps) > 16, report
+    assert 16 < status["requests_allowed"] <= 64, (status["requests_allowed"], report)
+    assert _lost(s3_client, bucket, files) == [], report
+
+
 PERSISTENT: dict[str, tuple[S3Error, int, str]] = {
     # file: (the error S3 answers its bytes with forever, its size, what the reason must say)
     "Plate1/crt-500.tiff": (INTERNAL_ERROR, 100_000, r"InternalError|HTTP 5xx"),

@@ -139,10 +139,10 @@ class Uploader:
             self._allow(self._in_flight.failed())
 
     def files_at_once(self, workers: int) -> int:
-        """Files worth having in hand: those the requests allowed can serve, and half as
-        many again waiting (which shows the requests are the limit), within ``workers``."""
+        """Files worth having in hand: those the requests allowed can serve, and a quarter
+        as many again waiting (which shows the requests are the limit), within ``workers``."""
         allowed = int(self._limiter.total_tokens)
-        return min(workers, allowed + max(2, allowed // 2))
+        return min(workers, allowed + max(2, allowed // 4))
 
     def _allow(self, number: int | None) -> None:
         if number is None:
