@@ -17,7 +17,13 @@ from memory_s3 import MemoryStore
 from s3server import S3Server
 
 from cpg_daemon.core.checksums import ALGORITHMS, encode
-from cpg_daemon.core.objectkeys import parse_s3_uri
+from cpg_daemon.core.objectkeys import (
+    is_manifest_key,
+    manifest_folder,
+    manifest_key,
+    parse_s3_uri,
+)
+from cpg_daemon.core.structure import check_key
 from cpg_daemon.engine import manifest
 from cpg_daemon.journal import Upload
 
@@ -140,6 +146,44 @@ async def test_staging_against_a_manifest_names_each_difference(tmp_path: Path) 
         ("stray.csv", "extra"),  # under the batch's folder; Batch2 is not this manifest's
     }
     assert checked.counts["match"] == 3
+
+
+# -- uploaded beside the data (upload_manifest) ----------------------------------------------
+
+
+def test_an_uploaded_manifest_goes_to_the_source_folders_workspace_qc_and_breaks_no_rule(
+    tmp_path: Path,
+) -> None:
+    destination = parse_s3_uri("s3://bkt/cpg0123-example/broad/images/2024_04_01_Batch8/images/")
+    path = manifest.batch_path(tmp_path, "batch8-images", "Plate1", 1_764_693_600.0)
+    assert path.name == "Plate1-20251202T164000Z.jsonl"
+    folder = "cpg0123-example/broad/workspace/qc/upload_manifests/Plate1/"
+    for name in (path.name, path.name + ".sha256"):
+        key = manifest_key(destination, "Plate1", name)
+        assert key == folder + name
+        assert check_key(key) == []  # the gallery's folder rules, required and advice alike
+        assert is_manifest_key(key)
+    assert manifest_folder(parse_s3_uri("s3://bkt/cpg0123-example/broad/")) == parse_s3_uri(
+        "s3://bkt/cpg0123-example/broad/workspace/qc/upload_manifests/"
+    )
+    with pytest.raises(ValueError, match="not under a <project>/<source>/ folder"):
+        manifest_folder(parse_s3_uri("s3://bkt/cpg0123-example/"))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "cpg0123-example/broad/workspace/qc/upload_manifests/Plate1/notes.jsonl",
+        "cpg0123-example/broad/workspace/qc/upload_manifests/Plate1-20251202T164000Z.jsonl",
+        "cpg0123-example/broad/workspace/qc/Plate1/Plate1-20251202T164000Z.jsonl",
+        "cpg0123-example/broad/workspace/qc/upload_manifests/P/x/P-20251202T164000Z.jsonl",
+        "cpg0123-example/broad/images/qc/upload_manifests/P/P-20251202T164000Z.jsonl",
+        "cpg0123-example/broad/workspace/qc/upload_manifests/P/P-20251202T164000Z.csv",
+    ],
+)
+def test_only_the_daemons_own_manifests_are_taken_for_its_own(key: str) -> None:
+    """What verify leaves out of ``extra`` is exactly an uploaded manifest or its digest."""
+    assert not is_manifest_key(key)
 
 
 # -- the whole hand-over -------------------------------------------------------------------

@@ -103,6 +103,49 @@ def object_key(prefix: str, relative_path: str | PurePosixPath) -> str:
     return prefix + relative.as_posix()
 
 
+MANIFEST_FOLDER = "workspace/qc/upload_manifests/"
+"""Below ``<project>/<source>/``: where batch manifests are uploaded (``upload_manifest``).
+
+The gallery's ``data_structure.md`` gives ``workspace/`` "everything else", asks that
+"additional categories of data/metadata" go "to the workspace folder in their own
+folder/s", and lists ``qc`` ("quality control data") among the optional workspace
+folders: a manifest is quality-control evidence of the dataset's transfer."""
+_MANIFEST_NAME = re.compile(r".+-[0-9]{8}T[0-9]{6}Z\.jsonl(?:\.sha256)?")
+"""A manifest's file name as the daemon writes it (``BATCH-YYYYMMDDTHHMMSSZ.jsonl``)
+and its digest's (``....jsonl.sha256``)."""
+
+
+def manifest_folder(destination: S3Location) -> S3Location:
+    """Where the manifests of a destination's batches go: its first two folders (the
+    project and the source), then ``MANIFEST_FOLDER``. ValueError for a destination
+    with fewer than two folders (it names no source)."""
+    parts = destination.prefix.split("/")[:-1]
+    if len(parts) < 2:
+        raise ValueError(
+            f"{destination} is not under a <project>/<source>/ folder, and manifests go "
+            f"to <project>/<source>/{MANIFEST_FOLDER}"
+        )
+    return S3Location(destination.bucket, f"{parts[0]}/{parts[1]}/{MANIFEST_FOLDER}")
+
+
+def manifest_key(destination: S3Location, batch: str, name: str) -> str:
+    """The key (in the destination's bucket) a batch's manifest file ``name`` is uploaded
+    to: ``<project>/<source>/workspace/qc/upload_manifests/<batch>/<name>``."""
+    return object_key(manifest_folder(destination).prefix, f"{batch}/{name}")
+
+
+def is_manifest_key(key: str) -> bool:
+    """Whether ``key`` is a manifest (or its ``.sha256``) that the daemon uploaded: one of
+    its own objects, which ``verify`` does not count as ``extra``."""
+    parts = key.split("/")
+    return (
+        len(parts) == 7
+        and "/".join(parts[2:5]) + "/" == MANIFEST_FOLDER
+        and all(parts)
+        and _MANIFEST_NAME.fullmatch(parts[6]) is not None
+    )
+
+
 def key_problem(key: str) -> str | None:
     """Why S3 cannot take this key, or None when it can."""
     try:
