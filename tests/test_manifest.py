@@ -148,6 +148,33 @@ async def test_staging_against_a_manifest_names_each_difference(tmp_path: Path) 
     assert checked.counts["match"] == 3
 
 
+@pytest.mark.anyio
+async def test_manifests_uploaded_beside_the_data_are_not_extra(tmp_path: Path) -> None:
+    """A manifest whose destination is a whole source folder lists workspace/qc/ too: the
+    daemon's own uploaded manifests there are not ``extra``; anything else is."""
+    store = MemoryStore()
+    store.create_bucket("bkt")
+    destination = parse_s3_uri("s3://bkt/cpg0001-x/broad/")
+    data = {"images/B1/P1/a.tiff": b"aaa"}
+    own = [
+        manifest_key(destination, "images", f"images-20251202T164000Z.jsonl{suffix}")
+        for suffix in ("", ".sha256")
+    ]
+    for key, body in [(destination.prefix + rel, b) for rel, b in data.items()] + [
+        (key, b"{}") for key in own
+    ]:
+        await store.put_object("bkt", key, body, encode(store.algorithm.digest(body)))
+    listed = manifest.build(_uploads(destination.prefix, data), destination, "w", "", tmp_path)
+    checked = await manifest.verify_manifest(listed, store)
+    assert [row.status for row in checked.rows] == ["match"]
+    stray = destination.prefix + "workspace/qc/upload_manifests/images/notes.txt"
+    await store.put_object("bkt", stray, b"x", encode(store.algorithm.digest(b"x")))
+    checked = await manifest.verify_manifest(listed, store)
+    assert [(row.key, row.status) for row in checked.rows if row.status != "match"] == [
+        (stray, "extra")
+    ]
+
+
 # -- uploaded beside the data (upload_manifest) ----------------------------------------------
 
 

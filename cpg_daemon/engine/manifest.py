@@ -43,7 +43,7 @@ import anyio
 
 from cpg_daemon import __version__
 from cpg_daemon.core.errors import CpgError
-from cpg_daemon.core.objectkeys import S3Location, parse_s3_uri
+from cpg_daemon.core.objectkeys import S3Location, is_manifest_key, parse_s3_uri
 from cpg_daemon.engine.verify import Result, Row
 from cpg_daemon.journal import Upload
 from cpg_daemon.s3.store import RemoteObject, Storage
@@ -270,7 +270,7 @@ async def verify_manifest(
     One listing of the destination; an object whose size and ETag are the
     manifest's is that upload. Any other is asked for its checksum (HeadObject),
     compared with the manifest's. Objects under the destination that the manifest
-    does not list are ``extra``. Needs read access only.
+    does not list are ``extra`` (but for uploaded manifests). Needs read access only.
     """
     started = time.monotonic()
     origin = manifest.destination
@@ -303,6 +303,8 @@ async def verify_manifest(
         for entry, rel in to_head:
             tg.start_soon(ask, entry, rel)
     for key, item in listed.items():
+        if is_manifest_key(key):
+            continue  # an uploaded manifest (upload_manifest): the daemon's own
         rel = key[len(where.prefix) :]
         rows.append(Row(rel, key, None, item.size, "", "", "", "extra"))
     rows.sort(key=lambda row: row.key)

@@ -17,7 +17,8 @@ object by key, size and content checksum:
   with neither a checksum nor a usable ETag is ``unverified``.
 
 Statuses: match, missing, size_mismatch, checksum_mismatch, extra (an object
-with no local file), unverified.
+with no local file; batch manifests the daemon uploaded are its own, not extra),
+unverified.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from cpg_daemon.core import files
 from cpg_daemon.core.checksums import ALGORITHMS, ChecksumName, encode
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.errors import CpgError
-from cpg_daemon.core.objectkeys import PathFilter, object_key
+from cpg_daemon.core.objectkeys import PathFilter, is_manifest_key, object_key
 from cpg_daemon.core.units import format_size
 from cpg_daemon.discovery.scan import Seen, walk
 from cpg_daemon.journal import read_uploads
@@ -199,7 +200,11 @@ class Verifier:
         async with anyio.create_task_group() as tg:
             for _ in range(min(self._concurrency, len(to_check))):
                 tg.start_soon(checker)
-        rows += [Row("", key, None, obj.size, "", "", "", "extra") for key, obj in remote.items()]
+        rows += [
+            Row("", key, None, obj.size, "", "", "", "extra")
+            for key, obj in remote.items()
+            if not is_manifest_key(key)  # the daemon's own (upload_manifest)
+        ]
         rows.sort(key=lambda row: row.key)
         return rows
 
