@@ -29,6 +29,7 @@ from structlog.testing import capture_logs
 
 from cpg_daemon.core.clock import ManualClock
 from cpg_daemon.core.config import WatchConfig
+from cpg_daemon.core.errors import CredentialsError
 from cpg_daemon.core.objectkeys import S3Location
 from cpg_daemon.engine import batches
 from cpg_daemon.engine.batches import BatchTracker, hook_environment, run_hook
@@ -170,6 +171,59 @@ async def test_a_failed_file_or_a_missing_ready_marker_keeps_a_batch_open(
             await anyio.sleep(0.3)
             tg.cancel_scope.cancel()
     assert [e["batch"] for e in _completions(logs)] == ["Marked"]
+
+
+# -- the manifest, uploaded beside the data (upload_manifest) --------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_batchs_manifest_is_uploaded_and_a_failed_upload_only_logged(
+    journal: Journal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With upload_manifest the manifest and its .sha256 go to the watch's store (the key
+    in the event and status); when that fails the batch completes all the same."""
+    monkeypatch.setattr(batches, "MIN_QUIET", 0.05)
+    sent: list[tuple[str, str, str, Path]] = []
+    refuse = {"Refused"}
+
+    async def send(watch: str, bucket: str, key: str, path: Path) -> str:
+        if key.split("/")[5] in refuse:
+            raise CredentialsError(f"PutObject s3://{bucket}/{key}: AccessDenied: Access Denied")
+        sent.append((watch, bucket, key, path))
+        return '"etag"'
+
+    watch = WatchConfig(
+        "w", tmp_path, S3Location("bkt", "cpg0001-x/broad/images/"), settle=0.0,
+        upload_manifest=True,
+    )  # fmt: skip
+    tracker = BatchTracker(journal, configs_of(watch), lambda w, f: False, send=send)
+    await _upload(journal, "w", "Sent/a", "Refused/a")
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(tracker.run)
+            await _eventually(lambda: len(_completions(logs)) == 2)
+            tg.cancel_scope.cancel()
+    done = {e["batch"]: e for e in _completions(logs)}
+    folder = "cpg0001-x/broad/workspace/qc/upload_manifests/"
+    path = Path(done["Sent"]["manifest"])
+    key = f"{folder}Sent/{path.name}"
+    assert sent == [
+        ("w", "bkt", key, path),
+        ("w", "bkt", key + ".sha256", path.with_name(path.name + ".sha256")),
+    ]
+    assert done["Sent"]["manifest_uploaded_to"] == f"s3://bkt/{key}"
+    (uploaded,) = [e for e in logs if e["event"] == "manifest_uploaded"]
+    assert (uploaded["batch"], uploaded["key"]) == ("Sent", key)
+    # Refused: logged with S3's answer, and the batch complete with its local manifest.
+    (refused,) = [e for e in logs if e["event"] == "manifest_not_uploaded"]
+    assert refused["log_level"] == "warning" and refused["batch"] == "Refused"
+    assert "AccessDenied" in refused["error"] and refused["key"].startswith(f"{folder}Refused/")
+    assert done["Refused"]["manifest_uploaded_to"] is None
+    assert await anyio.Path(done["Refused"]["manifest"]).is_file()
+    shown = {b.name: b for b in tracker.statistics().completed}
+    manifests = tracker.statistics().manifests
+    assert manifests[("w", "Sent", shown["Sent"].completed_at)].uploaded_to == f"s3://bkt/{key}"
+    assert manifests[("w", "Refused", shown["Refused"].completed_at)].uploaded_to is None
 
 
 # -- hooks ----------------------------------------------------------------------------------

@@ -14,22 +14,22 @@ def _check(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return run_cli("check", "-c", str(config), *extra)
 
 
-def test_check_proves_write_access_and_leaves_nothing_behind(
-    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
-) -> None:
+def _one_watch(tmp_path: Path, s3_server: S3Server, destination: str, **watch: Any) -> Path:
+    """A config with one watch "plates" of an empty outbox, through the test server."""
     (tmp_path / "outbox").mkdir()
-    config = write_config(
+    table = {"name": "plates", "path": str(tmp_path / "outbox"), "destination": destination}
+    return write_config(
         tmp_path / "config.toml",
         state_dir=tmp_path / "state",
         endpoint_url=s3_server.endpoint_url,
-        watches=[
-            {
-                "name": "plates",
-                "path": str(tmp_path / "outbox"),
-                "destination": f"s3://{bucket}/cpg0001-test/broad/images/",
-            }
-        ],
+        watches=[{**table, **watch}],
     )
+
+
+def test_check_proves_write_access_and_leaves_nothing_behind(
+    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    config = _one_watch(tmp_path, s3_server, f"s3://{bucket}/cpg0001-test/broad/images/")
     mark = s3_server.mark()
     result = _check(config)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -40,6 +40,25 @@ def test_check_proves_write_access_and_leaves_nothing_behind(
     puts = [r for r in s3_server.requests(since=mark) if r.method == "PUT" and r.bucket == bucket]
     assert len(puts) == 1 and puts[0].key.startswith("cpg0001-test/broad/images/.cpg-daemon-check/")
     assert s3_client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_check_also_proves_write_access_where_manifests_go_with_upload_manifest(
+    tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    destination = f"s3://{bucket}/cpg0001-test/broad/images/"
+    config = _one_watch(tmp_path, s3_server, destination, upload_manifest=True)
+    mark = s3_server.mark()
+    result = _check(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifests = f"s3://{bucket}/cpg0001-test/broad/workspace/qc/upload_manifests/"
+    for place in (destination, manifests):
+        assert f"watch plates: write access to {place} confirmed" in result.stdout
+    requests = s3_server.requests(since=mark)
+    puts = [r.key for r in requests if r.method == "PUT" and r.bucket == bucket]
+    assert [key.rpartition(".cpg-daemon-check/")[0] for key in puts] == [
+        "cpg0001-test/broad/images/",
+        "cpg0001-test/broad/workspace/qc/upload_manifests/",
+    ]
 
 
 def test_check_reports_a_destination_it_cannot_write_and_a_missing_folder(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from cpg_daemon.core.config import (
     CredentialsConfig,
     DaemonConfig,
     S3Config,
+    WatchConfig,
     load_config,
     parse_config,
 )
@@ -98,6 +100,7 @@ def test_example_config_loads_with_documented_values() -> None:
     assert watch.ready_marker == ""
     assert watch.structure == "warn"
     assert watch.on_batch_complete == ""
+    assert watch.upload_manifest is False
 
 
 def test_example_values_are_what_leaving_keys_out_gives(tmp_path: Path) -> None:
@@ -108,8 +111,9 @@ def test_example_values_are_what_leaving_keys_out_gives(tmp_path: Path) -> None:
     assert minimal.s3 == example.s3 == S3Config()
     (watch,) = minimal.watches
     (documented,) = example.watches
-    for field in ("settle", "include", "exclude", "ready_marker", "structure", "on_batch_complete"):
-        assert getattr(watch, field) == getattr(documented, field), field
+    for field in dataclasses.fields(WatchConfig):
+        if field.name not in ("name", "path", "destination"):  # those the example sets
+            assert getattr(watch, field.name) == getattr(documented, field.name), field.name
     assert minimal.credentials == (CredentialsConfig(),)
     assert example.credentials[0].duration == CredentialsConfig().duration
     assert example.credentials[0].refresh_before == CredentialsConfig().refresh_before
@@ -333,6 +337,17 @@ CASES = [
         '[[watch]]\npath = "/x"\ndestination = "s3://bkt/x/"\nstructure = "strict"\n',
         "watch[0].structure",
         "not one of",
+    ),
+    (
+        '[[watch]]\npath = "/x"\ndestination = "s3://bkt/x/"\nupload_manifest = "yes"\n',
+        "watch[0].upload_manifest",
+        "expected true or false",
+    ),
+    (
+        # manifests go to <project>/<source>/workspace/qc/...: a project alone names no source
+        '[[watch]]\npath = "/x"\ndestination = "s3://bkt/cpg0001-x/"\nupload_manifest = true\n',
+        "watch[0].upload_manifest",
+        "not under a <project>/<source>/ folder",
     ),
     (
         '[[watch]]\nname = "a"\npath = "/x"\ndestination = "s3://bkt/x/"\n'

@@ -46,6 +46,30 @@ def test_a_watch_no_entry_covers_is_a_config_error_naming_it() -> None:
         assign(_config(A, A_DEEPER))
 
 
+def test_manifests_the_watch_keys_cannot_write_are_a_config_error_naming_the_fix() -> None:
+    """upload_manifest sends to <project>/<source>/workspace/qc/upload_manifests/ with the
+    watch's own keys: a target below the source cannot cover it, and every manifest would
+    be refused, so the daemon does not start that way."""
+    deep = CredentialsConfig(target="s3://bkt/cpg0001-x/broad/images/*")
+    wide = CredentialsConfig(target="s3://bkt/cpg0001-x/*")
+    watch = WatchConfig(
+        "w", Path("/data/w"), S3Location("bkt", "cpg0001-x/broad/images/"), upload_manifest=True
+    )
+    refused = Config(path=Path("/c.toml"), credentials=(deep,), watches=(watch,))
+    with pytest.raises(ConfigError) as excinfo:
+        assign(refused)
+    assert excinfo.value.key == "watch[0].upload_manifest"
+    assert "s3://bkt/cpg0001-x/broad/workspace/qc/upload_manifests/" in excinfo.value.problem
+    assert "s3://bkt/cpg0001-x/broad/images/*" in excinfo.value.problem
+    assert "upload_manifest = false" in excinfo.value.problem
+    # The target the gallery's guide asks for (the project) covers it; so does no target.
+    assert assign(dataclasses.replace(refused, credentials=(wide,))).by_watch["w"].config == wide
+    assert assign(dataclasses.replace(refused, credentials=(CredentialsConfig(),))).by_watch
+    # Without upload_manifest the deep target is all the watch needs.
+    off = dataclasses.replace(watch, upload_manifest=False)
+    assert assign(dataclasses.replace(refused, watches=(off,))).by_watch["w"].config == deep
+
+
 def test_a_reload_keeps_the_providers_of_unchanged_entries() -> None:
     first = assign(_config(A, B))
     again = assign(_config(A, A_DEEPER, B), first.providers)

@@ -11,8 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonproc import ConfigMaker, Daemon, run_cli, wait_until, write_config, write_file
+from daemonproc import (
+    ConfigMaker,
+    Daemon,
+    object_bytes,
+    one_watch_config,
+    run_cli,
+    status_json,
+    wait_until,
+    write_config,
+    write_file,
+)
 from fakes import AuthProxy, FakeControlPlane, KeyRegistry
+from faultproxy import Fault, FaultProxy, Rule, S3Error
 from memory_s3 import MemoryStore
 from s3server import S3Server
 
@@ -311,6 +322,120 @@ def test_a_maintainer_without_the_files_checks_staging_against_the_batch_manifes
     assert "5 match, 1 missing, 0 size_mismatch, 1 checksum_mismatch" in bad.stdout
     # Reading was enough: the proxy refuses any write with READ keys, and refused nothing.
     assert proxy.rejections.get("AccessDenied", 0) == 0
+
+
+def test_with_upload_manifest_the_manifest_lands_beside_the_data_and_is_no_extra(
+    tmp_path: Path, layout: dict[str, Path], make_config: ConfigMaker, s3_client: Any, bucket: str
+) -> None:
+    """A watch of a whole source folder: its batch's manifest and .sha256 reach
+    workspace/qc/upload_manifests/<batch>/ with the local files' bytes and a CRC32C, the
+    key is in the event, status and the hook's JSON, and ``verify`` (which lists the
+    source folder, manifests included) and ``verify --manifest`` report no extra."""
+    source = "cpg0001-test/broad/"
+    for plate in ("Plate1", "Plate2"):
+        write_file(layout["watch"] / "images" / "2024_01_01_Batch1" / plate / "a.tiff", b"x" * 700)
+    summary = layout["hooks"] / "summary.json"
+    config = make_config(
+        f"s3://{bucket}/{source}",
+        settle="0.3s",
+        upload_manifest=True,
+        on_batch_complete=f"cat > {summary}",
+    )
+    daemon = Daemon.started(config, tmp_path / "daemon.log")
+    try:
+        event = daemon.wait_for_event("batch_complete", timeout=60)
+        status = status_json(config)
+        human = run_cli("status", "-c", str(config)).stdout
+        wait_until(
+            lambda: summary.is_file() and summary.read_text().endswith("\n"),
+            30,
+            "the hook's summary",
+        )
+    finally:
+        assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    path = Path(event["manifest"])
+    key = f"{source}workspace/qc/upload_manifests/images/{path.name}"
+    assert event["manifest_uploaded_to"] == f"s3://{bucket}/{key}"
+    assert [e["key"] for e in daemon.events() if e["event"] == "manifest_uploaded"] == [key]
+    for name in (key, key + ".sha256"):
+        local = path.with_name(name.rsplit("/", 1)[1]).read_bytes()
+        assert object_bytes(s3_client, bucket, name) == local
+        head = s3_client.head_object(Bucket=bucket, Key=name, ChecksumMode="ENABLED")
+        assert head["ChecksumCRC32C"] == encode(ALGORITHMS["CRC32C"].digest(local))
+    (shown,) = status["batches"]["completed"]
+    assert shown["manifest_uploaded_to"] == event["manifest_uploaded_to"]
+    assert f"manifest uploaded to s3://{bucket}/{key}" in human
+    assert json.loads(summary.read_text())["manifest_uploaded_to"] == event["manifest_uploaded_to"]
+
+    checked = run_cli("verify", "-c", str(config))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "2 match, 0 missing, 0 size_mismatch, 0 checksum_mismatch, 0 extra" in checked.stdout
+    whole = tmp_path / "whole.jsonl"  # its destination is the source folder, manifests below
+    assert run_cli("manifest", "-c", str(config), "-o", str(whole)).returncode == 0
+    against = run_cli("verify", "--manifest", str(whole), "-c", str(config))
+    assert against.returncode == 0, against.stdout + against.stderr
+    assert "2 match" in against.stdout and "0 extra" in against.stdout
+    # Anything else there is still extra.
+    s3_client.put_object(Bucket=bucket, Key=f"{source}workspace/qc/stray.csv", Body=b"x")
+    stray = run_cli("verify", "-c", str(config))
+    assert stray.returncode == 1 and "1 extra" in stray.stdout, stray.stdout
+
+
+def test_upload_manifest_without_a_source_folder_or_keys_for_it_is_refused_at_start(
+    tmp_path: Path, make_config: ConfigMaker, bucket: str
+) -> None:
+    shallow = make_config(f"s3://{bucket}/cpg0001-test/", upload_manifest=True)
+    refused = run_cli("run", "-c", str(shallow))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "watch[0].upload_manifest" in refused.stderr
+    assert "not under a <project>/<source>/ folder" in refused.stderr
+    narrow = make_config(f"s3://{bucket}/{PREFIX}", name="narrow", upload_manifest=True)
+    target = f"s3://{bucket}/{PREFIX}*"
+    narrow.write_text(narrow.read_text().replace(
+        '[credentials]\nsource = "environment"',
+        f'[credentials]\nsource = "environment"\ntarget = "{target}"',
+    ))  # fmt: skip
+    uncovered = run_cli("run", "-c", str(narrow))
+    assert uncovered.returncode == 2, uncovered.stdout + uncovered.stderr
+    assert "watch[0].upload_manifest" in uncovered.stderr
+    assert f"s3://{bucket}/cpg0001-test/broad/workspace/qc/upload_manifests/" in uncovered.stderr
+    assert target in uncovered.stderr
+
+
+def test_a_manifest_the_bucket_refuses_is_logged_and_the_batch_completes(
+    tmp_path: Path, layout: dict[str, Path], s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        denied = S3Error(403, "AccessDenied", "Access Denied")
+        proxy.set_rules(
+            Rule(Fault("error", denied), frozenset({"PutObject"}), key="/upload_manifests/")
+        )
+        config = one_watch_config(
+            tmp_path / "run.toml",
+            state_dir=layout["state"],
+            endpoint_url=proxy.endpoint_url,
+            watch_path=layout["watch"],
+            destination=f"s3://{bucket}/{PREFIX}",
+            settle="0.3s",
+            upload_manifest=True,
+        )
+        write_file(layout["watch"] / "2024_01_01_Batch1" / "Plate1" / "a.tiff", b"a" * 500)
+        daemon = Daemon.started(config, tmp_path / "daemon.log")
+        try:
+            event = daemon.wait_for_event("batch_complete", timeout=60)
+            refused = daemon.wait_for_event("manifest_not_uploaded")
+        finally:
+            assert daemon.terminate() == 0, daemon.log_text()[-3000:]
+    assert proxy.faults == {"403 AccessDenied": 1}  # the manifest; its .sha256 is not tried
+    assert event["files"] == 1 and event["manifest_uploaded_to"] is None
+    assert Path(event["manifest"]).is_file()
+    assert refused["level"] == "warning" and "AccessDenied" in refused["error"]
+    assert refused["key"] == (
+        f"cpg0001-test/broad/workspace/qc/upload_manifests/2024_01_01_Batch1/"
+        f"{Path(event['manifest']).name}"
+    )
+    assert not any(e["event"] == "manifest_uploaded" for e in daemon.events())
+    assert object_bytes(s3_client, bucket, f"{PREFIX}2024_01_01_Batch1/Plate1/a.tiff") == b"a" * 500
 
 
 def test_verify_without_the_local_folder_says_so_and_names_the_manifest_way(

@@ -50,6 +50,7 @@ from cpg_daemon.core.objectkeys import (
     MAX_PART_SIZE,
     MIN_PART_SIZE,
     S3Location,
+    manifest_folder,
     parse_grant_target,
     parse_s3_uri,
     target_covers,
@@ -516,12 +517,16 @@ async def _check_online(config: Config, assignment: Assignment) -> int:
             if active.grant not in working:
                 _say(f"watch {watch.name}: not checked (no credentials)")
                 continue
-            error = await _probe_write(active.grant.store, watch.destination)
-            if error:
-                _say(f"watch {watch.name}: cannot write to {watch.destination}: {error}")
-                problems += 1
-            else:
-                _say(f"watch {watch.name}: write access to {watch.destination} confirmed")
+            places = [watch.destination]
+            if watch.upload_manifest:
+                places.append(manifest_folder(watch.destination))
+            for place in places:
+                error = await _probe_write(active.grant.store, place)
+                if error:
+                    _say(f"watch {watch.name}: cannot write to {place}: {error}")
+                    problems += 1
+                else:
+                    _say(f"watch {watch.name}: write access to {place} confirmed")
     return problems
 
 

@@ -25,6 +25,7 @@ from cpg_daemon.core.objectkeys import (
     MIN_PART_SIZE,
     S3Location,
     glob_problem,
+    manifest_folder,
     parse_grant_target,
     parse_s3_uri,
 )
@@ -124,6 +125,9 @@ class WatchConfig:
     ready_marker: str = ""
     structure: StructurePolicy = "warn"
     on_batch_complete: str = ""
+    upload_manifest: bool = False
+    """Upload each completed batch's manifest (and its ``.sha256``) to
+    ``objectkeys.manifest_key``, beside the data, with the watch's own keys."""
 
 
 @dataclass(frozen=True)
@@ -358,6 +362,12 @@ def _choice(*choices: str) -> Callable[[object], Any]:
         return text
 
     return convert
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_kind(value)}")
+    return value
 
 
 def _int_range(low: int, high: int) -> Callable[[object], int]:
@@ -618,6 +628,7 @@ def _watch(reader: _Reader, table: Mapping[str, Any], w: str) -> WatchConfig:
             "ready_marker",
             "structure",
             "on_batch_complete",
+            "upload_manifest",
         ),
     )
     if "path" not in table:
@@ -635,6 +646,16 @@ def _watch(reader: _Reader, table: Mapping[str, Any], w: str) -> WatchConfig:
     marker = reader.get(table, w, "ready_marker", _string, "")
     if "/" in marker:
         reader.fail(f"{w}.ready_marker", "a file name (looked for in each top-level folder)")
+    upload_manifest = reader.get(table, w, "upload_manifest", _bool, False)
+    if upload_manifest:
+        try:
+            manifest_folder(destination)
+        except ValueError as exc:
+            reader.fail(
+                f"{w}.upload_manifest",
+                f"{exc}: point the destination at or below a source folder "
+                "(s3://BUCKET/cpgNNNN-name/SOURCE/...), or set upload_manifest = false",
+            )
     return WatchConfig(
         name=name,
         path=path,
@@ -645,4 +666,5 @@ def _watch(reader: _Reader, table: Mapping[str, Any], w: str) -> WatchConfig:
         ready_marker=marker,
         structure=cast("StructurePolicy", structure),
         on_batch_complete=reader.get(table, w, "on_batch_complete", _string, ""),
+        upload_manifest=upload_manifest,
     )

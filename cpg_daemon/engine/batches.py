@@ -5,8 +5,10 @@ directly in the watch's root belong to no batch. A batch is complete when every
 journal row under it is ``uploaded`` (none queued, uploading or failed), the
 watcher has finished its first walk and has no file under it still settling,
 its ``ready_marker`` (when configured) exists, and none of its rows changed for
-the watch's ``settle`` time. Then ``batch_complete`` is logged, the completion
-is recorded in the journal (so a restart does not fire again), and the watch's
+the watch's ``settle`` time. Then its manifest is written (and, with
+``upload_manifest``, uploaded beside the data: a failure is logged, and never keeps
+the batch from completing), the completion is recorded in the journal (so a restart
+does not fire again), ``batch_complete`` is logged, and the watch's
 ``on_batch_complete`` command runs. A batch that changes after completing (a
 file added or changed, then uploaded) completes again: a second event, with the
 new totals.
@@ -34,8 +36,9 @@ import sqlite3
 import subprocess
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -45,7 +48,8 @@ from anyio.abc import ByteReceiveStream, ByteSendStream, Process, TaskGroup, Tas
 
 from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
-from cpg_daemon.core.objectkeys import object_key, parse_s3_uri
+from cpg_daemon.core.errors import CpgError
+from cpg_daemon.core.objectkeys import manifest_key, object_key, parse_s3_uri
 from cpg_daemon.core.units import timestamp
 from cpg_daemon.engine import manifest
 from cpg_daemon.engine.pacing import wait_event
@@ -72,10 +76,27 @@ RECHECK = 2.0
 """Seconds between looks at a batch while the watcher may still bring files to it."""
 RECENT = 20
 """Completions kept for status."""
+MANIFEST_UPLOAD_TIMEOUT = 300.0
+"""Seconds a batch's completion waits for its manifest's upload (``upload_manifest``)."""
 PRIVATE_ENVIRONMENT = frozenset(
     {"CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC"}
 )
 """Variables of the daemon's environment a hook never gets (besides every AWS_*)."""
+
+
+@dataclass(frozen=True)
+class WrittenManifest:
+    """A completion's manifest: the file, its SHA-256, and where it was uploaded."""
+
+    path: str
+    sha256: str
+    uploaded_to: str | None = None
+    """``s3://bucket/key`` of its copy beside the data (``upload_manifest``), or None."""
+
+
+ManifestSender = Callable[[str, str, str, Path], Awaitable[str]]
+"""``(watch, bucket, key, file)`` -> ETag: puts one of the daemon's own files with the
+watch's keys (the engine's ``Engine.put_file``)."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +107,10 @@ class BatchStatistics:
     """Batches with recent activity, to be looked at."""
     hooks_queued: int
     hooks_running: int
-    manifests: Mapping[tuple[str, str, float], tuple[str, str]] = dataclasses.field(
+    manifests: Mapping[tuple[str, str, float], WrittenManifest] = dataclasses.field(
         default_factory=dict
     )
-    """(watch, batch, completed_at) -> (manifest file, SHA-256), as written since start."""
+    """(watch, batch, completed_at) -> its manifest, as written since start."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +123,10 @@ class HookResult:
 
 
 def summary(
-    record: BatchRecord, watch: WatchConfig, manifest: tuple[str, str] | None = None
+    record: BatchRecord, watch: WatchConfig, manifest: WrittenManifest | None = None
 ) -> dict[str, Any]:
     """The JSON object an on_batch_complete command reads on stdin (``manifest``: the
-    batch's manifest file and its SHA-256, when it was written)."""
+    batch's manifest, when it was written)."""
     return {
         "event": "batch_complete",
         "watch": record.watch,
@@ -117,8 +138,16 @@ def summary(
         "first_uploaded_at": timestamp(record.first_uploaded_at),
         "last_uploaded_at": timestamp(record.last_uploaded_at),
         "completed_at": timestamp(record.completed_at),
-        "manifest": manifest[0] if manifest else None,
-        "manifest_sha256": manifest[1] if manifest else None,
+        **manifest_fields(manifest),
+    }
+
+
+def manifest_fields(manifest: WrittenManifest | None) -> dict[str, str | None]:
+    """How the batch_complete event, status and a hook's JSON name a completion's manifest."""
+    return {
+        "manifest": manifest.path if manifest else None,
+        "manifest_sha256": manifest.sha256 if manifest else None,
+        "manifest_uploaded_to": manifest.uploaded_to if manifest else None,
     }
 
 
@@ -273,10 +302,13 @@ class BatchTracker:
         *,
         hook_timeout: float = HOOK_TIMEOUT,
         clock: Clock = SYSTEM_CLOCK,
+        send: ManifestSender | None = None,
     ) -> None:
         """``watches()``: the current watches by name (a reload swaps them);
-        ``settling(watch, folder)``: may files under the folder still reach the journal?"""
+        ``settling(watch, folder)``: may files under the folder still reach the journal?
+        ``send``: how manifests are uploaded (``upload_manifest``)."""
         self._journal = journal
+        self._send = send
         self._configs = watches
         self._settling = settling
         self._hook_timeout = hook_timeout
@@ -296,7 +328,7 @@ class BatchTracker:
         self._hooks_idle.set()
         self._stop_at: float | None = None
         self._task_group: TaskGroup | None = None
-        self._manifests: dict[tuple[str, str, float], tuple[str, str]] = {}
+        self._manifests: dict[tuple[str, str, float], WrittenManifest] = {}
 
     # -- for the other components --------------------------------------------------------
 
@@ -432,6 +464,10 @@ class BatchTracker:
         # The manifest first: a stop while it is written leaves the batch to complete
         # again at the next start (with its manifest), not recorded without one.
         written = await self._write_manifest(config, record)
+        if written is not None and config.upload_manifest:
+            written = await self._upload_manifest(config, record, written)
+        if written is not None:
+            self._manifests[(record.watch, record.name, record.completed_at)] = written
         # Recorded next: a crash right after it leaves the hook queued, not a second event.
         await self._journal.record_batch(record)
         log.info(
@@ -446,8 +482,7 @@ class BatchTracker:
             last_uploaded_at=timestamp(record.last_uploaded_at),
             duration_s=round(record.last_uploaded_at - record.first_uploaded_at, 3),
             again=again,
-            manifest=written[0] if written else None,
-            manifest_sha256=written[1] if written else None,
+            **manifest_fields(written),
         )
         self._remember(record)
         if config.on_batch_complete:
@@ -455,9 +490,9 @@ class BatchTracker:
 
     async def _write_manifest(
         self, config: WatchConfig, record: BatchRecord
-    ) -> tuple[str, str] | None:
+    ) -> WrittenManifest | None:
         """Write the batch's manifest (its journal rows streamed to the file, in a thread);
-        returns its path and SHA-256, or None when it could not be written (logged).
+        returns it, or None when it could not be written (logged).
 
         A stop does not wait for it (a batch of a million files takes seconds): the
         file is written whole or not at all, and the batch completes again at the next
@@ -492,9 +527,43 @@ class BatchTracker:
             stopping.set()  # the thread gives up within a few thousand lines
             log.info("manifest_not_written", error="the daemon stopped first", **fields)
             raise
-        written = (str(path), digest)
-        self._manifests[(record.watch, record.name, record.completed_at)] = written
-        return written
+        return WrittenManifest(str(path), digest)
+
+    async def _upload_manifest(
+        self, config: WatchConfig, record: BatchRecord, written: WrittenManifest
+    ) -> WrittenManifest:
+        """Upload the manifest, then its ``.sha256``, beside the data with the watch's keys;
+        returns it with where it went, or as it was when that failed (logged as
+        ``manifest_not_uploaded``): the batch completes either way, after
+        ``MANIFEST_UPLOAD_TIMEOUT`` at most.
+        """
+        path = Path(written.path)
+        bucket = config.destination.bucket
+        fields = {"watch": record.watch, "batch": record.name, "bucket": bucket}
+        try:
+            key = manifest_key(config.destination, record.name, path.name)
+            fields["key"] = key
+            if self._send is None:
+                raise ValueError("no S3 client to upload it with")
+            with anyio.fail_after(MANIFEST_UPLOAD_TIMEOUT):
+                for name in (path.name, path.name + ".sha256"):
+                    where = manifest_key(config.destination, record.name, name)
+                    await self._send(record.watch, bucket, where, path.with_name(name))
+        except TimeoutError:
+            error = f"not sent within {MANIFEST_UPLOAD_TIMEOUT:g} s"
+            log.warning("manifest_not_uploaded", error=error, **fields)
+            return written
+        except (CpgError, OSError, ValueError) as exc:
+            log.warning("manifest_not_uploaded", error=str(exc), **fields)
+            return written
+        except anyio.get_cancelled_exc_class():
+            log.info("manifest_not_uploaded", error="the daemon stopped first", **fields)
+            raise
+        except Exception:  # a bug here must never keep the batch from completing
+            log.exception("manifest_not_uploaded", **fields)
+            return written
+        log.info("manifest_uploaded", **fields)
+        return replace(written, uploaded_to=f"s3://{bucket}/{key}")
 
     def _remember(self, record: BatchRecord) -> None:
         """Put this completion at the top of the status list (replacing an older one)."""

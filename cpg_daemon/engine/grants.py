@@ -24,7 +24,8 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from cpg_daemon.core.config import Config, S3Config
-from cpg_daemon.core.errors import CpgError, CredentialsError
+from cpg_daemon.core.errors import ConfigError, CpgError, CredentialsError
+from cpg_daemon.core.objectkeys import manifest_folder
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
 from cpg_daemon.s3.credentials import (
     CredentialProvider,
@@ -56,10 +57,21 @@ def assign(config: Config, running: Sequence[CredentialProvider] = ()) -> Assign
     """
     providers = build_providers(config, running)
     file = str(config.path) if config.path else "<config>"
-    by_watch = {
-        watch.name: provider_for(providers, watch.destination, file, f"watch[{i}].destination")
-        for i, watch in enumerate(config.watches)
-    }
+    by_watch: dict[str, CredentialProvider] = {}
+    for i, watch in enumerate(config.watches):
+        provider = provider_for(providers, watch.destination, file, f"watch[{i}].destination")
+        if watch.upload_manifest and not provider.covers(manifest_folder(watch.destination)):
+            # An error, not a warning: every manifest would be refused, and a warning
+            # in an unattended daemon's log is found when the maintainers ask for it.
+            raise ConfigError(
+                file,
+                f"watch[{i}].upload_manifest",
+                f"the manifests go to {manifest_folder(watch.destination)}, which the "
+                f"target of this watch's keys ({provider.config.target}) does not cover: "
+                "widen the target (to s3://BUCKET/cpgNNNN-name/*) or set "
+                "upload_manifest = false",
+            )
+        by_watch[watch.name] = provider
     return Assignment(tuple(providers), by_watch)
 
 

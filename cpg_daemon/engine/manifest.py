@@ -20,7 +20,10 @@ The format (JSON lines, UTF-8; ``jq`` reads it, and so does any language):
 Keys are full object keys; ``destination`` is the folder they were uploaded
 under. Beside each manifest, ``NAME.sha256`` holds its digest in ``sha256sum``'s
 form (``sha256sum -c`` checks it). Manifests are never changed: a batch that
-completes again gets a new one.
+completes again gets a new one. With a watch's ``upload_manifest``, each batch's
+manifest and its ``.sha256`` also go beside the data, to
+``objectkeys.manifest_key`` (``<project>/<source>/workspace/qc/upload_manifests/``);
+``verify`` does not count them as ``extra`` (``objectkeys.is_manifest_key``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import Config
-from cpg_daemon.core.errors import CpgError
+from cpg_daemon.core.errors import CpgError, SkipFileError
 from cpg_daemon.discovery.watcher import Watcher, WatcherStatistics
 from cpg_daemon.engine.batches import BatchTracker
 from cpg_daemon.engine.grants import Assignment, Connect, Grants, assign
@@ -89,7 +89,7 @@ class Engine:
             clock=clock,
         )
         self.batches = BatchTracker(
-            journal, lambda: self.table.configs(), self._settling, clock=clock
+            journal, lambda: self.table.configs(), self._settling, clock=clock, send=self.put_file
         )
         self.scheduler.on_finished(lambda record: self.batches.touch(record.watch, record.rel_path))
         grants.on_usable(self.scheduler.wake)
@@ -222,6 +222,15 @@ class Engine:
         )
         await self._expect_remote(watcher, active.grant.store, strict=True)
         await watcher.scan()
+
+    async def put_file(self, watch: str, bucket: str, key: str, path: Path) -> str:
+        """One of the daemon's own files (a batch's manifest) to S3, with the keys and
+        client of ``watch``'s grant and the uploader's limits; returns the ETag."""
+        active = self.table.get(watch)
+        if active is None:
+            raise SkipFileError(f"the watch {watch} was removed by a reload")
+        with active.grant.lease() as store:
+            return await self.uploader.put_file(store, bucket, key, path)
 
     def rescan(self, name: str | None = None) -> None:
         for running in self._watchers.values():

@@ -24,8 +24,20 @@ from cpg_daemon.core import files
 from cpg_daemon.core.checksums import ALGORITHMS, ChecksumName, PartDigest, decode, encode
 from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import S3Config
-from cpg_daemon.core.errors import CpgError, FileChangedError, RetryableError, UploadGoneError
-from cpg_daemon.core.objectkeys import PartRange, choose_part_size, part_count, part_ranges
+from cpg_daemon.core.errors import (
+    CpgError,
+    FileChangedError,
+    RetryableError,
+    SkipFileError,
+    UploadGoneError,
+)
+from cpg_daemon.core.objectkeys import (
+    MAX_SINGLE_PUT,
+    PartRange,
+    choose_part_size,
+    part_count,
+    part_ranges,
+)
 from cpg_daemon.engine.pacing import Bandwidth, InFlightPolicy, MemoryBudget
 from cpg_daemon.journal import FileRecord, Journal, PartRecord
 from cpg_daemon.s3.store import RemoteObject, Storage
@@ -216,21 +228,42 @@ class Uploader:
     async def _single(
         self, store: Storage, record: FileRecord, path: Path, expected: files.FileStat
     ) -> tuple[str, str]:
-        held = await self._memory.acquire(record.size)
+        etag, digest = await self._put(store, record.bucket, record.key, path, expected)
+        algorithm = ALGORITHMS[self._checksum]
+        return etag, algorithm.object_checksum([PartDigest(digest, record.size)], multipart=False)
+
+    async def _put(
+        self, store: Storage, bucket: str, key: str, path: Path, expected: files.FileStat
+    ) -> tuple[str, bytes]:
+        """One PutObject of the whole file: its memory and a slot first, then one read
+        that computes its checksum, sent with it. Returns the ETag and the raw checksum."""
+        held = await self._memory.acquire(expected.size)
         try:
             async with self._limiter:
                 body, digest = await files.read_range(
-                    path, 0, record.size, expected, self._checksum
+                    path, 0, expected.size, expected, self._checksum
                 )
                 etag = await store.put_object(
-                    record.bucket, record.key, self.bandwidth.body(body), encode(digest)
+                    bucket, key, self.bandwidth.body(body), encode(digest)
                 )
                 del body
-                self._sent(record.size)
+                self._sent(expected.size)
         finally:
             self._memory.release(held)
-        algorithm = ALGORITHMS[self._checksum]
-        return etag, algorithm.object_checksum([PartDigest(digest, record.size)], multipart=False)
+        return etag, digest
+
+    async def put_file(self, store: Storage, bucket: str, key: str, path: Path) -> str:
+        """A file of the daemon's own (a batch's manifest) as one object, outside the
+        journal: one PutObject with its checksum, within the memory budget, the
+        concurrency limit and the bandwidth limit like any upload. Returns the ETag.
+
+        A file larger than the budget goes alone, as any oversized body does (a
+        manifest is about 250 bytes a file: 250 MB for a million files)."""
+        expected = await files.stat(path)
+        if expected.size > MAX_SINGLE_PUT:
+            raise SkipFileError(f"{path} is {expected.size:,} bytes, more than one PutObject takes")
+        etag, _ = await self._put(store, bucket, key, path, expected)
+        return etag
 
     async def _multipart(
         self, store: Storage, record: FileRecord, path: Path, expected: files.FileStat

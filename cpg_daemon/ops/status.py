@@ -101,6 +101,8 @@ class BatchStatus(TypedDict):
     manifest: str | None
     """The completion's manifest file (None: not written since the daemon started)."""
     manifest_sha256: str | None
+    manifest_uploaded_to: str | None
+    """``s3://bucket/key`` of the manifest's copy beside the data (``upload_manifest``)."""
 
 
 class BatchesStatus(TypedDict):
@@ -300,8 +302,10 @@ def _structure(watch: WatchConfig, watcher: WatcherStatistics | None) -> Structu
 
 def _batches(stats: BatchStatistics | None) -> BatchesStatus:
     """Completed batches, latest first, and where their on_batch_complete hooks stand."""
-    completed: list[BatchStatus] = [
-        {
+    completed: list[BatchStatus] = []
+    for b in stats.completed if stats else ():
+        manifest = stats.manifests.get((b.watch, b.name, b.completed_at)) if stats else None
+        shown: BatchStatus = {
             "watch": b.watch,
             "batch": b.name,
             "destination": b.destination,
@@ -312,22 +316,17 @@ def _batches(stats: BatchStatistics | None) -> BatchesStatus:
             "completed_at": timestamp(b.completed_at),
             "hook": b.hook_state,
             "hook_detail": b.hook_detail,
-            "manifest": _manifest(stats, b)[0],
-            "manifest_sha256": _manifest(stats, b)[1],
+            "manifest": manifest.path if manifest else None,
+            "manifest_sha256": manifest.sha256 if manifest else None,
+            "manifest_uploaded_to": manifest.uploaded_to if manifest else None,
         }
-        for b in (stats.completed if stats else ())
-    ]
+        completed.append(shown)
     return {
         "completed": completed,
         "following": stats.following if stats else 0,
         "hooks_queued": stats.hooks_queued if stats else 0,
         "hooks_running": stats.hooks_running if stats else 0,
     }
-
-
-def _manifest(stats: BatchStatistics | None, record: Any) -> tuple[str | None, str | None]:
-    found = stats.manifests.get((record.watch, record.name, record.completed_at)) if stats else None
-    return found if found is not None else (None, None)
 
 
 def _batch_lines(batches: BatchesStatus, shown: int = 5) -> list[str]:
@@ -348,6 +347,8 @@ def _batch_lines(batches: BatchesStatus, shown: int = 5) -> list[str]:
         lines.append(text)
         if b.get("manifest"):
             lines.append(f"    manifest {b['manifest']} (sha256 {b['manifest_sha256']})")
+        if b.get("manifest_uploaded_to"):
+            lines.append(f"    manifest uploaded to {b['manifest_uploaded_to']}")
     return lines
 
 
