@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from daemonproc import (
     ConfigMaker,
@@ -36,7 +39,14 @@ from cpg_daemon.core.objectkeys import (
 )
 from cpg_daemon.core.structure import check_key
 from cpg_daemon.engine import manifest
-from cpg_daemon.journal import Upload
+from cpg_daemon.journal import (
+    JOURNAL_NAME,
+    Discovered,
+    Journal,
+    Upload,
+    counted_uploads,
+    read_uploads,
+)
 
 ACCOUNT = "309624411020"
 PREFIX = "cpg0001-test/broad/images/"
@@ -478,6 +488,65 @@ def test_the_manifest_command_writes_one_for_a_watch_or_a_folder_from_the_journa
     only_a = manifest.read(tmp_path / "a.jsonl")
     assert only_a.header.destination == f"s3://{bucket}/{PREFIX}A/"
     assert [e.key for e in only_a.entries] == [f"{PREFIX}A/one.csv", f"{PREFIX}A/two.csv"]
+    # Streamed from the journal, byte for byte what building the manifest in memory
+    # (all rows read, sorted by key, then encoded) gives, to standard output or to a file.
+    journal = layout["state"] / JOURNAL_NAME
+    for name, text, made in [
+        ("", whole.stdout.encode(), json.loads(lines[0])["created_at"]),
+        ("A", (tmp_path / "a.jsonl").read_bytes(), only_a.header.created_at),
+    ]:
+        uploads = read_uploads(journal, "plates", name)
+        assert uploads is not None
+        destination = parse_s3_uri(
+            f"s3://{bucket}/{PREFIX}{name}/" if name else f"s3://{bucket}/{PREFIX}"
+        )
+        built = manifest.build(uploads.values(), destination, "plates", name, layout["watch"])
+        built = dataclasses.replace(
+            built, header=dataclasses.replace(built.header, created_at=made)
+        )
+        manifest.write(built, tmp_path / "in-memory.jsonl")
+        assert text == (tmp_path / "in-memory.jsonl").read_bytes()
+
+
+@pytest.mark.anyio
+async def test_streaming_from_the_journal_writes_what_the_in_memory_manifest_did(
+    tmp_path: Path,
+) -> None:
+    """counted_uploads + dump (the ``manifest`` command): the same bytes as the manifest
+    built in memory and sorted by key, whatever the names (SQLite orders the UTF-8 bytes,
+    Python the code points: the same order), and a folder is only its own rows."""
+    path = tmp_path / "state" / JOURNAL_NAME
+    journal = await Journal.open(path)
+    names = ["B/z.csv", "B/Z.csv", "B/\u00e9.csv", "B/e\u0301.csv", "B/a b.csv", "B/\U0001f52c.tif"]
+    names += ["B0/x", "B-1/y", "B/sub/\u4e2d.csv", "A/1", "top.csv"]
+    try:
+        await journal.record_discovered(
+            "w", [Discovered(rel, "bkt", f"p/{rel}", len(rel), 1) for rel in reversed(names)]
+        )
+        for record in await journal.claim(len(names), ["w"]):
+            await journal.mark_uploaded(
+                record, etag=f'"{len(record.rel_path)}"', checksum_algorithm="CRC32C", checksum="c"
+            )
+    finally:
+        await journal.close()
+    destination = parse_s3_uri("s3://bkt/p/")
+
+    def both(folder: str) -> tuple[bytes, bytes]:
+        with counted_uploads(path, "w", folder) as (files, size, rows):
+            header = manifest.header_of(destination, "w", folder, tmp_path, files, size)
+            out = io.BytesIO()
+            manifest.dump(header, map(manifest.entry_of, rows), out, "out")
+        uploads = read_uploads(path, "w", folder)
+        assert uploads is not None
+        built = manifest.build(uploads.values(), destination, "w", folder, tmp_path)
+        built = dataclasses.replace(built, header=header)
+        manifest.write(built, tmp_path / "in-memory.jsonl")
+        return out.getvalue(), (tmp_path / "in-memory.jsonl").read_bytes()
+
+    streamed, in_memory = await anyio.to_thread.run_sync(both, "")
+    assert streamed == in_memory and len(streamed.splitlines()) == len(names) + 1
+    streamed, in_memory = await anyio.to_thread.run_sync(both, "B")
+    assert streamed == in_memory and len(streamed.splitlines()) == 1 + 7
 
 
 def test_a_stream_stopped_or_short_of_its_header_leaves_no_file(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ Exit statuses follow the interface contract: 0 ok, 1 a problem found or files fa
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import socket
@@ -801,8 +800,12 @@ def _verify_against_manifest(args: argparse.Namespace) -> Any:
 
 
 def _manifest(args: argparse.Namespace) -> int:
+    """``manifest``: streamed from the journal as the daemon writes a batch's (a million
+    objects cost no memory), to FILE or standard output."""
+    import sqlite3
+
     from cpg_daemon.engine import manifest
-    from cpg_daemon.journal import JOURNAL_NAME, read_uploads
+    from cpg_daemon.journal import JOURNAL_NAME, counted_uploads
 
     config = _load(args)
     names = [w.name for w in config.watches]
@@ -815,8 +818,8 @@ def _manifest(args: argparse.Namespace) -> int:
         _say(f"cpg-daemon manifest: {exc.args[0]}", file=sys.stderr)
         return EXIT_CONFIG
     folder = (args.folder or "").strip("/")
-    uploads = read_uploads(config.daemon.state_dir / JOURNAL_NAME, watch.name, folder)
-    if uploads is None:
+    journal = config.daemon.state_dir / JOURNAL_NAME
+    if not journal.is_file():
         _say(f"cpg-daemon manifest: no journal in {config.daemon.state_dir}", file=sys.stderr)
         return EXIT_PROBLEM
     destination = (
@@ -824,15 +827,23 @@ def _manifest(args: argparse.Namespace) -> int:
         if folder
         else watch.destination
     )
-    built = manifest.build(uploads.values(), destination, watch.name, folder, watch.path)
-    if args.output is not None:
-        digest = manifest.write(built, args.output)
-        _say(f"manifest {args.output}: {built.header.files:,} objects, sha256 {digest}")
-    else:
-        data = manifest.encode(built)
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-        _say(f"sha256 {hashlib.sha256(data).hexdigest()}", file=sys.stderr)
+    try:
+        with counted_uploads(journal, watch.name, folder) as (files, size, uploads):
+            header = manifest.header_of(destination, watch.name, folder, watch.path, files, size)
+            entries = map(manifest.entry_of, uploads)
+            if args.output is not None:
+                digest = manifest.write_stream(header, entries, args.output)
+                _say(f"manifest {args.output}: {files:,} objects, sha256 {digest}")
+            else:
+                digest = manifest.dump(header, entries, sys.stdout.buffer, "standard output")
+                sys.stdout.flush()
+                _say(f"sha256 {digest}", file=sys.stderr)
+    except sqlite3.Error as exc:
+        _say(f"cpg-daemon manifest: cannot read the journal {journal}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except (OSError, manifest.ManifestError) as exc:
+        _say(f"cpg-daemon manifest: {exc}", file=sys.stderr)
+        return EXIT_PROBLEM
     return EXIT_OK
 
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 
@@ -149,12 +149,6 @@ def _header_line(header: Header) -> bytes:
     return _line(fields)
 
 
-def encode(manifest: Manifest) -> bytes:
-    return _header_line(manifest.header) + b"".join(
-        _line(dataclasses.asdict(entry)) for entry in manifest.entries
-    )
-
-
 def write(manifest: Manifest, path: Path) -> str:
     """Write the manifest (and ``PATH.sha256``) atomically; returns its SHA-256. Blocking."""
     return write_stream(manifest.header, manifest.entries, path)
@@ -170,34 +164,48 @@ def write_stream(
     ``PATH.sha256``; atomically (a new file renamed in place); returns its SHA-256.
     Blocking. ``entries`` must be in key order and as many as the header says;
     ``stopped()`` turning true gives up (ManifestError), leaving no file behind."""
-    digest = hashlib.sha256()
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    count = 0
     try:
         with open(temporary, "wb") as out:
-            for data in itertools.chain(
-                (_header_line(header),), (_line(dataclasses.asdict(e)) for e in entries)
-            ):
-                digest.update(data)
-                out.write(data)
-                count += 1
-                if count % 4096 == 0 and stopped():
-                    raise ManifestError(f"{path}: not written, the daemon is stopping")
+            hexdigest = dump(header, entries, out, str(path), stopped)
             out.flush()
             os.fsync(out.fileno())
-        if count - 1 != header.files:
-            raise ManifestError(
-                f"{path}: {count - 1:,} objects written but the header says {header.files:,} "
-                "(the journal changed meanwhile)"
-            )
         os.replace(temporary, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-    hexdigest = digest.hexdigest()
     _write_atomically(path.with_name(path.name + ".sha256"), f"{hexdigest}  {path.name}\n".encode())
     return hexdigest
+
+
+def dump(
+    header: Header,
+    entries: Iterable[Entry],
+    out: IO[bytes],
+    name: str,
+    stopped: Callable[[], bool] = lambda: False,
+) -> str:
+    """Write a manifest to ``out`` entry by entry, its SHA-256 computed as it goes;
+    returns that. Blocking. ``name`` is what messages call it. A ManifestError when
+    ``stopped()`` turned true, or when the entries are not as many as the header says
+    (what was written is then not a manifest)."""
+    digest = hashlib.sha256()
+    count = 0
+    for data in itertools.chain(
+        (_header_line(header),), (_line(dataclasses.asdict(e)) for e in entries)
+    ):
+        digest.update(data)
+        out.write(data)
+        count += 1
+        if count % 4096 == 0 and stopped():
+            raise ManifestError(f"{name}: not written, the daemon is stopping")
+    if count - 1 != header.files:
+        raise ManifestError(
+            f"{name}: {count - 1:,} objects written but the header says {header.files:,} "
+            "(the journal changed meanwhile)"
+        )
+    return digest.hexdigest()
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -26,7 +26,7 @@ from cpg_daemon.journal.files import (
 )
 from cpg_daemon.journal.journal import Journal
 from cpg_daemon.journal.lock import JOURNAL_NAME, LOCK_NAME, lock_state_dir
-from cpg_daemon.journal.reader import Upload, iter_uploads, read_uploads
+from cpg_daemon.journal.reader import Upload, counted_uploads, iter_uploads, read_uploads
 from cpg_daemon.journal.schema import SCHEMA_VERSION
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "Refusal",
     "Upload",
     "check_integrity",
+    "counted_uploads",
     "damaged_error",
     "iter_uploads",
     "lock_state_dir",

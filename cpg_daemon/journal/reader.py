@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,24 +56,57 @@ def iter_uploads(path: Path, watch: str, folder: str = "") -> Iterator[Upload]:
 
     Blocking: run it in a thread.
     """
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        db.row_factory = sqlite3.Row
-        query = (
-            "SELECT rel_path, key, size, mtime_ns, etag, checksum_algorithm, checksum, "
-            "uploaded_at FROM files WHERE watch=? AND state='uploaded'"
+    with closing(_connect(path)) as db:
+        yield from _uploads(db, *_uploaded(watch, folder))
+
+
+@contextmanager
+def counted_uploads(
+    path: Path, watch: str, folder: str = ""
+) -> Iterator[tuple[int, int, Iterator[Upload]]]:
+    """``iter_uploads`` with its count and bytes first, all read from one snapshot of
+    the journal (a daemon writing meanwhile changes neither): ``(files, bytes, rows)``,
+    the rows valid inside the ``with``. Raises sqlite3.Error. Blocking.
+    """
+    with closing(_connect(path)) as db:
+        db.execute("BEGIN")  # one read transaction: the totals and the rows agree
+        where, arguments = _uploaded(watch, folder)
+        files, size = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0)" + where, arguments
+        ).fetchone()
+        yield files, size, _uploads(db, where, arguments)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def _uploaded(watch: str, folder: str) -> tuple[str, tuple[object, ...]]:
+    """The FROM and WHERE of a watch's (or a folder's) uploaded rows, and their arguments."""
+    where = " FROM files WHERE watch=? AND state='uploaded'"
+    arguments: tuple[object, ...] = (watch,)
+    if folder:  # one range of the (watch, rel_path) index: "folder/" to "folder0"
+        where += " AND rel_path>=? AND rel_path<?"
+        arguments += (os.fsencode(folder) + b"/", os.fsencode(folder) + b"0")
+    return where, arguments
+
+
+def _uploads(db: sqlite3.Connection, where: str, arguments: tuple[object, ...]) -> Iterator[Upload]:
+    query = (
+        "SELECT rel_path, key, size, mtime_ns, etag, checksum_algorithm, checksum, uploaded_at"
+        + where
+        + " ORDER BY rel_path"
+    )
+    for row in db.execute(query, arguments):
+        yield Upload(
+            os.fsdecode(row["rel_path"]),
+            row["key"],
+            row["size"],
+            row["mtime_ns"],
+            row["etag"] or "",
+            row["checksum_algorithm"] or "",
+            row["checksum"] or "",
+            row["uploaded_at"],
         )
-        arguments: tuple[object, ...] = (watch,)
-        if folder:  # one range of the (watch, rel_path) index: "folder/" to "folder0"
-            query += " AND rel_path>=? AND rel_path<?"
-            arguments += (os.fsencode(folder) + b"/", os.fsencode(folder) + b"0")
-        for row in db.execute(query + " ORDER BY rel_path", arguments):
-            yield Upload(
-                os.fsdecode(row["rel_path"]),
-                row["key"],
-                row["size"],
-                row["mtime_ns"],
-                row["etag"] or "",
-                row["checksum_algorithm"] or "",
-                row["checksum"] or "",
-                row["uploaded_at"],
-            )
