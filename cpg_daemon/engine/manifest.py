@@ -54,6 +54,8 @@ from cpg_daemon.s3.store import RemoteObject, Storage
 FORMAT = "cpg-daemon-manifest/1"
 FOLDER = "manifests"
 """Below the state directory: ``manifests/<watch>/<batch>-<time>.jsonl``."""
+DUMP_LINES = 4096
+"""Lines hashed and written at once (about 1 MB), and between looks at ``stopped()``."""
 HEAD_AT_ONCE = 16
 """HeadObject requests in flight when objects must be asked for their checksum."""
 
@@ -192,13 +194,14 @@ def dump(
     (what was written is then not a manifest)."""
     digest = hashlib.sha256()
     count = 0
-    for data in itertools.chain(
+    lines = itertools.chain(
         (_header_line(header),), (_line(dataclasses.asdict(e)) for e in entries)
-    ):
-        digest.update(data)
-        out.write(data)
-        count += 1
-        if count % 4096 == 0 and stopped():
+    )
+    while chunk := b"".join(itertools.islice(lines, DUMP_LINES)):
+        digest.update(chunk)
+        out.write(chunk)
+        count += chunk.count(b"\n")
+        if stopped():
             raise ManifestError(f"{name}: not written, the daemon is stopping")
     if count - 1 != header.files:
         raise ManifestError(
