@@ -32,7 +32,7 @@ from cpg_daemon.engine.pacing import (
     wait_event,
 )
 from cpg_daemon.engine.uploader import Throughput
-from cpg_daemon.s3.dataplane import PacedBody
+from cpg_daemon.s3.dataplane import PacedBody, memory_cost
 
 
 def middle(low: float, high: float) -> float:
@@ -425,6 +425,34 @@ async def test_memory_budget_is_first_come_first_served() -> None:
             budget.release(first)
     assert got == ["large", "small"]
     assert budget.used == 70
+
+
+@pytest.mark.anyio
+async def test_a_grown_budget_lets_a_waiter_in_and_never_shrinks_below_the_configured() -> None:
+    clock = ManualClock()
+    budget = MemoryBudget(100)
+    held = await budget.acquire(80)
+    got: list[int] = []
+
+    async def take() -> None:
+        got.append(await budget.acquire(50))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            await clock.settle()
+            assert got == [] and budget.waiting
+            budget.scale(1.5)  # more requests allowed: 150 bytes, the waiter fits
+    assert got == [50] and not budget.waiting and budget.used == 130
+    budget.scale(0.5)
+    assert budget.limit == 100  # the configured budget is the least
+    budget.release(held)
+
+
+def test_the_crt_s_copy_counts_against_the_budget() -> None:
+    assert memory_cost("crt", 2 * 1024**2) == 4 * 1024**2
+    assert memory_cost("crt", 8 * 1024**2) == 8 * 1024**2  # parts go through botocore
+    assert memory_cost("botocore", 2 * 1024**2) == 2 * 1024**2
 
 
 @pytest.mark.anyio

@@ -88,9 +88,10 @@ class S3Config:
     max_bandwidth: BandwidthLimit = field(default_factory=BandwidthLimit)
     """Bytes per second for all uploads together, or a timetable of such limits by
     local time of day (``core.bandwidth``); unlimited by default. A reload applies it."""
-    max_bytes_in_flight: int = 48 * 1024**2
-    """File bytes held in memory for requests in flight, all uploads together (the
-    default keeps the whole process near 150 MiB while it uploads multi-GiB files)."""
+    max_bytes_in_flight: int = 24 * 1024**2
+    """File bytes held in memory for requests in flight, all uploads together, at the
+    starting number of requests (it scales with the requests allowed; the default keeps
+    the whole process near 120 MiB on a LAN)."""
     request_attempts: int = 5
     """Attempts at one request (retrying throttling, 5xx and network errors) before giving up."""
     data_plane: DataPlane = "auto"

@@ -327,6 +327,8 @@ class InFlightPolicy:
         self.ceiling = max(1, ceiling)
         self.floor = min(IN_FLIGHT_FLOOR, self.ceiling)
         self.limit = max(self.floor, min(start, self.ceiling))
+        self.start = self.limit
+        """The number to start with (the memory budget is set for it)."""
         self._since: float | None = None
         self._amount = 0
         self._done = 0
@@ -399,6 +401,8 @@ class MemoryBudget:
     """
 
     def __init__(self, limit: int) -> None:
+        self.base = limit
+        """The budget as configured; ``scale`` grows it from there (never below)."""
         self.limit = limit
         self.used = 0
         self._queue = anyio.Lock()
@@ -418,6 +422,16 @@ class MemoryBudget:
     def release(self, amount: int) -> None:
         self.used -= amount
         self._freed.set()
+
+    @property
+    def waiting(self) -> bool:
+        """A request is waiting for room."""
+        return self._queue.locked()
+
+    def scale(self, factor: float) -> None:
+        """The budget becomes ``factor`` times the configured one (at least 1 time)."""
+        self.limit = max(self.base, int(self.base * factor))
+        self._freed.set()  # a waiter may fit now
 
 
 async def wait_event(event: anyio.Event, seconds: float, clock: Clock) -> None:

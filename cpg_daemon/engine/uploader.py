@@ -40,6 +40,7 @@ from cpg_daemon.core.objectkeys import (
 )
 from cpg_daemon.engine.pacing import Bandwidth, InFlightPolicy, MemoryBudget
 from cpg_daemon.journal import FileRecord, Journal, PartRecord
+from cpg_daemon.s3.dataplane import memory_cost
 from cpg_daemon.s3.store import RemoteObject, Storage
 
 log = structlog.get_logger(__name__)
@@ -141,7 +142,11 @@ class Uploader:
         self._rate.add(amount)
         if self._in_flight is not None:
             stats = self._limiter.statistics()
-            saturated = stats.borrowed_tokens >= stats.total_tokens or stats.tasks_waiting > 0
+            saturated = (
+                stats.borrowed_tokens >= stats.total_tokens
+                or stats.tasks_waiting > 0
+                or self._memory.waiting
+            )
             now = self._clock.monotonic()
             self._allow(self._in_flight.finished(now, amount, bool(saturated)))
 
@@ -161,7 +166,13 @@ class Uploader:
             return
         before = int(self._limiter.total_tokens)
         self._limiter.total_tokens = number
-        log.debug("requests_allowed", allowed=number, before=before)
+        if self._in_flight is not None:
+            # The memory budget is set for the starting number of requests: it grows and
+            # shrinks with them (a long round trip needs more bytes on their way).
+            self._memory.scale(number / self._in_flight.start)
+        log.debug(
+            "requests_allowed", allowed=number, before=before, memory_budget=self._memory.limit
+        )
 
     async def upload(self, store: Storage, record: FileRecord, path: Path) -> Outcome:
         """Upload one file. Raises an error class from ``errors`` when it cannot."""
@@ -237,7 +248,7 @@ class Uploader:
     ) -> tuple[str, bytes]:
         """One PutObject of the whole file: its memory and a slot first, then one read
         that computes its checksum, sent with it. Returns the ETag and the raw checksum."""
-        held = await self._memory.acquire(expected.size)
+        held = await self._memory.acquire(memory_cost(store.data_plane, expected.size))
         try:
             async with self._limiter:
                 body, digest = await files.read_range(

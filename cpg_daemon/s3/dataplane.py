@@ -241,6 +241,12 @@ and 164 MiB). Measured with bench/compare.py's datasets on rclone serve s3.
 """
 
 
+def memory_cost(plane: str, length: int) -> int:
+    """The memory a body of ``length`` bytes takes while it is sent: twice its size when
+    it goes through the CRT (which copies it), once through botocore."""
+    return 2 * length if plane == "crt" and length <= CRT_BODY_LIMIT else length
+
+
 def proxy_for(endpoint_url: str) -> str:
     """The proxy the environment sets for the S3 endpoint ("" for AWS's), or "" for none.
 
