@@ -279,7 +279,7 @@ class Connection:
         self.client = _Side(self, self.up, self.down, client=True)
         self.server = _Side(self, self.down, self.up, client=False)
         self._awaiting_reply = False
-        self._closed = False
+        self.closed = False
         self.up.on_eof.append(self._maybe_close)
         self.down.on_eof.append(self._maybe_close)
 
@@ -302,7 +302,7 @@ class Connection:
 
     def lost(self, from_client: bool) -> None:
         """One end went away: what it sent still goes on, then the other end is closed."""
-        if self._closed:
+        if self.closed:
             return
         half = self.up if from_client else self.down
         other = self.down if from_client else self.up
@@ -314,9 +314,9 @@ class Connection:
             half.push_eof()  # then _maybe_close closes the connection
 
     def close(self) -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         self.up.close()
         self.down.close()
         for side in (self.client, self.server):
@@ -367,9 +367,14 @@ class Relay:
 
     async def _connect(self, connection: Connection) -> None:
         try:
-            await self.loop.create_connection(lambda: connection.server, *self.upstream)
+            transport, _ = await self.loop.create_connection(
+                lambda: connection.server, *self.upstream
+            )
         except OSError:
             connection.close()
+            return
+        if connection.closed:  # the client went away meanwhile, with nothing to send
+            transport.close()
 
     def statistics(self) -> dict[str, int]:
         return {
