@@ -611,6 +611,9 @@ class Cell:
     """One client's medians on one dataset, link and protocol."""
 
     wall: float
+    low: float
+    high: float
+    """The fastest and the slowest counted run's wall time: how noisy the cell was."""
     cpu: float
     rss: float
     server: float | None
@@ -638,6 +641,8 @@ def _cells(report: Report) -> dict[tuple[str, str, str, str], Cell]:
         counted = [r.relay_counters for r in good if r.relay_counters]
         cells[key] = Cell(
             statistics.median(r.wall_s for r in good),
+            min(r.wall_s for r in good),
+            max(r.wall_s for r in good),
             statistics.median(r.cpu_s for r in good),
             max(r.max_rss_mib for r in good),
             statistics.median(servers) if servers else None,
@@ -761,11 +766,11 @@ def render_section(report: Report) -> str:
                     f"### {protocol.upper()}, {dataset}{over}: {files:,} files, "
                     f"{size / 1e9:.3f} GB ({report.shape_note}{runs})",
                     "",
-                    "| client | wall s | client CPU s | peak RSS MiB | MB/s | files/s "
-                    + "| server CPU s "
+                    "| client | wall s | wall range s | client CPU s | peak RSS MiB | MB/s "
+                    + "| files/s | server CPU s "
                     + ("| relay CPU s | connections | requests " if link != "loopback" else "")
                     + "| cpg wall ratio | cpg CPU ratio | ok runs |",
-                    "| --- " + "| ---: " * (8 if link == "loopback" else 11) + "| --- |",
+                    "| --- " + "| ---: " * (9 if link == "loopback" else 12) + "| --- |",
                 ]
                 ours = cells.get((protocol, dataset, link, "cpg-daemon"))
                 for client in report.clients:
@@ -774,7 +779,7 @@ def render_section(report: Report) -> str:
                     relay_col = "" if link == "loopback" else " | | |"
                     if cell is None:
                         ok = f"0/{len(by_run.get(key, []))}"
-                        lines.append(f"| {client} | failed | | | | | |{relay_col} | | {ok} |")
+                        lines.append(f"| {client} | failed | | | | | | |{relay_col} | | {ok} |")
                         continue
                     server = _fmt(cell.server) if cell.server is not None else "?"
                     relay = ""
@@ -786,7 +791,8 @@ def render_section(report: Report) -> str:
                     ratio_wall = _fmt(ours.wall / cell.wall) if ours else "-"
                     ratio_cpu = _fmt(ours.cpu / cell.cpu) if ours and cell.cpu > 0 else "-"
                     lines.append(
-                        f"| {client} | {_fmt(cell.wall)} | {_fmt(cell.cpu)} | {cell.rss:.0f} | "
+                        f"| {client} | {_fmt(cell.wall)} | {_fmt(cell.low)}-{_fmt(cell.high)} | "
+                        f"{_fmt(cell.cpu)} | {cell.rss:.0f} | "
                         f"{size / 1e6 / cell.wall:.1f} | {files / cell.wall:.1f} | {server} |"
                         f"{relay} {ratio_wall} | {ratio_cpu} | {cell.ok} |"
                     )
@@ -803,7 +809,8 @@ def render_section(report: Report) -> str:
     lines += ["", "### Versions", ""]
     lines += [f"- {k}: {v}" for k, v in report.versions.items()]
     server_line = (
-        "`rclone serve s3 bench/out/served --addr 127.0.0.1:PORT --auth-key bench,bench` "
+        "`rclone serve s3 SERVED --addr 127.0.0.1:PORT --auth-key bench,bench` "
+        "(SERVED: see Machine) "
         "(plus `--cert bench/out/tls/cert.pem --key bench/out/tls/key.pem` over HTTPS)"
         if report.server == "rclone"
         else "moto (`.venv/bin/python -m cpg_daemon.cli.localserver 127.0.0.1 PORT`, "
@@ -1060,6 +1067,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--selftest-rounds", type=int, default=20, help="relay self-test round trips"
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per client run")
+    parser.add_argument(
+        "--served",
+        type=Path,
+        help="the folder rclone serve s3 writes the objects into (default OUT/served; "
+        "e.g. /dev/shm/cpg-bench-served to keep the disk out of the figures)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -1102,7 +1115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.clients != list(CLIENTS):
         key_text += f" clients={','.join(args.clients)}"
     shape_text = (
-        f"{args.preset} preset ({shown_sizes})"
+        f"preset {args.preset} ({shown_sizes})"
         if args.preset and sizes
         else f"sizes {shown_sizes}"
         if sizes
@@ -1139,6 +1152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.selftests.append({**test.as_dict(), "summary": test.summary()})
             print(f"relay self-test: {test.summary()}", flush=True)
     bench = Bench(args, out, tools, conf, report)
+    served: Path = (args.served or out / "served").resolve()
+    if args.server == "rclone":
+        served.mkdir(parents=True, exist_ok=True)
+        kind = first_line(["stat", "-f", "-c", "%T", str(served)])
+        report.machine["folder rclone serve s3 writes into"] = f"{served} ({kind})"
     for protocol in args.protocols:
         https = protocol == "https"
         server: RcloneServer | MotoServer
@@ -1147,7 +1165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             assert tools.rclone is not None
             tls = (cert, key) if https and cert and key else None
-            server = RcloneServer(tools.rclone, out / "served", out / f"server-{protocol}.log", tls)
+            server = RcloneServer(tools.rclone, served, out / f"server-{protocol}.log", tls)
         env = common_env(cert if https else None, out)
         try:
             for dataset in args.datasets:
@@ -1171,9 +1189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             )
         finally:
             server.stop()
-            if (out / "served").exists():
-                shutil.rmtree(out / "served")
+            if served.exists():
+                shutil.rmtree(served)
     report.seconds = time.monotonic() - started
+    report.machine["load average at the end (1, 5, 15 min)"] = load()
     safe = re.sub(r"[^A-Za-z0-9=.,-]+", "_", key_text)
     (out / f"compare-{safe}.json").write_text(json.dumps(asdict(report), indent=2))
     write_results(args.results, report)
