@@ -3,6 +3,8 @@
     .venv/bin/python bench/daemon.py                    # full size (issue targets), 3 runs
     .venv/bin/python bench/daemon.py --scale 0.01 --runs 1     # smoke run, about a minute
     .venv/bin/python bench/daemon.py --scenarios restart --journal-files 200000
+    .venv/bin/python bench/daemon.py --scenarios latency --links loopback,rtt40,rtt100 \
+        --idle-files 0 --burst-files 2000 --plate-files 200     # over simulated links
 
 Everything is real: `cpg-daemon run -c CONFIG` from .venv as a subprocess with a TOML
 configuration file written for each run (credentials from the environment, JSON logs at
@@ -16,12 +18,20 @@ build the journal and to talk to the control socket).
 
 Scenarios (--scenarios, default all; sizes below are the defaults, --scale multiplies them):
 
-latency  One daemon, settle = --settle (1 s), an empty watch.
-         (a) idle: --idle-files (50) files of --idle-size (4 MiB) written one at a time;
-             the next one only once the previous one is visible and --idle-gap (1 s) passed.
+latency  One daemon per link of --links (default loopback), settle = --settle (1 s), an
+         empty watch. Over a link other than loopback (rtt40, rtt100, ...: see
+         bench/relay.py) the daemon's endpoint_url is a delay relay on 127.0.0.1 in front
+         of the server, started and stopped with it; this script's own checks go to the
+         server directly.
+         (a) idle: --idle-files (50; 0 for none) files of --idle-size (4 MiB) written one
+             at a time; the next one only once the previous one is visible and --idle-gap
+             (1 s) passed.
          (b) burst: --burst-files (10,000) files of --small-size (4 KiB) written into one
              new folder as fast as this script can, then the wait until all are visible;
              --runs (3) bursts, each into a folder of its own, 10 s apart.
+         (c) plate burst: the same with --plate-files (200; 0 for none) files of
+             --plate-size (2 MiB), --runs times. For every burst: drain time, files/s,
+             MB/s, and the daemon's CPU seconds per file (from /proc, over the burst).
          For every file: settled -> visible. "Settled" is what watcher.py means: size and
          mtime unchanged for `settle`; for a file written once that is first true at its
          mtime (stat after the last write and close) + settle, so settled_at = st_mtime +
@@ -126,6 +136,7 @@ from benchlib import (
     load,
     machine,
 )
+from relay import LinkSpec, RelayProcess
 
 CPG = MAIN_VENV / "bin" / "cpg-daemon"
 RCLONE = BENCH_VENV / "bin" / "rclone"
@@ -796,7 +807,7 @@ class Daemon:
             db.close()
 
 
-_RUNNING: list[Daemon | Server] = []
+_RUNNING: list[Daemon | Server | RelayProcess] = []
 
 
 def _cleanup() -> None:
@@ -807,7 +818,7 @@ def _cleanup() -> None:
     _RUNNING.clear()
 
 
-def stop_all(*items: Daemon | Server) -> None:
+def stop_all(*items: Daemon | Server | RelayProcess) -> None:
     for item in items:
         item.stop()
         if item in _RUNNING:
@@ -935,42 +946,94 @@ def latencies(
     }
 
 
-def scenario_latency(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """One daemon: the idle files one at a time, then ``args.runs`` bursts, 10 s apart."""
+def run_burst(
+    name: str,
+    size: int,
+    count: int,
+    args: argparse.Namespace,
+    watch: Path,
+    watcher: ServedWatcher,
+    cpu: Callable[[], dict[str, float]],
+) -> dict[str, Any]:
+    """Writes `count` files of `size` bytes into a new folder at once; waits until all show."""
+    rels = [f"{name}/{well(i)}" for i in range(count)]
+    every = max(1, len(rels) // max(1, args.burst_heads))
+    for i, rel in enumerate(rels):  # HeadObject for a sample, a listing for the rest
+        watcher.expect(PREFIX + rel, size, head=i % every == 0)
+    before = cpu()
+    (watch / name).mkdir()
+    started = time.time()
+    for rel in rels:
+        write_file(watch / rel, content(rel, size))
+    written = time.time() - started
+    files = [  # stat after all writes: the mtimes are what they are
+        Written(PREFIX + rel, size, os.stat(watch / rel).st_mtime_ns / 1e9 + args.settle)
+        for rel in rels
+    ]
+    keys = [w.key for w in files]
+    wait_until(lambda: watcher.arrived(keys), args.burst_timeout, f"{name} to be visible", 0.5)
+    after = cpu()
+    spent = {k: after[k] - before[k] for k in before}
+    watcher.confirm_by_listing(f"{PREFIX}{name}/", keys)
+    last = max(watcher.renamed[k] for k in keys)
+    log(f"latency: {name}: {len(files):,} files visible {last - started:.1f} s after")
+    return {
+        "name": name,
+        "size": size,
+        "files": files,
+        "write_s": written,
+        "drain_s": last - started,
+        "after_last_settled_s": last - max(w.settled_at for w in files),
+        "files_per_s": len(files) / (last - started),
+        "mb_per_s": len(files) * size / 1e6 / (last - started),
+        "cpu": spent,
+        "load": load(),
+    }
+
+
+def scenario_latency(args: argparse.Namespace, out: Path, link: LinkSpec) -> dict[str, Any]:
+    """One daemon: the idle files one at a time, then ``args.runs`` bursts of small files
+    and as many of plate files, 10 s apart; over a link, through a relay to the server."""
     run = fresh(out / "run" / "latency")
     watch = fresh(run / "watch")
     server = Server(run / "served", run / "server.log")
     server.start()
     _RUNNING.append(server)
     burst_names = [f"Burst{n}" for n in range(1, args.runs + 1)]
-    for folder in ("Idle", *burst_names):  # made now: the watcher follows them from the start
+    plate_names = [f"Plate{n}" for n in range(1, args.runs + 1)] if args.plate_files else []
+    for folder in ("Idle", *burst_names, *plate_names):  # the watcher follows them from now
         (server.served / BUCKET / PREFIX / folder).mkdir(parents=True)
     watcher = ServedWatcher(server.served / BUCKET, server.endpoint)
-    daemon = Daemon("latency", run, watch, server.endpoint, args.settle, out / "logs")
+    relay = None
+    endpoint = server.endpoint
+    if link.relayed:
+        lifetime = args.burst_timeout * 2 * args.runs + args.idle_files * 150 + 600
+        relay = RelayProcess(server.port, link, lifetime, out / "logs" / f"relay-{link.name}.log")
+        _RUNNING.append(relay)
+        endpoint = f"http://{relay.endpoint}"
+    daemon = Daemon("latency", run, watch, endpoint, args.settle, out / "logs")
     daemon.start()
     _RUNNING.append(daemon)
-    result: dict[str, Any] = {"ready_s": daemon.wait_ready(120)}
+    result: dict[str, Any] = {"link": link.name, "ready_s": daemon.wait_ready(120)}
     time.sleep(2.0)  # its two start-up walks of the empty watch are over
     assert server.process is not None
     server_pid = server.process.pid
+    relay_pid = relay.process.pid if relay else None
 
-    def cpu() -> tuple[float, float, float]:
-        return daemon.cpu_s(), proc_cpu_s(server_pid), time.process_time()
-
-    def used(before: tuple[float, float, float]) -> dict[str, float]:
-        after = cpu()
+    def cpu() -> dict[str, float]:
         return {
-            "daemon": after[0] - before[0],
-            "server": after[1] - before[1],
-            "bench": after[2] - before[2],
+            "daemon": daemon.cpu_s(),
+            "server": proc_cpu_s(server_pid),
+            "relay": proc_cpu_s(relay_pid) if relay_pid else 0.0,
+            "bench": time.process_time(),
         }
 
     bursts: list[dict[str, Any]] = []
+    idle: list[Written] = []
     try:
         # (a) idle: one file at a time
         (watch / "Idle").mkdir()
         rng = random.Random(5)
-        idle: list[Written] = []
         before = cpu()
         for i in range(args.idle_files):
             rel = f"Idle/{well(i)}"
@@ -982,57 +1045,20 @@ def scenario_latency(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             idle.append(Written(key, len(data), mtime + args.settle))
             wait_until(lambda key=key: watcher.arrived([key]), 120, f"{rel} to be visible")
             time.sleep(args.idle_gap)
-        result["idle_cpu"] = used(before)
+        after = cpu()
+        result["idle_cpu"] = {k: after[k] - before[k] for k in before}
         log(f"latency: {len(idle)} idle files visible")
-        # (b) bursts: all at once into a new folder
-        for name in burst_names:
+        # (b) bursts: all at once into a new folder, small files, then plate files
+        shapes = [(name, args.small_size, args.burst_files) for name in burst_names]
+        shapes += [(name, args.plate_size, args.plate_files) for name in plate_names]
+        for name, size, count in shapes:
             time.sleep(10.0)  # the batch tracker's look at the previous folder is over
-            rels = [f"{name}/{well(i)}" for i in range(args.burst_files)]
-            every = max(1, len(rels) // max(1, args.burst_heads))
-            for i, rel in enumerate(rels):  # HeadObject for a sample, a listing for the rest
-                watcher.expect(PREFIX + rel, args.small_size, head=i % every == 0)
-            before = cpu()
-            (watch / name).mkdir()
-            started = time.time()
-            for rel in rels:
-                write_file(watch / rel, content(rel, args.small_size))
-            written = time.time() - started
-            files = [  # stat after all writes: the mtimes are what they are
-                Written(
-                    PREFIX + rel,
-                    args.small_size,
-                    os.stat(watch / rel).st_mtime_ns / 1e9 + args.settle,
-                )
-                for rel in rels
-            ]
-            keys = [w.key for w in files]
-            wait_until(
-                lambda keys=keys: watcher.arrived(keys),
-                args.burst_timeout,
-                f"{name} to be visible",
-                0.5,
-            )
-            spent = used(before)
-            watcher.confirm_by_listing(f"{PREFIX}{name}/", keys)
-            last = max(watcher.renamed[k] for k in keys)
-            bursts.append(
-                {
-                    "name": name,
-                    "files": files,
-                    "write_s": written,
-                    "drain_s": last - started,
-                    "after_last_settled_s": last - max(w.settled_at for w in files),
-                    "files_per_s": len(files) / (last - started),
-                    "cpu": spent,
-                    "load": load(),
-                }
-            )
-            log(f"latency: {name}: {len(files):,} files visible {last - started:.1f} s after")
+            bursts.append(run_burst(name, size, count, args, watch, watcher, cpu))
         status = daemon.status()
         rss, hwm = daemon.memory_mib()
     finally:
         watcher.close()
-        stop_all(daemon, server)
+        stop_all(daemon, *([relay] if relay else []), server)
     rows = daemon.journal_rows(("key", "discovered_at", "uploaded_at"))
     journal = {key: (disc, up) for key, disc, up in rows if up is not None}
     for burst in bursts:
@@ -1044,11 +1070,14 @@ def scenario_latency(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         hwm_mib=hwm,
         status_files=status["files"],
         objects=len(watcher.visible),
-        expected_objects=len(idle) + args.burst_files * len(bursts),
+        expected_objects=len(idle)
+        + args.burst_files * len(burst_names)
+        + args.plate_files * len(plate_names),
         head_retries=watcher.head_retries,
         watcher_problems=watcher.problems[:10],
         log=log_digest(daemon.summary),
         exit_code=daemon.exit_code,
+        relay=relay.counters if relay else {},
     )
     return result
 
@@ -1253,6 +1282,19 @@ def machine_facts(out: Path) -> dict[str, str]:
     }
 
 
+def _size_text(size: int) -> str:
+    return f"{size / MiB:g} MiB" if size >= MiB else f"{size / KiB:g} KiB"
+
+
+def _burst_kinds(lat: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The bursts of small files ("burst") and of plate files ("plate burst"), if any."""
+    kinds = [
+        ("burst", [b for b in lat["bursts"] if b["name"].startswith("Burst")]),
+        ("plate burst", [b for b in lat["bursts"] if b["name"].startswith("Plate")]),
+    ]
+    return [(kind, bursts) for kind, bursts in kinds if bursts]
+
+
 def render(report: dict[str, Any]) -> str:
     args = report["args"]
     lines = [
@@ -1277,32 +1319,38 @@ def render(report: dict[str, Any]) -> str:
             return "-"
         return f"{figures['p50']:.3f} / {figures['p95']:.3f} / {figures['max']:.3f}"
 
-    lat = report.get("latency")
-    bursts = lat["bursts"] if lat else []
-    if lat:
+    lats: list[dict[str, Any]] = report.get("latency") or []
+    several = len(lats) > 1 or any(lat["link"] != "loopback" for lat in lats)
+    for lat in lats:
+        over = f" over {lat['link']}" if several else ""
         idle = lat["idle"]
-        row(
-            f"idle: settled -> visible, p50 / p95 / max s ({idle['files']} x "
-            f"{args['idle_size'] / MiB:g} MiB, one at a time)",
-            spread(idle["settled_to_visible"]),
-        )
-    if bursts:
-        of = f"median of {len(bursts)} bursts" if len(bursts) > 1 else "1 burst"
+        if idle["files"]:
+            row(
+                f"idle{over}: settled -> visible, p50 / p95 / max s ({idle['files']} x "
+                f"{args['idle_size'] / MiB:g} MiB, one at a time)",
+                spread(idle["settled_to_visible"]),
+            )
+        for kind, bursts in _burst_kinds(lat):
+            of = f"median of {len(bursts)} bursts" if len(bursts) > 1 else "1 burst"
+            first = bursts[0]
+            shape = f"{first['latency']['files']:,} x {_size_text(first['size'])}"
 
-        def burst_median(name: str) -> float | None:
-            return median(b["latency"]["settled_to_visible"].get(name) for b in bursts)
+            def burst_median(name: str, bursts: list[dict[str, Any]] = bursts) -> float | None:
+                return median(b["latency"]["settled_to_visible"].get(name) for b in bursts)
 
-        row(
-            f"burst: settled -> visible, p50 / p95 / max s ({args['burst_files']:,} x "
-            f"{args['small_size'] / KiB:g} KiB at once; {of})",
-            f"{fmt(burst_median('p50'), 3)} / {fmt(burst_median('p95'), 3)} / "
-            f"{fmt(burst_median('max'), 3)}",
-        )
-        row(
-            f"burst: drain, first write -> last object visible, s ({of})",
-            f"{fmt(median(b['drain_s'] for b in bursts), 1)} "
-            f"({fmt(median(b['files_per_s'] for b in bursts), 0)} files/s)",
-        )
+            row(
+                f"{kind}{over}: settled -> visible, p50 / p95 / max s ({shape} at once; {of})",
+                f"{fmt(burst_median('p50'), 3)} / {fmt(burst_median('p95'), 3)} / "
+                f"{fmt(burst_median('max'), 3)}",
+            )
+            per_file = median(b["cpu"]["daemon"] / b["latency"]["files"] * 1000 for b in bursts)
+            row(
+                f"{kind}{over}: drain, first write -> last object visible, s ({of}); "
+                "files/s; MB/s; daemon CPU per file, ms",
+                f"{fmt(median(b['drain_s'] for b in bursts), 1)}; "
+                f"{fmt(median(b['files_per_s'] for b in bursts), 0)}; "
+                f"{fmt(median(b['mb_per_s'] for b in bursts), 1)}; {fmt(per_file, 2)}",
+            )
     restarts = report.get("restart") or []
     if restarts:
         n = report["journal_files"]
@@ -1372,10 +1420,18 @@ def render(report: dict[str, Any]) -> str:
                 else f"DIFFER from the synthesized ones: {fixture['mismatches'][:5]}"
             ),
         ]
-    if lat:
+    if several:
         lines += [
             "",
-            "### Latency breakdown",
+            "Links (bench/relay.py between the daemon and the server; see its docstring):",
+        ]
+        lines += ["", *[f"- {name}: {text}" for name, text in report["links"].items()]]
+    for lat in lats:
+        bursts = lat["bursts"]
+        over = f" over {lat['link']}" if several else ""
+        lines += [
+            "",
+            f"### Latency breakdown{over}",
             "",
             "Seconds, p50 / p95 / max. settled -> journaled: the daemon's settle tracker "
             "(journal `discovered_at`); journaled -> uploaded: queue and PutObject "
@@ -1387,7 +1443,8 @@ def render(report: dict[str, Any]) -> str:
             "| rename -> confirmed |",
             "| --- | ---: | ---: | ---: | ---: |",
         ]
-        phases = [("idle", lat["idle"])] + [(b["name"], b["latency"]) for b in bursts]
+        phases = [("idle", lat["idle"])] if lat["idle"]["files"] else []
+        phases += [(b["name"], b["latency"]) for b in bursts]
         for phase, d in phases:
             lines.append(
                 f"| {phase} ({d['files']:,} files) | {spread(d['settled_to_visible'])} | "
@@ -1396,20 +1453,32 @@ def render(report: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            "| burst | written in s | drain s | last settled -> last visible s | files/s "
-            "| CPU s: daemon | server | this script | load average after |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| burst | files x size | written in s | drain s | last settled -> last visible s "
+            "| files/s | MB/s | daemon CPU ms per file | CPU s: daemon | server | relay "
+            "| this script | load average after |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| --- |",
         ]
         for b in bursts:
+            files = b["latency"]["files"]
             lines.append(
-                f"| {b['name']} | {b['write_s']:.2f} | {b['drain_s']:.1f} | "
-                f"{b['after_last_settled_s']:.1f} | {b['files_per_s']:.0f} | "
+                f"| {b['name']} | {files:,} x {_size_text(b['size'])} | {b['write_s']:.2f} | "
+                f"{b['drain_s']:.1f} | {b['after_last_settled_s']:.1f} | "
+                f"{b['files_per_s']:.0f} | {b['mb_per_s']:.1f} | "
+                f"{b['cpu']['daemon'] / files * 1000:.2f} | "
                 f"{b['cpu']['daemon']:.1f} | {b['cpu']['server']:.1f} | "
-                f"{b['cpu']['bench']:.1f} | {b['load']} |"
+                f"{b['cpu']['relay']:.1f} | {b['cpu']['bench']:.1f} | {b['load']} |"
             )
         idle_cpu = lat["idle_cpu"]
         heads = lat["idle"]["confirmed_by_head"] + sum(
             b["latency"]["confirmed_by_head"] for b in bursts
+        )
+        counters = lat.get("relay") or {}
+        relayed = (
+            f" The relay counted {counters['connections']:,} connections and "
+            f"{counters['replies']:,} requests answered."
+            if counters
+            else ""
         )
         lines += [
             "",
@@ -1419,7 +1488,7 @@ def render(report: dict[str, Any]) -> str:
             f"peak {lat['hwm_mib']:.0f} MiB. Objects seen: {lat['objects']:,} of "
             f"{lat['expected_objects']:,}, confirmed by HeadObject: {heads:,} (every idle "
             f"one, a sample of each burst), the rest by ListObjectsV2; status at the end: "
-            f"{lat['status_files']}.",
+            f"{lat['status_files']}.{relayed}",
             "",
         ]
     if restarts:
@@ -1479,6 +1548,17 @@ def render(report: dict[str, Any]) -> str:
         report["config_example"].strip(),
         "```",
         "",
+        *(
+            [
+                "Over a link other than loopback the configuration's endpoint_url is a relay's "
+                "port: `python3 bench/relay.py serve --upstream 127.0.0.1:PORT --link LINK "
+                "--lifetime SECONDS`, in front of the server, started before the daemon and "
+                "stopped after it.",
+                "",
+            ]
+            if report.get("links") and list(report["links"]) != ["loopback"]
+            else []
+        ),
         "Pausing for the queued scenario: `.venv/bin/cpg-daemon pause -s SOCKET`; status "
         "through the control socket (cpg_daemon.ops.control.request, what `cpg-daemon status "
         "--json` sends).",
@@ -1517,16 +1597,16 @@ def notes_for(report: dict[str, Any]) -> list[str]:
             "daemons started at different times may have run different code"
         )
     digests = []
-    if report.get("latency"):
-        lat = report["latency"]
-        digests.append(("latency", lat["log"]))
+    for lat in report.get("latency") or []:
+        name = f"latency over {lat['link']}"
+        digests.append((name, lat["log"]))
         if lat["objects"] != lat["expected_objects"]:
-            notes.append(f"latency: {lat['objects']} of {lat['expected_objects']} objects seen")
+            notes.append(f"{name}: {lat['objects']} of {lat['expected_objects']} objects seen")
         if lat["status_files"].get("failed"):
-            notes.append(f"latency: failed files in status: {lat['status_files']}")
-        notes += [f"latency (served folder): {p}" for p in lat["watcher_problems"]]
+            notes.append(f"{name}: failed files in status: {lat['status_files']}")
+        notes += [f"{name} (served folder): {p}" for p in lat["watcher_problems"]]
         if lat["head_retries"]:
-            notes.append(f"latency: {lat['head_retries']} HeadObject retries")
+            notes.append(f"{name}: {lat['head_retries']} HeadObject retries")
     for r in report.get("restart") or []:
         digests.append((f"restart run {r['run']}", r["log"]))
         if r.get("problem"):
@@ -1574,7 +1654,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--journal-files", type=int, default=1_000_000)
     parser.add_argument("--queued-files", type=int, default=100_000)
     parser.add_argument("--burst-files", type=int, default=10_000)
-    parser.add_argument("--idle-files", type=int, default=50)
+    parser.add_argument(
+        "--plate-files",
+        type=int,
+        default=200,
+        help="files of --plate-size in each plate burst (0: no plate bursts)",
+    )
+    parser.add_argument(
+        "--plate-size", type=int, default=2 * MiB, help="bytes of a plate file (default 2 MiB)"
+    )
+    parser.add_argument(
+        "--links",
+        default="loopback",
+        help="comma-separated links the latency scenario runs over, one daemon each: "
+        "loopback, rtt<ms>[+think<ms>][+<n>mbit] (bench/relay.py; e.g. loopback,rtt40,rtt100)",
+    )
+    parser.add_argument("--idle-files", type=int, default=50, help="0: no idle phase")
     parser.add_argument("--idle-size", type=int, default=4 * MiB, help="bytes (default 4 MiB)")
     parser.add_argument("--idle-gap", type=float, default=1.0, help="seconds between idle files")
     parser.add_argument(
@@ -1609,7 +1704,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.journal_files = scaled(args.journal_files, args.scale, 100)
     args.queued_files = scaled(args.queued_files, args.scale, 100)
     args.burst_files = scaled(args.burst_files, args.scale, 10)
-    args.idle_files = scaled(args.idle_files, args.scale, 5)
+    args.idle_files = scaled(args.idle_files, args.scale, 5) if args.idle_files else 0
+    args.plate_files = scaled(args.plate_files, args.scale, 5) if args.plate_files else 0
+    try:
+        links = [LinkSpec.parse(name) for name in args.links.split(",") if name.strip()]
+    except ValueError as exc:
+        parser.error(f"--links: {exc}")
+    if not links:
+        parser.error("--links: name at least one")
     for path in (CPG, RCLONE):
         if not path.exists():
             raise SystemExit(f"{path} is missing (see README: .venv, and bench/compare.py)")
@@ -1632,8 +1734,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         if "latency" in scenarios:
-            log(f"latency: {args.idle_files} idle files, then a burst of {args.burst_files:,}")
-            report["latency"] = scenario_latency(args, out)
+            report["latency"] = []
+            for link in links:
+                log(
+                    f"latency over {link.name}: {args.idle_files} idle files, then bursts of "
+                    f"{args.burst_files:,} and of {args.plate_files:,}"
+                )
+                report["latency"].append(scenario_latency(args, out, link))
+            report["links"] = {link.name: link.describe() for link in links}
         if "restart" in scenarios:
             tree = Tree(
                 out / "data" / f"journal-{args.journal_files}",
@@ -1682,6 +1790,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"queued={args.queued_files} burst={args.burst_files} idle={args.idle_files} "
         f"runs={args.runs}"
     )
+    if "latency" in scenarios and args.plate_files:
+        key += f" plate={args.plate_files}x{args.plate_size}"
+    if "latency" in scenarios and args.links != "loopback":
+        key += f" links={','.join(link.name for link in links)}"
     report["key"] = key
     section = render(report)
     safe = re.sub(r"[^A-Za-z0-9=.,-]+", "_", key)
