@@ -293,14 +293,15 @@ class Bandwidth:
 IN_FLIGHT_START = 16
 """Requests in flight at start: the old fixed number, right on a LAN or loopback."""
 IN_FLIGHT_FLOOR = 4
-IN_FLIGHT_WINDOW = 1.0
-"""Seconds of uploading per measurement of the throughput."""
-IN_FLIGHT_SAMPLES = 8
-"""Requests finished per measurement, at least."""
+IN_FLIGHT_WINDOW = 0.25
+"""Seconds of uploading per measurement of the throughput, at least..."""
+IN_FLIGHT_ROUNDS = 2
+"""...and as many requests finished as this many times the number allowed (each request
+in flight seen about twice): a window spans a few round trips whatever the link."""
 IN_FLIGHT_GAIN = 0.08
 """A step up is kept when the throughput grew by this fraction; else it is undone."""
-IN_FLIGHT_PROBE = 15
-"""Measurements held at one number before another step up is tried."""
+IN_FLIGHT_PROBE = 40
+"""Measurements held at one number before another step up is tried (10 s and more)."""
 IN_FLIGHT_REQUEST_COST = 16 * 1024
 """Bytes a request counts for besides its body: 4 KiB files count for their requests."""
 
@@ -311,7 +312,8 @@ class InFlightPolicy:
     On a link with a long round trip, each request spends most of its time waiting
     for the other end, and only more of them at once fill the link; on loopback or a
     LAN more of them only cost memory and CPU. Neither is known in advance, so the
-    number is measured: each window of ``IN_FLIGHT_WINDOW`` seconds in which the
+    number is measured: each window (``IN_FLIGHT_WINDOW`` seconds and
+    ``IN_FLIGHT_ROUNDS`` requests per request allowed, at least) in which the
     requests were the limit (every slot taken, or files waiting for one) yields a
     throughput (body bytes plus ``IN_FLIGHT_REQUEST_COST`` a request, per second).
     The number then steps up by half; a step that did not raise the throughput by
@@ -350,7 +352,7 @@ class InFlightPolicy:
         self._done += 1
         self._busy += saturated
         elapsed = now - self._since
-        if elapsed < IN_FLIGHT_WINDOW or self._done < IN_FLIGHT_SAMPLES:
+        if elapsed < IN_FLIGHT_WINDOW or self._done < IN_FLIGHT_ROUNDS * self.limit:
             return None
         throughput = self._amount / elapsed
         limited = 2 * self._busy >= self._done
