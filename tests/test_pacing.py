@@ -591,6 +591,20 @@ def test_the_requests_allowed_climb_to_what_the_link_needs_and_no_further(
     assert max(settled) <= max(at_most * 3 // 2, at_most + 2), seen
 
 
+def test_a_large_file_few_parts_at_a_time_still_climbs() -> None:
+    """16 MiB parts, as many in flight as the memory budget (which grows with the number
+    allowed) holds: one at first. 100 ms away each takes 0.26 s; the number climbs
+    within a few parts, and with it the parts in flight."""
+    policy = InFlightPolicy(64)
+    now, parts_seen = 0.0, []
+    for _ in range(40):
+        parts = max(1, policy.limit * 24 // 16 // 16)  # 24 MiB at the start, 16 MiB parts
+        now += 0.26 / parts
+        policy.finished(now, 16 * 1024**2, saturated=True, in_flight=parts)
+        parts_seen.append(parts)
+    assert parts_seen[0] == 1 and max(parts_seen) >= 3, parts_seen
+
+
 def test_without_files_waiting_the_number_stays() -> None:
     """Fewer requests than allowed: the number is not what holds the uploads back."""
     policy = InFlightPolicy(64)

@@ -296,8 +296,9 @@ IN_FLIGHT_FLOOR = 4
 IN_FLIGHT_WINDOW = 0.25
 """Seconds of uploading per measurement of the throughput, at least..."""
 IN_FLIGHT_ROUNDS = 2
-"""...and as many requests finished as this many times the number allowed (each request
-in flight seen about twice): a window spans a few round trips whatever the link."""
+"""...and as many requests finished as this many times the number in flight (each seen
+about twice, at least 4): a window spans a few round trips whatever the link, and a
+few parts of a large file however few are in flight."""
 IN_FLIGHT_GAIN = 0.08
 """A step up is kept when the throughput grew by this fraction; else it is undone."""
 IN_FLIGHT_PROBE = 40
@@ -335,6 +336,8 @@ class InFlightPolicy:
         self._amount = 0
         self._done = 0
         self._busy = 0
+        self._flying = 0
+        """The requests in flight at each finish of the window, summed."""
         self._base: tuple[int, float] | None = None
         """(number, throughput) before the step being tried; None: no step is tried."""
         self._held = 0
@@ -342,21 +345,26 @@ class InFlightPolicy:
         self._skip = True
         """The first window after a change mixes the two numbers: it is not used."""
 
-    def finished(self, now: float, amount: int, saturated: bool) -> int | None:
-        """A request's body of ``amount`` bytes went through at ``now``; ``saturated``:
-        every slot was taken, or someone was waiting for one. Returns the new number
-        of requests allowed when it changes."""
+    def finished(
+        self, now: float, amount: int, saturated: bool, in_flight: int | None = None
+    ) -> int | None:
+        """A request's body of ``amount`` bytes went through at ``now``, with
+        ``in_flight`` requests in flight (itself included; default: the number
+        allowed); ``saturated``: every slot was taken, or someone was waiting for one
+        (or for memory). Returns the new number of requests allowed when it changes."""
         if self._since is None:
             self._since = now
         self._amount += amount + IN_FLIGHT_REQUEST_COST
         self._done += 1
         self._busy += saturated
+        self._flying += self.limit if in_flight is None else in_flight
         elapsed = now - self._since
-        if elapsed < IN_FLIGHT_WINDOW or self._done < IN_FLIGHT_ROUNDS * self.limit:
+        rounds = max(4, IN_FLIGHT_ROUNDS * self._flying // self._done)
+        if elapsed < IN_FLIGHT_WINDOW or self._done < rounds:
             return None
         throughput = self._amount / elapsed
         limited = 2 * self._busy >= self._done
-        self._since, self._amount, self._done, self._busy = now, 0, 0, 0
+        self._reset(now)
         if self._skip:
             self._skip = False
             return None
@@ -390,8 +398,11 @@ class InFlightPolicy:
             return None
         self.limit = number
         self._skip = True
-        self._since, self._amount, self._done, self._busy = None, 0, 0, 0
+        self._reset(None)
         return number
+
+    def _reset(self, since: float | None) -> None:
+        self._since, self._amount, self._done, self._busy, self._flying = since, 0, 0, 0, 0
 
 
 class MemoryBudget:

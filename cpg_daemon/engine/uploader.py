@@ -148,7 +148,8 @@ class Uploader:
                 or self._memory.waiting
             )
             now = self._clock.monotonic()
-            self._allow(self._in_flight.finished(now, amount, bool(saturated)))
+            finished = self._in_flight.finished(now, amount, bool(saturated), stats.borrowed_tokens)
+            self._allow(finished)
 
     def congested(self) -> None:
         """A request failed as an overloaded link or server fails: fewer at once."""
