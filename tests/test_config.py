@@ -73,7 +73,7 @@ def test_example_config_loads_with_documented_values() -> None:
     assert s3.endpoint_url == ""
     assert s3.acl == "bucket-owner-full-control"
     assert s3.max_concurrency == 64
-    assert s3.part_size == 16 * MiB
+    assert s3.part_size == 8 * MiB
     assert s3.multipart_threshold == 64 * MiB
     assert s3.checksum == "CRC32C"
     assert s3.max_bandwidth == BandwidthLimit()

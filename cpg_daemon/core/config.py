@@ -82,7 +82,7 @@ class S3Config:
     endpoint_url: str = ""
     acl: str = "bucket-owner-full-control"
     max_concurrency: int = 64
-    part_size: int = 16 * 1024**2
+    part_size: int = 8 * 1024**2
     multipart_threshold: int = 64 * 1024**2
     checksum: ChecksumName = "CRC32C"
     max_bandwidth: BandwidthLimit = field(default_factory=BandwidthLimit)
