@@ -302,7 +302,9 @@ def _throttle(
     rng = random.Random(SEED)
     first = {f"A/r{i:04d}.tiff": rng.randbytes(rng.randint(1000, 30_000)) for i in range(150)}
     second = {f"B/r{i:04d}.tiff": rng.randbytes(rng.randint(1000, 30_000)) for i in range(backlog)}
-    daemon = _start(tmp_path, layout, proxy, bucket)
+    # At most 16 requests at once (the number it starts with): the files in flight when S3
+    # begins to throttle are then at most 20, whatever the loopback let it climb to.
+    daemon = _start(tmp_path, layout, proxy, bucket, s3={"max_concurrency": 16})
     try:
         mark = proxy.mark()
         _drop(layout["watch"], first)
