@@ -525,7 +525,9 @@ def _s3(reader: _Reader, table: Mapping[str, Any]) -> S3Config:
         region=reader.get(table, w, "region", _string, d.region) or d.region,
         endpoint_url=reader.get(table, w, "endpoint_url", _endpoint, ""),
         acl=reader.get(table, w, "acl", _choice(*CANNED_ACLS), d.acl),
-        max_concurrency=reader.get(table, w, "max_concurrency", _int_range(1, 1024), 64),
+        max_concurrency=reader.get(
+            table, w, "max_concurrency", _int_range(1, 1024), d.max_concurrency
+        ),
         part_size=reader.get(
             table, w, "part_size", _size_range(MIN_PART_SIZE, MAX_PART_SIZE), d.part_size
         ),
