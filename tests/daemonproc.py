@@ -15,6 +15,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import forkserver
+from forkserver import ForkedProcess, ForkServer
 from loopguard import harness
 
 DEFAULT_TIMEOUT = 30.0
@@ -128,7 +130,9 @@ class ConfigMaker:
 
 
 class Daemon:
-    """``cpg-daemon run -c CONFIG`` as a subprocess, its output in a log file."""
+    """``cpg-daemon run -c CONFIG`` as a subprocess, its output in a log file: a child of
+    the worker's fork server (``tests/forkserver.py``), or, under a wrapper or with
+    descriptors to pass, of this process."""
 
     def __init__(
         self,
@@ -145,13 +149,26 @@ class Daemon:
         self._events: list[dict[str, Any]] = []
         self._parsed_bytes = 0
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
-        self.process = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", "cpg_daemon", "run", "-c", str(config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=os.environ.copy(),
-            pass_fds=pass_fds,
-        )
+        env = os.environ.copy()
+        server = None if wrapper or pass_fds else ForkServer.get()
+        self.process: subprocess.Popen[bytes] | ForkedProcess
+        if server is not None and server.eligible(env):
+            with open(os.devnull, "rb") as devnull:
+                self.process = server.spawn(
+                    ["run", "-c", str(config)],
+                    stdin=devnull.fileno(),
+                    stdout=self._log.fileno(),
+                    stderr=self._log.fileno(),
+                    env=env,
+                )
+        else:
+            self.process = subprocess.Popen(
+                [*wrapper, sys.executable, "-m", "cpg_daemon", "run", "-c", str(config)],
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=pass_fds,
+            )
 
     @classmethod
     def started(cls, config: Path, log_path: Path, *, timeout: float = DEFAULT_TIMEOUT) -> Daemon:
@@ -283,17 +300,9 @@ def exchange(path: Path, payload: bytes, timeout: float = 10.0) -> list[dict[str
 def run_cli(
     *args: str, timeout: float = 60, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``cpg-daemon ARGS...`` as a subprocess, its output captured as text (``input``:
-    its standard input; else none, as from a terminal-less cron job)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "cpg_daemon", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
-    )
+    """``cpg-daemon ARGS...`` as a subprocess (through the fork server), its output captured
+    as text (``input``: its standard input; else none, as from a terminal-less cron job)."""
+    result = forkserver.run(args, timeout=timeout, input=input)
     CLI_OUTPUT.append((" ".join(args), result.stdout + result.stderr))
     return result
 
