@@ -281,6 +281,61 @@ async def test_checksum_algorithms_single_and_multipart(
     assert open_uploads(s3_client, bucket) == []
 
 
+@pytest.mark.anyio
+async def test_a_group_of_small_files_ends_each_file_as_alone(
+    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    """Small files go in groups (``upload_many``: one read trip, one journal write): a
+    file deleted or rewritten after it settled, or one S3 refuses, ends as it would
+    alone; the others of its group are uploaded, each with its own checksum and row."""
+    root = tmp_path / "watch"
+    files = {f"B/f{i}.csv": write_file(root / f"B/f{i}.csv", payload(100 + i, i)) for i in range(6)}
+
+    class RefusingStore(ObjectStore):
+        async def put_object(self, bucket: str, key: str, body: Any, checksum: str) -> str:
+            if key.endswith("f4.csv"):
+                raise RetryableError("PutObject: injected failure")
+            return await super().put_object(bucket, key, body, checksum)
+
+    s3 = s3_config(s3_server.endpoint_url)
+    async with (
+        opened_journal(tmp_path / "journal.sqlite") as journal,
+        connected(RefusingStore, s3) as store,
+    ):
+        uploader = Uploader(journal, s3, anyio.CapacityLimiter(4))
+        await discover(journal, root, bucket, list(files))
+        records = sorted(await journal.claim(100), key=lambda r: r.rel_path)
+        assert all(uploader.batchable(r) for r in records)
+        (root / "B/f1.csv").unlink()
+        write_file(root / "B/f2.csv", b"rewritten after it settled", age=0)
+        errors: dict[int, str] = {}
+
+        async def failed(index: int, exc: Exception) -> None:
+            errors[index] = type(exc).__name__
+
+        paths = [root / r.rel_path for r in records]
+        results = await uploader.upload_many(store, records, paths, failed)
+        rows = {rel: await row(journal, rel) for rel in files}
+
+    assert results == ["uploaded", None, None, "uploaded", None, "uploaded"]
+    assert errors == {1: "VanishedError", 2: "FileChangedError", 4: "RetryableError"}
+    for i in (0, 3, 5):
+        rel = f"B/f{i}.csv"
+        assert object_bytes(s3_client, bucket, PREFIX + rel) == files[rel]
+        assert rows[rel].state == "uploaded"
+        assert rows[rel].checksum == whole_crc("CRC32C", files[rel])
+    # The others are still the scheduler's to decide on (forget, re-queue, retry).
+    assert {rel: rows[rel].state for rel in ("B/f1.csv", "B/f2.csv", "B/f4.csv")} == {
+        "B/f1.csv": "uploading",
+        "B/f2.csv": "uploading",
+        "B/f4.csv": "uploading",
+    }
+    keys = {
+        r.key for r in s3_server.requests() if r.bucket == bucket and r.method == "PUT" and r.key
+    }
+    assert keys == {PREFIX + f"B/f{i}.csv" for i in (0, 3, 5)}
+
+
 # -- 2. files deleted before their upload ------------------------------------------------
 
 

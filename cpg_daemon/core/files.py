@@ -11,7 +11,7 @@ import errno
 import hashlib
 import io
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -21,7 +21,13 @@ from stat import S_ISREG
 from typing import Any, cast
 
 from cpg_daemon.core.checksums import ALGORITHMS, Algorithm, ChecksumName, encode
-from cpg_daemon.core.errors import FileChangedError, RetryableError, SkipFileError, VanishedError
+from cpg_daemon.core.errors import (
+    CpgError,
+    FileChangedError,
+    RetryableError,
+    SkipFileError,
+    VanishedError,
+)
 from cpg_daemon.core.threads import FILES
 
 READ_CHUNK = 8 * 1024 * 1024
@@ -205,6 +211,29 @@ async def read_range(
     root = _ROOT.get()
     digest = await FILES.run(read_range_sync, path, offset, length, expected, checksum, body, root)
     return body, digest
+
+
+def _read_whole_sync(
+    items: Sequence[tuple[Path, FileStat]], checksum: ChecksumName, root: Path | None
+) -> list[tuple[io.BytesIO, bytes] | CpgError]:
+    bodies: list[tuple[io.BytesIO, bytes] | CpgError] = []
+    for path, expected in items:
+        body = request_body(expected.size)
+        try:
+            digest = read_range_sync(path, 0, expected.size, expected, checksum, body, root)
+        except CpgError as exc:  # this file's fate; the others are read all the same
+            bodies.append(exc)
+        else:
+            bodies.append((body, digest))
+    return bodies
+
+
+async def read_whole(
+    items: Sequence[tuple[Path, FileStat]], checksum: ChecksumName
+) -> list[tuple[io.BytesIO, bytes] | CpgError]:
+    """Several small files, each whole as a request body with its raw checksum, or the
+    error that stopped its read (as ``read_range`` raises it), in one trip to a thread."""
+    return await FILES.run(_read_whole_sync, items, checksum, _ROOT.get())
 
 
 def whole_file_checksum_sync(

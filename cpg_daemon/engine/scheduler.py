@@ -33,7 +33,7 @@ from cpg_daemon.core.errors import (
 )
 from cpg_daemon.engine.pacing import SlowDownPacer, backoff, wait_event
 from cpg_daemon.engine.tally import Tally
-from cpg_daemon.engine.uploader import Uploader
+from cpg_daemon.engine.uploader import Outcome, Uploader
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
 from cpg_daemon.journal import Failure, FileRecord, Journal
 from cpg_daemon.s3.store import Storage
@@ -45,6 +45,8 @@ CREDENTIALS_PREFIX = "credentials:"
 """Begins the text of a refusal of the keys (the journal marks it with failure="keys")."""
 IDLE_POLL = 5.0
 """Seconds the feeder sleeps at most when nothing is due (a wake-up cuts it short)."""
+GROUP_FILES = 8
+"""Small files a worker sends together (``Uploader.upload_many``)."""
 CLOCK_JUMP = 5.0
 """Seconds by which the wall clock must move against the monotonic clock to count as a jump."""
 
@@ -177,14 +179,14 @@ class Scheduler:
     # -- running -------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        send, receive = anyio.create_memory_object_stream[FileRecord](0)
+        send, receive = anyio.create_memory_object_stream[list[FileRecord]](0)
         async with anyio.create_task_group() as tg, send, receive:
             for _ in range(self._workers):
                 tg.start_soon(self._worker, receive.clone())
             task_status.started()
             await self._feed(send)
 
-    async def _feed(self, send: anyio.abc.ObjectSendStream[FileRecord]) -> None:
+    async def _feed(self, send: anyio.abc.ObjectSendStream[list[FileRecord]]) -> None:
         while True:
             self._wake_event = anyio.Event()
             if self._draining:
@@ -208,14 +210,30 @@ class Scheduler:
             active = [w for w in active if table[w].grant.usable]
             records = await self._journal.claim(idle, active)
             if records:
-                for record in records:
-                    self._in_hand += 1
-                    await send.send(record)
+                self._in_hand += len(records)
+                for group in self._groups(records):
+                    await send.send(group)
                 continue
             due = await self._journal.next_due(active)
             now = self._clock.time()
             timeout = IDLE_POLL if due is None else min(IDLE_POLL, max(0.0, due - now))
             await wait_event(self._wake_event, timeout, self._clock)
+
+    def _groups(self, records: list[FileRecord]) -> list[list[FileRecord]]:
+        """The claimed files as a worker takes them: small files of one watch in groups of
+        up to GROUP_FILES (``Uploader.upload_many``), every other file alone."""
+        groups: list[list[FileRecord]] = []
+        small: dict[str, list[FileRecord]] = {}
+        for record in records:
+            if not self._uploader.batchable(record):
+                groups.append([record])
+                continue
+            group = small.setdefault(record.watch, [])
+            group.append(record)
+            if len(group) == GROUP_FILES:
+                groups.append(small.pop(record.watch))
+        groups.extend(small.values())
+        return groups
 
     async def _follow_clock(self) -> None:
         """Keep retry and settle delays when the system clock is set (NTP stepping it, say).
@@ -238,72 +256,107 @@ class Scheduler:
             "S3 refuses requests from a clock more than 15 minutes off",
         )
 
-    async def _worker(self, receive: anyio.abc.ObjectReceiveStream[FileRecord]) -> None:
+    async def _worker(self, receive: anyio.abc.ObjectReceiveStream[list[FileRecord]]) -> None:
         async with receive:
-            async for record in receive:
+            async for group in receive:
                 try:
-                    await self._work_on(record)
+                    await self._work_on(group)
                 finally:
-                    self._in_hand -= 1
+                    self._in_hand -= len(group)
                     self._room.set()
 
-    async def _work_on(self, record: FileRecord) -> None:
-        watch = self._table().get(record.watch)
+    async def _work_on(self, group: list[FileRecord]) -> None:
+        """One file, or a group of small files of one watch (``_groups``)."""
+        watch = self._table().get(group[0].watch)
         if self._draining or watch is None:
             # Claimed before a drain began or its watch was removed by a
-            # reload: leave it queued for next time.
-            await self._journal.requeue(record.id)
+            # reload: leave them queued for next time.
+            for record in group:
+                await self._journal.requeue(record.id)
             return
         if self._busy == 0:
             self._idle = anyio.Event()  # set again when the last file finishes
-        self._busy += 1
+        self._busy += len(group)
         try:
             with watch.grant.lease():  # a grant dropped by a reload stays open until then
-                await self._process(record, watch)
+                if len(group) == 1:
+                    await self._process(group[0], watch)
+                else:
+                    await self._process_group(group, watch)
         finally:
-            for callback in self._finished:
-                callback(record)
-            self._busy -= 1
+            for record in group:
+                for callback in self._finished:
+                    callback(record)
+            self._busy -= len(group)
             if self._busy == 0:
                 self._idle.set()
 
     async def _process(self, record: FileRecord, active: ActiveWatch | None = None) -> None:
         active = active or self._table()[record.watch]
-        watch, store = active.config, active.grant.store
-        path = watch.path / record.rel_path
+        path = active.config.path / record.rel_path
         with (
             structlog.contextvars.bound_contextvars(watch=record.watch, path=str(path)),
-            files.confined_to(watch.path),  # a folder swapped for a symlink is not followed
+            files.confined_to(active.config.path),  # a folder swapped for a symlink is not followed
         ):
             started = self._clock.monotonic()
             try:
-                outcome = await self._uploader.upload(store, record, path)
-            except VanishedError:
-                log.info("vanished", key=record.key)
-                await self._uploader.abort(store, record)
-                await self._journal.forget(record.id)
-            except FileChangedError:
-                await self._changed(store, record, path, watch)
-            except CredentialsError as exc:
-                await self._credentials_refused(active, record, path, exc)
-            except ThrottledError as exc:
-                await self._throttled(record, path, str(exc))
-            except SkipFileError as exc:
-                await self._uploader.abort(store, record)
-                await self._fail(record, path, str(exc))
-            except RetryableError as exc:  # a timeout, a 5xx, a connection lost
-                self._uploader.congested()
-                await self._retry_or_fail(store, record, path, str(exc))
+                outcome = await self._uploader.upload(active.grant.store, record, path)
             except CpgError as exc:
-                await self._fail(record, path, str(exc))
+                await self._failed(active, record, path, exc)
             else:
-                self._slowdown.succeeded()
-                if outcome == "changed":
-                    await self._journal.requeue(record.id)
-                    self.wake()
-                elif outcome == "uploaded":  # not "already-present": nothing was sent
-                    seconds = self._clock.monotonic() - started
-                    self.tally.uploaded(record.watch, record.size, seconds, self._clock.time())
+                await self._succeeded(record, outcome, started)
+
+    async def _process_group(self, group: list[FileRecord], active: ActiveWatch) -> None:
+        """Small files sent together; each file's outcome handled as ``_process`` would,
+        an error as soon as it happens."""
+        paths = [active.config.path / record.rel_path for record in group]
+
+        async def failed(index: int, exc: CpgError) -> None:
+            with structlog.contextvars.bound_contextvars(path=str(paths[index])):
+                await self._failed(active, group[index], paths[index], exc)
+
+        with (
+            structlog.contextvars.bound_contextvars(watch=active.config.name),
+            files.confined_to(active.config.path),
+        ):
+            started = self._clock.monotonic()
+            results = await self._uploader.upload_many(active.grant.store, group, paths, failed)
+            for record, result in zip(group, results, strict=True):
+                if result is not None:
+                    await self._succeeded(record, result, started)
+
+    async def _succeeded(self, record: FileRecord, outcome: Outcome, started: float) -> None:
+        self._slowdown.succeeded()
+        if outcome == "changed":
+            await self._journal.requeue(record.id)
+            self.wake()
+        elif outcome == "uploaded":  # not "already-present": nothing was sent
+            seconds = self._clock.monotonic() - started
+            self.tally.uploaded(record.watch, record.size, seconds, self._clock.time())
+
+    async def _failed(
+        self, active: ActiveWatch, record: FileRecord, path: Path, exc: CpgError
+    ) -> None:
+        """What becomes of a file after an error, by the error's class."""
+        store = active.grant.store
+        if isinstance(exc, VanishedError):
+            log.info("vanished", key=record.key)
+            await self._uploader.abort(store, record)
+            await self._journal.forget(record.id)
+        elif isinstance(exc, FileChangedError):
+            await self._changed(store, record, path, active.config)
+        elif isinstance(exc, CredentialsError):
+            await self._credentials_refused(active, record, path, exc)
+        elif isinstance(exc, ThrottledError):
+            await self._throttled(record, path, str(exc))
+        elif isinstance(exc, SkipFileError):
+            await self._uploader.abort(store, record)
+            await self._fail(record, path, str(exc))
+        elif isinstance(exc, RetryableError):  # a timeout, a 5xx, a connection lost
+            self._uploader.congested()
+            await self._retry_or_fail(store, record, path, str(exc))
+        else:
+            await self._fail(record, path, str(exc))
 
     async def _throttled(self, record: FileRecord, path: Path, error: str) -> None:
         """S3 throttled this file's requests: put it back, hold back the others."""

@@ -12,10 +12,12 @@ data plane writes them no faster than the limit in force.
 
 from __future__ import annotations
 
+import io
 from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import structlog
@@ -39,7 +41,7 @@ from cpg_daemon.core.objectkeys import (
     part_ranges,
 )
 from cpg_daemon.engine.pacing import Bandwidth, InFlightPolicy, MemoryBudget
-from cpg_daemon.journal import FileRecord, Journal, PartRecord
+from cpg_daemon.journal import FileRecord, Journal, PartRecord, Uploaded
 from cpg_daemon.s3.dataplane import memory_cost
 from cpg_daemon.s3.store import RemoteObject, Storage
 
@@ -60,6 +62,8 @@ class UploaderStatistics:
 
 
 THROUGHPUT_WINDOW = 20.0
+SMALL_FILE = 256 * 1024
+"""Files up to this size may be sent in groups (``Uploader.upload_many``)."""
 
 
 class Throughput:
@@ -219,6 +223,102 @@ class Uploader:
                 checksum=checksum,
             )
             return "uploaded"
+
+    def batchable(self, record: FileRecord) -> bool:
+        """Whether the file may go in a group of small files (``upload_many``): one
+        PutObject with no look at the server first and no multipart upload to finish."""
+        return (
+            record.size <= SMALL_FILE
+            and record.size < self._s3.multipart_threshold
+            and record.upload_id is None
+            and not record.check_remote
+        )
+
+    async def upload_many(
+        self,
+        store: Storage,
+        records: Sequence[FileRecord],
+        paths: Sequence[Path],
+        failed: Callable[[int, CpgError], Coroutine[Any, Any, None]],
+    ) -> list[Outcome | None]:
+        """Small files (``batchable``) as one group: for each file (by index), what
+        ``upload`` would have returned, or None when it raised, in which case
+        ``failed(index, error)`` was called with it as soon as it did.
+
+        What a small file costs is mostly the trips around its one request: the group's
+        memory is taken at once, its files are read in one trip to a thread, their
+        PutObjects go concurrently (a slot of the limiter each) and the journal records
+        them in one write. The requests are the same ones, as is the log line per file.
+        """
+        started = self._clock.monotonic()
+        etags: list[tuple[str, bytes] | None] = [None] * len(records)
+        cost = sum(memory_cost(store.data_plane, record.size) for record in records)
+        held = await self._memory.acquire(cost)
+        try:
+            expected = [files.FileStat(r.size, r.mtime_ns) for r in records]
+            bodies = await files.read_whole(list(zip(paths, expected, strict=True)), self._checksum)
+
+            async def put(index: int, body: io.BytesIO, digest: bytes) -> None:
+                record = records[index]
+                try:
+                    async with self._limiter:
+                        etag = await store.put_object(
+                            record.bucket, record.key, self.bandwidth.body(body), encode(digest)
+                        )
+                        self._sent(record.size)
+                except CpgError as exc:
+                    await failed(index, exc)
+                else:
+                    etags[index] = (etag, digest)
+
+            async with anyio.create_task_group() as tg:
+                for index, read in enumerate(bodies):
+                    if isinstance(read, CpgError):
+                        tg.start_soon(failed, index, read)
+                    else:
+                        tg.start_soon(put, index, *read)
+            del bodies
+        finally:
+            self._memory.release(held)
+        algorithm = ALGORITHMS[self._checksum]
+        done = {
+            index: Uploaded(
+                records[index],
+                sent[0],
+                self._checksum,
+                algorithm.object_checksum(
+                    [PartDigest(sent[1], records[index].size)], multipart=False
+                ),
+            )
+            for index, sent in enumerate(etags)
+            if sent is not None
+        }
+        try:
+            marked = await self._journal.mark_uploaded_many(list(done.values()))
+            recorded = dict(zip(done, marked, strict=True))
+        except CpgError as exc:
+            for index in done:
+                await failed(index, exc)
+            return [None] * len(records)
+        results: list[Outcome | None] = [None] * len(records)
+        seconds = self._clock.monotonic() - started
+        for index, uploaded in done.items():
+            record = uploaded.record
+            with structlog.contextvars.bound_contextvars(path=str(paths[index]), key=record.key):
+                if not recorded[index]:
+                    log.info("changed_during_upload", size=record.size)
+                    results[index] = "changed"
+                    continue
+                self._files_uploaded += 1
+                log.info(
+                    "uploaded",
+                    size=record.size,
+                    seconds=round(seconds, 3),
+                    mb_per_s=round(record.size / 1e6 / seconds, 2) if seconds > 0 else None,
+                    checksum=uploaded.checksum,
+                )
+                results[index] = "uploaded"
+        return results
 
     async def _same_content(
         self, remote: RemoteObject, path: Path, expected: files.FileStat

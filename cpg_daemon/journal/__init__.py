@@ -23,6 +23,7 @@ from cpg_daemon.journal.files import (
     JournalStatistics,
     PartRecord,
     Refusal,
+    Uploaded,
 )
 from cpg_daemon.journal.journal import Journal
 from cpg_daemon.journal.lock import JOURNAL_NAME, LOCK_NAME, lock_state_dir
@@ -48,6 +49,7 @@ __all__ = [
     "PartRecord",
     "Refusal",
     "Upload",
+    "Uploaded",
     "check_integrity",
     "counted_uploads",
     "damaged_error",
