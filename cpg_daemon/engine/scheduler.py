@@ -33,7 +33,7 @@ from cpg_daemon.core.errors import (
 )
 from cpg_daemon.engine.pacing import SlowDownPacer, backoff, wait_event
 from cpg_daemon.engine.tally import Tally
-from cpg_daemon.engine.uploader import Outcome, Uploader
+from cpg_daemon.engine.uploader import GROUP_FILES, Outcome, Uploader
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
 from cpg_daemon.journal import Failure, FileRecord, Journal
 from cpg_daemon.s3.store import Storage
@@ -45,8 +45,6 @@ CREDENTIALS_PREFIX = "credentials:"
 """Begins the text of a refusal of the keys (the journal marks it with failure="keys")."""
 IDLE_POLL = 5.0
 """Seconds the feeder sleeps at most when nothing is due (a wake-up cuts it short)."""
-GROUP_FILES = 8
-"""Small files a worker sends together (``Uploader.upload_many``)."""
 CLOCK_JUMP = 5.0
 """Seconds by which the wall clock must move against the monotonic clock to count as a jump."""
 

@@ -64,6 +64,8 @@ class UploaderStatistics:
 THROUGHPUT_WINDOW = 20.0
 SMALL_FILE = 256 * 1024
 """Files up to this size may be sent in groups (``Uploader.upload_many``)."""
+GROUP_FILES = 8
+"""Small files a worker sends together, at most."""
 
 
 class Throughput:
@@ -162,9 +164,11 @@ class Uploader:
 
     def files_at_once(self, workers: int) -> int:
         """Files worth having in hand: those the requests allowed can serve, and a quarter
-        as many again waiting (which shows the requests are the limit), within ``workers``."""
+        as many again waiting (which shows the requests are the limit), at least a group
+        of small files (``GROUP_FILES``: a group frees its files only once its last
+        request is done, and the next one fills the slots meanwhile), within ``workers``."""
         allowed = int(self._limiter.total_tokens)
-        return min(workers, allowed + max(2, allowed // 4))
+        return min(workers, allowed + max(GROUP_FILES, allowed // 4))
 
     def _allow(self, number: int | None) -> None:
         if number is None:
