@@ -214,19 +214,23 @@ class Uploader:
             done = await self._journal.mark_uploaded(
                 record, etag=etag, checksum_algorithm=self._checksum, checksum=checksum
             )
-            seconds = self._clock.monotonic() - started
-            if not done:
-                log.info("changed_during_upload", size=record.size)
-                return "changed"
-            self._files_uploaded += 1
-            log.info(
-                "uploaded",
-                size=record.size,
-                seconds=round(seconds, 3),
-                mb_per_s=round(record.size / 1e6 / seconds, 2) if seconds > 0 else None,
-                checksum=checksum,
-            )
-            return "uploaded"
+            return self._recorded(record, done, self._clock.monotonic() - started, checksum)
+
+    def _recorded(self, record: FileRecord, done: bool, seconds: float, checksum: str) -> Outcome:
+        """The journal's answer to ``mark_uploaded`` as an outcome, logged (in the file's
+        context): False means the row changed meanwhile and the file goes again."""
+        if not done:
+            log.info("changed_during_upload", size=record.size)
+            return "changed"
+        self._files_uploaded += 1
+        log.info(
+            "uploaded",
+            size=record.size,
+            seconds=round(seconds, 3),
+            mb_per_s=round(record.size / 1e6 / seconds, 2) if seconds > 0 else None,
+            checksum=checksum,
+        )
+        return "uploaded"
 
     def batchable(self, record: FileRecord) -> bool:
         """Whether the file may go in a group of small files (``upload_many``): one
@@ -309,19 +313,7 @@ class Uploader:
         for index, uploaded in done.items():
             record = uploaded.record
             with structlog.contextvars.bound_contextvars(path=str(paths[index]), key=record.key):
-                if not recorded[index]:
-                    log.info("changed_during_upload", size=record.size)
-                    results[index] = "changed"
-                    continue
-                self._files_uploaded += 1
-                log.info(
-                    "uploaded",
-                    size=record.size,
-                    seconds=round(seconds, 3),
-                    mb_per_s=round(record.size / 1e6 / seconds, 2) if seconds > 0 else None,
-                    checksum=uploaded.checksum,
-                )
-                results[index] = "uploaded"
+                results[index] = self._recorded(record, recorded[index], seconds, uploaded.checksum)
         return results
 
     async def _same_content(
