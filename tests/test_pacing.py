@@ -591,6 +591,18 @@ def test_the_requests_allowed_climb_to_what_the_link_needs_and_no_further(
     assert max(settled) <= max(at_most * 3 // 2, at_most + 2), seen
 
 
+def test_at_first_the_requests_allowed_double_until_a_step_does_not_pay() -> None:
+    """A one-shot upload of a thousand small files lasts a few seconds: over 100 ms the
+    number must reach what the link needs (45 at 450 files/s) within the first second,
+    not after several steps of half as many again."""
+    policy = InFlightPolicy(256)
+    seen = _run_link(policy, 12, rtt=0.1, size=64 * 1024, most_per_s=450)
+    assert seen[0] >= 45, seen
+    # 64 was reached, 128 did not pay (450 files/s need 45): from there the steps are
+    # by half, and the probes never go back to twice as many.
+    assert max(seen[2:]) <= 96, seen
+
+
 def test_a_large_file_few_parts_at_a_time_still_climbs() -> None:
     """16 MiB parts, as many in flight as the memory budget (which grows with the number
     allowed) holds: one at first. 100 ms away each takes 0.26 s; the number climbs

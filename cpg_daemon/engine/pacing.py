@@ -317,10 +317,13 @@ class InFlightPolicy:
     ``IN_FLIGHT_ROUNDS`` requests per request allowed, at least) in which the
     requests were the limit (every slot taken, or files waiting for one) yields a
     throughput (body bytes plus ``IN_FLIGHT_REQUEST_COST`` a request, per second).
-    The number then steps up by half; a step that did not raise the throughput by
-    ``IN_FLIGHT_GAIN`` is undone, and the next try comes ``IN_FLIGHT_PROBE`` windows
-    later. Errors (SlowDown, timeouts, 5xx) cut it by a third at once. It stays
-    between ``IN_FLIGHT_FLOOR`` and ``ceiling`` (``s3.max_concurrency``).
+    The number then steps up: twice as many at first (TCP's slow start), by half once a
+    step has been undone or a request failed. A step that did not raise the throughput
+    by ``IN_FLIGHT_GAIN`` is undone, and the next try comes ``IN_FLIGHT_PROBE`` windows
+    later. Errors (SlowDown, timeouts, 5xx) cut it by a third at once. It stays between
+    ``IN_FLIGHT_FLOOR`` and ``ceiling`` (``s3.max_concurrency``). After a change, the
+    requests that were in flight under the old number finish before the next window
+    opens: each step takes that round and one window.
 
     A time policy like the others here: handed ``now`` and the facts, it answers
     with the new number, and never waits.
@@ -342,8 +345,13 @@ class InFlightPolicy:
         """(number, throughput) before the step being tried; None: no step is tried."""
         self._held = 0
         """Measurements since the last step up, or since one was undone."""
-        self._skip = True
-        """The first window after a change mixes the two numbers: it is not used."""
+        self._skip: int | None = self.limit
+        """Requests to see finish before the next window opens (those in flight under the
+        previous number, which would mix the two); None: none."""
+        self._in_flight = self.limit
+        """Requests in flight at the last finish."""
+        self._starting = True
+        """Slow start: steps double, until one is undone or a request fails."""
 
     def finished(
         self, now: float, amount: int, saturated: bool, in_flight: int | None = None
@@ -352,12 +360,21 @@ class InFlightPolicy:
         ``in_flight`` requests in flight (itself included; default: the number
         allowed); ``saturated``: every slot was taken, or someone was waiting for one
         (or for memory). Returns the new number of requests allowed when it changes."""
+        flying = self.limit if in_flight is None else in_flight
+        self._in_flight = flying
+        if self._skip is not None:
+            self._skip -= 1
+            if self._skip > 0:
+                return None
+            self._skip = None
+            self._reset(now)
+            return None
         if self._since is None:
             self._since = now
         self._amount += amount + IN_FLIGHT_REQUEST_COST
         self._done += 1
         self._busy += saturated
-        self._flying += self.limit if in_flight is None else in_flight
+        self._flying += flying
         elapsed = now - self._since
         rounds = max(4, IN_FLIGHT_ROUNDS * self._flying // self._done)
         if elapsed < IN_FLIGHT_WINDOW or self._done < rounds:
@@ -365,9 +382,6 @@ class InFlightPolicy:
         throughput = self._amount / elapsed
         limited = 2 * self._busy >= self._done
         self._reset(now)
-        if self._skip:
-            self._skip = False
-            return None
         if not limited:
             return None  # fewer requests than allowed: the number was not what held back
         return self._measured(throughput)
@@ -378,12 +392,14 @@ class InFlightPolicy:
             self._base = None
             if throughput < before * (1 + IN_FLIGHT_GAIN):
                 self._held = 1  # the next try comes IN_FLIGHT_PROBE windows later
+                self._starting = False
                 return self._set(number)  # no better: back to fewer
             self._held = 0  # it paid: on up at once
         self._held += 1
         if self.limit < self.ceiling and (self._held == 1 or self._held > IN_FLIGHT_PROBE):
             self._base = (self.limit, throughput)
-            return self._set(min(self.ceiling, max(self.limit + 2, self.limit * 3 // 2)))
+            step = self.limit * 2 if self._starting else max(self.limit + 2, self.limit * 3 // 2)
+            return self._set(min(self.ceiling, step))
         return None
 
     def failed(self) -> int | None:
@@ -391,13 +407,14 @@ class InFlightPolicy:
         timeout, a 5xx): a third fewer at once, and no step up for a while."""
         self._base = None
         self._held = 1
+        self._starting = False
         return self._set(max(self.floor, self.limit * 2 // 3))
 
     def _set(self, number: int) -> int | None:
         if number == self.limit:
             return None
+        self._skip = self._in_flight
         self.limit = number
-        self._skip = True
         self._reset(None)
         return number
 
