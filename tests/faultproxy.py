@@ -174,6 +174,8 @@ class Rule:
     """A substring of the object key; "" matches every key."""
     query: str = ""
     """A substring of the query string, such as ``partNumber=2``."""
+    range: str = ""
+    """A substring of the Range header, such as ``bytes=10485760-``."""
     times: int | None = None
 
     def take(self, request: Request) -> bool:
@@ -181,6 +183,8 @@ class Rule:
         if self.operations and request.operation not in self.operations:
             return False
         if self.key not in request.key or self.query not in urlsplit(request.target).query:
+            return False
+        if self.range not in request.header("range"):
             return False
         if self.times == 0:
             return False

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import anyio.lowlevel
 
 from cpg_daemon.core.checksums import ALGORITHMS, Algorithm, ChecksumName, PartDigest, encode
-from cpg_daemon.core.errors import CpgError
+from cpg_daemon.core.errors import CpgError, FileChangedError, VanishedError
 from cpg_daemon.s3.dataplane import Body, PutRequest, body_length
 from cpg_daemon.s3.errors import classify
 from cpg_daemon.s3.store import Level, RemoteObject, RemotePart
@@ -199,6 +199,21 @@ class MemoryStore:
         for key in sorted(k for k in objects if k.startswith(prefix)):
             found = objects[key]
             yield RemoteObject(key, len(found.data), found.etag, {}, None)
+
+    async def get_range(
+        self, bucket: str, key: str, offset: int, length: int, etag: str = "", whole: bool = False
+    ) -> bytes:
+        what = f"GetObject s3://{bucket}/{key}"
+        await self._enter(Call("GetObject", bucket, key))
+        found = self._objects(what, bucket).get(key)
+        if found is None:
+            raise VanishedError(f"{what}: no such object any more")
+        if etag and etag != found.etag:
+            raise FileChangedError(f"{what} changed since it was listed")
+        data = found.data[offset : offset + length] if length else found.data
+        if len(data) != length:
+            raise FileChangedError(f"{what}: {len(data):,} bytes from {offset:,}, not {length:,}")
+        return data
 
     async def list_level(self, bucket: str, prefix: str) -> Level:
         await self._enter(Call("ListObjectsV2", bucket, prefix))

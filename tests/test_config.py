@@ -313,6 +313,11 @@ CASES = [
     ),
     ('[[watch]]\npath = ""\ndestination = "s3://bkt/x/"\n', "watch[0].path", "empty"),
     (
+        '[[watch]]\npath = "s3://lab-bucket/Batch8/"\ndestination = "s3://bkt/x/"\n',
+        "watch[0].path",
+        "run cpg-daemon upload s3://BUCKET/PREFIX/",
+    ),
+    (
         '[[watch]]\npath = "/x"\ndestination = "https://bkt/x/"\n',
         "watch[0].destination",
         "s3://",

@@ -20,7 +20,13 @@ from memory_s3 import MemoryStore
 
 from cpg_daemon.core.checksums import ALGORITHMS, PartDigest, encode
 from cpg_daemon.core.config import S3Config
-from cpg_daemon.core.errors import RetryableError, SkipFileError, UploadGoneError
+from cpg_daemon.core.errors import (
+    FileChangedError,
+    RetryableError,
+    SkipFileError,
+    UploadGoneError,
+    VanishedError,
+)
 from cpg_daemon.s3.store import Level, ObjectStore
 
 MiB = 1024 * 1024
@@ -176,6 +182,26 @@ async def test_listing_with_a_prefix(subject: Subject) -> None:
     await store.delete_object(bucket, "p/1.tif")
     assert [o.key async for o in store.list_objects(bucket, "p/")] == ["p/sub/2.tif"]
     assert await store.head(bucket, "p/1.tif") is None
+
+
+@pytest.mark.anyio
+async def test_a_range_of_an_object_and_only_of_the_version_listed(subject: Subject) -> None:
+    store, bucket = subject.store, subject.bucket
+    data = bytes(range(256)) * 40
+    await store.put_object(bucket, "src/a.bin", data, crc32c(data))
+    (listed,) = [o async for o in store.list_objects(bucket, "src/")]
+    assert await store.get_range(bucket, "src/a.bin", 100, 5000) == data[100:5100]
+    assert await store.get_range(bucket, "src/a.bin", 0, len(data), listed.etag, whole=True) == data
+    await store.put_object(bucket, "src/empty", b"", crc32c(b""))
+    assert await store.get_range(bucket, "src/empty", 0, 0) == b""
+    replaced = b"another version" * 10
+    await store.put_object(bucket, "src/a.bin", replaced, crc32c(replaced))
+    with pytest.raises(FileChangedError, match="changed since it was listed"):
+        await store.get_range(bucket, "src/a.bin", 0, 10, listed.etag)
+    with pytest.raises(FileChangedError):  # shorter than when it was listed
+        await store.get_range(bucket, "src/a.bin", 100, 5000)
+    with pytest.raises(VanishedError):
+        await store.get_range(bucket, "src/gone.bin", 0, 10)
 
 
 @pytest.mark.anyio

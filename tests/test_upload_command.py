@@ -84,7 +84,7 @@ def write_config(path: Path, endpoint_url: str) -> Path:
 
 
 def run_upload(
-    src: Path,
+    src: Path | str,
     dest: str,
     endpoint_url: str,
     state_dir: Path,

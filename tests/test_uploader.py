@@ -36,6 +36,7 @@ from cpg_daemon.core.config import S3Config, WatchConfig
 from cpg_daemon.core.errors import FileChangedError, RetryableError
 from cpg_daemon.core.objectkeys import S3Location
 from cpg_daemon.engine.scheduler import Scheduler
+from cpg_daemon.engine.sources import SourceFile
 from cpg_daemon.engine.uploader import Outcome, Uploader
 from cpg_daemon.journal import Discovered, FileRecord, Journal
 from cpg_daemon.s3.store import ObjectStore
@@ -496,11 +497,13 @@ async def test_giving_up_aborts_an_upload_created_in_the_last_attempt(
 class DeletingUploader(Uploader):
     """A writer that deletes the file right after the uploader saw it change."""
 
-    async def upload(self, store: ObjectStore, record: FileRecord, path: Path) -> Outcome:
+    async def upload(
+        self, store: ObjectStore, record: FileRecord, path: Path | SourceFile
+    ) -> Outcome:
         try:
             return await super().upload(store, record, path)
         except FileChangedError:
-            await anyio.Path(path).unlink()
+            await anyio.Path(path if isinstance(path, Path) else path.name).unlink()
             raise
 
 

@@ -75,6 +75,7 @@ def _configure_logs(log_format: str, level: str) -> None:
 
     logs.configure(log_format, level)
 
+
 def _say(line: str, file: TextIO | None = None) -> None:
     """One line of output that may hold names (of files, keys, folders): whatever they
     contain is escaped, so that it cannot act on a terminal or start a line of its own."""
@@ -129,10 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     upload = commands.add_parser(
         "upload",
-        help="upload a folder or file to s3://bucket/prefix/ once, skipping what is there",
+        help="upload a folder, a file, or an S3 prefix or object to s3://bucket/prefix/ "
+        "once, skipping what is there",
     )
-    upload.add_argument("src", type=Path, metavar="SRC", help="local folder or file")
-    upload.add_argument("dest", metavar="DEST", help="destination folder, s3://bucket/prefix/")
+    upload.add_argument(
+        "src",
+        metavar="SRC",
+        help="local folder or file, or s3://BUCKET/PREFIX/ (or one object) of another bucket",
+    )
+    upload.add_argument(
+        "dest",
+        metavar="DEST",
+        help="destination folder, s3://bucket/prefix/; for one file or object, without a "
+        "trailing / it names the object (as aws s3 cp does)",
+    )
     _config_arg(upload)
     upload.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint")
     upload.add_argument(
@@ -184,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $XDG_STATE_HOME/cpg-daemon/upload)",
     )
     upload.add_argument("--quiet", action="store_true", help="no progress line")
+    source = upload.add_argument_group(
+        "an S3 SRC",
+        "read with its own keys: --source-profile, else --profile when it is "
+        "not only for --access-grants, else the environment's",
+    )
+    source.add_argument("--source-profile", default=None, help="AWS profile that reads SRC")
+    source.add_argument("--source-endpoint-url", default=None, help="SRC's S3 endpoint")
+    source.add_argument("--source-region", default=None, help="SRC's region (default: DEST's)")
+    source.add_argument(
+        "--source-no-sign-request", action="store_true", help="SRC is public: read it unsigned"
+    )
 
     dataset = commands.add_parser(
         "check-dataset",
@@ -202,9 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="the whole report as JSON (keys: see README)"
     )
     _config_arg(dataset)
-    dataset.add_argument(
-        "--profile", default=None, help="AWS profile whose keys list the bucket"
-    )
+    dataset.add_argument("--profile", default=None, help="AWS profile whose keys list the bucket")
     dataset.add_argument(
         "--no-sign-request",
         action="store_true",
@@ -568,7 +588,7 @@ def _upload(args: argparse.Namespace) -> int:
     from cpg_daemon.s3.credentials import ProfileMissingError
 
     try:
-        destination = parse_s3_uri(args.dest)
+        destination, object_name = oneshot.parse_destination(args.dest)
     except ValueError as exc:
         _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -610,23 +630,42 @@ def _upload(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
     elif args.profile is not None:
         credentials = CredentialsConfig(source="profile", profile=args.profile)
-    try:
-        watch = oneshot.source_watch(args.src, destination)
-    except FileNotFoundError as exc:
-        _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    state_dir = args.state_dir or oneshot.default_state_dir()
     interactive = sys.stderr.isatty() and not args.quiet
+    if args.src.startswith("s3://"):
+        try:
+            parse_s3_uri(args.src)
+        except ValueError as exc:
+            _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        reader = _source_access(args, s3)
+
+        async def from_s3() -> oneshot.UploadSummary:
+            from cpg_daemon.engine.dataset import open_store
+
+            async with open_store(*reader) as store:
+                watch, objects = await oneshot.object_watch(
+                    store, args.src, destination, object_name
+                )
+                return await oneshot.upload(
+                    watch, s3, credentials, state_dir, progress=interactive, objects=objects
+                )
+
+        run = from_s3
+    else:
+        try:
+            watch = oneshot.source_watch(Path(args.src), destination, object_name)
+        except FileNotFoundError as exc:
+            _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+
+        async def from_disk() -> oneshot.UploadSummary:
+            return await oneshot.upload(watch, s3, credentials, state_dir, progress=interactive)
+
+        run = from_disk
     _configure_logs("console" if interactive else "json", "warning" if interactive else "info")
     try:
-        summary = anyio.run(
-            lambda: oneshot.upload(
-                watch,
-                s3,
-                credentials,
-                args.state_dir or oneshot.default_state_dir(),
-                progress=interactive,
-            )
-        )
+        summary = anyio.run(run)
     except ProfileMissingError as exc:
         _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -640,6 +679,28 @@ def _upload(args: argparse.Namespace) -> int:
     for path, error in summary.failures:
         _say(f"failed: {path}: {error}", file=sys.stderr)
     return EXIT_PROBLEM if summary.failed else EXIT_OK
+
+
+def _source_access(
+    args: argparse.Namespace, destination: S3Config
+) -> tuple[S3Config, CredentialsConfig | None]:
+    """S3 settings and keys (None: unsigned) to read an S3 SRC with: its own endpoint and
+    region where given (else the destination's), its own profile, else --profile when
+    that profile writes the destination itself (not only asks Access Grants for keys),
+    else botocore's standard chain (environment, default profile, instance role)."""
+    s3 = replace(
+        S3Config(),
+        endpoint_url=args.source_endpoint_url or destination.endpoint_url,
+        region=args.source_region or destination.region,
+        request_attempts=destination.request_attempts,
+    )
+    if args.source_no_sign_request:
+        return s3, None
+    if args.source_profile is not None:
+        return s3, CredentialsConfig(source="profile", profile=args.source_profile)
+    if args.profile is not None and not args.access_grants:
+        return s3, CredentialsConfig(source="profile", profile=args.profile)
+    return s3, CredentialsConfig()
 
 
 def _recover_journal(args: argparse.Namespace) -> int:
@@ -1009,6 +1070,8 @@ def _dataset_lines(report: DatasetReport, target: str, listing: Listing) -> list
             f"({advice_count} advice)"
         )
     return lines
+
+
 VERIFY_TIMEOUT = 24 * 3600.0
 """How long ``verify --via-daemon`` waits for the daemon's answer."""
 

@@ -26,6 +26,7 @@ from cpg_daemon.core.objectkeys import (
     S3Location,
     glob_problem,
     manifest_folder,
+    object_key,
     parse_grant_target,
     parse_s3_uri,
 )
@@ -129,6 +130,14 @@ class WatchConfig:
     upload_manifest: bool = False
     """Upload each completed batch's manifest (and its ``.sha256``) to
     ``objectkeys.manifest_key``, beside the data, with the watch's own keys."""
+    object_name: str = ""
+    """``cpg-daemon upload`` of one file or object to a named key (``aws s3 cp``'s
+    destination without a trailing ``/``): its name below ``destination``, instead of
+    the file's own. Never read from a configuration file."""
+
+    def key_for(self, rel_path: str) -> str:
+        """The object key of the file at ``rel_path`` below the watch's root."""
+        return object_key(self.destination.prefix, self.object_name or rel_path)
 
 
 @dataclass(frozen=True)
@@ -406,6 +415,11 @@ def _path(value: object) -> Path:
     text = _string(value)
     if not text:
         raise ValueError("a path cannot be empty")
+    if text.startswith("s3://"):
+        raise ValueError(
+            f"{text!r}: a watch follows a local folder; to copy from another bucket, run "
+            "cpg-daemon upload s3://BUCKET/PREFIX/ s3://DESTINATION/ (README: from an S3 bucket)"
+        )
     try:
         path = Path(text).expanduser()
     except RuntimeError:  # "~name" for a user this machine does not know

@@ -29,7 +29,7 @@ from typing import Protocol
 import structlog
 
 from cpg_daemon.core.config import WatchConfig
-from cpg_daemon.core.objectkeys import key_problem, object_key
+from cpg_daemon.core.objectkeys import key_problem
 from cpg_daemon.core.structure import Finding, blocking, check_key
 from cpg_daemon.discovery.scan import Seen
 from cpg_daemon.journal import Discovered, Refusal
@@ -180,7 +180,7 @@ class Admission:
         folder = self.marker.folder(seen.rel_path)
         if folder is not None and folder not in marked:
             return None
-        key = object_key(self._watch.destination.prefix, seen.rel_path)
+        key = self._watch.key_for(seen.rel_path)
         problem = key_problem(key)
         if problem is not None:
             if seen.rel_path in self._bad_names:

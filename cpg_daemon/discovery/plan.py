@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
-from cpg_daemon.core.objectkeys import PathFilter, key_problem, object_key
+from cpg_daemon.core.objectkeys import PathFilter, key_problem
 from cpg_daemon.core.structure import RULES, Finding, check_key
 from cpg_daemon.core.text import printable
 from cpg_daemon.core.units import format_size
@@ -85,7 +85,7 @@ def plan_watch(watch: WatchConfig, clock: Clock = SYSTEM_CLOCK) -> WatchPlan:
             if not marked[folder]:
                 plan.held_back += 1
                 continue
-        key = object_key(watch.destination.prefix, rel)
+        key = watch.key_for(rel)
         problem = key_problem(key)
         if problem is not None:
             plan.bad_names.append((printable(rel), problem))

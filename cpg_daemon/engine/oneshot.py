@@ -19,10 +19,12 @@ import anyio
 import structlog
 
 from cpg_daemon.core.config import Config, CredentialsConfig, DaemonConfig, S3Config, WatchConfig
-from cpg_daemon.core.objectkeys import S3Location
+from cpg_daemon.core.objectkeys import S3Location, object_key, parse_s3_uri
 from cpg_daemon.core.units import format_size
 from cpg_daemon.engine.runtime import Engine
+from cpg_daemon.engine.sources import ObjectSource
 from cpg_daemon.journal import Journal
+from cpg_daemon.s3.store import Storage
 
 log = structlog.get_logger(__name__)
 
@@ -45,21 +47,81 @@ def default_state_dir() -> Path:
     return Path(base) / "cpg-daemon" / "upload"
 
 
-def journal_path(state_dir: Path, source: Path, destination: S3Location) -> Path:
+def journal_path(state_dir: Path, source: Path | str, destination: S3Location) -> Path:
     digest = hashlib.sha256(f"{source}\0{destination}".encode()).hexdigest()[:16]
     return state_dir / f"{digest}.sqlite3"
 
 
-def source_watch(source: Path, destination: S3Location) -> WatchConfig:
-    """The watch that covers SRC: the folder itself, or a file's folder limited to that file."""
+def _split(location: S3Location) -> tuple[S3Location, str]:
+    """``s3://b/a/b/name`` as its folder ``s3://b/a/b/`` and ``name``."""
+    folder, _, name = location.prefix.rstrip("/").rpartition("/")
+    return S3Location(location.bucket, f"{folder}/" if folder else ""), name
+
+
+def _below(destination: S3Location, object_name: str) -> S3Location:
+    """Where a folder goes when DEST named an object: into a folder of that name
+    (``aws s3 cp --recursive``, ``aws s3 sync``)."""
+    if not object_name:
+        return destination
+    return S3Location(destination.bucket, object_key(destination.prefix, object_name) + "/")
+
+
+def parse_destination(uri: str) -> tuple[S3Location, str]:
+    """DEST as ``aws s3 cp`` reads it for one file: the folder, and the object's name
+    when DEST names one (no trailing ``/``), else "". A folder SRC goes below DEST
+    either way. ValueError: not an ``s3://bucket/...`` URI."""
+    location = parse_s3_uri(uri)
+    if uri.endswith("/") or not location.prefix:
+        return location, ""
+    return _split(location)
+
+
+def source_watch(source: Path, destination: S3Location, object_name: str = "") -> WatchConfig:
+    """The watch that covers SRC: the folder itself, or a file's folder limited to that
+    file (sent to ``object_name`` below ``destination``, when given)."""
     source = source.absolute()
     if source.is_dir():
-        return WatchConfig(WATCH_NAME, source, destination, settle=0.0)
+        return WatchConfig(WATCH_NAME, source, _below(destination, object_name), settle=0.0)
     if source.is_file():
         return WatchConfig(
-            WATCH_NAME, source.parent, destination, settle=0.0, include=(source.name,), exclude=()
+            WATCH_NAME,
+            source.parent,
+            destination,
+            settle=0.0,
+            include=(source.name,),
+            exclude=(),
+            object_name=object_name,
         )
     raise FileNotFoundError(f"{source} is not a file or folder")
+
+
+OBJECTS_ROOT = Path(os.devnull)
+"""The ``path`` of a watch whose files are objects of another bucket: never walked
+(the watch is fed by ``ObjectSource.walk``), and no folder to read from by mistake."""
+
+
+async def object_watch(
+    store: Storage, uri: str, destination: S3Location, object_name: str = ""
+) -> tuple[WatchConfig, ObjectSource]:
+    """The watch that covers an S3 SRC, and the source its files are read from: one
+    object when SRC names one that exists (sent to ``object_name`` when given), else
+    every object under SRC as a folder. ValueError: not an ``s3://`` URI."""
+    location = parse_s3_uri(uri)
+    key = location.prefix.rstrip("/")
+    if key and not uri.endswith("/") and await store.head(location.bucket, key) is not None:
+        folder, name = _split(location)
+        watch = WatchConfig(
+            WATCH_NAME,
+            OBJECTS_ROOT,
+            destination,
+            settle=0.0,
+            include=(name,),
+            exclude=(),
+            object_name=object_name,
+        )
+        return watch, ObjectSource(store, folder, name)
+    watch = WatchConfig(WATCH_NAME, OBJECTS_ROOT, _below(destination, object_name), settle=0.0)
+    return watch, ObjectSource(store, location)
 
 
 async def upload(
@@ -69,8 +131,10 @@ async def upload(
     state_dir: Path,
     file_attempts: int = 3,
     progress: bool = False,
+    objects: ObjectSource | None = None,
 ) -> UploadSummary:
-    """Upload what ``source_watch`` selected below its destination; returns what happened."""
+    """Upload what ``source_watch`` selected below its destination, or ``objects`` (an
+    S3 source, from ``object_watch``); returns what happened."""
     started = time.monotonic()
     config = Config(
         path=None,
@@ -79,12 +143,18 @@ async def upload(
         credentials=(credentials,),
         watches=(watch,),
     )
-    path = journal_path(state_dir, watch.path / watch.include[0], watch.destination)
+    if objects is None:
+        path = journal_path(state_dir, watch.path / watch.include[0], watch.destination)
+    else:
+        path = journal_path(state_dir, objects.name(watch.include[0]), watch.destination)
     async with Engine.open(config, path) as engine:
         async with anyio.create_task_group() as tg:
             await engine.grants.start_renewals(tg)
             await engine.grants.first_keys()
-            await engine.walk_once(WATCH_NAME)
+            if objects is None:
+                await engine.walk_once(WATCH_NAME)
+            else:
+                await engine.walk_objects(WATCH_NAME, objects)
             await tg.start(engine.scheduler.run)
             await _wait_until_done(engine.journal, progress, started)
             tg.cancel_scope.cancel()

@@ -27,6 +27,7 @@ from cpg_daemon.engine.batches import BatchTracker
 from cpg_daemon.engine.grants import Assignment, Connect, Grants, assign
 from cpg_daemon.engine.pacing import InFlightPolicy
 from cpg_daemon.engine.scheduler import Scheduler
+from cpg_daemon.engine.sources import ObjectSource
 from cpg_daemon.engine.uploader import Uploader
 from cpg_daemon.engine.watches import ReloadPlan, WatchTable, plan_reload
 from cpg_daemon.journal import Journal
@@ -222,6 +223,16 @@ class Engine:
         )
         await self._expect_remote(watcher, active.grant.store, strict=True)
         await watcher.scan()
+
+    async def walk_objects(self, name: str, source: ObjectSource) -> None:
+        """List a watch's destination, then its S3 source once (the one-shot upload from
+        another bucket); the watch's files are read from ``source`` from now on."""
+        active = self.table[name]
+        store = active.grant.store
+        destination = active.config.destination
+        sizes = await remote_sizes(store, destination.bucket, destination.prefix)
+        self.scheduler.read_objects(name, source)
+        await source.walk(active.config, self.journal, sizes)
 
     async def put_file(self, watch: str, bucket: str, key: str, path: Path) -> str:
         """One of the daemon's own files (a batch's manifest) to S3, with the keys and

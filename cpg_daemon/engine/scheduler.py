@@ -32,6 +32,7 @@ from cpg_daemon.core.errors import (
     VanishedError,
 )
 from cpg_daemon.engine.pacing import SlowDownPacer, backoff, wait_event
+from cpg_daemon.engine.sources import LocalFile, ObjectSource, SourceFile
 from cpg_daemon.engine.tally import Tally
 from cpg_daemon.engine.uploader import GROUP_FILES, Outcome, Uploader
 from cpg_daemon.engine.watches import ActiveWatch, WatchTable
@@ -112,6 +113,19 @@ class Scheduler:
         """Set when a worker finishes a file (the feeder may wait for one while throttled)."""
         self._clock_offset = clock.time() - clock.monotonic()
         """Wall minus monotonic time: when it moves, the system clock was set."""
+        self._objects: dict[str, ObjectSource] = {}
+        """Watches whose files are objects of another bucket (``read_objects``)."""
+
+    def read_objects(self, watch: str, source: ObjectSource) -> None:
+        """``watch``'s files are ``source``'s objects, not files below its folder
+        (``cpg-daemon upload s3://...``)."""
+        self._objects[watch] = source
+
+    def _file(self, active: ActiveWatch, record: FileRecord) -> SourceFile:
+        source = self._objects.get(active.name)
+        if source is not None:
+            return source.file(record.rel_path)
+        return LocalFile(active.config.path / record.rel_path)
 
     # -- control -------------------------------------------------------------------------
 
@@ -223,7 +237,7 @@ class Scheduler:
         groups: list[list[FileRecord]] = []
         small: dict[str, list[FileRecord]] = {}
         for record in records:
-            if not self._uploader.batchable(record):
+            if record.watch in self._objects or not self._uploader.batchable(record):
                 groups.append([record])
                 continue
             group = small.setdefault(record.watch, [])
@@ -291,16 +305,16 @@ class Scheduler:
 
     async def _process(self, record: FileRecord, active: ActiveWatch | None = None) -> None:
         active = active or self._table()[record.watch]
-        path = active.config.path / record.rel_path
+        file = self._file(active, record)
         with (
-            structlog.contextvars.bound_contextvars(watch=record.watch, path=str(path)),
+            structlog.contextvars.bound_contextvars(watch=record.watch, path=file.name),
             files.confined_to(active.config.path),  # a folder swapped for a symlink is not followed
         ):
             started = self._clock.monotonic()
             try:
-                outcome = await self._uploader.upload(active.grant.store, record, path)
+                outcome = await self._uploader.upload(active.grant.store, record, file)
             except CpgError as exc:
-                await self._failed(active, record, path, exc)
+                await self._failed(active, record, file, exc)
             else:
                 await self._succeeded(record, outcome, started)
 
@@ -311,7 +325,7 @@ class Scheduler:
 
         async def failed(index: int, exc: CpgError) -> None:
             with structlog.contextvars.bound_contextvars(path=str(paths[index])):
-                await self._failed(active, group[index], paths[index], exc)
+                await self._failed(active, group[index], LocalFile(paths[index]), exc)
 
         with (
             structlog.contextvars.bound_contextvars(watch=active.config.name),
@@ -333,16 +347,17 @@ class Scheduler:
             self.tally.uploaded(record.watch, record.size, seconds, self._clock.time())
 
     async def _failed(
-        self, active: ActiveWatch, record: FileRecord, path: Path, exc: CpgError
+        self, active: ActiveWatch, record: FileRecord, file: SourceFile, exc: CpgError
     ) -> None:
         """What becomes of a file after an error, by the error's class."""
+        path = file.name
         store = active.grant.store
         if isinstance(exc, VanishedError):
             log.info("vanished", key=record.key)
             await self._uploader.abort(store, record)
             await self._journal.forget(record.id)
         elif isinstance(exc, FileChangedError):
-            await self._changed(store, record, path, active.config)
+            await self._changed(store, record, file, active.config)
         elif isinstance(exc, CredentialsError):
             await self._credentials_refused(active, record, path, exc)
         elif isinstance(exc, ThrottledError):
@@ -356,7 +371,7 @@ class Scheduler:
         else:
             await self._fail(record, path, str(exc))
 
-    async def _throttled(self, record: FileRecord, path: Path, error: str) -> None:
+    async def _throttled(self, record: FileRecord, path: str, error: str) -> None:
         """S3 throttled this file's requests: put it back, hold back the others."""
         self.tally.throttled(record.watch)
         self._uploader.congested()
@@ -373,7 +388,7 @@ class Scheduler:
         await self._journal.requeue(record.id, error)
 
     async def _credentials_refused(
-        self, watch: ActiveWatch, record: FileRecord, path: Path, exc: CredentialsError
+        self, watch: ActiveWatch, record: FileRecord, path: str, exc: CredentialsError
     ) -> None:
         """The keys were refused or could not be had: never a reason for a file to fail.
 
@@ -402,7 +417,7 @@ class Scheduler:
         self,
         store: Storage,
         record: FileRecord,
-        path: Path,
+        path: str,
         error: str,
         failure: Failure = "error",
     ) -> None:
@@ -422,14 +437,18 @@ class Scheduler:
         self.wake()
 
     async def _changed(
-        self, store: Storage, record: FileRecord, path: Path, watch: WatchConfig
+        self, store: Storage, record: FileRecord, file: SourceFile, watch: WatchConfig
     ) -> None:
         try:
-            now = await files.stat(path)
+            now = await file.stat()
         except VanishedError:
             await self._uploader.abort(store, record)
             await self._journal.forget(record.id)
             return
+        if (now.size, now.mtime_ns) == (record.size, record.mtime_ns):
+            # A change its size and time do not show (an object replaced within the
+            # second its LastModified counts): no part sent before may be used again.
+            await self._uploader.abort(store, record)
         log.info("changed_while_uploading", key=record.key)
         await self._follow_clock()
         await self._journal.requeue_changed(
@@ -438,14 +457,14 @@ class Scheduler:
         self.wake()  # the feeder recomputes when the next file is due
 
     async def _fail(
-        self, record: FileRecord, path: Path, error: str, failure: Failure = "error"
+        self, record: FileRecord, path: str, error: str, failure: Failure = "error"
     ) -> None:
         self.tally.failed(record.watch)
         log.error("upload_failed", key=record.key, error=error)
         self.remember(path, record.key, error)
         await self._journal.mark_failed(record.id, error, failure=failure)
 
-    def remember(self, path: Path, key: str, error: str) -> None:
+    def remember(self, path: str | Path, key: str, error: str) -> None:
         """List a failure among the recent errors ``status`` shows."""
         at = datetime.fromtimestamp(self._clock.time(), timezone.utc).isoformat(timespec="seconds")
         self._recent.append(RecentError(str(path), key, error, at))

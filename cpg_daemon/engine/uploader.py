@@ -41,6 +41,7 @@ from cpg_daemon.core.objectkeys import (
     part_ranges,
 )
 from cpg_daemon.engine.pacing import Bandwidth, InFlightPolicy, MemoryBudget
+from cpg_daemon.engine.sources import LocalFile, SourceFile
 from cpg_daemon.journal import FileRecord, Journal, PartRecord, Uploaded
 from cpg_daemon.s3.dataplane import memory_cost
 from cpg_daemon.s3.store import RemoteObject, Storage
@@ -183,21 +184,25 @@ class Uploader:
             "requests_allowed", allowed=number, before=before, memory_budget=self._memory.limit
         )
 
-    async def upload(self, store: Storage, record: FileRecord, path: Path) -> Outcome:
-        """Upload one file. Raises an error class from ``errors`` when it cannot."""
+    async def upload(self, store: Storage, record: FileRecord, path: Path | SourceFile) -> Outcome:
+        """Upload one file (a path, or a ``SourceFile``: an object of another bucket).
+        Raises an error class from ``errors`` when it cannot."""
+        source = LocalFile(path) if isinstance(path, Path) else path
         expected = files.FileStat(record.size, record.mtime_ns)
         plain = record.size < self._s3.multipart_threshold and record.upload_id is None
         if not plain or record.check_remote:
             # (A plain PutObject needs no look first: its one read checks size and
             # mtime before and after, one thread hop less per small file.)
-            current = await files.stat(path)
+            current = await source.stat()
             if current != expected:
-                raise FileChangedError(f"{path} changed since it settled")
+                raise FileChangedError(f"{source.name} changed since it settled")
         started = self._clock.monotonic()
-        with structlog.contextvars.bound_contextvars(path=str(path), key=record.key):
+        with structlog.contextvars.bound_contextvars(path=source.name, key=record.key):
             if record.check_remote and record.upload_id is None:
                 remote = await store.head(record.bucket, record.key)
-                proof = None if remote is None else await self._same_content(remote, path, expected)
+                proof = (
+                    None if remote is None else await self._same_content(remote, source, expected)
+                )
                 if remote is not None and proof is not None:
                     algorithm, checksum = proof
                     await self._journal.mark_uploaded(
@@ -208,9 +213,9 @@ class Uploader:
             if record.size < self._s3.multipart_threshold:
                 if record.upload_id is not None:  # the file shrank below the threshold
                     await self.abort(store, record)
-                etag, checksum = await self._single(store, record, path, expected)
+                etag, checksum = await self._single(store, record, source, expected)
             else:
-                etag, checksum = await self._multipart(store, record, path, expected)
+                etag, checksum = await self._multipart(store, record, source, expected)
             done = await self._journal.mark_uploaded(
                 record, etag=etag, checksum_algorithm=self._checksum, checksum=checksum
             )
@@ -317,7 +322,7 @@ class Uploader:
         return results
 
     async def _same_content(
-        self, remote: RemoteObject, path: Path, expected: files.FileStat
+        self, remote: RemoteObject, source: SourceFile, expected: files.FileStat
     ) -> tuple[str, str] | None:
         """The (algorithm, checksum) proving an existing object holds this file, if any.
 
@@ -329,28 +334,26 @@ class Uploader:
         for name, value in remote.checksums.items():
             if "-" in value or name not in ALGORITHMS:
                 continue
-            local = await files.whole_file_checksum(path, name, expected)
+            local = await source.whole_checksum(name, expected)
             return (name, value) if local == value else None
         return None
 
     async def _single(
-        self, store: Storage, record: FileRecord, path: Path, expected: files.FileStat
+        self, store: Storage, record: FileRecord, source: SourceFile, expected: files.FileStat
     ) -> tuple[str, str]:
-        etag, digest = await self._put(store, record.bucket, record.key, path, expected)
+        etag, digest = await self._put(store, record.bucket, record.key, source, expected)
         algorithm = ALGORITHMS[self._checksum]
         return etag, algorithm.object_checksum([PartDigest(digest, record.size)], multipart=False)
 
     async def _put(
-        self, store: Storage, bucket: str, key: str, path: Path, expected: files.FileStat
+        self, store: Storage, bucket: str, key: str, source: SourceFile, expected: files.FileStat
     ) -> tuple[str, bytes]:
         """One PutObject of the whole file: its memory and a slot first, then one read
         that computes its checksum, sent with it. Returns the ETag and the raw checksum."""
         held = await self._memory.acquire(memory_cost(store.data_plane, expected.size))
         try:
             async with self._limiter:
-                body, digest = await files.read_range(
-                    path, 0, expected.size, expected, self._checksum
-                )
+                body, digest = await source.read(0, expected.size, expected, self._checksum)
                 etag = await store.put_object(
                     bucket, key, self.bandwidth.body(body), encode(digest)
                 )
@@ -370,11 +373,11 @@ class Uploader:
         expected = await files.stat(path)
         if expected.size > MAX_SINGLE_PUT:
             raise SkipFileError(f"{path} is {expected.size:,} bytes, more than one PutObject takes")
-        etag, _ = await self._put(store, bucket, key, path, expected)
+        etag, _ = await self._put(store, bucket, key, LocalFile(path), expected)
         return etag
 
     async def _multipart(
-        self, store: Storage, record: FileRecord, path: Path, expected: files.FileStat
+        self, store: Storage, record: FileRecord, source: SourceFile, expected: files.FileStat
     ) -> tuple[str, str]:
         sent: dict[int, _SentPart] = {}
         upload_id: str | None = None
@@ -387,7 +390,7 @@ class Uploader:
             if same_file and record.part_size:
                 part_size = record.part_size
                 try:
-                    sent = await self._resume(store, record, path, expected, part_size)
+                    sent = await self._resume(store, record, source, expected, part_size)
                     upload_id = record.upload_id
                 except UploadGoneError:
                     log.info("upload_gone", upload_id=record.upload_id)
@@ -403,14 +406,13 @@ class Uploader:
             ranges = [r for r in part_ranges(record.size, part_size) if r.number not in sent]
             if sent:
                 log.info("multipart_resumed", parts_done=len(sent), parts_to_send=len(ranges))
-            await self._send_parts(store, record, path, expected, upload_id, ranges, sent)
+            await self._send_parts(store, record, source, expected, upload_id, ranges, sent)
             ordered = [sent[n] for n in sorted(sent)]
             algorithm = ALGORITHMS[self._checksum]
             checksum = algorithm.object_checksum(
                 [PartDigest(p.digest, p.length) for p in ordered], multipart=True
             )
-            if await files.stat(path) != expected:
-                raise FileChangedError(f"{path} changed while it was being uploaded")
+            await source.confirm(expected)
             etag = await store.complete_multipart_upload(
                 record.bucket,
                 record.key,
@@ -460,7 +462,7 @@ class Uploader:
         self,
         store: Storage,
         record: FileRecord,
-        path: Path,
+        source: SourceFile,
         expected: files.FileStat,
         part_size: int,
     ) -> dict[int, _SentPart]:
@@ -488,8 +490,8 @@ class Uploader:
                 held = await self._memory.acquire(wanted.length)
                 try:
                     async with self._limiter:
-                        _, digest = await files.read_range(
-                            path, wanted.offset, wanted.length, expected, self._checksum
+                        _, digest = await source.read(
+                            wanted.offset, wanted.length, expected, self._checksum
                         )
                 finally:
                     self._memory.release(held)
@@ -507,7 +509,7 @@ class Uploader:
         self,
         store: Storage,
         record: FileRecord,
-        path: Path,
+        source: SourceFile,
         expected: files.FileStat,
         upload_id: str,
         ranges: list[PartRange],
@@ -518,9 +520,7 @@ class Uploader:
 
         async def send(part: PartRange, borrower: object, held: int) -> None:
             try:
-                body, digest = await files.read_range(
-                    path, part.offset, part.length, expected, self._checksum
-                )
+                body, digest = await source.read(part.offset, part.length, expected, self._checksum)
                 etag = await store.upload_part(
                     record.bucket,
                     record.key,

@@ -23,11 +23,17 @@ import anyio.to_thread
 import structlog
 from aiobotocore.config import AioConfig
 from botocore import UNSIGNED
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, FlexibleChecksumError
 
 from cpg_daemon.core.checksums import ALGORITHMS, Algorithm
 from cpg_daemon.core.config import S3Config
-from cpg_daemon.core.errors import CredentialsError, UploadGoneError
+from cpg_daemon.core.errors import (
+    CredentialsError,
+    FileChangedError,
+    RetryableError,
+    UploadGoneError,
+    VanishedError,
+)
 from cpg_daemon.s3 import _botocore
 from cpg_daemon.s3.crt import CrtDataPlane
 from cpg_daemon.s3.dataplane import (
@@ -73,6 +79,8 @@ class RemoteObject:
     checksums: Mapping[str, str]
     """Algorithm name -> checksum as S3 reports it (HeadObject only; empty from listings)."""
     checksum_type: str | None
+    modified_ns: int = 0
+    """LastModified, in nanoseconds since the epoch (0 where the reply has none)."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,10 @@ class Storage(Protocol):
 
     def list_objects(self, bucket: str, prefix: str) -> AsyncIterator[RemoteObject]: ...
 
+    async def get_range(
+        self, bucket: str, key: str, offset: int, length: int, etag: str = "", whole: bool = False
+    ) -> bytes: ...
+
     async def list_level(self, bucket: str, prefix: str) -> Level: ...
 
     async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str: ...
@@ -193,6 +205,11 @@ class Storage(Protocol):
     async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None: ...
 
     async def delete_object(self, bucket: str, key: str) -> None: ...
+
+
+def _nanoseconds(when: Any) -> int:
+    """A reply's datetime (LastModified) in nanoseconds since the epoch; 0 for none."""
+    return int(when.timestamp()) * 1_000_000_000 if when is not None else 0
 
 
 class ObjectStore:
@@ -264,6 +281,7 @@ class ObjectStore:
             etag=str(reply.get("ETag", "")),
             checksums=checksums,
             checksum_type=reply.get("ChecksumType"),
+            modified_ns=_nanoseconds(reply.get("LastModified")),
         )
 
     async def first_part_size(self, bucket: str, key: str) -> tuple[int, int] | None:
@@ -294,7 +312,41 @@ class ObjectStore:
                         etag=str(item.get("ETag", "")),
                         checksums={},
                         checksum_type=None,
+                        modified_ns=_nanoseconds(item.get("LastModified")),
                     )
+
+    async def get_range(
+        self, bucket: str, key: str, offset: int, length: int, etag: str = "", whole: bool = False
+    ) -> bytes:
+        """``length`` bytes of an object from ``offset`` (GetObject with a Range); with
+        ``etag``, of that version only: FileChangedError when the object was replaced
+        meanwhile (or is shorter), VanishedError when it is gone. ``whole``: the range is
+        the whole object, asked for without a Range so that S3 sends the checksum it
+        keeps and botocore checks the bytes against it."""
+        what = f"GetObject s3://{bucket}/{key}"
+        args: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if whole:
+            args["ChecksumMode"] = "ENABLED"
+        elif length:  # an empty range cannot be asked for: an empty object is read whole
+            args["Range"] = f"bytes={offset}-{offset + length - 1}"
+        if etag:
+            args["IfMatch"] = etag
+        with translate_errors(what):
+            try:
+                reply = await self._client.get_object(**args)
+                async with reply["Body"] as stream:
+                    data: bytes = await stream.read()
+            except FlexibleChecksumError as exc:
+                raise RetryableError(f"{what}: the bytes read do not match: {exc}") from None
+            except ClientError as exc:
+                if _code(exc) in ("PreconditionFailed", "412"):
+                    raise FileChangedError(f"{what} changed since it was listed") from None
+                if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                    raise VanishedError(f"{what}: no such object any more") from None
+                raise
+        if len(data) != length:
+            raise FileChangedError(f"{what}: {len(data):,} bytes from {offset:,}, not {length:,}")
+        return data
 
     async def list_level(self, bucket: str, prefix: str) -> Level:
         """The folders and objects directly below a prefix (ListObjectsV2, Delimiter "/").

@@ -1,0 +1,204 @@
+"""``cpg-daemon upload s3://SRC/... s3://DEST/...``: another bucket as the source.
+
+The source is a second moto server (its own endpoint and keys: the lab's bucket), the
+destination the session's (staging). Objects are streamed through the command, never
+stored on disk; a run killed part-way resumes part by part through its journal.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from daemonproc import wait_until
+from faultproxy import Fault, FaultProxy, Rule
+from memory_s3 import MemoryStore
+from s3server import S3Server
+from test_upload_command import (
+    all_objects,
+    describe,
+    make_client,
+    read_object,
+    run_upload,
+    summary,
+)
+
+from cpg_daemon.core.checksums import ALGORITHMS, encode
+from cpg_daemon.core.errors import RetryableError
+from cpg_daemon.core.files import FileStat
+from cpg_daemon.core.objectkeys import S3Location
+from cpg_daemon.engine.sources import ObjectSource
+
+MIB = 1024 * 1024
+PART = 5 * MIB
+PREFIX = "cpg0000-test/source_4/workspace/profiles/Batch8/"
+PLATE = {
+    "Plate1/Plate1.csv": 3000,
+    "Plate1/Plate1_normalized.csv": 70_000,
+    "Plate2/Plate2.csv": 2900,
+    "Plate2/Plate2_normalized.csv": 71_000,
+    "Plate2/sub/notes é.txt": 10,
+    "Plate3/Plate3.sqlite": 3 * PART + 1234,
+}
+BIG = "Plate3/Plate3.sqlite"
+
+
+@pytest.fixture(scope="module")
+def source_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """The lab's own S3: a server of its own, not the destination's."""
+    server = S3Server.start(tmp_path_factory.mktemp("source_moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def fill_source(client: Any, tree: dict[str, int], prefix: str = "Batch8/") -> tuple[str, dict]:
+    """A fresh bucket on the source server holding ``tree`` below ``prefix``."""
+    bucket = f"lab-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    contents = {}
+    for index, (rel, size) in enumerate(tree.items()):
+        data = os.urandom(64) * (size // 64) + bytes([index % 256]) * (size % 64)
+        client.put_object(Bucket=bucket, Key=prefix + rel, Body=data)
+        contents[rel] = data
+    client.put_object(Bucket=bucket, Key=prefix + "Plate1/", Body=b"")  # a console "folder"
+    return bucket, contents
+
+
+def source_args(src_url: str, state: Path) -> tuple[str, ...]:
+    """The source's endpoint, and 5 MiB parts from 5 MiB on (a small multipart object)."""
+    config = state.parent / "multipart.toml"
+    config.write_text('[s3]\nmultipart_threshold = "5MiB"\npart_size = "5MiB"\n')
+    return ("--source-endpoint-url", src_url, "-c", str(config), "--concurrency", "4")
+
+
+def test_an_s3_prefix_arrives_byte_identical_and_a_killed_run_resumes_part_by_part(
+    s3_server: S3Server, s3_client: Any, bucket: str, source_server: S3Server, tmp_path: Path
+) -> None:
+    source_client = make_client(source_server.endpoint_url)
+    lab, contents = fill_source(source_client, PLATE)
+    dest = f"s3://{bucket}/{PREFIX}"
+    state = tmp_path / "state"
+    big_key = PREFIX + BIG
+
+    # First run: the source's answer for the big object's third part never comes; the
+    # command is killed once everything else is at the destination.
+    with FaultProxy(source_server.endpoint_url) as proxy:
+        proxy.set_rules(
+            Rule(
+                Fault("stall", seconds=None),
+                frozenset({"GetObject"}),
+                key=BIG,
+                range=f"bytes={2 * PART}-",
+            )
+        )
+        command = [
+            *(sys.executable, "-m", "cpg_daemon", "upload", f"s3://{lab}/Batch8/", dest),
+            *("--endpoint-url", s3_server.endpoint_url, "--state-dir", str(state)),
+            *source_args(proxy.endpoint_url, state),
+        ]
+        first = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+
+            def the_rest_arrived() -> bool:
+                assert first.poll() is None, first.communicate()[1].decode(errors="replace")
+                parts = {
+                    r.query["partNumber"] for r in s3_server.upload_part_requests(bucket, big_key)
+                }
+                small = set(all_objects(s3_client, bucket)) >= {
+                    PREFIX + rel for rel in PLATE if rel != BIG
+                }
+                return parts >= {"1", "2", "4"} and small
+
+            wait_until(the_rest_arrived, 60, "every part but the third, and the small objects")
+        finally:
+            first.kill()
+            _, err = first.communicate(timeout=30)
+    assert first.returncode == -9, err.decode(errors="replace")[-2000:]
+    assert big_key not in all_objects(s3_client, bucket)
+
+    url, src_url = s3_server.endpoint_url, source_server.endpoint_url
+    second = run_upload(f"s3://{lab}/Batch8/", dest, url, state, *source_args(src_url, state))
+    assert second.returncode == 0, describe(second)
+    assert all_objects(s3_client, bucket) == {PREFIX + rel: size for rel, size in PLATE.items()}
+    for rel, data in contents.items():
+        assert read_object(s3_client, bucket, PREFIX + rel) == data, rel
+    sent = Counter(r.query["partNumber"] for r in s3_server.upload_part_requests(bucket, big_key))
+    assert sent == {"1": 1, "2": 1, "3": 1, "4": 1}, sent  # no part sent twice
+
+    # A third run sends nothing, with the journal or without it (then the objects at the
+    # destination are compared with the source's by size and checksum).
+    for state_dir in (state, tmp_path / "journal-lost"):
+        mark = s3_server.mark()
+        again = run_upload(
+            f"s3://{lab}/Batch8/", dest, url, state_dir, *source_args(src_url, state)
+        )
+        assert again.returncode == 0, describe(again)
+        assert summary(again)["present"] == len(PLATE), describe(again)
+        assert [r for r in s3_server.requests(mark) if r.method in ("PUT", "POST")] == []
+
+
+def test_one_object_or_file_to_a_named_key_lands_at_that_key(
+    s3_server: S3Server, s3_client: Any, bucket: str, source_server: S3Server, tmp_path: Path
+) -> None:
+    """``aws s3 cp`` semantics: DEST without a trailing / names the object; with one, it
+    is the folder the object goes into under its own name."""
+    source_client = make_client(source_server.endpoint_url)
+    lab, contents = fill_source(source_client, {"meta/plate1.csv": 5000})
+    src = f"s3://{lab}/Batch8/meta/plate1.csv"
+    named = f"s3://{bucket}/{PREFIX}metadata/renamed_plate1.csv"
+    folder = f"s3://{bucket}/{PREFIX}metadata/"
+    url, src_url = s3_server.endpoint_url, source_server.endpoint_url
+    state = tmp_path / "state"
+    for dest in (named, folder):
+        result = run_upload(src, dest, url, state, *source_args(src_url, state))
+        assert result.returncode == 0, describe(result)
+    local = tmp_path / "data" / "plate1.csv"
+    local.parent.mkdir()
+    local.write_bytes(b"local,csv\n" * 100)
+    result = run_upload(local, f"s3://{bucket}/{PREFIX}local/renamed.csv", url, state)
+    assert result.returncode == 0, describe(result)
+    assert all_objects(s3_client, bucket) == {
+        PREFIX + "metadata/renamed_plate1.csv": 5000,
+        PREFIX + "metadata/plate1.csv": 5000,
+        PREFIX + "local/renamed.csv": 1000,
+    }
+    data = contents["meta/plate1.csv"]
+    assert read_object(s3_client, bucket, PREFIX + "metadata/renamed_plate1.csv") == data
+    assert read_object(s3_client, bucket, PREFIX + "local/renamed.csv") == local.read_bytes()
+
+
+@pytest.mark.anyio
+async def test_parts_that_do_not_match_the_sources_own_checksum_are_refused() -> None:
+    """Bytes read part by part are combined into the whole object's CRC and compared with
+    the one the source bucket keeps before the upload is completed."""
+    store = MemoryStore("CRC32C", buckets=("lab",))
+    data = os.urandom(3 * MIB)
+    crc = ALGORITHMS["CRC32C"]
+    await store.put_object("lab", "p/big.bin", data, encode(crc.digest(data)))
+    source = ObjectSource(store, S3Location("lab", "p/"))
+    expected = FileStat(len(data), 0)
+
+    async def read_all() -> None:
+        file = source.file("big.bin")
+        assert await file.stat() == expected
+        for offset in range(0, len(data), MIB):
+            await file.read(offset, MIB, expected, "CRC32C")
+        await file.confirm(expected)
+
+    await read_all()  # the bytes are the object's: confirmed
+    store.buckets["lab"]["p/big.bin"].checksums["CRC32C"] = encode(crc.digest(b"other bytes"))
+    with pytest.raises(RetryableError, match="do not match the source's CRC32C checksum"):
+        await read_all()
+    await anyio.lowlevel.checkpoint()
