@@ -215,6 +215,26 @@ class MemoryStore:
             raise FileChangedError(f"{what}: {len(data):,} bytes from {offset:,}, not {length:,}")
         return data
 
+    async def copy_object(
+        self, source: tuple[str, str, str], bucket: str, key: str
+    ) -> tuple[str, str]:
+        src_bucket, src_key, etag = source
+        what = f"CopyObject s3://{src_bucket}/{src_key} to s3://{bucket}/{key}"
+        await self._enter(Call("CopyObject", bucket, key))
+        found = self._objects(what, src_bucket).get(src_key)
+        if found is None:
+            raise VanishedError(f"{what}: no such object any more")
+        if etag and etag != found.etag:
+            raise FileChangedError(f"{what}: the source changed since it was listed")
+        checksum = encode(self.algorithm.digest(found.data)) if self.algorithm.enabled else ""
+        self._objects(what, bucket)[key] = _Object(
+            found.data,
+            _etag(found.data),
+            {self.algorithm.name: checksum} if checksum else {},
+            "FULL_OBJECT" if checksum else None,
+        )
+        return _etag(found.data), checksum
+
     async def list_level(self, bucket: str, prefix: str) -> Level:
         await self._enter(Call("ListObjectsV2", bucket, prefix))
         objects = self._objects(f"ListObjectsV2 s3://{bucket}/{prefix}", bucket)

@@ -205,6 +205,20 @@ async def test_a_range_of_an_object_and_only_of_the_version_listed(subject: Subj
 
 
 @pytest.mark.anyio
+async def test_a_copy_within_s3_reports_its_checksum(subject: Subject) -> None:
+    store, bucket = subject.store, subject.bucket
+    data = bytes(range(256)) * 50
+    await store.put_object(bucket, "src/a.bin", data, crc32c(data))
+    (listed,) = [o async for o in store.list_objects(bucket, "src/")]
+    etag, checksum = await store.copy_object((bucket, "src/a.bin", listed.etag), bucket, "dst/a")
+    assert subject.read("dst/a") == data
+    assert checksum == crc32c(data)
+    assert etag == md5_etag(data)
+    with pytest.raises(VanishedError):
+        await store.copy_object((bucket, "src/gone", ""), bucket, "dst/gone")
+
+
+@pytest.mark.anyio
 async def test_one_level_lists_folders_and_the_objects_directly_in_it(subject: Subject) -> None:
     store, bucket = subject.store, subject.bucket
     for key in ("d/a.csv", "d/b/1.tif", "d/b/2.tif", "d/c/x/3.tif", "d-not/4", "e/5"):

@@ -30,12 +30,16 @@ from test_upload_command import (
     run_upload,
     summary,
 )
+from test_uploader import WATCH, claim_one, opened_journal
 
 from cpg_daemon.core.checksums import ALGORITHMS, encode
-from cpg_daemon.core.errors import RetryableError
+from cpg_daemon.core.config import S3Config
+from cpg_daemon.core.errors import RetryableError, SkipFileError
 from cpg_daemon.core.files import FileStat
 from cpg_daemon.core.objectkeys import S3Location
 from cpg_daemon.engine.sources import ObjectSource
+from cpg_daemon.engine.uploader import Uploader
+from cpg_daemon.journal import Discovered
 
 MIB = 1024 * 1024
 PART = 5 * MIB
@@ -202,3 +206,62 @@ async def test_parts_that_do_not_match_the_sources_own_checksum_are_refused() ->
     with pytest.raises(RetryableError, match="do not match the source's CRC32C checksum"):
         await read_all()
     await anyio.lowlevel.checkpoint()
+
+
+def test_with_the_destinations_keys_and_endpoint_objects_are_copied_within_s3(
+    s3_server: S3Server, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    """SRC on the same endpoint, read with the same keys: CopyObject, no byte through
+    this machine, and the copy's checksum is the one S3 computed; --no-server-side-copy
+    streams instead."""
+    lab, contents = fill_source(s3_client, {"a/1.csv": 3000, "b/2.bin": 70_000})
+    url = s3_server.endpoint_url
+    for extra, copied in (((), True), (("--no-server-side-copy",), False)):
+        dest = f"s3://{bucket}/{PREFIX}{len(extra)}/"
+        mark = s3_server.mark()
+        result = run_upload(f"s3://{lab}/Batch8/", dest, url, tmp_path / "state", *extra)
+        assert result.returncode == 0, describe(result)
+        assert ("copied within S3" in result.stdout) == copied, describe(result)
+        requests = s3_server.requests(mark)
+        reads = [r for r in requests if r.method == "GET" and r.bucket == lab and r.key]
+        assert len(reads) == (0 if copied else len(contents)), reads
+        for rel, data in contents.items():
+            key = f"{PREFIX}{len(extra)}/{rel}"
+            assert read_object(s3_client, bucket, key) == data
+            head = s3_client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            assert head["ChecksumCRC32C"] == encode(ALGORITHMS["CRC32C"].digest(data))
+
+
+@pytest.mark.anyio
+async def test_a_refused_server_side_copy_streams_that_object_and_every_later_one(
+    tmp_path: Path,
+) -> None:
+    """Keys that may write the destination but not read the source (S3 answers the
+    CopyObject with AccessDenied): the object is streamed instead, and no further copy
+    is tried."""
+    store = MemoryStore("CRC32C", buckets=("lab", "staging"))
+    contents = {name: os.urandom(1000 + index) for index, name in enumerate(("a.csv", "b.csv"))}
+    for name, data in contents.items():
+        await store.put_object("lab", f"p/{name}", data, encode(ALGORITHMS["CRC32C"].digest(data)))
+    store.fail("CopyObject", SkipFileError("CopyObject: access denied (AccessDenied)"))
+    source = ObjectSource(store, S3Location("lab", "p/"), server_side=True)
+    async with opened_journal(tmp_path / "journal.sqlite") as journal:
+        await journal.record_discovered(
+            WATCH,
+            [
+                Discovered(name, "staging", f"x/{name}", len(data), 0)
+                for name, data in contents.items()
+            ],
+        )
+        uploader = Uploader(journal, S3Config(), anyio.CapacityLimiter(4))
+        for name in contents:
+            record = await claim_one(journal, name)
+            assert await uploader.upload(store, record, source.file(name)) == "uploaded"
+    assert not source.server_side
+    assert [c.operation for c in store.calls if c.operation in ("CopyObject", "GetObject")] == [
+        "CopyObject",
+        "GetObject",
+        "GetObject",
+    ]
+    for name, data in contents.items():
+        assert store.object_bytes("staging", f"x/{name}") == data

@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--source-no-sign-request", action="store_true", help="SRC is public: read it unsigned"
     )
+    source.add_argument(
+        "--no-server-side-copy",
+        action="store_true",
+        help="stream every object through this machine even when the destination's keys "
+        "could copy it within S3 (CopyObject; used when SRC and DEST share endpoint, region "
+        "and keys, and the keys are not Access Grants')",
+    )
 
     dataset = commands.add_parser(
         "check-dataset",
@@ -639,13 +646,16 @@ def _upload(args: argparse.Namespace) -> int:
             _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         reader = _source_access(args, s3)
+        server_side = not args.no_server_side_copy and oneshot.same_access(
+            reader, (s3, credentials)
+        )
 
         async def from_s3() -> oneshot.UploadSummary:
             from cpg_daemon.engine.dataset import open_store
 
             async with open_store(*reader) as store:
                 watch, objects = await oneshot.object_watch(
-                    store, args.src, destination, object_name
+                    store, args.src, destination, object_name, server_side=server_side
                 )
                 return await oneshot.upload(
                     watch, s3, credentials, state_dir, progress=interactive, objects=objects
@@ -675,6 +685,11 @@ def _upload(args: argparse.Namespace) -> int:
         f"{summary.already_present} already present, {summary.failed} failed; "
         f"{format_size(summary.bytes)} sent in {summary.seconds:.1f} s "
         f"({format_size(rate)}/s, {summary.uploaded / max(summary.seconds, 1e-9):.1f} files/s)"
+        + (
+            f"; {format_size(summary.bytes_copied)} copied within S3"
+            if summary.bytes_copied
+            else ""
+        )
     )
     for path, error in summary.failures:
         _say(f"failed: {path}: {error}", file=sys.stderr)

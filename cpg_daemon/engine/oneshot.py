@@ -40,6 +40,8 @@ class UploadSummary:
     bytes: int
     seconds: float
     failures: tuple[tuple[str, str], ...]
+    bytes_copied: int = 0
+    """Of objects copied within S3 (server-side copy): not sent by this machine."""
 
 
 def default_state_dir() -> Path:
@@ -100,12 +102,32 @@ OBJECTS_ROOT = Path(os.devnull)
 (the watch is fed by ``ObjectSource.walk``), and no folder to read from by mistake."""
 
 
+def same_access(
+    reader: tuple[S3Config, CredentialsConfig | None], writer: tuple[S3Config, CredentialsConfig]
+) -> bool:
+    """Whether the destination's keys can read the source too, so objects may be copied
+    within S3: the same endpoint, region and keys, and not keys scoped to the destination
+    (Access Grants, handed over from a grant)."""
+    (source, keys), (destination, own) = reader, writer
+    return (
+        keys == own
+        and own.source not in ("access-grants", "handed-over")
+        and (source.endpoint_url, source.region) == (destination.endpoint_url, destination.region)
+    )
+
+
 async def object_watch(
-    store: Storage, uri: str, destination: S3Location, object_name: str = ""
+    store: Storage,
+    uri: str,
+    destination: S3Location,
+    object_name: str = "",
+    *,
+    server_side: bool = False,
 ) -> tuple[WatchConfig, ObjectSource]:
     """The watch that covers an S3 SRC, and the source its files are read from: one
     object when SRC names one that exists (sent to ``object_name`` when given), else
-    every object under SRC as a folder. ValueError: not an ``s3://`` URI."""
+    every object under SRC as a folder (``server_side``: see ``ObjectSource``).
+    ValueError: not an ``s3://`` URI."""
     location = parse_s3_uri(uri)
     key = location.prefix.rstrip("/")
     if key and not uri.endswith("/") and await store.head(location.bucket, key) is not None:
@@ -119,9 +141,9 @@ async def object_watch(
             exclude=(),
             object_name=object_name,
         )
-        return watch, ObjectSource(store, folder, name)
+        return watch, ObjectSource(store, folder, name, server_side)
     watch = WatchConfig(WATCH_NAME, OBJECTS_ROOT, _below(destination, object_name), settle=0.0)
-    return watch, ObjectSource(store, location)
+    return watch, ObjectSource(store, location, server_side=server_side)
 
 
 async def upload(
@@ -160,6 +182,7 @@ async def upload(
             tg.cancel_scope.cancel()
         records = await engine.journal.records(WATCH_NAME)
         stats = engine.uploader.statistics()
+        copied = engine.uploader.bytes_copied
     failures = tuple((r.rel_path, r.last_error or "") for r in records if r.state == "failed")
     return UploadSummary(
         files=len(records),
@@ -169,6 +192,7 @@ async def upload(
         bytes=stats.bytes_sent,
         seconds=time.monotonic() - started,
         failures=failures,
+        bytes_copied=copied,
     )
 
 

@@ -140,6 +140,19 @@ class ObjectFile:
     def _etag(self) -> str:
         return self._source.etags.get(self._key, "")
 
+    @property
+    def version(self) -> tuple[str, str, str]:
+        """(bucket, key, ETag): the object as a CopyObject source."""
+        return self._source.location.bucket, self._key, self._etag
+
+    @property
+    def copies(self) -> bool:
+        """Whether the destination's keys copy it within S3 (``ObjectSource.server_side``)."""
+        return self._source.server_side
+
+    def refused(self, error: str) -> None:
+        self._source.refused(error)
+
     async def stat(self) -> files.FileStat:
         remote = await self._source.store.head(self._source.location.bucket, self._key)
         if remote is None:
@@ -218,15 +231,31 @@ class ObjectSource:
     """The objects under an S3 prefix, read with the source's own client: what
     ``cpg-daemon upload s3://SRC/... s3://DEST/...`` walks instead of a folder."""
 
-    def __init__(self, store: Storage, location: S3Location, single: str = "") -> None:
+    def __init__(
+        self, store: Storage, location: S3Location, single: str = "", server_side: bool = False
+    ) -> None:
         """``location``: the bucket and the prefix that stands for the watch's root
         (ending in ``/``, or empty); ``single``: the one object's name below it, when
-        the source is one object."""
+        the source is one object; ``server_side``: the destination's keys may read the
+        source, so objects are copied within S3 (CopyObject) instead of streamed
+        through, until S3 refuses one."""
         self.store = store
         self.location = location
         self.single = single
+        self.server_side = server_side
         self.etags: dict[str, str] = {}
         """Key -> the ETag of the version being uploaded (listed, or seen since)."""
+
+    def refused(self, error: str) -> None:
+        """S3 refused a server-side copy (the destination's keys may not read the
+        source): every object is streamed through from now on."""
+        if self.server_side:
+            self.server_side = False
+            log.warning(
+                "server_side_copy_refused",
+                error=error,
+                consequence="objects are read with the source's keys and sent on",
+            )
 
     def file(self, rel_path: str) -> ObjectFile:
         return ObjectFile(self, self.location.prefix + rel_path)

@@ -41,7 +41,7 @@ from cpg_daemon.core.objectkeys import (
     part_ranges,
 )
 from cpg_daemon.engine.pacing import Bandwidth, InFlightPolicy, MemoryBudget
-from cpg_daemon.engine.sources import LocalFile, SourceFile
+from cpg_daemon.engine.sources import LocalFile, ObjectFile, SourceFile
 from cpg_daemon.journal import FileRecord, Journal, PartRecord, Uploaded
 from cpg_daemon.s3.dataplane import memory_cost
 from cpg_daemon.s3.store import RemoteObject, Storage
@@ -131,6 +131,8 @@ class Uploader:
         self._checksum: ChecksumName = s3.checksum
         self._bytes_sent = 0
         self._files_uploaded = 0
+        self.bytes_copied = 0
+        """Bytes of objects copied within S3 (``_copy``): not sent by this machine."""
         self._rate = Throughput(THROUGHPUT_WINDOW, clock)
 
     def statistics(self) -> UploaderStatistics:
@@ -210,7 +212,12 @@ class Uploader:
                     )
                     log.info("already_present", size=record.size)
                     return "already-present"
-            if record.size < self._s3.multipart_threshold:
+            copied = None
+            if isinstance(source, ObjectFile) and source.copies and record.upload_id is None:
+                copied = await self._copy(store, record, source)
+            if copied is not None:
+                etag, checksum = copied
+            elif record.size < self._s3.multipart_threshold:
                 if record.upload_id is not None:  # the file shrank below the threshold
                     await self.abort(store, record)
                 etag, checksum = await self._single(store, record, source, expected)
@@ -236,6 +243,27 @@ class Uploader:
             checksum=checksum,
         )
         return "uploaded"
+
+    async def _copy(
+        self, store: Storage, record: FileRecord, source: ObjectFile
+    ) -> tuple[str, str] | None:
+        """An object of another bucket copied within S3 (CopyObject): its ETag and the
+        checksum S3 computed for the copy; None when it must be streamed instead (too
+        large for one CopyObject, or these keys may not read the source)."""
+        if record.size > MAX_SINGLE_PUT:
+            return None
+        try:
+            async with self._limiter:
+                etag, checksum = await store.copy_object(source.version, record.bucket, record.key)
+        except SkipFileError as exc:  # AccessDenied and the like: the keys cannot read it
+            source.refused(str(exc))
+            return None
+        if not checksum and ALGORITHMS[self._checksum].enabled:
+            remote = await store.head(record.bucket, record.key)
+            checksum = "" if remote is None else remote.checksums.get(self._checksum, "")
+        self.bytes_copied += record.size
+        log.debug("copied_within_s3", size=record.size)
+        return etag, checksum
 
     def batchable(self, record: FileRecord) -> bool:
         """Whether the file may go in a group of small files (``upload_many``): one

@@ -183,6 +183,10 @@ class Storage(Protocol):
 
     async def list_level(self, bucket: str, prefix: str) -> Level: ...
 
+    async def copy_object(
+        self, source: tuple[str, str, str], bucket: str, key: str
+    ) -> tuple[str, str]: ...
+
     async def put_object(self, bucket: str, key: str, body: Body, checksum: str) -> str: ...
 
     async def create_multipart_upload(self, bucket: str, key: str) -> str: ...
@@ -347,6 +351,42 @@ class ObjectStore:
         if len(data) != length:
             raise FileChangedError(f"{what}: {len(data):,} bytes from {offset:,}, not {length:,}")
         return data
+
+    async def copy_object(
+        self, source: tuple[str, str, str], bucket: str, key: str
+    ) -> tuple[str, str]:
+        """Copy the object ``source`` (bucket, key, ETag: that version only) to ``key``
+        within S3 (CopyObject, up to 5 GiB): nothing passes through this machine. S3
+        computes the new object's checksum; returns its ETag and that checksum (base64,
+        "" without one). FileChangedError when the source is no longer that version."""
+        src_bucket, src_key, etag = source
+        what = f"CopyObject s3://{src_bucket}/{src_key} to s3://{bucket}/{key}"
+        args: dict[str, Any] = {
+            "Bucket": bucket,
+            "Key": key,
+            "CopySource": {"Bucket": src_bucket, "Key": src_key},
+            **self._acl_args(),
+        }
+        if etag:
+            args["CopySourceIfMatch"] = etag
+        if self.algorithm.enabled:
+            args["ChecksumAlgorithm"] = self.algorithm.name
+        with translate_errors(what):
+            try:
+                reply = await self._client.copy_object(**args)
+            except ClientError as exc:
+                if _code(exc) in ("PreconditionFailed", "412"):
+                    raise FileChangedError(
+                        f"{what}: the source changed since it was listed"
+                    ) from None
+                if _code(exc) in ("NoSuchKey", "404"):
+                    raise VanishedError(f"{what}: no such object any more") from None
+                raise
+        result = reply.get("CopyObjectResult", {})
+        checksum = (
+            str(result.get(self.algorithm.request_field, "")) if self.algorithm.enabled else ""
+        )
+        return str(result.get("ETag", "")), checksum
 
     async def list_level(self, bucket: str, prefix: str) -> Level:
         """The folders and objects directly below a prefix (ListObjectsV2, Delimiter "/").
