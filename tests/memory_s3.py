@@ -200,16 +200,21 @@ class MemoryStore:
             found = objects[key]
             yield RemoteObject(key, len(found.data), found.etag, {}, None)
 
-    async def get_range(
-        self, bucket: str, key: str, offset: int, length: int, etag: str = "", whole: bool = False
-    ) -> bytes:
-        what = f"GetObject s3://{bucket}/{key}"
-        await self._enter(Call("GetObject", bucket, key))
+    def _version(self, what: str, bucket: str, key: str, etag: str) -> _Object:
+        """The object, if it is still the version ``etag`` names (any, for "")."""
         found = self._objects(what, bucket).get(key)
         if found is None:
             raise VanishedError(f"{what}: no such object any more")
         if etag and etag != found.etag:
             raise FileChangedError(f"{what} changed since it was listed")
+        return found
+
+    async def get_range(
+        self, bucket: str, key: str, offset: int, length: int, etag: str = "", whole: bool = False
+    ) -> bytes:
+        what = f"GetObject s3://{bucket}/{key}"
+        await self._enter(Call("GetObject", bucket, key))
+        found = self._version(what, bucket, key, etag)
         data = found.data[offset : offset + length] if length else found.data
         if len(data) != length:
             raise FileChangedError(f"{what}: {len(data):,} bytes from {offset:,}, not {length:,}")
@@ -221,11 +226,7 @@ class MemoryStore:
         src_bucket, src_key, etag = source
         what = f"CopyObject s3://{src_bucket}/{src_key} to s3://{bucket}/{key}"
         await self._enter(Call("CopyObject", bucket, key))
-        found = self._objects(what, src_bucket).get(src_key)
-        if found is None:
-            raise VanishedError(f"{what}: no such object any more")
-        if etag and etag != found.etag:
-            raise FileChangedError(f"{what}: the source changed since it was listed")
+        found = self._version(what, src_bucket, src_key, etag)
         checksum = encode(self.algorithm.digest(found.data)) if self.algorithm.enabled else ""
         self._objects(what, bucket)[key] = _Object(
             found.data,

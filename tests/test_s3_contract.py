@@ -184,12 +184,18 @@ async def test_listing_with_a_prefix(subject: Subject) -> None:
     assert await store.head(bucket, "p/1.tif") is None
 
 
+async def put_and_list(subject: Subject, key: str, data: bytes) -> Any:
+    """Put ``data`` at ``key`` (alone in its folder): the object as its listing shows it."""
+    await subject.store.put_object(subject.bucket, key, data, crc32c(data))
+    (listed,) = [o async for o in subject.store.list_objects(subject.bucket, key)]
+    return listed
+
+
 @pytest.mark.anyio
 async def test_a_range_of_an_object_and_only_of_the_version_listed(subject: Subject) -> None:
     store, bucket = subject.store, subject.bucket
     data = bytes(range(256)) * 40
-    await store.put_object(bucket, "src/a.bin", data, crc32c(data))
-    (listed,) = [o async for o in store.list_objects(bucket, "src/")]
+    listed = await put_and_list(subject, "src/a.bin", data)
     assert await store.get_range(bucket, "src/a.bin", 100, 5000) == data[100:5100]
     assert await store.get_range(bucket, "src/a.bin", 0, len(data), listed.etag, whole=True) == data
     await store.put_object(bucket, "src/empty", b"", crc32c(b""))
@@ -208,8 +214,7 @@ async def test_a_range_of_an_object_and_only_of_the_version_listed(subject: Subj
 async def test_a_copy_within_s3_reports_its_checksum(subject: Subject) -> None:
     store, bucket = subject.store, subject.bucket
     data = bytes(range(256)) * 50
-    await store.put_object(bucket, "src/a.bin", data, crc32c(data))
-    (listed,) = [o async for o in store.list_objects(bucket, "src/")]
+    listed = await put_and_list(subject, "src/a.bin", data)
     etag, checksum = await store.copy_object((bucket, "src/a.bin", listed.etag), bucket, "dst/a")
     assert subject.read("dst/a") == data
     assert checksum == crc32c(data)
