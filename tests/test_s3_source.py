@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
-from daemonproc import wait_until
+from daemonproc import run_cli, wait_until
 from faultproxy import Fault, FaultProxy, Rule
 from memory_s3 import MemoryStore
 from s3server import S3Server
@@ -265,3 +265,36 @@ async def test_a_refused_server_side_copy_streams_that_object_and_every_later_on
     ]
     for name, data in contents.items():
         assert store.object_bytes("staging", f"x/{name}") == data
+
+
+def test_verify_compares_an_s3_source_with_staging_and_finds_a_changed_object(
+    s3_server: S3Server, s3_client: Any, bucket: str, source_server: S3Server, tmp_path: Path
+) -> None:
+    """``verify --source s3://... --destination s3://...``: with upload's journal, one
+    listing of each side proves it; without the journal every object is read through
+    and its checksum compared; an object replaced at the destination is found."""
+    lab, contents = fill_source(make_client(source_server.endpoint_url), PLATE)
+    url, src_url = s3_server.endpoint_url, source_server.endpoint_url
+    dest, state = f"s3://{bucket}/{PREFIX}", tmp_path / "state"
+    args = source_args(src_url, state)
+    uploaded = run_upload(f"s3://{lab}/Batch8/", dest, url, state, *args)
+    assert uploaded.returncode == 0, describe(uploaded)
+
+    def verify(state_dir: Path) -> subprocess.CompletedProcess[str]:
+        return run_cli(
+            *("verify", "--source", f"s3://{lab}/Batch8/", "--destination", dest),
+            *("--endpoint-url", url, "--source-endpoint-url", src_url),
+            *("--state-dir", str(state_dir)),
+        )
+
+    for state_dir in (state, tmp_path / "no-journal"):
+        result = verify(state_dir)
+        assert result.returncode == 0, describe(result)
+        assert f"{len(PLATE)} match, 0 missing, 0 size_mismatch, 0 checksum_mismatch" in (
+            result.stdout
+        ), describe(result)
+    changed = bytes(len(contents["Plate1/Plate1.csv"]))  # same size, other bytes
+    s3_client.put_object(Bucket=bucket, Key=PREFIX + "Plate1/Plate1.csv", Body=changed)
+    result = verify(tmp_path / "no-journal")
+    assert result.returncode == 1, describe(result)
+    assert "checksum_mismatch: s3://" in result.stdout and "Plate1/Plate1.csv" in result.stdout

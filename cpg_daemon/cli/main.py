@@ -41,6 +41,7 @@ from cpg_daemon.core.config import (
     Config,
     CredentialsConfig,
     S3Config,
+    WatchConfig,
     default_config_path,
     load_config,
 )
@@ -95,6 +96,24 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="configuration file (default: $CPG_DAEMON_CONFIG, then /etc/cpg-daemon/config.toml)",
     )
+
+
+def _source_args(parser: argparse.ArgumentParser) -> Any:
+    """The flags that say how an S3 SRC is read; returns their group."""
+    source = parser.add_argument_group(
+        "an S3 SRC",
+        "read with its own keys: --source-profile, else --profile when it is "
+        "not only for --access-grants, else the environment's",
+    )
+    source.add_argument("--source-profile", default=None, help="AWS profile that reads SRC")
+    source.add_argument(
+        "--source-endpoint-url", default=None, help="SRC's S3 endpoint (default: DEST's)"
+    )
+    source.add_argument("--source-region", default=None, help="SRC's region (default: DEST's)")
+    source.add_argument(
+        "--source-no-sign-request", action="store_true", help="SRC is public: read it unsigned"
+    )
+    return source
 
 
 def _socket_args(parser: argparse.ArgumentParser) -> None:
@@ -195,17 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $XDG_STATE_HOME/cpg-daemon/upload)",
     )
     upload.add_argument("--quiet", action="store_true", help="no progress line")
-    source = upload.add_argument_group(
-        "an S3 SRC",
-        "read with its own keys: --source-profile, else --profile when it is "
-        "not only for --access-grants, else the environment's",
-    )
-    source.add_argument("--source-profile", default=None, help="AWS profile that reads SRC")
-    source.add_argument("--source-endpoint-url", default=None, help="SRC's S3 endpoint")
-    source.add_argument("--source-region", default=None, help="SRC's region (default: DEST's)")
-    source.add_argument(
-        "--source-no-sign-request", action="store_true", help="SRC is public: read it unsigned"
-    )
+    source = _source_args(upload)
     source.add_argument(
         "--no-server-side-copy",
         action="store_true",
@@ -309,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --manifest: read without keys (the public gallery bucket, after a transfer)",
     )
     verify.add_argument("--region", default=None, help="with --manifest: the AWS region")
+    verify.add_argument(
+        "--source",
+        metavar="SRC",
+        help="compare SRC (a folder, a file, or s3://BUCKET/PREFIX/ of another bucket) with "
+        "--destination, as `upload SRC DEST` sent it; no configuration needed",
+    )
+    verify.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="with --source: where upload kept its journal (default: "
+        "$XDG_STATE_HOME/cpg-daemon/upload); without one, every object is read",
+    )
+    _source_args(verify)
     _socket_args(verify)
 
     manifest = commands.add_parser(
@@ -713,7 +736,7 @@ def _source_access(
         return s3, None
     if args.source_profile is not None:
         return s3, CredentialsConfig(source="profile", profile=args.source_profile)
-    if args.profile is not None and not args.access_grants:
+    if args.profile is not None and not getattr(args, "access_grants", False):
         return s3, CredentialsConfig(source="profile", profile=args.profile)
     return s3, CredentialsConfig()
 
@@ -794,7 +817,14 @@ def _install_service(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from cpg_daemon.engine import verify
 
-    if args.manifest is not None:
+    if args.source is not None:
+        try:
+            result = _verify_source(args)
+        except (ValueError, FileNotFoundError, CpgError) as exc:
+            _say(f"cpg-daemon verify: {exc}", file=sys.stderr)
+            return EXIT_PROBLEM if isinstance(exc, CpgError) else EXIT_CONFIG
+        summary = result.summary()
+    elif args.manifest is not None:
         try:
             result = _verify_against_manifest(args)
         except (ValueError, CpgError) as exc:
@@ -852,6 +882,50 @@ def _verify(args: argparse.Namespace) -> int:
         _say(f"report: {args.report}")
     print(summary)
     return EXIT_OK if not different else EXIT_PROBLEM
+
+
+def _verify_source(args: argparse.Namespace) -> Any:
+    """``verify --source SRC --destination DEST``: what ``upload SRC DEST`` sent, checked
+    without a configuration (the upload's journal proves what it recorded)."""
+    from cpg_daemon.engine import oneshot, verify
+    from cpg_daemon.engine.dataset import open_store
+
+    if args.destination is None:
+        raise ValueError("--source needs --destination s3://BUCKET/PREFIX/ (upload's DEST)")
+    destination, object_name = oneshot.parse_destination(args.destination)
+    s3, credentials, _ = _read_access(args, destination)
+    state_dir = args.state_dir or oneshot.default_state_dir()
+    _configure_logs("console", "error")
+
+    async def run() -> verify.Result:
+        started = time.monotonic()
+        async with open_store(s3, credentials) as store:
+            if not args.source.startswith("s3://"):
+                watch = oneshot.source_watch(Path(args.source), destination, object_name)
+                journal = oneshot.journal_for(state_dir, watch, None)
+                source: verify.Source = verify.Folder(watch)
+                rows = await _verify_rows(watch, store, journal, source, args.quick)
+            else:
+                reader = _source_access(args, s3)
+                async with open_store(*reader) as read:
+                    watch, objects = await oneshot.object_watch(
+                        read, args.source, destination, object_name
+                    )
+                    journal = oneshot.journal_for(state_dir, watch, objects)
+                    source = verify.Objects(watch, objects)
+                    rows = await _verify_rows(watch, store, journal, source, args.quick)
+        return verify.Result(rows, time.monotonic() - started)
+
+    return anyio.run(run)
+
+
+async def _verify_rows(
+    watch: WatchConfig, store: Storage, journal: Path, source: Any, quick: bool
+) -> list[Any]:
+    from cpg_daemon.engine import verify
+
+    known = journal if await anyio.Path(journal).is_file() else None
+    return await verify.Verifier(watch, store, known, quick=quick, source=source).run()
 
 
 def _verify_against_manifest(args: argparse.Namespace) -> Any:

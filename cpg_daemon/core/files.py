@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any, cast
+from typing import Any
 
 from cpg_daemon.core.checksums import ALGORITHMS, Algorithm, ChecksumName, encode
 from cpg_daemon.core.errors import (
@@ -261,43 +261,60 @@ async def whole_file_checksum(path: Path, checksum: ChecksumName, expected: File
     return await FILES.run(whole_file_checksum_sync, path, checksum, expected, _ROOT.get())
 
 
+class Digests:
+    """One pass over some bytes, in chunks: their digest and, with ``part_size``, each
+    part's digest.
+
+    ``name`` is a checksum algorithm (CRC32C, CRC32, CRC64NVME, SHA256) or MD5 (what an
+    ETag is made of). For checking objects someone else uploaded, whose checksums may be
+    composite (they depend on the part layout).
+    """
+
+    def __init__(self, name: str, part_size: int = 0) -> None:
+        if name == "MD5":
+            self._new: Callable[[], Any] = hashlib.md5
+        elif name in ALGORITHMS and ALGORITHMS[name].crc is not None:
+            self._new = partial(_Crc, ALGORITHMS[name])
+        else:
+            self._new = hashlib.sha256
+        self._part_size = part_size
+        self._whole = self._new()
+        self._part = self._new()
+        self._in_part = 0
+        self.parts: list[bytes] = []
+
+    def update(self, chunk: bytes) -> None:
+        self._whole.update(chunk)
+        view = memoryview(chunk)
+        while self._part_size and view:
+            take = min(len(view), self._part_size - self._in_part)
+            self._part.update(view[:take])
+            self._in_part += take
+            view = view[take:]
+            if self._in_part == self._part_size:
+                self.parts.append(self._part.digest())
+                self._part, self._in_part = self._new(), 0
+
+    def result(self) -> tuple[bytes, list[bytes]]:
+        """The whole digest and the parts' (the last one possibly short)."""
+        if self._part_size and self._in_part:
+            self.parts.append(self._part.digest())
+            self._part, self._in_part = self._new(), 0
+        return self._whole.digest(), self.parts
+
+
 def file_digests(
     path: Path, name: str, expected: FileStat, part_size: int = 0
 ) -> tuple[bytes, list[bytes]]:
-    """One pass over a file: its digest and, with ``part_size``, each part's digest.
-
-    ``name`` is a checksum algorithm (CRC32C, CRC32, CRC64NVME, SHA256) or MD5
-    (what an ETag is made of). For checking objects someone else uploaded,
-    whose checksums may be composite (they depend on the part layout).
-    """
-    if name == "MD5":
-        new: Callable[[], Any] = hashlib.md5
-    elif ALGORITHMS[cast("ChecksumName", name)].crc is not None:
-        algorithm = ALGORITHMS[cast("ChecksumName", name)]
-        new = partial(_Crc, algorithm)
-    else:
-        new = hashlib.sha256
-    whole = new()
-    parts: list[bytes] = []
-    part = new()
-    in_part = 0
+    """One pass over a file: its digest and, with ``part_size``, each part's digest
+    (``Digests``)."""
+    digests = Digests(name, part_size)
     with _os_errors(path), os.fdopen(_open_regular(path, None), "rb") as handle:
         _check(path, handle.fileno(), expected)
         while chunk := handle.read(READ_CHUNK):
-            whole.update(chunk)
-            view = memoryview(chunk)
-            while part_size and view:
-                take = min(len(view), part_size - in_part)
-                part.update(view[:take])
-                in_part += take
-                view = view[take:]
-                if in_part == part_size:
-                    parts.append(part.digest())
-                    part, in_part = new(), 0
+            digests.update(chunk)
         _check(path, handle.fileno(), expected)
-    if part_size and in_part:
-        parts.append(part.digest())
-    return whole.digest(), parts
+    return digests.result()
 
 
 class _Crc:

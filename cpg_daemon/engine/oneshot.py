@@ -68,6 +68,13 @@ def _below(destination: S3Location, object_name: str) -> S3Location:
     return S3Location(destination.bucket, object_key(destination.prefix, object_name) + "/")
 
 
+def journal_for(state_dir: Path, watch: WatchConfig, objects: ObjectSource | None) -> Path:
+    """The journal of the upload of ``watch`` (from ``objects``, for an S3 SRC)."""
+    if objects is None:
+        return journal_path(state_dir, watch.path / watch.include[0], watch.destination)
+    return journal_path(state_dir, objects.name(watch.include[0]), watch.destination)
+
+
 def parse_destination(uri: str) -> tuple[S3Location, str]:
     """DEST as ``aws s3 cp`` reads it for one file: the folder, and the object's name
     when DEST names one (no trailing ``/``), else "". A folder SRC goes below DEST
@@ -165,11 +172,7 @@ async def upload(
         credentials=(credentials,),
         watches=(watch,),
     )
-    if objects is None:
-        path = journal_path(state_dir, watch.path / watch.include[0], watch.destination)
-    else:
-        path = journal_path(state_dir, objects.name(watch.include[0]), watch.destination)
-    async with Engine.open(config, path) as engine:
+    async with Engine.open(config, journal_for(state_dir, watch, objects)) as engine:
         async with anyio.create_task_group() as tg:
             await engine.grants.start_renewals(tg)
             await engine.grants.first_keys()

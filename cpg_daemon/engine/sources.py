@@ -20,9 +20,8 @@ is the one staging checks, as for a local file.
 
 from __future__ import annotations
 
-import hashlib
 import io
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -185,21 +184,11 @@ class ObjectFile:
         kept = remote.checksums.get(checksum)
         if kept and "-" not in kept and remote.checksum_type in (None, "FULL_OBJECT"):
             return kept
-        # Read through (into memory a chunk at a time, never to disk) to compute it.
-        algorithm = ALGORITHMS[checksum]
-        crc, sha = 0, hashlib.sha256()
-        for offset in range(0, expected.size, READ_CHUNK):
-            length = min(READ_CHUNK, expected.size - offset)
-            data = await self._source.store.get_range(
-                self._source.location.bucket, self._key, offset, length, remote.etag
-            )
-            if algorithm.crc is not None:
-                crc = await anyio.to_thread.run_sync(algorithm.crc, data, crc)
-            else:
-                await anyio.to_thread.run_sync(sha.update, data)
-        if algorithm.crc is not None:
-            return encode(crc.to_bytes(algorithm.width, "big"))
-        return encode(sha.digest())
+        # Read through (a chunk at a time, never to disk) to compute it.
+        self._source.etags[self._key] = remote.etag
+        rel = self._key[len(self._source.location.prefix) :]
+        whole, _ = await self._source.digests(rel, checksum, expected)
+        return encode(whole)
 
     async def confirm(self, expected: files.FileStat) -> None:
         """The parts read, combined, against the source's own checksum (where it keeps
@@ -263,6 +252,41 @@ class ObjectSource:
     def name(self, rel_path: str) -> str:
         return f"s3://{self.location.bucket}/{self.location.prefix}{rel_path}"
 
+    async def objects(self, watch: WatchConfig) -> AsyncIterator[Seen]:
+        """The source's objects that ``watch``'s filter accepts, as a walk sees files
+        (remembering each one's ETag: the version to read)."""
+        accepted = PathFilter(watch.include, watch.exclude)
+        bucket, prefix = self.location.bucket, self.location.prefix
+        async for remote in self.store.list_objects(bucket, prefix + self.single):
+            rel = remote.key[len(prefix) :]
+            if remote.key.endswith("/") or not rel or not accepted.accepts(rel):
+                continue  # a console's "folder" (an empty key ending in /), or excluded
+            if self.single and rel != self.single:
+                continue
+            self.etags[remote.key] = remote.etag
+            yield Seen(rel, remote.size, remote.modified_ns)
+
+    async def digests(
+        self, rel_path: str, name: str, expected: files.FileStat, part_size: int = 0
+    ) -> tuple[bytes, list[bytes]]:
+        """One read through the object (a chunk at a time, never to disk): its digest
+        and its parts' (``files.Digests``), for ``verify``."""
+        key = self.location.prefix + rel_path
+        digests = files.Digests(name, part_size)
+        for offset in range(0, expected.size, READ_CHUNK):
+            length = min(READ_CHUNK, expected.size - offset)
+            etag = self.etags.get(key, "")
+            data = await self.store.get_range(self.location.bucket, key, offset, length, etag)
+            await anyio.to_thread.run_sync(digests.update, data)
+        return digests.result()
+
+    async def kept_checksum(self, rel_path: str, name: str) -> str | None:
+        """The whole-object checksum the source keeps in the form ``name`` (None: none)."""
+        remote = await self.store.head(self.location.bucket, self.location.prefix + rel_path)
+        if remote is None:
+            return None
+        return remote.checksums.get(name)
+
     async def walk(
         self, watch: WatchConfig, journal: Journal, remote_sizes: Mapping[str, int] | None
     ) -> int:
@@ -271,18 +295,10 @@ class ObjectSource:
         how many were queued."""
         admission = Admission(watch, journal)
         admission.expect_remote(remote_sizes)
-        accepted = PathFilter(watch.include, watch.exclude)
-        bucket, prefix = self.location.bucket, self.location.prefix
         queued = 0
         batch: list[Discovered] = []
-        async for remote in self.store.list_objects(bucket, prefix + self.single):
-            rel = remote.key[len(prefix) :]
-            if remote.key.endswith("/") or not rel or not accepted.accepts(rel):
-                continue  # a console's "folder" (an empty key ending in /), or excluded
-            if self.single and rel != self.single:
-                continue
-            self.etags[remote.key] = remote.etag
-            verdict = await admission.admit(Seen(rel, remote.size, remote.modified_ns), ())
+        async for seen in self.objects(watch):
+            verdict = await admission.admit(seen, ())
             if isinstance(verdict, Discovered):
                 batch.append(verdict)
             elif verdict is not None:

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, Protocol, TextIO, cast
 
 import anyio
 import anyio.to_thread
@@ -41,9 +41,10 @@ from cpg_daemon.core import files
 from cpg_daemon.core.checksums import ALGORITHMS, ChecksumName, encode
 from cpg_daemon.core.config import WatchConfig
 from cpg_daemon.core.errors import CpgError
-from cpg_daemon.core.objectkeys import PathFilter, is_manifest_key, object_key
+from cpg_daemon.core.objectkeys import PathFilter, is_manifest_key
 from cpg_daemon.core.units import format_size
 from cpg_daemon.discovery.scan import Seen, walk
+from cpg_daemon.engine.sources import ObjectSource
 from cpg_daemon.journal import read_uploads
 from cpg_daemon.s3.store import RemoteObject, Storage
 
@@ -145,6 +146,76 @@ def _etag(value: str) -> str:
     return value.strip('"')
 
 
+class Source(Protocol):
+    """What is compared with the destination: a watch's folder, or an S3 source."""
+
+    async def listing(self) -> dict[str, Seen]:
+        """Every file (object) the watch would upload, by its path below the root."""
+        ...
+
+    def name(self, rel_path: str) -> str:
+        """The report's ``path``."""
+        ...
+
+    async def digests(
+        self, rel_path: str, name: str, expected: files.FileStat, part_size: int = 0
+    ) -> tuple[bytes, list[bytes]]:
+        """One read: the digest ``name`` of the whole, and of each part (``files.Digests``)."""
+        ...
+
+    async def kept_checksum(self, rel_path: str, name: str) -> str | None:
+        """A checksum the source itself keeps in the form ``name``, if any (no read)."""
+        ...
+
+
+class Folder:
+    """A watch's local folder, walked with its filter; files read a few at a time."""
+
+    def __init__(self, watch: WatchConfig) -> None:
+        self._root = watch.path
+        self._filter = PathFilter(watch.include, watch.exclude)
+        self._disk = anyio.CapacityLimiter(DISK_READERS)
+
+    async def listing(self) -> dict[str, Seen]:
+        return await anyio.to_thread.run_sync(local_files, self._root, self._filter)
+
+    def name(self, rel_path: str) -> str:
+        return str(self._root / rel_path)
+
+    async def digests(
+        self, rel_path: str, name: str, expected: files.FileStat, part_size: int = 0
+    ) -> tuple[bytes, list[bytes]]:
+        async with self._disk:
+            return await anyio.to_thread.run_sync(
+                files.file_digests, self._root / rel_path, name, expected, part_size
+            )
+
+    async def kept_checksum(self, rel_path: str, name: str) -> str | None:
+        return None
+
+
+class Objects:
+    """An S3 source (``upload s3://...``): its objects, read through when needed."""
+
+    def __init__(self, watch: WatchConfig, source: ObjectSource) -> None:
+        self._watch = watch
+        self._source = source
+
+    async def listing(self) -> dict[str, Seen]:
+        return {seen.rel_path: seen async for seen in self._source.objects(self._watch)}
+
+    def name(self, rel_path: str) -> str:
+        return self._source.name(rel_path)
+
+    async def digests(
+        self, rel_path: str, name: str, expected: files.FileStat, part_size: int = 0
+    ) -> tuple[bytes, list[bytes]]:
+        return await self._source.digests(rel_path, name, expected, part_size)
+
+    async def kept_checksum(self, rel_path: str, name: str) -> str | None:
+        return await self._source.kept_checksum(rel_path, name)
+
+
 class Verifier:
     """Compares one watch's files with its destination."""
 
@@ -156,20 +227,20 @@ class Verifier:
         *,
         quick: bool = False,
         concurrency: int = 16,
+        source: Source | None = None,
     ) -> None:
+        """``source``: what to compare with the destination (default: the watch's folder)."""
         self.watch = watch
         self._store = store
         self._journal = journal
         self._quick = quick
         self._concurrency = concurrency
-        self._disk = anyio.CapacityLimiter(DISK_READERS)
+        self._source = source or Folder(watch)
 
     async def run(self) -> list[Row]:
         watch = self.watch
         bucket, prefix = watch.destination.bucket, watch.destination.prefix
-        local = await anyio.to_thread.run_sync(
-            local_files, watch.path, PathFilter(watch.include, watch.exclude)
-        )
+        local = await self._source.listing()
         remote = {obj.key: obj async for obj in self._store.list_objects(bucket, prefix)}
         recorded: dict[str, Uploaded] | None = None
         if self._journal is not None and not self._quick:
@@ -178,8 +249,8 @@ class Verifier:
         rows: list[Row] = []
         to_check: list[tuple[str, str, Seen, RemoteObject]] = []
         for rel, seen in local.items():
-            key = object_key(prefix, rel)
-            path = str(watch.path / rel)
+            key = watch.key_for(rel)
+            path = self._source.name(rel)
             obj = remote.pop(key, None)
             if obj is None:
                 rows.append(Row(path, key, seen.size, None, "", "", "", "missing"))
@@ -222,7 +293,7 @@ class Verifier:
         ):
             return None
         return Row(
-            str(self.watch.path / rel),
+            self._source.name(rel),
             key,
             seen.size,
             obj.size,
@@ -233,21 +304,22 @@ class Verifier:
         )
 
     async def _check(self, rel: str, key: str, seen: Seen, listed: RemoteObject) -> Row:
-        path = self.watch.path / rel
         bucket = self.watch.destination.bucket
-        base = Row(str(path), key, seen.size, listed.size, "", "", "", "unverified")
+        base = Row(self._source.name(rel), key, seen.size, listed.size, "", "", "", "unverified")
         try:
             head = await self._store.head(bucket, key)
             if head is None:
                 return dataclasses.replace(base, remote_size=None, status="missing")
             expected = files.FileStat(seen.size, seen.mtime_ns)
             for name, value in head.checksums.items():
-                local = await self._local_checksum(path, expected, name, value, head)
+                if await self._source.kept_checksum(rel, name) == value:
+                    return _with(base, head.size, name, value, value, "match")
+                local = await self._local_checksum(rel, expected, name, value, head)
                 if local is not None:
                     status = "match" if local == value else "checksum_mismatch"
                     return _with(base, head.size, name, local, value, status)
             etag = _etag(head.etag)
-            local = await self._local_checksum(path, expected, "MD5", etag, head)
+            local = await self._local_checksum(rel, expected, "MD5", etag, head)
             if local is not None:
                 status = "match" if local == etag else "checksum_mismatch"
                 return _with(base, head.size, "ETag-MD5", local, etag, status)
@@ -256,7 +328,7 @@ class Verifier:
         return base
 
     async def _local_checksum(
-        self, path: Path, expected: files.FileStat, name: str, value: str, head: RemoteObject
+        self, rel: str, expected: files.FileStat, name: str, value: str, head: RemoteObject
     ) -> str | None:
         """The file's checksum in the form the object reports ``value``; None if unknowable."""
         multipart = "-" in _etag(head.etag)
@@ -266,33 +338,29 @@ class Verifier:
         composite = multipart and ("-" in value or head.checksum_type == "COMPOSITE" or not crc)
         if multipart and head.checksum_type is None and crc and "-" not in value:
             # Not said which: try the whole-object form first, then the composite one.
-            whole = await self._digest(path, expected, name)
+            whole = await self._digest(rel, expected, name)
             if whole == value:
                 return whole
             composite = True
         if not composite:
             if name == "MD5" and multipart:
                 return None
-            return await self._digest(path, expected, name)
+            return await self._digest(rel, expected, name)
         layout = await self._store.first_part_size(self.watch.destination.bucket, head.key)
         if layout is None:
             return None
         part_size, count = layout
         if count < 1 or not (count - 1) * part_size < expected.size <= count * part_size:
             return None
-        async with self._disk:
-            _, parts = await anyio.to_thread.run_sync(
-                files.file_digests, path, name, expected, part_size
-            )
+        _, parts = await self._source.digests(rel, name, expected, part_size)
         joined = b"".join(parts)
         if name == "MD5":
             return f"{hashlib.md5(joined).hexdigest()}-{len(parts)}"
         digest = encode(ALGORITHMS[cast("ChecksumName", name)].digest(joined))
         return f"{digest}-{len(parts)}" if "-" in value else digest
 
-    async def _digest(self, path: Path, expected: files.FileStat, name: str) -> str:
-        async with self._disk:
-            whole, _ = await anyio.to_thread.run_sync(files.file_digests, path, name, expected)
+    async def _digest(self, rel: str, expected: files.FileStat, name: str) -> str:
+        whole, _ = await self._source.digests(rel, name, expected)
         return whole.hex() if name == "MD5" else encode(whole)
 
 
