@@ -298,3 +298,16 @@ def test_verify_compares_an_s3_source_with_staging_and_finds_a_changed_object(
     result = verify(tmp_path / "no-journal")
     assert result.returncode == 1, describe(result)
     assert "checksum_mismatch: s3://" in result.stdout and "Plate1/Plate1.csv" in result.stdout
+
+
+def test_an_empty_or_mistyped_source_prefix_is_said_not_silently_done(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    url, dest = s3_server.endpoint_url, f"s3://{bucket}/{PREFIX}"
+    result = run_upload(f"s3://{bucket}/no-such-prefix/", dest, url, tmp_path)
+    assert result.returncode == 0, describe(result)
+    assert summary(result)["files"] == 0
+    assert f"nothing to upload under s3://{bucket}/no-such-prefix/" in result.stderr
+    missing = run_upload("s3://no-such-lab-bucket/x/", dest, url, tmp_path)
+    assert missing.returncode == 1, describe(missing)
+    assert "the bucket does not exist (NoSuchBucket)" in missing.stderr

@@ -716,6 +716,8 @@ def _upload(args: argparse.Namespace) -> int:
     )
     for path, error in summary.failures:
         _say(f"failed: {path}: {error}", file=sys.stderr)
+    if summary.files == 0:
+        _say(f"cpg-daemon upload: nothing to upload under {args.src} (is it right?)", sys.stderr)
     return EXIT_PROBLEM if summary.failed else EXIT_OK
 
 
