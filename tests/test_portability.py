@@ -14,6 +14,7 @@ This file is what .github/workflows/portability.yml runs on macOS and Windows.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 
 import anyio
@@ -26,6 +27,24 @@ from cpg_daemon.core.errors import FatalError
 from cpg_daemon.core.objectkeys import S3Location, object_key, relative_key_path
 from cpg_daemon.engine import oneshot
 from cpg_daemon.journal import hold_lock
+from cpg_daemon.ops import client, platforms
+
+# -- without Unix sockets (Windows) ------------------------------------------------------
+
+
+def test_without_unix_sockets_the_control_commands_say_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delattr(socket, "AF_UNIX", raising=False)
+    said = platforms.unsupported("status")
+    assert said is not None and "Unix socket" in said and "`cpg-daemon status`" in said
+    with pytest.raises(client.NoUnixSocketsError, match="machine the daemon runs on"):
+        client.request(tmp_path / "control.sock", "pause")
+    daemon = platforms.unsupported("run")
+    assert daemon is not None and "Unix sockets" in daemon
+    for command in ("upload", "verify", "check", "check-dataset", "manifest"):
+        assert platforms.unsupported(command) is None
+
 
 # -- Windows paths become keys with "/" ----------------------------------------------------
 
