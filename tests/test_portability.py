@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 
 import anyio
@@ -27,7 +28,7 @@ from cpg_daemon.core.errors import FatalError
 from cpg_daemon.core.objectkeys import S3Location, object_key, relative_key_path
 from cpg_daemon.engine import oneshot
 from cpg_daemon.journal import hold_lock
-from cpg_daemon.ops import client, platforms
+from cpg_daemon.ops import client, control, platforms
 
 # -- without Unix sockets (Windows) ------------------------------------------------------
 
@@ -88,6 +89,67 @@ def test_windows_paths_map_to_keys() -> None:
     for not_below in (windows, PureWindowsPath("D:\\Acquisitions\\Batch9\\a.tiff")):
         with pytest.raises(ValueError):
             relative_key_path(windows, not_below)
+
+
+# -- the control socket's peer check ------------------------------------------------------
+
+
+def xucred(version: int, uid: int, groups: list[int], pid: int | None = None) -> bytes:
+    """A struct xucred as macOS returns it (FreeBSD's has the pid after it, 8-aligned)."""
+    raw = struct.pack("=IIh2x16I", version, uid, len(groups), *groups, *[0] * (16 - len(groups)))
+    return raw if pid is None else raw + struct.pack("=4xiI", pid, 0)
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=16),
+    st.one_of(st.none(), st.integers(1, 2**31 - 1)),
+)
+def test_xucred_gives_the_user_and_every_group(
+    uid: int, groups: list[int], pid: int | None
+) -> None:
+    peer = control.parse_xucred(xucred(0, uid, groups, pid))
+    assert peer == control.Peer(uid, groups[0], tuple(groups))
+
+
+def test_an_xucred_of_another_layout_is_refused() -> None:
+    for raw in (
+        xucred(1, 501, [20]),  # another version
+        xucred(0, 501, [20])[:40],  # cut short
+        struct.pack("=IIh2x16I", 0, 501, 0, *[0] * 16),  # no groups
+        struct.pack("=IIh2x16I", 0, 501, 17, *[20] * 16),  # more than there is room for
+    ):
+        with pytest.raises(ValueError):
+            control.parse_xucred(raw)
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets (Windows)")
+def test_the_peer_of_a_unix_socket_is_this_process() -> None:
+    """SO_PEERCRED here; LOCAL_PEERCRED where the workflow runs this on macOS."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        peer = control.peer_of(ours)
+    assert peer is not None
+    assert peer.uid == os.geteuid()
+    assert os.getegid() == peer.gid
+    assert peer.pid in (None, os.getpid())
+
+
+def test_a_change_is_refused_when_the_peer_is_unknown() -> None:
+    said = control.refusal("pause", None, "")
+    assert said is not None and said.startswith("refused: pause changes the daemon")
+    assert "LOCAL_PEERCRED" in said
+
+
+def test_a_member_of_the_socket_group_by_its_group_list_may_change() -> None:
+    grp = pytest.importorskip("grp")
+    group = grp.getgrgid(os.getgid())
+    stranger = os.getuid() + 4_000_000  # neither root nor the daemon's user, no name
+    member = control.Peer(stranger, gid=4_000_000, groups=(4_000_000, group.gr_gid))
+    outsider = control.Peer(stranger, gid=4_000_000, groups=(4_000_000,))
+    assert control.refusal("pause", member, group.gr_name) is None
+    refused = control.refusal("pause", outsider, group.gr_name)
+    assert refused is not None and refused.startswith("permission denied")
 
 
 # -- the upload's lock, in this process's own branch ---------------------------------------
