@@ -13,22 +13,240 @@ This file is what .github/workflows/portability.yml runs on macOS and Windows.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import socket
 import struct
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import anyio
+import boto3  # type: ignore[import-untyped]
 import pytest
+from botocore.config import Config
+from conftest import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY
 from hypothesis import given
 from hypothesis import strategies as st
+from s3server import S3Server
 
 from cpg_daemon.core.config import CredentialsConfig, S3Config
 from cpg_daemon.core.errors import FatalError
-from cpg_daemon.core.objectkeys import S3Location, object_key, relative_key_path
+from cpg_daemon.core.objectkeys import S3Location, object_key, parse_s3_uri, relative_key_path
 from cpg_daemon.engine import oneshot
 from cpg_daemon.journal import hold_lock
 from cpg_daemon.ops import client, control, platforms
+
+TESTS = Path(__file__).resolve().parent
+MIB = 1024 * 1024
+PREFIX = "cpg0000-port/broad/"
+BATCH = "2024_01_01_Batch1"
+TREE: dict[str, int | bytes] = {
+    # More than one 5 MiB part: the reads at an offset (core/files.py) are shown too.
+    f"images/{BATCH}/images/Plate1/r01c01f01p01-ch1.tiff": 5 * MIB + 1234,
+    f"images/{BATCH}/images/Plate1/r01c01f01p01-ch2.tiff": 40_000,
+    f"images/{BATCH}/illum/Plate1/Plate1_IllumDNA.npy": 1000,
+    # CR LF and ^Z: a file read in Windows' text mode would lose or stop at them.
+    f"workspace/load_data_csv/{BATCH}/Plate1/load_data.csv": (
+        b"Metadata_Plate,FileName\r\nPlate1,r01c01f01p01-ch1.tiff\r\n\x1a after ^Z\r\n"
+    ),
+    f"workspace/metadata/platemaps/{BATCH}/barcode_platemap.csv": b"plate_map_name\r\n",
+}
+
+
+# -- the commands, with the POSIX-only modules blocked ------------------------------
+
+
+def _environment(tmp: Path) -> dict[str, str]:
+    """Dummy keys and no AWS files (as conftest's aws_env, for a module's fixture)."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("AWS_")
+        and name.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+        and name != "CPG_DAEMON_CONFIG"
+    }
+    env.update(
+        AWS_ACCESS_KEY_ID=TEST_ACCESS_KEY_ID,
+        AWS_SECRET_ACCESS_KEY=TEST_SECRET_ACCESS_KEY,
+        AWS_DEFAULT_REGION=TEST_REGION,
+        AWS_CONFIG_FILE=str(tmp / "no-aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp / "no-aws-credentials"),
+        PYTHONIOENCODING="utf-8",
+    )
+    return env
+
+
+def _write_tree(root: Path) -> dict[str, bytes]:
+    rng = random.Random(19)
+    contents: dict[str, bytes] = {}
+    for rel, size in TREE.items():
+        data = size if isinstance(size, bytes) else rng.randbytes(size)
+        path = root.joinpath(*rel.split("/"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        contents[rel] = data
+    return contents
+
+
+def _write_config(path: Path, tmp: Path, src: Path, endpoint: str, bucket: str) -> Path:
+    # TOML literal strings ('...'): a Windows path's backslashes stay as they are.
+    path.write_text(
+        f"[daemon]\nstate_dir = '{tmp / 'daemon-state'}'\n\n"
+        f"[s3]\nendpoint_url = '{endpoint}'\npart_size = '5MiB'\n"
+        "multipart_threshold = '5MiB'\n\n"
+        "[credentials]\nsource = 'environment'\n\n"
+        f"[[watch]]\nname = 'plate'\npath = '{src}'\ndestination = 's3://{bucket}/{PREFIX}'\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+class Blocked:
+    """What the commands did in the interpreter without the POSIX-only modules."""
+
+    def __init__(self, results: list[dict[str, Any]], bucket: str, contents: dict[str, bytes]):
+        self.results = results
+        self.bucket = bucket
+        self.contents = contents
+
+    def all(self, *args: str) -> list[dict[str, Any]]:
+        """The results of the commands that began with ``args``, in their order."""
+        found = [r for r in self.results if r["args"][: len(args)] == list(args)]
+        for result in found:
+            assert "Traceback" not in result["stderr"], result["stderr"]
+        return found
+
+    def of(self, *args: str) -> dict[str, Any]:
+        """The result of the one command that began with ``args``."""
+        (found,) = self.all(*args)
+        return found
+
+
+@pytest.fixture(scope="module")
+def blocked(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Blocked]:
+    """One fresh interpreter (never the fork server, whose children have the modules
+    imported already) runs the commands one after the other."""
+    tmp = tmp_path_factory.mktemp("posixless")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name=TEST_REGION,
+        aws_access_key_id=TEST_ACCESS_KEY_ID,
+        aws_secret_access_key=TEST_SECRET_ACCESS_KEY,
+        config=Config(s3={"addressing_style": "path"}),
+    )
+    bucket = f"t-port-{os.getpid()}"
+    s3.create_bucket(Bucket=bucket)
+    src = tmp / "Plate data"
+    contents = _write_tree(src)
+    config = _write_config(tmp / "config.toml", tmp, src, s3_server.endpoint_url, bucket)
+    destination = f"s3://{bucket}/{PREFIX}"
+    upload = ["upload", str(src), destination, "-c", str(config)]
+    commands = [
+        ["--help"],
+        ["run", "-c", str(config)],
+        ["install-service", "-c", str(config)],
+        ["status", "-s", str(tmp / "no-daemon.sock")],
+        [*upload, "--state-dir", str(tmp / "held")],
+        [*upload, "--state-dir", str(tmp / "state")],
+        [*upload, "--state-dir", str(tmp / "state")],
+        ["verify", "-c", str(config)],
+        ["check", "-c", str(config)],
+        ["check-dataset", destination, "--endpoint-url", s3_server.endpoint_url],
+    ]
+    (tmp / "commands.json").write_text(json.dumps(commands), encoding="utf-8")
+    # The journal of the upload to tmp/held is locked here, as by an upload running.
+    watch = oneshot.source_watch(src, parse_s3_uri(destination))
+    journal = oneshot.journal_path(tmp / "held", watch.path / watch.include[0], watch.destination)
+    journal.parent.mkdir()
+    lock = hold_lock(journal.with_suffix(".lock"), "held by the test")
+    try:
+        done = subprocess.run(
+            [sys.executable, str(TESTS / "posixless.py"), str(tmp / "commands.json")],
+            capture_output=True,
+            env=_environment(tmp),
+            cwd=tmp,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(lock)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    results = json.loads(done.stdout)
+    yield Blocked(results, bucket, {PREFIX + rel: data for rel, data in contents.items()})
+    objects = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+    for item in objects:
+        s3.delete_object(Bucket=bucket, Key=item["Key"])
+    s3.delete_bucket(Bucket=bucket)
+
+
+def test_help_needs_no_posix_only_module(blocked: Blocked) -> None:
+    helped = blocked.of("--help")
+    assert helped["exit"] == 0
+    for command in ("upload", "verify", "check", "check-dataset", "status", "run"):
+        assert command in helped["stdout"]
+
+
+def test_upload_sends_the_tree_under_slash_separated_keys(blocked: Blocked, s3_client: Any) -> None:
+    _, ran, again = blocked.all("upload")  # the first was refused (below)
+    assert ran["exit"] == 0, ran["stderr"]
+    assert f"{len(TREE)} files: {len(TREE)} uploaded, 0 already present, 0 failed" in ran["stdout"]
+    listed = s3_client.list_objects_v2(Bucket=blocked.bucket)["Contents"]
+    assert sorted(item["Key"] for item in listed) == sorted(blocked.contents)
+    for key, data in blocked.contents.items():
+        body = s3_client.get_object(Bucket=blocked.bucket, Key=key)["Body"].read()
+        assert body == data, key
+    # Run again: the journal (SQLite, its lock) says every file is there already.
+    assert again["exit"] == 0, again["stderr"]
+    assert f"{len(TREE)} files: 0 uploaded, {len(TREE)} already present" in again["stdout"]
+
+
+def test_a_second_upload_of_the_same_source_is_refused_while_the_first_runs(
+    blocked: Blocked,
+) -> None:
+    """The journal's lock in its Windows branch (msvcrt.locking, a stand-in on POSIX
+    systems) against the lock this test held in its own process."""
+    refused = blocked.all("upload")[0]
+    assert refused["exit"] == 1
+    assert "another cpg-daemon upload of" in refused["stderr"]
+    assert "is running" in refused["stderr"]
+
+
+def test_verify_and_check_run(blocked: Blocked) -> None:
+    verified = blocked.of("verify")
+    assert verified["exit"] == 0, verified["stderr"]
+    assert f"verify: {len(TREE)} match," in verified["stdout"]
+    checked = blocked.of("check")
+    assert checked["exit"] == 0, checked["stdout"] + checked["stderr"]
+    assert f"write access to s3://{blocked.bucket}/{PREFIX} confirmed" in checked["stdout"]
+
+
+def test_check_dataset_lists_the_upload(blocked: Blocked) -> None:
+    report = blocked.of("check-dataset")
+    assert report["exit"] in (0, 1), report["stderr"]  # 1: the guide's requirements
+    first = report["stdout"].splitlines()[0]
+    assert first.startswith(f"check-dataset s3://{blocked.bucket}/{PREFIX}: {len(TREE)} objects")
+    assert "Plate1" in report["stdout"]
+
+
+def test_the_daemon_commands_say_what_they_need(blocked: Blocked) -> None:
+    run = blocked.of("run")
+    assert run["exit"] == 1
+    assert run["stderr"].startswith("cpg-daemon run: the daemon needs a POSIX system")
+    assert "grp, pwd, resource" in run["stderr"]
+    service = blocked.of("install-service")
+    assert service["exit"] == 1
+    assert service["stderr"].startswith("cpg-daemon install-service: ")
+    assert "grp, pwd" in service["stderr"] or "is not Linux" in service["stderr"]
+    status = blocked.of("status")
+    assert status["exit"] == 3  # no daemon (none listens, or none can be reached from here)
+    assert status["stderr"].startswith("cpg-daemon status: ")
+
 
 # -- without Unix sockets (Windows) ------------------------------------------------------
 
