@@ -13,6 +13,7 @@ This file is what .github/workflows/portability.yml runs on macOS and Windows.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -27,6 +28,7 @@ from typing import Any
 import anyio
 import boto3  # type: ignore[import-untyped]
 import pytest
+import structlog
 from botocore.config import Config
 from conftest import TEST_ACCESS_KEY_ID, TEST_REGION, TEST_SECRET_ACCESS_KEY
 from hypothesis import given
@@ -38,7 +40,7 @@ from cpg_daemon.core.errors import FatalError
 from cpg_daemon.core.objectkeys import S3Location, object_key, parse_s3_uri, relative_key_path
 from cpg_daemon.engine import oneshot
 from cpg_daemon.journal import hold_lock
-from cpg_daemon.ops import client, control, platforms
+from cpg_daemon.ops import client, control, logs, platforms
 
 TESTS = Path(__file__).resolve().parent
 MIB = 1024 * 1024
@@ -263,6 +265,26 @@ def test_without_unix_sockets_the_control_commands_say_so(
     assert daemon is not None and "Unix sockets" in daemon
     for command in ("upload", "verify", "check", "check-dataset", "manifest"):
         assert platforms.unsupported(command) is None
+
+
+def test_a_windows_console_without_colorama_gets_plain_logs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """structlog colours a Windows console only through colorama, which is no dependency:
+    without it, ``upload`` on a terminal would stop with SystemError before it started."""
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "colorama", None)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    console = Terminal()
+    logs.configure("console", "info", console)
+    structlog.get_logger("test").warning("plain", path="C:\\data")
+    assert "plain" in console.getvalue()
+    assert "\x1b[" not in console.getvalue()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 # -- Windows paths become keys with "/" ----------------------------------------------------
