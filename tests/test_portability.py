@@ -39,7 +39,7 @@ from cpg_daemon.core.config import CredentialsConfig, S3Config
 from cpg_daemon.core.errors import FatalError
 from cpg_daemon.core.objectkeys import S3Location, object_key, parse_s3_uri, relative_key_path
 from cpg_daemon.engine import oneshot
-from cpg_daemon.journal import hold_lock
+from cpg_daemon.journal import Journal, hold_lock, read_uploads
 from cpg_daemon.ops import client, control, logs, platforms
 
 TESTS = Path(__file__).resolve().parent
@@ -329,6 +329,19 @@ def test_windows_paths_map_to_keys() -> None:
     for not_below in (windows, PureWindowsPath("D:\\Acquisitions\\Batch9\\a.tiff")):
         with pytest.raises(ValueError):
             relative_key_path(windows, not_below)
+
+
+def test_a_journal_is_read_whatever_its_folder_is_called(tmp_path: Path) -> None:
+    """verify reads the journal read-only through an SQLite URI: a Windows path, or a
+    '#' or '%' in a folder's name, must reach SQLite as the file it names."""
+    path = tmp_path / "state #1 at 100% 日" / "journal.sqlite3"
+
+    async def make() -> None:
+        journal = await Journal.open(path)
+        await journal.close()
+
+    anyio.run(make)
+    assert read_uploads(path, "plate") == {}
 
 
 # -- the control socket's peer check ------------------------------------------------------
