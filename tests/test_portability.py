@@ -41,6 +41,7 @@ from cpg_daemon.core.objectkeys import S3Location, object_key, parse_s3_uri, rel
 from cpg_daemon.engine import oneshot
 from cpg_daemon.journal import Journal, hold_lock, read_uploads
 from cpg_daemon.ops import client, control, logs, platforms
+from cpg_daemon.ops.service import private_tmp_problem
 
 TESTS = Path(__file__).resolve().parent
 MIB = 1024 * 1024
@@ -265,6 +266,15 @@ def test_without_unix_sockets_the_control_commands_say_so(
     assert daemon is not None and "Unix sockets" in daemon
     for command in ("upload", "verify", "check", "check-dataset", "manifest"):
         assert platforms.unsupported(command) is None
+
+
+def test_check_warns_of_the_services_private_tmp_only_where_there_is_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert private_tmp_problem(Path("/tmp/outbox")) is not None
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert private_tmp_problem(Path("/tmp/outbox")) is None
 
 
 def test_a_windows_console_without_colorama_gets_plain_logs(

@@ -82,7 +82,10 @@ PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
 
 
 def private_tmp_problem(path: Path) -> str | None:
-    """Why the service would see ``path`` as an empty folder (PrivateTmp=yes), or None."""
+    """Why the service would see ``path`` as an empty folder (PrivateTmp=yes), or None
+    (always, where there is no systemd service: not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
     for tmp in PRIVATE_TMP:
         if Path(os.path.abspath(path)).is_relative_to(tmp):
             return (
