@@ -35,6 +35,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from s3server import S3Server
 
+from cpg_daemon.cli.main import main
 from cpg_daemon.core.config import CredentialsConfig, S3Config
 from cpg_daemon.core.errors import FatalError
 from cpg_daemon.core.objectkeys import S3Location, object_key, parse_s3_uri, relative_key_path
@@ -260,6 +261,7 @@ def test_without_unix_sockets_the_control_commands_say_so(
     monkeypatch.delattr(socket, "AF_UNIX", raising=False)
     said = platforms.unsupported("status")
     assert said is not None and "Unix socket" in said and "`cpg-daemon status`" in said
+    assert main(["status", "--watch"]) == 3  # said once, not retried every second
     with pytest.raises(client.NoUnixSocketsError, match="machine the daemon runs on"):
         client.request(tmp_path / "control.sock", "pause")
     daemon = platforms.unsupported("run")
@@ -386,7 +388,7 @@ def test_an_xucred_of_another_layout_is_refused() -> None:
             control.parse_xucred(raw)
 
 
-@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix sockets (Windows)")
+@pytest.mark.skipif(not control.PEER_CHECK, reason="no peer credentials here (Windows)")
 def test_the_peer_of_a_unix_socket_is_this_process() -> None:
     """SO_PEERCRED here; LOCAL_PEERCRED where the workflow runs this on macOS."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unsupported = platforms.unsupported(args.command)  # before its modules are imported
     if unsupported is not None:
         _say(f"cpg-daemon {args.command}: {unsupported}", file=sys.stderr)
-        return EXIT_PROBLEM
+        return EXIT_NO_DAEMON if args.command in platforms.CLIENT_COMMANDS else EXIT_PROBLEM
     handlers = {
         "run": _run,
         "check": _check,
