@@ -47,6 +47,7 @@ from cpg_daemon.ops.service import private_tmp_problem
 TESTS = Path(__file__).resolve().parent
 MIB = 1024 * 1024
 PREFIX = "cpg0000-port/broad/"
+COPY = "copy/"
 BATCH = "2024_01_01_Batch1"
 TREE: dict[str, int | bytes] = {
     # More than one 5 MiB part: the reads at an offset (core/files.py) are shown too.
@@ -112,9 +113,12 @@ def _write_config(path: Path, tmp: Path, src: Path, endpoint: str, bucket: str) 
 class Blocked:
     """What the commands did in the interpreter without the POSIX-only modules."""
 
-    def __init__(self, results: list[dict[str, Any]], bucket: str, contents: dict[str, bytes]):
+    def __init__(
+        self, results: list[dict[str, Any]], bucket: str, src: Path, contents: dict[str, bytes]
+    ) -> None:
         self.results = results
         self.bucket = bucket
+        self.src = src
         self.contents = contents
 
     def all(self, *args: str) -> list[dict[str, Any]]:
@@ -158,6 +162,18 @@ def blocked(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> It
         [*upload, "--state-dir", str(tmp / "held")],
         [*upload, "--state-dir", str(tmp / "state")],
         [*upload, "--state-dir", str(tmp / "state")],
+        [  # an S3 source: streamed through this machine, part by part
+            "upload",
+            destination,
+            f"s3://{bucket}/{COPY}",
+            "-c",
+            str(config),
+            "--source-endpoint-url",
+            s3_server.endpoint_url,
+            "--no-server-side-copy",
+            "--state-dir",
+            str(tmp / "state"),
+        ],
         ["verify", "-c", str(config)],
         ["check", "-c", str(config)],
         ["check-dataset", destination, "--endpoint-url", s3_server.endpoint_url],
@@ -182,7 +198,7 @@ def blocked(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> It
         os.close(lock)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     results = json.loads(done.stdout)
-    yield Blocked(results, bucket, {PREFIX + rel: data for rel, data in contents.items()})
+    yield Blocked(results, bucket, src, {PREFIX + rel: data for rel, data in contents.items()})
     objects = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
     for item in objects:
         s3.delete_object(Bucket=bucket, Key=item["Key"])
@@ -197,10 +213,10 @@ def test_help_needs_no_posix_only_module(blocked: Blocked) -> None:
 
 
 def test_upload_sends_the_tree_under_slash_separated_keys(blocked: Blocked, s3_client: Any) -> None:
-    _, ran, again = blocked.all("upload")  # the first was refused (below)
+    _, ran, again = blocked.all("upload", str(blocked.src))  # the first was refused (below)
     assert ran["exit"] == 0, ran["stderr"]
     assert f"{len(TREE)} files: {len(TREE)} uploaded, 0 already present, 0 failed" in ran["stdout"]
-    listed = s3_client.list_objects_v2(Bucket=blocked.bucket)["Contents"]
+    listed = s3_client.list_objects_v2(Bucket=blocked.bucket, Prefix=PREFIX)["Contents"]
     assert sorted(item["Key"] for item in listed) == sorted(blocked.contents)
     for key, data in blocked.contents.items():
         body = s3_client.get_object(Bucket=blocked.bucket, Key=key)["Body"].read()
@@ -210,12 +226,21 @@ def test_upload_sends_the_tree_under_slash_separated_keys(blocked: Blocked, s3_c
     assert f"{len(TREE)} files: 0 uploaded, {len(TREE)} already present" in again["stdout"]
 
 
+def test_upload_from_s3_streams_the_objects_through(blocked: Blocked, s3_client: Any) -> None:
+    copied = blocked.of("upload", f"s3://{blocked.bucket}/{PREFIX}")
+    assert copied["exit"] == 0, copied["stderr"]
+    assert f"{len(TREE)} files: {len(TREE)} uploaded" in copied["stdout"]
+    for key, data in blocked.contents.items():
+        key = COPY + key.removeprefix(PREFIX)
+        assert s3_client.get_object(Bucket=blocked.bucket, Key=key)["Body"].read() == data, key
+
+
 def test_a_second_upload_of_the_same_source_is_refused_while_the_first_runs(
     blocked: Blocked,
 ) -> None:
     """The journal's lock in its Windows branch (msvcrt.locking, a stand-in on POSIX
     systems) against the lock this test held in its own process."""
-    refused = blocked.all("upload")[0]
+    refused = blocked.all("upload", str(blocked.src))[0]
     assert refused["exit"] == 1
     assert "another cpg-daemon upload of" in refused["stderr"]
     assert "is running" in refused["stderr"]
