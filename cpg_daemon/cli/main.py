@@ -57,7 +57,7 @@ from cpg_daemon.core.objectkeys import (
 )
 from cpg_daemon.core.text import printable
 from cpg_daemon.core.units import format_size, parse_size
-from cpg_daemon.ops import client
+from cpg_daemon.ops import client, platforms
 from cpg_daemon.ops import status as status_view
 
 if TYPE_CHECKING:
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="where the resumable journal of this upload is kept "
-        "(default: $XDG_STATE_HOME/cpg-daemon/upload)",
+        "(default: $XDG_STATE_HOME/cpg-daemon/upload; on Windows %%LOCALAPPDATA%%\\cpg-daemon"
+        "\\upload)",
     )
     upload.add_argument("--quiet", action="store_true", help="no progress line")
     source = _source_args(upload)
@@ -439,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    unsupported = platforms.unsupported(args.command)  # before its modules are imported
+    if unsupported is not None:
+        _say(f"cpg-daemon {args.command}: {unsupported}", file=sys.stderr)
+        return EXIT_NO_DAEMON if args.command in platforms.CLIENT_COMMANDS else EXIT_PROBLEM
     handlers = {
         "run": _run,
         "check": _check,

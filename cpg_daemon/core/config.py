@@ -220,7 +220,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(file, "", "the configuration file does not exist") from None
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read the configuration file: {exc.strerror}") from None
-    if stat.S_ISREG(info.st_mode):
+    if stat.S_ISREG(info.st_mode) and os.name == "posix":  # Windows has ACLs, not these bits
         _check_who_may_write(file, info)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
@@ -427,7 +427,8 @@ def _path(value: object) -> Path:
             f"{text!r}: '~' names no home directory here; write the full path"
         ) from None
     if not path.is_absolute():
-        raise ValueError(f"{text!r} is not an absolute path; write the full path from /")
+        start = "/" if os.name == "posix" else "its drive (C:\\)"
+        raise ValueError(f"{text!r} is not an absolute path; write the full path from {start}")
     return path
 
 

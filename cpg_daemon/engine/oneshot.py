@@ -4,6 +4,8 @@ It keeps a journal of its own (one per source and destination, under the
 user's state folder), so an interrupted upload of terabytes resumes where it
 stopped, multipart uploads part by part, when the same command is run again.
 Objects already present with the same size and checksum are not sent again.
+The journal is locked while the command runs: a second ``upload`` of the same
+source to the same destination is refused until the first ends.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cpg_daemon.core.objectkeys import S3Location, object_key, parse_s3_uri
 from cpg_daemon.core.units import format_size
 from cpg_daemon.engine.runtime import Engine
 from cpg_daemon.engine.sources import ObjectSource
-from cpg_daemon.journal import Journal
+from cpg_daemon.journal import Journal, hold_lock
 from cpg_daemon.s3.store import Storage
 
 log = structlog.get_logger(__name__)
@@ -45,8 +47,12 @@ class UploadSummary:
 
 
 def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "cpg-daemon" / "upload"
+    """``$XDG_STATE_HOME/cpg-daemon/upload`` (``~/.local/state`` without it); on Windows,
+    ``%LOCALAPPDATA%\\cpg-daemon\\upload``."""
+    base = os.environ.get("XDG_STATE_HOME")
+    if not base and sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA")
+    return Path(base or Path.home() / ".local" / "state") / "cpg-daemon" / "upload"
 
 
 def journal_path(state_dir: Path, source: Path | str, destination: S3Location) -> Path:
@@ -68,11 +74,16 @@ def _below(destination: S3Location, object_name: str) -> S3Location:
     return S3Location(destination.bucket, object_key(destination.prefix, object_name) + "/")
 
 
+def _source_name(watch: WatchConfig, objects: ObjectSource | None) -> Path | str:
+    """What the upload of ``watch`` reads: the folder (or file), or the S3 SRC."""
+    if objects is None:
+        return watch.path / watch.include[0]
+    return objects.name(watch.include[0])
+
+
 def journal_for(state_dir: Path, watch: WatchConfig, objects: ObjectSource | None) -> Path:
     """The journal of the upload of ``watch`` (from ``objects``, for an S3 SRC)."""
-    if objects is None:
-        return journal_path(state_dir, watch.path / watch.include[0], watch.destination)
-    return journal_path(state_dir, objects.name(watch.include[0]), watch.destination)
+    return journal_path(state_dir, _source_name(watch, objects), watch.destination)
 
 
 def parse_destination(uri: str) -> tuple[S3Location, str]:
@@ -172,7 +183,29 @@ async def upload(
         credentials=(credentials,),
         watches=(watch,),
     )
-    async with Engine.open(config, journal_for(state_dir, watch, objects)) as engine:
+    path = journal_for(state_dir, watch, objects)
+    source = _source_name(watch, objects)
+    lock = await anyio.to_thread.run_sync(_lock_journal, path, source, watch.destination)
+    try:
+        return await _upload(config, path, objects, progress, started)
+    finally:
+        os.close(lock)
+
+
+def _lock_journal(path: Path, source: Path | str, destination: S3Location) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return hold_lock(
+        path.with_suffix(".lock"),
+        f"another cpg-daemon upload of {source} to {destination} is running (its journal "
+        f"{path} is locked); wait until it ends, or stop it and run this again: it resumes "
+        "where that one stopped",
+    )
+
+
+async def _upload(
+    config: Config, path: Path, objects: ObjectSource | None, progress: bool, started: float
+) -> UploadSummary:
+    async with Engine.open(config, path) as engine:
         async with anyio.create_task_group() as tg:
             await engine.grants.start_renewals(tg)
             await engine.grants.first_keys()

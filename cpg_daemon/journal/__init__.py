@@ -6,7 +6,8 @@
 - batches.py: the batch table
 - journal.py: ``Journal``, the one object the daemon uses (all of the above)
 - reader.py: a read-only reader for commands beside a running daemon (``verify``)
-- lock.py: the state directory's lock and the journal's file name
+- lock.py: the locks on journals (a daemon's state directory, an upload's journal) and
+  the journal's file name
 """
 
 from cpg_daemon.journal.batches import BatchProgress, BatchRecord
@@ -26,7 +27,7 @@ from cpg_daemon.journal.files import (
     Uploaded,
 )
 from cpg_daemon.journal.journal import Journal
-from cpg_daemon.journal.lock import JOURNAL_NAME, LOCK_NAME, lock_state_dir
+from cpg_daemon.journal.lock import JOURNAL_NAME, LOCK_NAME, hold_lock, lock_state_dir
 from cpg_daemon.journal.reader import Upload, counted_uploads, iter_uploads, read_uploads
 from cpg_daemon.journal.schema import SCHEMA_VERSION
 
@@ -53,6 +54,7 @@ __all__ = [
     "check_integrity",
     "counted_uploads",
     "damaged_error",
+    "hold_lock",
     "iter_uploads",
     "lock_state_dir",
     "move_aside",

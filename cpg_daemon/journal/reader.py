@@ -78,7 +78,9 @@ def counted_uploads(
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    # as_uri: a '?', '#' or '%' in a folder's name, and a Windows path (file:///C:/...).
+    uri = f"{path.absolute().as_uri()}?mode=ro"
+    db = sqlite3.connect(uri, uri=True, isolation_level=None)
     db.row_factory = sqlite3.Row
     return db
 

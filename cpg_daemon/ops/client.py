@@ -3,7 +3,8 @@
 Only the standard library: ``cpg-daemon status``, ``pause`` and the other commands
 that talk to a running daemon import this, not the daemon's server side (anyio,
 structlog, the peer checks), so they start in a fraction of the time and on any
-system. The protocol is described in ``cpg_daemon.ops.control``.
+system (where Python has no Unix sockets, as on Windows, they say so). The protocol
+is described in ``cpg_daemon.ops.control``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,20 @@ class SocketPermissionError(NoDaemonError):
     """The socket is there, but this user may not connect to it."""
 
 
+class NoUnixSocketsError(NoDaemonError):
+    """This Python has no Unix sockets (Windows): no daemon can be reached from here."""
+
+
+def unix_sockets_missing(command: str) -> str | None:
+    """Why ``command`` cannot reach a daemon from here (no Unix sockets), or None."""
+    if hasattr(socket, "AF_UNIX"):
+        return None
+    return (
+        f"the daemon's control socket is a Unix socket, which Python has not on this system "
+        f"({sys.platform}): run `cpg-daemon {command}` on the machine the daemon runs on"
+    )
+
+
 def request(
     path: Path,
     command: str,
@@ -40,6 +56,9 @@ def request(
     timeout: float = CLIENT_TIMEOUT,
 ) -> Any:
     """Send one command to the running daemon (blocking; for the command line)."""
+    missing = unix_sockets_missing(command)
+    if missing is not None:
+        raise NoUnixSocketsError(missing)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:

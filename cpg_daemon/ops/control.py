@@ -10,7 +10,9 @@ Commands live in a registry (name -> handler, help text, whether it changes
 anything), so adding one is one entry. Every client gets its own task, with a
 read timeout and a line-length limit, so a slow or broken client cannot stall
 the daemon. Commands that change anything check the peer's credentials
-(SO_PEERCRED): root, the daemon's own user, or a member of the socket's group.
+(SO_PEERCRED on Linux, LOCAL_PEERCRED on macOS and FreeBSD): root, the daemon's own
+user, or a member of the socket's group; where the system reports neither, they are
+refused.
 No TCP listener exists for control.
 
 The socket is the daemon's own, or, under systemd with ``cpg-daemon.socket``, the one
@@ -24,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import grp
 import json
 import os
-import pwd
 import select
 import socket
 import stat
 import struct
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +107,62 @@ class Registry:
 
 @dataclass(frozen=True)
 class Peer:
-    pid: int
+    """Who is at the other end of a control connection, as the kernel says."""
+
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
+    """Every group, where the kernel reports them (macOS and FreeBSD: at most 16)."""
+    pid: int | None = None
+    """Linux only."""
+
+
+_UCRED = struct.Struct("=iII")
+"""Linux's struct ucred (SO_PEERCRED): pid, uid, gid."""
+SOL_LOCAL = 0
+LOCAL_PEERCRED = 0x001
+"""<sys/un.h> on macOS and FreeBSD: the level and option of the peer's credentials."""
+XUCRED_VERSION = 0
+XUCRED_GROUPS = 16
+_XUCRED = struct.Struct(f"=IIh2x{XUCRED_GROUPS}I")
+"""struct xucred (<sys/ucred.h>, macOS and FreeBSD): cr_version, cr_uid, cr_ngroups
+(a short, then padding), cr_groups[16] (the first is the effective group). FreeBSD
+adds the pid after them, which is not asked for."""
+PEER_CHECK = sys.platform == "linux" or sys.platform == "darwin" or "freebsd" in sys.platform
+"""Whether this system tells the daemon who connected (else changes are refused)."""
+UNKNOWN_PEER = "commands that change anything are refused"
+
+
+def parse_ucred(raw: bytes) -> Peer:
+    pid, uid, gid = _UCRED.unpack(raw)
+    return Peer(uid, gid, pid=pid)
+
+
+def parse_xucred(raw: bytes) -> Peer:
+    """A struct xucred as LOCAL_PEERCRED returns it; ValueError unless it is one of the
+    layout this reads (version 0, 1 to 16 groups)."""
+    if len(raw) < _XUCRED.size:
+        raise ValueError(f"struct xucred of {len(raw)} bytes, expected {_XUCRED.size}")
+    version, uid, count, *groups = _XUCRED.unpack_from(raw)
+    if version != XUCRED_VERSION:
+        raise ValueError(f"struct xucred version {version}, expected {XUCRED_VERSION}")
+    if not 1 <= count <= XUCRED_GROUPS:
+        raise ValueError(f"struct xucred with {count} groups")
+    return Peer(uid, groups[0], tuple(groups[:count]))
 
 
 def peer_of(sock: socket.socket) -> Peer | None:
-    """The connecting process's pid, uid and gid (Linux SO_PEERCRED), or None."""
-    option = getattr(socket, "SO_PEERCRED", None)
-    if option is None:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid)
+    """The connecting process's credentials: SO_PEERCRED on Linux, LOCAL_PEERCRED on
+    macOS and FreeBSD. None where the system does not say (or the call failed): then
+    commands that change anything are refused (``refusal``)."""
+    try:
+        if sys.platform == "linux":
+            return parse_ucred(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if PEER_CHECK:
+            return parse_xucred(sock.getsockopt(SOL_LOCAL, LOCAL_PEERCRED, _XUCRED.size))
+    except (OSError, ValueError) as exc:
+        log.warning("control_peer_unknown", error=str(exc), consequence=UNKNOWN_PEER)
+    return None
 
 
 def may_change(peer: Peer | None, group: str) -> bool:
@@ -129,17 +173,37 @@ def may_change(peer: Peer | None, group: str) -> bool:
         return True
     if not group:
         return False
+    import grp
+    import pwd
+
     try:
         entry = grp.getgrnam(group)
     except KeyError:
         return False
-    if peer.gid == entry.gr_gid:
+    if entry.gr_gid == peer.gid or entry.gr_gid in peer.groups:
         return True
     try:
         user = pwd.getpwuid(peer.uid).pw_name
     except KeyError:
         return False
     return user in entry.gr_mem
+
+
+def refusal(command: str, peer: Peer | None, group: str) -> str | None:
+    """Why ``command`` (one that changes something) is refused to ``peer``, or None."""
+    if peer is None:
+        return (
+            f"refused: {command} changes the daemon, and the daemon cannot tell who is "
+            "asking (it reads the caller's user from SO_PEERCRED on Linux, LOCAL_PEERCRED "
+            "on macOS and FreeBSD; this system gave neither), so "
+            f"{UNKNOWN_PEER}"
+        )
+    if may_change(peer, group):
+        return None
+    return (
+        f"permission denied: {command} needs root, the daemon's user or membership of the "
+        f"socket group{f' {group!r}' if group else ''}"
+    )
 
 
 def prepare_socket_path(path: Path, group: str = "") -> None:
@@ -219,6 +283,8 @@ def inherited_listener(passed: list[tuple[str, socket.socket]], path: Path) -> s
 
 
 def _chgrp(path: Path, group: str) -> None:
+    import grp
+
     try:
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
     except (KeyError, PermissionError) as exc:
@@ -246,6 +312,10 @@ class ControlServer:
         self.inherited = inherited
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if not PEER_CHECK:
+            log.warning(
+                "control_peer_check_unavailable", platform=sys.platform, consequence=UNKNOWN_PEER
+            )
         if self.inherited is not None:
             listener = await anyio.abc.SocketListener.from_socket(self.inherited)
             log.info(
@@ -342,12 +412,9 @@ class ControlServer:
         args = request.get("args", {})
         if not isinstance(args, dict):
             return {"ok": False, "error": "args must be a JSON object"}
-        if command.mutating and not may_change(peer, self.group):
-            return {
-                "ok": False,
-                "error": f"permission denied: {name} needs root, the daemon's user or "
-                f"membership of the socket group{f' {self.group!r}' if self.group else ''}",
-            }
+        refused = refusal(str(name), peer, self.group) if command.mutating else None
+        if refused is not None:
+            return {"ok": False, "error": refused}
         try:
             result = await command.handler(args)
         except (CommandError, CpgError) as exc:  # CpgError: a missing bucket in verify, say

@@ -11,7 +11,6 @@ to the hard one (systemd starts services with a soft limit of 1,024).
 from __future__ import annotations
 
 import contextlib
-import resource
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
@@ -35,6 +34,8 @@ Handler = Callable[[Stream], Awaitable[None]]
 
 def raise_open_files_limit(ceiling: int = FD_CEILING) -> int:
     """Raise the soft limit on open descriptors to the hard one; the soft limit now."""
+    import resource  # POSIX only, and only the daemon needs it
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
     if soft != resource.RLIM_INFINITY and soft < target:

@@ -14,6 +14,7 @@ journald's ``LineMax`` (48 KiB), whatever a client sent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -80,7 +81,12 @@ def configure(log_format: str = "auto", level: str = "info", stream: TextIO | No
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
-        colors = out.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
+        colors = (
+            out.isatty()
+            and not os.environ.get("NO_COLOR")  # https://no-color.org
+            # structlog colours a Windows console only through colorama (else SystemError)
+            and (sys.platform != "win32" or importlib.util.find_spec("colorama") is not None)
+        )
         renderer = structlog.dev.ConsoleRenderer(colors=colors)
     if to_journal(out):
         renderer = _with_priority(renderer)

@@ -12,10 +12,8 @@ the rendered units are the shipped ones, byte for byte.
 from __future__ import annotations
 
 import contextlib
-import grp
 import math
 import os
-import pwd
 import re
 import sys
 import tempfile
@@ -84,7 +82,10 @@ PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
 
 
 def private_tmp_problem(path: Path) -> str | None:
-    """Why the service would see ``path`` as an empty folder (PrivateTmp=yes), or None."""
+    """Why the service would see ``path`` as an empty folder (PrivateTmp=yes), or None
+    (always, where there is no systemd service: not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
     for tmp in PRIVATE_TMP:
         if Path(os.path.abspath(path)).is_relative_to(tmp):
             return (
@@ -140,6 +141,10 @@ def installation(
         )
     if daemon.socket_group and not _NAME.fullmatch(daemon.socket_group):
         raise ValueError(f"{daemon.socket_group!r} is not a valid group name (socket_group)")
+    # POSIX only, imported where used: `check` imports this module on any system.
+    import grp
+    import pwd
+
     if daemon.socket_group and not _exists(grp.getgrnam, daemon.socket_group):
         notes.append(
             f"there is no group {daemon.socket_group!r} (daemon.socket_group) yet: systemd "
