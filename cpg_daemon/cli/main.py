@@ -175,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--grants-endpoint-url", default=None, help=argparse.SUPPRESS
     )  # a private or test S3 Control endpoint
-    upload.add_argument("--region", default=None, help="AWS region (default us-east-1)")
+    upload.add_argument(
+        "--region",
+        default=None,
+        help="AWS region (default: -c's [s3] region, then AWS_REGION, AWS_DEFAULT_REGION, "
+        "the profile's region, us-east-1)",
+    )
     upload.add_argument(
         "--state-dir",
         type=Path,
@@ -211,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send no keys (the public cellpainting-gallery bucket needs none)",
     )
     dataset.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint")
-    dataset.add_argument("--region", default=None, help="AWS region (default us-east-1)")
+    dataset.add_argument(
+        "--region",
+        default=None,
+        help="AWS region (default: -c's [s3] region, then AWS_REGION, AWS_DEFAULT_REGION, "
+        "the profile's region, us-east-1)",
+    )
     dataset.add_argument(
         "--concurrency",
         type=int,
@@ -281,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --manifest: read without keys (the public gallery bucket, after a transfer)",
     )
-    verify.add_argument("--region", default=None, help="with --manifest: the AWS region")
+    verify.add_argument(
+        "--region",
+        default=None,
+        help="with --manifest: the AWS region (default: -c's [s3] region, then AWS_REGION, "
+        "AWS_DEFAULT_REGION, the profile's region, us-east-1)",
+    )
     _socket_args(verify)
 
     manifest = commands.add_parser(
@@ -566,6 +581,7 @@ def _grant_for(args: argparse.Namespace, destination: S3Location) -> Credentials
 def _upload(args: argparse.Namespace) -> int:
     from cpg_daemon.engine import oneshot
     from cpg_daemon.s3.credentials import ProfileMissingError
+    from cpg_daemon.s3.region import region_from_environment
 
     try:
         destination = parse_s3_uri(args.dest)
@@ -573,10 +589,10 @@ def _upload(args: argparse.Namespace) -> int:
         _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
-        config = _load(args)
+        config = load_config(args.config or default_config_path(), default_region="")
         s3, credentials = config.s3, config.credentials[0]
     else:
-        s3, credentials = S3Config(), CredentialsConfig()
+        s3, credentials = S3Config(region=""), CredentialsConfig()
     changes: dict[str, Any] = {}
     if args.endpoint_url is not None:
         changes["endpoint_url"] = args.endpoint_url
@@ -610,6 +626,8 @@ def _upload(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
     elif args.profile is not None:
         credentials = CredentialsConfig(source="profile", profile=args.profile)
+    if not s3.region:
+        s3 = replace(s3, region=region_from_environment(credentials.profile))
     try:
         watch = oneshot.source_watch(args.src, destination)
     except FileNotFoundError as exc:
@@ -915,9 +933,11 @@ def _read_access(
     read ``location`` with, for check-dataset and verify --manifest: the -c config's
     entry that covers it, else --profile, the environment, or --no-sign-request
     (ValueError: why not)."""
-    s3, credentials, state_dir = S3Config(), CredentialsConfig(), None
+    from cpg_daemon.s3.region import region_from_environment
+
+    s3, credentials, state_dir = S3Config(region=""), CredentialsConfig(), None
     if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
-        config = _load(args)
+        config = load_config(args.config or default_config_path(), default_region="")
         s3, state_dir = config.s3, config.daemon.state_dir
         covering = [c for c in config.credentials if target_covers(c.target, location)]
         if covering:
@@ -934,10 +954,12 @@ def _read_access(
     if args.region is not None:
         changes["region"] = args.region
     s3 = replace(s3, **changes)
-    if args.no_sign_request:
-        return s3, None, None
     if args.profile is not None:
         credentials = CredentialsConfig(source="profile", profile=args.profile)
+    if not s3.region:
+        s3 = replace(s3, region=region_from_environment(credentials.profile))
+    if args.no_sign_request:
+        return s3, None, None
     return s3, credentials, state_dir
 
 
