@@ -41,6 +41,7 @@ from cpg_daemon.core.config import (
     Config,
     CredentialsConfig,
     S3Config,
+    WatchConfig,
     default_config_path,
     load_config,
 )
@@ -49,6 +50,7 @@ from cpg_daemon.core.objectkeys import (
     MAX_PART_SIZE,
     MIN_PART_SIZE,
     S3Location,
+    glob_problem,
     manifest_folder,
     parse_grant_target,
     parse_s3_uri,
@@ -75,6 +77,7 @@ def _configure_logs(log_format: str, level: str) -> None:
 
     logs.configure(log_format, level)
 
+
 def _say(line: str, file: TextIO | None = None) -> None:
     """One line of output that may hold names (of files, keys, folders): whatever they
     contain is escaped, so that it cannot act on a terminal or start a line of its own."""
@@ -86,13 +89,20 @@ EXIT_PROBLEM = 1
 EXIT_CONFIG = 2
 
 
-def _config_arg(parser: argparse.ArgumentParser) -> None:
+def _config_arg(
+    parser: argparse.ArgumentParser,
+    text: str = "configuration file (default: $CPG_DAEMON_CONFIG, then "
+    "/etc/cpg-daemon/config.toml)",
+) -> None:
+    parser.add_argument("-c", "--config", type=Path, default=None, help=text)
+
+
+def _json_arg(parser: argparse.ArgumentParser, what: str = "the result") -> None:
     parser.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        default=None,
-        help="configuration file (default: $CPG_DAEMON_CONFIG, then /etc/cpg-daemon/config.toml)",
+        "--json",
+        action="store_true",
+        help=f"{what} as one JSON document on standard output, for scripts (fields: README, "
+        '"Machine-readable output")',
     )
 
 
@@ -130,10 +140,50 @@ def build_parser() -> argparse.ArgumentParser:
     upload = commands.add_parser(
         "upload",
         help="upload a folder or file to s3://bucket/prefix/ once, skipping what is there",
+        description="Uploads SRC below DEST as `aws s3 sync` would, with the daemon's "
+        "engine: every file of a folder (its path below SRC appended to DEST's prefix), or "
+        "one file (its name appended), checksummed, large files in parts; files whose "
+        "object is already there with the same size and checksum are skipped. Keys are "
+        "checked against the Cell Painting Gallery's folder rules (--structure). On a "
+        "terminal it shows its progress; at the end it prints a summary.",
     )
     upload.add_argument("src", type=Path, metavar="SRC", help="local folder or file")
     upload.add_argument("dest", metavar="DEST", help="destination folder, s3://bucket/prefix/")
-    _config_arg(upload)
+    _config_arg(
+        upload,
+        "take [s3] and [credentials] from this configuration file (default: "
+        "$CPG_DAEMON_CONFIG if set, else none: the flags and the usual AWS places)",
+    )
+    upload.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="send nothing: list what would be uploaded (with sizes, and why) and what is "
+        "already there, compared with a listing of DEST, and the folder-rule findings",
+    )
+    upload.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="upload only files below SRC that match (repeatable; default: every file); "
+        "globs as a watch's include: * and ? within a folder, ** across folders",
+    )
+    upload.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files, or folders and all below them, that match (repeatable; "
+        "added to the defaults: hidden files, *.tmp, Thumbs.db); wins over --include",
+    )
+    upload.add_argument(
+        "--structure",
+        choices=("warn", "reject", "off"),
+        default="warn",
+        help="the Cell Painting Gallery's folder rules: warn (upload, and say so; the "
+        "default), reject (keep out files that break a required rule), off (for another "
+        "bucket)",
+    )
     upload.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint")
     upload.add_argument(
         "--concurrency",
@@ -145,7 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--acl", default=None, choices=CANNED_ACLS, help="canned ACL ('' sends none)"
     )
-    upload.add_argument("--checksum", default=None, choices=CHECKSUM_NAMES)
+    upload.add_argument(
+        "--checksum",
+        default=None,
+        choices=CHECKSUM_NAMES,
+        help="the checksum sent with every request, which S3 checks (default CRC32C)",
+    )
     upload.add_argument(
         "--profile",
         default=None,
@@ -188,7 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the resumable journal of this upload is kept "
         "(default: $XDG_STATE_HOME/cpg-daemon/upload)",
     )
-    upload.add_argument("--quiet", action="store_true", help="no progress line")
+    upload.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only errors (on standard error): no progress, no warnings, no summary; "
+        "the exit status says how it went (--json still prints its document)",
+    )
+    _json_arg(upload, "the summary (with --dry-run: every file's decision)")
 
     dataset = commands.add_parser(
         "check-dataset",
@@ -207,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="the whole report as JSON (keys: see README)"
     )
     _config_arg(dataset)
-    dataset.add_argument(
-        "--profile", default=None, help="AWS profile whose keys list the bucket"
-    )
+    dataset.add_argument("--profile", default=None, help="AWS profile whose keys list the bucket")
     dataset.add_argument(
         "--no-sign-request",
         action="store_true",
@@ -630,31 +689,102 @@ def _upload(args: argparse.Namespace) -> int:
         s3 = replace(s3, region=region_from_environment(credentials.profile))
     try:
         watch = oneshot.source_watch(args.src, destination)
-    except FileNotFoundError as exc:
+        # The journal is the source's and the destination's, whatever files are chosen.
+        state_dir = args.state_dir or oneshot.default_state_dir()
+        journal = oneshot.journal_path(state_dir, watch.path / watch.include[0], destination)
+        watch = _chosen_files(args, watch)
+    except (FileNotFoundError, ValueError) as exc:
         _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    interactive = sys.stderr.isatty() and not args.quiet
-    _configure_logs("console" if interactive else "json", "warning" if interactive else "info")
     try:
+        if args.dry_run:
+            return _upload_dry_run(args, watch, s3, credentials, journal)
+        return _upload_files(args, watch, s3, credentials, journal)
+    except ProfileMissingError as exc:
+        _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _chosen_files(args: argparse.Namespace, watch: WatchConfig) -> WatchConfig:
+    """The source's watch with --include, --exclude and --structure (ValueError: a
+    pattern that would not mean what it seems to, as in the config)."""
+    for pattern in args.include + args.exclude:
+        problem = "an empty pattern matches nothing" if not pattern else glob_problem(pattern)
+        if problem is not None:
+            raise ValueError(f"{pattern!r}: {problem}")
+    if (args.include or args.exclude) and not args.src.is_dir():
+        raise ValueError(f"--include and --exclude choose files in a folder; {args.src} is a file")
+    return replace(
+        watch,
+        include=tuple(args.include) or watch.include,
+        exclude=watch.exclude + tuple(args.exclude),
+        structure=args.structure,
+    )
+
+
+def _upload_dry_run(
+    args: argparse.Namespace,
+    watch: WatchConfig,
+    s3: S3Config,
+    credentials: CredentialsConfig,
+    journal: Path,
+) -> int:
+    """``upload --dry-run``: 0 when a real run would upload every file, 1 when it would
+    fail some, keep some out, or could not list the destination."""
+    from cpg_daemon.cli import uploadview
+    from cpg_daemon.engine.dryrun import dry_run
+
+    _configure_logs("console" if sys.stderr.isatty() else "json", "error")
+    result = anyio.run(lambda: dry_run(watch, s3, credentials, journal))
+    if args.json:
+        print(json.dumps(uploadview.dry_run_json(result, str(args.src), watch.destination)))
+    elif args.quiet:
+        for line in uploadview.dry_run_errors(result, watch.destination):
+            print(line, file=sys.stderr)
+    else:
+        for line in uploadview.dry_run_lines(result, watch.destination):
+            print(line)
+    return EXIT_PROBLEM if result.problems else EXIT_OK
+
+
+def _upload_files(
+    args: argparse.Namespace,
+    watch: WatchConfig,
+    s3: S3Config,
+    credentials: CredentialsConfig,
+    journal: Path,
+) -> int:
+    """The upload itself: a progress display on a terminal (not with --quiet), then the
+    summary (a line, a JSON document, or nothing with --quiet) and each failure."""
+    from contextlib import nullcontext
+
+    from cpg_daemon.cli import uploadview
+    from cpg_daemon.engine import oneshot
+
+    terminal = sys.stderr.isatty()
+    display = None
+    if terminal and not args.quiet:
+        from rich.console import Console
+
+        display = uploadview.ProgressDisplay(Console(stderr=True))
+    with display.shown() if display is not None else nullcontext():
+        # Configured inside: on a terminal the log lines then appear above the display.
+        level = "error" if args.quiet else "warning" if terminal else "info"
+        _configure_logs("console" if terminal else "json", level)
         summary = anyio.run(
             lambda: oneshot.upload(
                 watch,
                 s3,
                 credentials,
-                args.state_dir or oneshot.default_state_dir(),
-                progress=interactive,
+                journal.parent,
+                progress=None if display is None else display.update,
+                journal=journal,
             )
         )
-    except ProfileMissingError as exc:
-        _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    rate = summary.bytes / summary.seconds if summary.seconds > 0 else 0.0
-    print(
-        f"{summary.files} files: {summary.uploaded} uploaded, "
-        f"{summary.already_present} already present, {summary.failed} failed; "
-        f"{format_size(summary.bytes)} sent in {summary.seconds:.1f} s "
-        f"({format_size(rate)}/s, {summary.uploaded / max(summary.seconds, 1e-9):.1f} files/s)"
-    )
+    if args.json:
+        print(json.dumps(uploadview.summary_json(summary, str(args.src), watch.destination)))
+    elif not args.quiet:
+        print(uploadview.summary_line(summary))
     for path, error in summary.failures:
         _say(f"failed: {path}: {error}", file=sys.stderr)
     return EXIT_PROBLEM if summary.failed else EXIT_OK
@@ -1031,6 +1161,8 @@ def _dataset_lines(report: DatasetReport, target: str, listing: Listing) -> list
             f"({advice_count} advice)"
         )
     return lines
+
+
 VERIFY_TIMEOUT = 24 * 3600.0
 """How long ``verify --via-daemon`` waits for the daemon's answer."""
 

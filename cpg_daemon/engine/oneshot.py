@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +20,9 @@ import structlog
 
 from cpg_daemon.core.config import Config, CredentialsConfig, DaemonConfig, S3Config, WatchConfig
 from cpg_daemon.core.objectkeys import S3Location
-from cpg_daemon.core.units import format_size
 from cpg_daemon.engine.runtime import Engine
-from cpg_daemon.journal import Journal
+from cpg_daemon.engine.uploader import PartsDone, Uploader
+from cpg_daemon.journal import Journal, JournalStatistics
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +38,28 @@ class UploadSummary:
     bytes: int
     seconds: float
     failures: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class UploadProgress:
+    """Where an upload stands, for a progress display (``upload(progress=...)``)."""
+
+    files: int
+    """Files found to upload (all of them once the walk is done: it comes first)."""
+    files_done: int
+    """Uploaded, or found already there."""
+    files_failed: int
+    bytes: int
+    bytes_done: int
+    """Of the files done, and of the parts of large files S3 holds already."""
+    bytes_sent: int
+    """Sent by this run so far (what a rate is computed from)."""
+    multipart: tuple[PartsDone, ...]
+    """Large files in progress, part by part."""
+
+
+PROGRESS_EVERY = 0.25
+"""Seconds between two progress snapshots."""
 
 
 def default_state_dir() -> Path:
@@ -68,9 +90,15 @@ async def upload(
     credentials: CredentialsConfig,
     state_dir: Path,
     file_attempts: int = 3,
-    progress: bool = False,
+    progress: Callable[[UploadProgress], None] | None = None,
+    journal: Path | None = None,
 ) -> UploadSummary:
-    """Upload what ``source_watch`` selected below its destination; returns what happened."""
+    """Upload what ``source_watch`` selected below its destination; returns what happened.
+
+    ``progress`` is called with a snapshot every ``PROGRESS_EVERY`` s while files are
+    sent. ``journal``: the resumable journal to keep (default: ``journal_path`` of the
+    watch's source and destination, in ``state_dir``).
+    """
     started = time.monotonic()
     config = Config(
         path=None,
@@ -79,14 +107,14 @@ async def upload(
         credentials=(credentials,),
         watches=(watch,),
     )
-    path = journal_path(state_dir, watch.path / watch.include[0], watch.destination)
+    path = journal or journal_path(state_dir, watch.path / watch.include[0], watch.destination)
     async with Engine.open(config, path) as engine:
         async with anyio.create_task_group() as tg:
             await engine.grants.start_renewals(tg)
             await engine.grants.first_keys()
             await engine.walk_once(WATCH_NAME)
             await tg.start(engine.scheduler.run)
-            await _wait_until_done(engine.journal, progress, started)
+            await _wait_until_done(engine.journal, engine.uploader, progress)
             tg.cancel_scope.cancel()
         records = await engine.journal.records(WATCH_NAME)
         stats = engine.uploader.statistics()
@@ -102,21 +130,29 @@ async def upload(
     )
 
 
-async def _wait_until_done(journal: Journal, progress: bool, started: float) -> None:
+async def _wait_until_done(
+    journal: Journal, uploader: Uploader, progress: Callable[[UploadProgress], None] | None
+) -> None:
     while True:
         stats = await journal.statistics()
         pending = stats.total("queued").files + stats.total("uploading").files
-        if progress:
-            done = stats.total("uploaded")
-            elapsed = max(time.monotonic() - started, 1e-9)
-            sys.stderr.write(
-                f"\r{done.files} files uploaded ({format_size(done.bytes)}), {pending} to go, "
-                f"{stats.total('failed').files} failed, "
-                f"{format_size(done.bytes / elapsed)}/s   "
-            )
-            sys.stderr.flush()
+        if progress is not None:
+            progress(_snapshot(stats, uploader))
         if pending == 0:
-            if progress:
-                sys.stderr.write("\n")
             return
-        await anyio.sleep(0.5 if progress else 0.2)
+        await anyio.sleep(PROGRESS_EVERY if progress is not None else 0.2)
+
+
+def _snapshot(stats: JournalStatistics, uploader: Uploader) -> UploadProgress:
+    done, failed = stats.total("uploaded"), stats.total("failed")
+    sent = uploader.statistics()
+    everything = [stats.total(state) for state in ("queued", "uploading", "uploaded", "failed")]
+    return UploadProgress(
+        files=sum(counts.files for counts in everything),
+        files_done=done.files,
+        files_failed=failed.files,
+        bytes=sum(counts.bytes for counts in everything),
+        bytes_done=done.bytes + sum(parts.done for parts in sent.multipart),
+        bytes_sent=sent.bytes_sent,
+        multipart=sent.multipart,
+    )
