@@ -130,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(run)
 
     check = commands.add_parser(
-        "check", help="validate the configuration and prove write access to each destination"
+        "check",
+        help="validate the configuration, show what each watch would upload (with the "
+        "gallery folder-rule findings) and prove write access to each destination",
     )
     _config_arg(check)
     check.add_argument(
         "--offline", action="store_true", help="only validate the file; contact no server"
     )
+    _json_arg(check, "the checks")
 
     upload = commands.add_parser(
         "upload",
@@ -303,16 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=f"{text}; all watches, or one")
         command.add_argument("watch", nargs="?", metavar="WATCH", help="a watch's name")
         _socket_args(command)
+        _json_arg(command, "the daemon's answer")
     reload = commands.add_parser(
         "reload",
         help="make the running daemon read its configuration file again (as SIGHUP); "
         "exits 1 and changes nothing if the file is invalid",
     )
     _socket_args(reload)
+    _json_arg(reload, "the daemon's answer")
 
     verify = commands.add_parser(
         "verify",
-        help="compare every local file with its staged object (presence, size, checksum)",
+        help="compare every local file with its staged object (presence, size, checksum), "
+        "or staging with a manifest (--manifest); exit status 1 on any difference",
     )
     verify.add_argument("watch", nargs="?", metavar="WATCH", help="only this watch")
     verify.add_argument(
@@ -357,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AWS_DEFAULT_REGION, the profile's region, us-east-1)",
     )
     _socket_args(verify)
+    _json_arg(verify, "the counts and every difference")
 
     manifest = commands.add_parser(
         "manifest",
@@ -528,50 +535,98 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Said:
+    """What a command found, said line by line as it goes, or kept for its --json
+    document (``document``), which is printed at the end instead."""
+
+    def __init__(self, as_json: bool, document: dict[str, Any]) -> None:
+        self.as_json = as_json
+        self.document = document
+
+    def __call__(self, line: str, *, escaped: bool = False) -> None:
+        """A line for people (``escaped``: its names are ``printable`` already)."""
+        if self.as_json:
+            return
+        if escaped:
+            print(line)
+        else:
+            _say(line)
+
+    def end(self) -> None:
+        if self.as_json:
+            print(json.dumps(self.document, indent=2))
+
+
 def _check(args: argparse.Namespace) -> int:
     config = _load(args)
-    from cpg_daemon.discovery.plan import describe_plan, plan_watch
+    from cpg_daemon.discovery.plan import describe_plan, plan_json, plan_watch
     from cpg_daemon.engine.grants import assign
     from cpg_daemon.ops.service import private_tmp_problem
 
     assignment = assign(config)
     problems = 0
     _configure_logs("console", "error")  # the folder walk's debug events stay quiet
-    _say(f"configuration {config.path}: valid")
-    _say(f"journal: {config.daemon.state_dir}")
+    watches: list[dict[str, Any]] = []
+    document: dict[str, Any] = {
+        "command": "check",
+        "config": str(config.path),
+        "journal": str(config.daemon.state_dir),
+        "offline": args.offline,
+        "watches": watches,
+        "credentials": [],
+        "problems": 0,
+    }
+    say = _Said(args.json, document)
+    say(f"configuration {config.path}: valid")
+    say(f"journal: {config.daemon.state_dir}")
     if not config.watches:
-        print("warning: no [[watch]] tables: the daemon would have nothing to do")
+        say("warning: no [[watch]] tables: the daemon would have nothing to do")
     for watch in config.watches:
         provider = assignment.by_watch[watch.name]
-        _say(f"watch {watch.name}: {watch.path} -> {watch.destination}")
-        _say(f"  credentials: {provider.config.source} {provider.config.target}".rstrip())
+        found: dict[str, Any] = {
+            "name": watch.name,
+            "path": str(watch.path),
+            "destination": str(watch.destination),
+            "credentials": {"source": provider.config.source, "target": provider.config.target},
+            "warnings": [],
+            "problems": [],
+            "plan": None,
+            "write_access": [],
+        }
+        watches.append(found)
+        say(f"watch {watch.name}: {watch.path} -> {watch.destination}")
+        say(f"  credentials: {provider.config.source} {provider.config.target}".rstrip())
         problem = private_tmp_problem(watch.path)  # fine in the foreground, not as the service
         if problem is not None:
-            _say(f"  warning: {problem}")
+            found["warnings"].append(problem)
+            say(f"  warning: {problem}")
         if not watch.path.is_dir():
-            _say(f"  problem: {watch.path} does not exist or is not a folder")
-            problems += 1
+            found["problems"].append(f"{watch.path} does not exist or is not a folder")
         elif not os.access(watch.path, os.R_OK | os.X_OK):
-            _say(f"  problem: {watch.path} is not readable by this user")
-            problems += 1
+            found["problems"].append(f"{watch.path} is not readable by this user")
         else:
             plan = plan_watch(watch)
+            found["plan"] = plan_json(plan)
             for line in describe_plan(plan):
-                print(line)
+                say(line, escaped=True)
             problems += plan.problems
-    if args.offline:
-        return EXIT_PROBLEM if problems else EXIT_OK
-    _configure_logs("console", "error")
-    problems += anyio.run(_check_online, config, assignment)
+        for problem in found["problems"]:
+            say(f"  problem: {problem}")
+            problems += 1
+    if not args.offline:
+        problems += anyio.run(_check_online, config, assignment, say)
+    document["problems"] = problems
+    say.end()
     return EXIT_PROBLEM if problems else EXIT_OK
 
 
-async def _check_online(config: Config, assignment: Assignment) -> int:
+async def _check_online(config: Config, assignment: Assignment, say: _Said) -> int:
     """Obtain keys once per grant, then prove write access to each destination."""
     from cpg_daemon.engine.grants import Grant, Grants
     from cpg_daemon.s3.credentials import RenewingProvider
 
     problems = 0
+    by_name = {found["name"]: found for found in say.document["watches"]}
     async with Grants.open(config, assignment) as grants:
         working: set[Grant] = set()
         for grant in grants:
@@ -579,27 +634,34 @@ async def _check_online(config: Config, assignment: Assignment) -> int:
             if not isinstance(provider, RenewingProvider):
                 working.add(grant)
                 continue
+            keys: dict[str, Any] = {"target": grant.target, "expires_at": None, "error": None}
+            say.document["credentials"].append(keys)
             if await grant.renew_now():
                 working.add(grant)
-                _say(f"credentials {grant.target}: obtained, valid until {provider.expires_at}")
+                expires = provider.expires_at
+                keys["expires_at"] = None if expires is None else expires.isoformat()
+                say(f"credentials {grant.target}: obtained, valid until {provider.expires_at}")
             else:
-                _say(f"credentials {grant.target}: {provider.statistics().last_error}")
+                keys["error"] = provider.statistics().last_error
+                say(f"credentials {grant.target}: {keys['error']}")
                 problems += 1
         for active in grants.table(config, assignment).values():
             watch = active.config
+            access = by_name[watch.name]["write_access"]
             if active.grant not in working:
-                _say(f"watch {watch.name}: not checked (no credentials)")
+                say(f"watch {watch.name}: not checked (no credentials)")
                 continue
             places = [watch.destination]
             if watch.upload_manifest:
                 places.append(manifest_folder(watch.destination))
             for place in places:
                 error = await _probe_write(active.grant.store, place)
+                access.append({"destination": str(place), "error": error})
                 if error:
-                    _say(f"watch {watch.name}: cannot write to {place}: {error}")
+                    say(f"watch {watch.name}: cannot write to {place}: {error}")
                     problems += 1
                 else:
-                    _say(f"watch {watch.name}: write access to {place} confirmed")
+                    say(f"watch {watch.name}: write access to {place} confirmed")
     return problems
 
 
@@ -737,7 +799,9 @@ def _upload_dry_run(
     _configure_logs("console" if sys.stderr.isatty() else "json", "error")
     result = anyio.run(lambda: dry_run(watch, s3, credentials, journal))
     if args.json:
-        print(json.dumps(uploadview.dry_run_json(result, str(args.src), watch.destination)))
+        print(
+            json.dumps(uploadview.dry_run_json(result, str(args.src), watch.destination), indent=2)
+        )
     elif args.quiet:
         for line in uploadview.dry_run_errors(result, watch.destination):
             print(line, file=sys.stderr)
@@ -782,7 +846,9 @@ def _upload_files(
             )
         )
     if args.json:
-        print(json.dumps(uploadview.summary_json(summary, str(args.src), watch.destination)))
+        print(
+            json.dumps(uploadview.summary_json(summary, str(args.src), watch.destination), indent=2)
+        )
     elif not args.quiet:
         print(uploadview.summary_line(summary))
     for path, error in summary.failures:
@@ -873,6 +939,7 @@ def _verify(args: argparse.Namespace) -> int:
             _say(f"cpg-daemon verify: {exc}", file=sys.stderr)
             return EXIT_CONFIG if isinstance(exc, (ValueError, ConfigError)) else EXIT_PROBLEM
         summary = result.summary().replace("local files", "objects in the manifest")
+        counts = result.counts
     elif args.via_daemon:
         arguments = {"quick": args.quick, "rows": args.report is not None}
         if args.watch:
@@ -881,7 +948,7 @@ def _verify(args: argparse.Namespace) -> int:
         if failed is not None:
             return failed
         result = verify.Result([verify.Row(**row) for row in reply["rows"]], reply["seconds"])
-        summary = reply["summary"]
+        summary, counts = reply["summary"], reply["counts"]
     else:
         config = _load(args)
         if args.watch:
@@ -903,8 +970,23 @@ def _verify(args: argparse.Namespace) -> int:
             return EXIT_PROBLEM
         _configure_logs("console", "error")
         result = anyio.run(_verify_here, config, args.quick)
-        summary = result.summary()
+        summary, counts = result.summary(), result.counts
     different = [row for row in result.rows if row.status != "match"]
+    if args.report is not None:
+        with open(args.report, "w", encoding="utf-8", newline="") as out:
+            verify.write_report(result.rows, out)
+    if args.json:
+        document = {
+            "command": "verify",
+            "ok": not different,
+            "counts": {status: counts.get(status, 0) for status in verify.STATUSES},
+            "seconds": round(result.seconds, 3),
+            "summary": summary,
+            "differences": list(verify.row_dicts(different)),
+            "report": None if args.report is None else str(args.report),
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK if not different else EXIT_PROBLEM
     for row in different[:VERIFY_SHOWN]:
         where = row.path or row.key
         detail = ""
@@ -919,8 +1001,6 @@ def _verify(args: argparse.Namespace) -> int:
     if len(different) > VERIFY_SHOWN:
         _say(f"... and {len(different) - VERIFY_SHOWN:,} more (see --report)")
     if args.report is not None:
-        with open(args.report, "w", encoding="utf-8", newline="") as out:
-            verify.write_report(result.rows, out)
         _say(f"report: {args.report}")
     print(summary)
     return EXIT_OK if not different else EXIT_PROBLEM
@@ -1261,7 +1341,9 @@ def _control(args: argparse.Namespace) -> int:
     result, failed = _ask(args, args.command, arguments)
     if failed is not None:
         return failed
-    if args.command == "retry":
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.command == "retry":
         _say(f"{result['requeued']} failed files queued again ({', '.join(result['watches'])})")
     else:
         verb = {"pause": "paused", "resume": "resumed", "rescan": "rescanning"}[args.command]
@@ -1311,6 +1393,9 @@ def _reload(args: argparse.Namespace) -> int:
     result, failed = _ask(args, "reload", {}, _reload_socket(args))
     if failed is not None:
         return failed
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
     changes = "; ".join(
         f"{what} {', '.join(result[what])}"
         for what in ("added", "removed", "changed")
