@@ -32,6 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 from cpg_daemon import __version__
+from cpg_daemon.cli.helptext import add_examples
 from cpg_daemon.core.checksums import CHECKSUM_NAMES, encode
 from cpg_daemon.core.config import (
     CANNED_ACLS,
@@ -465,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="hand this AWS credentials file (root-only) to the daemon with LoadCredential=",
     )
+    add_examples(commands)
     return parser
 
 
