@@ -78,7 +78,6 @@ def _configure_logs(log_format: str, level: str) -> None:
 
     logs.configure(log_format, level)
 
-
 def _say(line: str, file: TextIO | None = None) -> None:
     """One line of output that may hold names (of files, keys, folders): whatever they
     contain is escaped, so that it cannot act on a terminal or start a line of its own."""
@@ -272,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="the whole report as JSON (keys: see README)"
     )
     _config_arg(dataset)
-    dataset.add_argument("--profile", default=None, help="AWS profile whose keys list the bucket")
+    dataset.add_argument(
+        "--profile", default=None, help="AWS profile whose keys list the bucket"
+    )
     dataset.add_argument(
         "--no-sign-request",
         action="store_true",
@@ -1243,8 +1244,6 @@ def _dataset_lines(report: DatasetReport, target: str, listing: Listing) -> list
             f"({advice_count} advice)"
         )
     return lines
-
-
 VERIFY_TIMEOUT = 24 * 3600.0
 """How long ``verify --via-daemon`` waits for the daemon's answer."""
 

@@ -600,14 +600,16 @@ def _credentials(reader: _Reader, table: Mapping[str, Any], w: str) -> Credentia
         ),
         endpoint_url=reader.get(table, w, "endpoint_url", _endpoint, ""),
         role_arn=reader.get(table, w, "role_arn", _string, ""),
-        warn_before=reader.get(table, w, "warn_before", _duration_range(0, 43200), d.warn_before),
+        warn_before=reader.get(
+            table, w, "warn_before", _duration_range(0, 43200), d.warn_before
+        ),
     )
     if source == "profile" and not credentials.profile:
         reader.fail(f"{w}.profile", 'source = "profile" needs the name of an AWS profile')
     if source == "handed-over" and not credentials.target:
         reader.fail(
             f"{w}.target",
-            "handed-over keys need the target they were obtained for, such as "
+            'handed-over keys need the target they were obtained for, such as '
             '"s3://staging-cellpainting-gallery/cpg0123-example/*"',
         )
     if source == "access-grants":
