@@ -175,7 +175,7 @@ def dry_run_lines(result: DryRun, destination: S3Location) -> list[str]:
         )
     for entry in result.entries:
         lines.append(
-            f"{entry.action}: {format_size(entry.size):>10}  "
+            f"{entry.action + ':':<7} {format_size(entry.size):>10}  "
             f"{printable(f's3://{destination.bucket}/{entry.key}')}  ({printable(entry.reason)})"
         )
     if plan.held_back:

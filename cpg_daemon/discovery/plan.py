@@ -164,7 +164,8 @@ def structure_lines(plan: WatchPlan, flag: bool = False) -> list[str]:
         lines.append(f"  structure: follows the gallery's folder rules ({policy(watch.structure)})")
         return lines
     lines.append(
-        f"  structure ({policy(watch.structure)}): {len(plan.findings):,} warnings, "
+        f"  structure ({policy(watch.structure)}): {len(plan.findings):,} "
+        f"warning{'s' if len(plan.findings) != 1 else ''}, "
         "one per folder and rule:"
     )
     by_rule: dict[str, list[FolderFinding]] = {}
