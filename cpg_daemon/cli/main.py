@@ -762,9 +762,7 @@ def _upload(args: argparse.Namespace) -> int:
         _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        if args.dry_run:
-            return _upload_dry_run(args, watch, s3, credentials, journal)
-        return _upload_files(args, watch, s3, credentials, journal)
+        return _upload_run(args, watch, s3, credentials, journal)
     except ProfileMissingError as exc:
         _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -787,46 +785,37 @@ def _chosen_files(args: argparse.Namespace, watch: WatchConfig) -> WatchConfig:
     )
 
 
-def _upload_dry_run(
+def _upload_run(
     args: argparse.Namespace,
     watch: WatchConfig,
     s3: S3Config,
     credentials: CredentialsConfig,
     journal: Path,
 ) -> int:
-    """``upload --dry-run``: 0 when a real run would upload every file, 1 when it would
-    fail some, keep some out, or could not list the destination."""
-    from cpg_daemon.cli import uploadview
-    from cpg_daemon.engine.dryrun import dry_run
+    """The upload, or with --dry-run what it would do (0 when a real run would upload
+    every file; 1 when it would fail some, keep some out, or could not list DEST).
 
-    _configure_logs("console" if sys.stderr.isatty() else "json", "error")
-    result = anyio.run(lambda: dry_run(watch, s3, credentials, journal))
-    if args.json:
-        print(
-            json.dumps(uploadview.dry_run_json(result, str(args.src), watch.destination), indent=2)
-        )
-    elif args.quiet:
-        for line in uploadview.dry_run_errors(result, watch.destination):
-            print(line, file=sys.stderr)
-    else:
-        for line in uploadview.dry_run_lines(result, watch.destination):
-            print(line)
-    return EXIT_PROBLEM if result.problems else EXIT_OK
-
-
-def _upload_files(
-    args: argparse.Namespace,
-    watch: WatchConfig,
-    s3: S3Config,
-    credentials: CredentialsConfig,
-    journal: Path,
-) -> int:
-    """The upload itself: a progress display on a terminal (not with --quiet), then the
+    The upload shows a progress display on a terminal (not with --quiet), then the
     summary (a line, a JSON document, or nothing with --quiet) and each failure."""
     from contextlib import nullcontext
 
     from cpg_daemon.cli import uploadview
     from cpg_daemon.engine import oneshot
+    from cpg_daemon.engine.dryrun import dry_run
+
+    if args.dry_run:
+        _configure_logs("console" if sys.stderr.isatty() else "json", "error")
+        result = anyio.run(lambda: dry_run(watch, s3, credentials, journal))
+        if args.json:
+            document = uploadview.dry_run_json(result, str(args.src), watch.destination)
+            print(json.dumps(document, indent=2))
+        elif args.quiet:
+            for line in uploadview.dry_run_errors(result, watch.destination):
+                print(line, file=sys.stderr)
+        else:
+            for line in uploadview.dry_run_lines(result, watch.destination):
+                print(line)
+        return EXIT_PROBLEM if result.problems else EXIT_OK
 
     terminal = sys.stderr.isatty()
     display = None
@@ -849,9 +838,8 @@ def _upload_files(
             )
         )
     if args.json:
-        print(
-            json.dumps(uploadview.summary_json(summary, str(args.src), watch.destination), indent=2)
-        )
+        document = uploadview.summary_json(summary, str(args.src), watch.destination)
+        print(json.dumps(document, indent=2))
     elif not args.quiet:
         print(uploadview.summary_line(summary))
     for path, error in summary.failures:
