@@ -12,8 +12,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import pty
 import random
 import subprocess
+import sys
+import termios
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +215,8 @@ def test_include_and_exclude_choose_the_files_and_structure_off_says_nothing_of_
     }
     assert "structure_warning" not in result.stderr, describe(result)
     assert "2 files: 2 uploaded" in result.stdout, describe(result)
+    # Off a terminal no progress display: standard error holds log lines only.
+    assert [json.loads(line)["event"] for line in result.stderr.splitlines()] != []
 
 
 @pytest.mark.parametrize(
@@ -302,6 +309,58 @@ def test_quiet_prints_nothing_on_success_and_only_the_failures_otherwise(
 
 
 # -- the progress display ------------------------------------------------------------------
+
+
+def test_on_a_terminal_the_progress_goes_to_standard_error_and_the_summary_to_stdout(
+    s3_server: S3Server, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    """A real terminal (a pseudo-terminal) on standard error: the display is drawn there,
+    down to its last state, with the folder-rule warnings; standard output, a pipe, gets
+    the summary line alone. (A fresh interpreter: the fork server passes no terminal.)"""
+    src = tmp_path / "src"
+    contents = write_tree(src, {"misplaced/big.tiff": 6 * MiB, "misplaced/small.csv": 100})
+    leader, follower = pty.openpty()
+    termios.tcsetwinsize(follower, (40, 160))
+    shown = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        result = subprocess.run(
+            [
+                *(sys.executable, "-m", "cpg_daemon", "upload", str(src), f"s3://{bucket}/"),
+                *("--endpoint-url", s3_server.endpoint_url, "--state-dir", str(tmp_path / "s")),
+                *("--part-size", "5MiB"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "160"},
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(follower)
+        reader.join(10)
+        os.close(leader)
+    terminal = shown.decode("utf-8", "replace")
+    assert result.returncode == 0, terminal
+    assert result.stdout.startswith("2 files: 2 uploaded, 0 already present, 0 failed;")
+    assert "2/2 files" in terminal and "100%" in terminal, terminal
+    assert "6.0 MiB/6.0 MiB" in terminal, terminal
+    assert "structure_warning" in terminal, terminal
+    assert objects(s3_client, bucket) == contents
 
 
 def snapshot(**changes: Any) -> UploadProgress:

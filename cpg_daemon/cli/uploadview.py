@@ -73,7 +73,9 @@ class ProgressDisplay:
             auto_refresh=False,
             transient=False,
         )
-        self._overall = self._progress.add_task("files", total=1, amount="", speed="")
+        self._overall = self._progress.add_task(
+            "listing and walking", total=None, amount="", speed=""
+        )
         self._files: dict[str, TaskID] = {}
         self._rate = Rate()
 
