@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,17 @@ def test_check_reports_a_destination_it_cannot_write_and_a_missing_folder(
     assert online.returncode == 1
     assert f"cannot write to s3://{bucket}-nope/x/" in online.stdout
     assert "bucket does not exist" in online.stdout
+    # For scripts: the same findings in one JSON document, and the same exit status.
+    document = _check(config, "--json")
+    assert document.returncode == 1
+    found = json.loads(document.stdout)
+    assert (found["command"], found["problems"], found["offline"]) == ("check", 2, False)
+    (watch,) = found["watches"]
+    assert watch["name"] == "plates" and watch["plan"] is None
+    assert watch["problems"] == [f"{tmp_path / 'not-there'} does not exist or is not a folder"]
+    (access,) = watch["write_access"]
+    assert access["destination"] == f"s3://{bucket}-nope/x/"
+    assert "bucket does not exist" in access["error"]
 
 
 def test_check_offline_prints_the_plan_and_every_structure_warning(tmp_path: Path) -> None:
@@ -131,6 +143,17 @@ def test_check_offline_prints_the_plan_and_every_structure_warning(tmp_path: Pat
     assert "    [batch-content] see Cell Painting Gallery data_structure.md" in out
     assert 'with structure = "reject", 1 file (5 B) would be kept out' in out
     assert ".hidden" not in out
+
+    document = json.loads(_check(config("warn"), "--offline", "--json").stdout)
+    (watch,) = document["watches"]
+    assert (document["problems"], document["offline"], watch["write_access"]) == (0, True, [])
+    assert (watch["plan"]["files"], watch["plan"]["bytes"]) == (9, 7015)
+    findings = watch["plan"]["structure"]["findings"]
+    assert {(f["folder"], f["required"], f["files"]) for f in findings} == {
+        (f"{prefix}Plate 2/", True, 1),
+        (f"{prefix}images/P1/", False, 1),
+    }
+    assert len(findings) == 3 and watch["plan"]["structure"]["blocked_files"] == 1
 
     reject = _check(config("reject"), "--offline")
     assert reject.returncode == 1  # the daemon would keep a file out: a problem to fix

@@ -370,6 +370,23 @@ def test_resume_of_one_watch_after_pausing_all(
         assert {n: w["paused"] for n, w in by_name(status).items()} == {"a": False, "b": True}
         (wa / "x.csv").write_bytes(b"x")
         wait_until(lambda: "a/x.csv" in on_server(s3_client, bucket), 10, "a/x.csv uploaded")
+        # For scripts, --json prints the daemon's answer as one document.
+        answers = {
+            command: cli(command, *named, "--json", "-c", str(config))
+            for command, named in (
+                ("pause", ("a",)),
+                ("resume", ()),
+                ("rescan", ("b",)),
+                ("retry", ()),
+            )
+        }
+        assert {command: json.loads(result.stdout) for command, result in answers.items()} == {
+            "pause": {"paused": ["a"]},
+            "resume": {"resumed": ["a", "b"]},
+            "rescan": {"rescanning": ["b"]},
+            "retry": {"requeued": 0, "watches": ["a", "b"]},
+        }, answers
+        assert by_name(ask(sock, "status"))["b"]["paused"] is False
     finally:
         stop(daemon)
 

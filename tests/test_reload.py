@@ -164,6 +164,15 @@ def test_broken_config_on_reload_keeps_the_old_one_running(setup: Setup) -> None
         assert result.returncode == 0, result.stderr
         assert "configuration reloaded" in result.stdout
         assert setup.status()["config"]["reload_error"] is None
+        # For scripts: the daemon's answer as one JSON document (nothing changed since).
+        result = run_cli("reload", "--json", "-s", setup.socket)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {
+            "added": [],
+            "removed": [],
+            "changed": [],
+            "restart_needed": [],
+        }
     finally:
         assert daemon.terminate() == 0, daemon.log_text()
 

@@ -24,6 +24,7 @@ from typing import Any
 from unittest import mock
 
 import boto3  # type: ignore[import-untyped]
+import daemonproc
 import pytest
 from awscrt import checksums
 from botocore.config import Config
@@ -336,6 +337,70 @@ def test_sends_the_canned_acl_header(
     for kind, found in kinds.items():
         for entry in found:
             assert _header(entry, "x-amz-acl") == expected, (kind, entry["headers"])
+
+
+def _signing_region(entry: dict[str, Any]) -> str:
+    """The region in a request's SigV4 credential scope (KEY/DATE/REGION/s3/aws4_request)."""
+    authorization = _header(entry, "Authorization") or ""
+    match = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/s3/aws4_request", authorization)
+    assert match is not None, entry["headers"]
+    return match.group(1)
+
+
+def test_upload_signs_for_the_region_of_its_flag_its_config_or_the_aws_files(
+    recording_server: RecordingServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--region, then -c's [s3] region, then AWS_REGION, AWS_DEFAULT_REGION, the profile's
+    region: what the requests are signed for shows which was taken."""
+    endpoint = recording_server.server.endpoint_url
+    client = make_client(endpoint)
+    bucket = f"region-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    aws_config, aws_credentials = tmp_path / "aws-config", tmp_path / "aws-credentials"
+    aws_config.write_text("[profile lab]\nregion = eu-west-2\n", encoding="utf-8")
+    aws_credentials.write_text(
+        "[lab]\naws_access_key_id = testing\naws_secret_access_key = testing-secret\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws_credentials))
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    config = tmp_path / "config.toml"
+    config.write_text('[s3]\nregion = "ca-central-1"\n', encoding="utf-8")
+    src = tmp_path / "src"
+    write_tree(src, {"a.csv": 100})
+    cases: list[tuple[dict[str, str], tuple[str, ...], str]] = [
+        ({}, (), "eu-west-2"),  # the profile's
+        ({"AWS_DEFAULT_REGION": "ap-south-1"}, (), "ap-south-1"),
+        ({"AWS_DEFAULT_REGION": "ap-south-1", "AWS_REGION": "us-west-1"}, (), "us-west-1"),
+        ({"AWS_REGION": "us-west-1"}, ("-c", str(config)), "ca-central-1"),
+        ({"AWS_REGION": "us-west-1"}, ("-c", str(config), "--region", "sa-east-1"), "sa-east-1"),
+    ]
+    signed = []
+    for number, (environment, extra, _) in enumerate(cases):
+        with monkeypatch.context() as env:
+            for name, value in environment.items():
+                env.setenv(name, value)
+            recording_server.start()
+            try:
+                result = daemonproc.run_cli(
+                    "upload",
+                    str(src),
+                    f"s3://{bucket}/{number}/",
+                    "--endpoint-url",
+                    endpoint,
+                    "--state-dir",
+                    str(tmp_path / "state"),
+                    "--profile",
+                    "lab",
+                    *extra,
+                )
+            finally:
+                entries = recording_server.stop()
+        assert result.returncode == 0, describe(result)
+        (put,) = _object_writes(entries, bucket)["PutObject"]
+        signed.append(_signing_region(put))
+    assert signed == [expected for _, _, expected in cases]
 
 
 # -- 3. a second run sends nothing -------------------------------------------------

@@ -629,6 +629,61 @@ async def test_resume_sends_each_part_once(
     assert open_uploads(s3_client, bucket) == []
 
 
+class PartGatedStore(ObjectStore):
+    """Holds UploadPart ``gated_part`` until ``gate`` is set; tells ``reached`` it arrived."""
+
+    gated_part = 0
+    gate: anyio.Event
+    reached: anyio.Event
+
+    async def upload_part(
+        self, bucket: str, key: str, upload_id: str, number: int, body: bytes, checksum: str
+    ) -> str:
+        if number == self.gated_part:
+            self.reached.set()
+            await self.gate.wait()
+        return await super().upload_part(bucket, key, upload_id, number, body, checksum)
+
+
+@pytest.mark.anyio
+async def test_a_multipart_upload_reports_each_part_s3_holds_before_the_file_is_done(
+    tmp_path: Path, s3_server: S3Server, s3_client: Any, bucket: str
+) -> None:
+    """What ``upload``'s progress display shows for a large file: parts resumed from an
+    earlier attempt count at once, each part sent counts when S3 took it, and the file
+    leaves the list once the journal counts it uploaded."""
+    root = tmp_path / "watch"
+    size = 4 * PART + 100
+    data = write_file(root / "big.bin", payload(size, 31))
+    s3 = s3_config(s3_server.endpoint_url)
+    async with (
+        opened_journal(tmp_path / "journal.sqlite") as journal,
+        connected(FailingStore, s3) as failing,
+        connected(PartGatedStore, s3) as gated,
+    ):
+        await discover(journal, root, bucket, ["big.bin"])
+        failing.fail_part = 2  # an earlier attempt that got part 1 through
+        first = await claim_one(journal, "big.bin")
+        with pytest.raises(RetryableError):
+            await Uploader(journal, s3, anyio.CapacityLimiter(1)).upload(
+                failing, first, root / "big.bin"
+            )
+        await journal.requeue(first.id)
+        uploader = Uploader(journal, s3, anyio.CapacityLimiter(1))  # parts in order
+        assert uploader.statistics().multipart == ()
+        gated.gated_part, gated.gate, gated.reached = 4, anyio.Event(), anyio.Event()
+        record = await claim_one(journal, "big.bin")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(uploader.upload, gated, record, root / "big.bin")
+            await gated.reached.wait()
+            held = uploader.statistics().multipart  # parts 1 (resumed), 2 and 3
+            gated.gate.set()
+        assert uploader.statistics().multipart == ()
+        assert (await row(journal, "big.bin")).state == "uploaded"
+    assert [(p.key, p.size, p.done) for p in held] == [(PREFIX + "big.bin", size, 3 * PART)]
+    assert object_bytes(s3_client, bucket, PREFIX + "big.bin") == data
+
+
 # -- 5. an unreachable endpoint: retry with backoff, then give up -------------------------
 
 

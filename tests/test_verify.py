@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import time
@@ -136,6 +137,24 @@ def test_tampered_missing_extra_and_changed_files_are_each_reported(
     quick = run_cli("verify", "-c", str(config), "--quick")
     assert quick.returncode == 1
     assert "1 missing, 1 size_mismatch, 0 checksum_mismatch, 1 extra" in quick.stdout
+    # For scripts: the counts and every difference as one JSON document.
+    document = run_cli("verify", "-c", str(config), "--quick", "--json")
+    assert document.returncode == 1
+    found = json.loads(document.stdout)
+    assert found["ok"] is False
+    assert found["counts"] == {
+        "match": len(files) - 2,
+        "missing": 1,
+        "size_mismatch": 1,
+        "checksum_mismatch": 0,
+        "extra": 1,
+        "unverified": 0,
+    }
+    assert {(row["key"], row["status"]) for row in found["differences"]} == {
+        (PREFIX + deleted, "missing"),
+        (PREFIX + grown, "size_mismatch"),
+        (PREFIX + "Batch1/stray.txt", "extra"),
+    }
 
 
 def test_without_a_journal_checksums_come_from_the_disk_and_the_objects(
@@ -211,6 +230,13 @@ def test_verify_via_the_running_daemon_and_one_watch_by_name(
         assert result.returncode == 1
         assert f"missing: {tmp_path / 'outbox' / 'Batch1/bad'}" in result.stdout
         assert "1 missing" in result.stdout
+        document = run_cli("verify", "--via-daemon", "--json", "-c", str(config))
+        assert document.returncode == 1
+        found = json.loads(document.stdout)
+        assert (found["counts"]["match"], found["counts"]["missing"]) == (len(files), 1)
+        assert [row["path"] for row in found["differences"]] == [
+            str(tmp_path / "outbox" / "Batch1/bad\nname.tiff")
+        ]
         unknown = run_cli("verify", "--via-daemon", "-c", str(config), "nope")
         assert unknown.returncode == 1
         assert "no watch named 'nope'" in unknown.stderr

@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 from cpg_daemon import __version__
+from cpg_daemon.cli.helptext import add_examples
 from cpg_daemon.core.checksums import CHECKSUM_NAMES, encode
 from cpg_daemon.core.config import (
     CANNED_ACLS,
@@ -50,6 +51,7 @@ from cpg_daemon.core.objectkeys import (
     MAX_PART_SIZE,
     MIN_PART_SIZE,
     S3Location,
+    glob_problem,
     manifest_folder,
     parse_grant_target,
     parse_s3_uri,
@@ -88,13 +90,20 @@ EXIT_PROBLEM = 1
 EXIT_CONFIG = 2
 
 
-def _config_arg(parser: argparse.ArgumentParser) -> None:
+def _config_arg(
+    parser: argparse.ArgumentParser,
+    text: str = "configuration file (default: $CPG_DAEMON_CONFIG, then "
+    "/etc/cpg-daemon/config.toml)",
+) -> None:
+    parser.add_argument("-c", "--config", type=Path, default=None, help=text)
+
+
+def _json_arg(parser: argparse.ArgumentParser, what: str = "the result") -> None:
     parser.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        default=None,
-        help="configuration file (default: $CPG_DAEMON_CONFIG, then /etc/cpg-daemon/config.toml)",
+        "--json",
+        action="store_true",
+        help=f"{what} as one JSON document on standard output, for scripts (fields: README, "
+        '"Machine-readable output")',
     )
 
 
@@ -140,17 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(run)
 
     check = commands.add_parser(
-        "check", help="validate the configuration and prove write access to each destination"
+        "check",
+        help="validate the configuration, show what each watch would upload (with the "
+        "gallery folder-rule findings) and prove write access to each destination",
     )
     _config_arg(check)
     check.add_argument(
         "--offline", action="store_true", help="only validate the file; contact no server"
     )
+    _json_arg(check, "the checks")
 
     upload = commands.add_parser(
         "upload",
         help="upload a folder, a file, or an S3 prefix or object to s3://bucket/prefix/ "
         "once, skipping what is there",
+        description="Uploads SRC below DEST as `aws s3 sync` would, with the daemon's "
+        "engine: every file of a folder (its path below SRC appended to DEST's prefix), or "
+        "one file (its name appended; without a trailing / DEST names the object, as with "
+        "aws s3 cp), or the objects of another bucket (s3://BUCKET/PREFIX/, streamed "
+        "through or copied within S3), checksummed, large files in parts; files whose "
+        "object is already there with the same size and checksum are skipped. Keys are "
+        "checked against the Cell Painting Gallery's folder rules (--structure). On a "
+        "terminal it shows its progress; at the end it prints a summary.",
     )
     upload.add_argument(
         "src",
@@ -163,7 +183,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="destination folder, s3://bucket/prefix/; for one file or object, without a "
         "trailing / it names the object (as aws s3 cp does)",
     )
-    _config_arg(upload)
+    _config_arg(
+        upload,
+        "take [s3] and [credentials] from this configuration file (default: "
+        "$CPG_DAEMON_CONFIG if set, else none: the flags and the usual AWS places)",
+    )
+    upload.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="send nothing: list what would be uploaded (with sizes, and why) and what is "
+        "already there, compared with a listing of DEST, and the folder-rule findings",
+    )
+    upload.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="upload only files below SRC that match (repeatable; default: every file); "
+        "globs as a watch's include: * and ? within a folder, ** across folders",
+    )
+    upload.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files, or folders and all below them, that match (repeatable; "
+        "added to the defaults: hidden files, *.tmp, Thumbs.db); wins over --include",
+    )
+    upload.add_argument(
+        "--structure",
+        choices=("warn", "reject", "off"),
+        default="warn",
+        help="the Cell Painting Gallery's folder rules: warn (upload, and say so; the "
+        "default), reject (keep out files that break a required rule), off (for another "
+        "bucket)",
+    )
     upload.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint")
     upload.add_argument(
         "--concurrency",
@@ -175,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--acl", default=None, choices=CANNED_ACLS, help="canned ACL ('' sends none)"
     )
-    upload.add_argument("--checksum", default=None, choices=CHECKSUM_NAMES)
+    upload.add_argument(
+        "--checksum",
+        default=None,
+        choices=CHECKSUM_NAMES,
+        help="the checksum sent with every request, which S3 checks (default CRC32C)",
+    )
     upload.add_argument(
         "--profile",
         default=None,
@@ -205,7 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--grants-endpoint-url", default=None, help=argparse.SUPPRESS
     )  # a private or test S3 Control endpoint
-    upload.add_argument("--region", default=None, help="AWS region (default us-east-1)")
+    upload.add_argument(
+        "--region",
+        default=None,
+        help="AWS region (default: -c's [s3] region, then AWS_REGION, AWS_DEFAULT_REGION, "
+        "the profile's region, us-east-1)",
+    )
     upload.add_argument(
         "--state-dir",
         type=Path,
@@ -214,7 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $XDG_STATE_HOME/cpg-daemon/upload; on Windows %%LOCALAPPDATA%%\\cpg-daemon"
         "\\upload)",
     )
-    upload.add_argument("--quiet", action="store_true", help="no progress line")
+    upload.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only errors (on standard error): no progress, no warnings, no summary; "
+        "the exit status says how it went (--json still prints its document)",
+    )
+    _json_arg(upload, "the summary (with --dry-run: every file's decision)")
     source = _source_args(upload)
     source.add_argument(
         "--no-server-side-copy",
@@ -248,7 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send no keys (the public cellpainting-gallery bucket needs none)",
     )
     dataset.add_argument("--endpoint-url", default=None, help="an S3-compatible endpoint")
-    dataset.add_argument("--region", default=None, help="AWS region (default us-east-1)")
+    dataset.add_argument(
+        "--region",
+        default=None,
+        help="AWS region (default: -c's [s3] region, then AWS_REGION, AWS_DEFAULT_REGION, "
+        "the profile's region, us-east-1)",
+    )
     dataset.add_argument(
         "--concurrency",
         type=int,
@@ -271,16 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=f"{text}; all watches, or one")
         command.add_argument("watch", nargs="?", metavar="WATCH", help="a watch's name")
         _socket_args(command)
+        _json_arg(command, "the daemon's answer")
     reload = commands.add_parser(
         "reload",
         help="make the running daemon read its configuration file again (as SIGHUP); "
         "exits 1 and changes nothing if the file is invalid",
     )
     _socket_args(reload)
+    _json_arg(reload, "the daemon's answer")
 
     verify = commands.add_parser(
         "verify",
-        help="compare every local file with its staged object (presence, size, checksum)",
+        help="compare every local file with its staged object (presence, size, checksum), "
+        "or staging with a manifest (--manifest); exit status 1 on any difference",
     )
     verify.add_argument("watch", nargs="?", metavar="WATCH", help="only this watch")
     verify.add_argument(
@@ -318,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --manifest: read without keys (the public gallery bucket, after a transfer)",
     )
-    verify.add_argument("--region", default=None, help="with --manifest: the AWS region")
+    verify.add_argument(
+        "--region",
+        default=None,
+        help="with --manifest or --source: the AWS region (default: -c's [s3] region, then "
+        "AWS_REGION, AWS_DEFAULT_REGION, the profile's region, us-east-1)",
+    )
     verify.add_argument(
         "--source",
         metavar="SRC",
@@ -334,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _source_args(verify)
     _socket_args(verify)
+    _json_arg(verify, "the counts and every difference")
 
     manifest = commands.add_parser(
         "manifest",
@@ -435,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="hand this AWS credentials file (root-only) to the daemon with LoadCredential=",
     )
+    add_examples(commands)
     return parser
 
 
@@ -509,50 +594,98 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Said:
+    """What a command found, said line by line as it goes, or kept for its --json
+    document (``document``), which is printed at the end instead."""
+
+    def __init__(self, as_json: bool, document: dict[str, Any]) -> None:
+        self.as_json = as_json
+        self.document = document
+
+    def __call__(self, line: str, *, escaped: bool = False) -> None:
+        """A line for people (``escaped``: its names are ``printable`` already)."""
+        if self.as_json:
+            return
+        if escaped:
+            print(line)
+        else:
+            _say(line)
+
+    def end(self) -> None:
+        if self.as_json:
+            print(json.dumps(self.document, indent=2))
+
+
 def _check(args: argparse.Namespace) -> int:
     config = _load(args)
-    from cpg_daemon.discovery.plan import describe_plan, plan_watch
+    from cpg_daemon.discovery.plan import describe_plan, plan_json, plan_watch
     from cpg_daemon.engine.grants import assign
     from cpg_daemon.ops.service import private_tmp_problem
 
     assignment = assign(config)
     problems = 0
     _configure_logs("console", "error")  # the folder walk's debug events stay quiet
-    _say(f"configuration {config.path}: valid")
-    _say(f"journal: {config.daemon.state_dir}")
+    watches: list[dict[str, Any]] = []
+    document: dict[str, Any] = {
+        "command": "check",
+        "config": str(config.path),
+        "journal": str(config.daemon.state_dir),
+        "offline": args.offline,
+        "watches": watches,
+        "credentials": [],
+        "problems": 0,
+    }
+    say = _Said(args.json, document)
+    say(f"configuration {config.path}: valid")
+    say(f"journal: {config.daemon.state_dir}")
     if not config.watches:
-        print("warning: no [[watch]] tables: the daemon would have nothing to do")
+        say("warning: no [[watch]] tables: the daemon would have nothing to do")
     for watch in config.watches:
         provider = assignment.by_watch[watch.name]
-        _say(f"watch {watch.name}: {watch.path} -> {watch.destination}")
-        _say(f"  credentials: {provider.config.source} {provider.config.target}".rstrip())
+        found: dict[str, Any] = {
+            "name": watch.name,
+            "path": str(watch.path),
+            "destination": str(watch.destination),
+            "credentials": {"source": provider.config.source, "target": provider.config.target},
+            "warnings": [],
+            "problems": [],
+            "plan": None,
+            "write_access": [],
+        }
+        watches.append(found)
+        say(f"watch {watch.name}: {watch.path} -> {watch.destination}")
+        say(f"  credentials: {provider.config.source} {provider.config.target}".rstrip())
         problem = private_tmp_problem(watch.path)  # fine in the foreground, not as the service
         if problem is not None:
-            _say(f"  warning: {problem}")
+            found["warnings"].append(problem)
+            say(f"  warning: {problem}")
         if not watch.path.is_dir():
-            _say(f"  problem: {watch.path} does not exist or is not a folder")
-            problems += 1
+            found["problems"].append(f"{watch.path} does not exist or is not a folder")
         elif not os.access(watch.path, os.R_OK | os.X_OK):
-            _say(f"  problem: {watch.path} is not readable by this user")
-            problems += 1
+            found["problems"].append(f"{watch.path} is not readable by this user")
         else:
             plan = plan_watch(watch)
+            found["plan"] = plan_json(plan)
             for line in describe_plan(plan):
-                print(line)
+                say(line, escaped=True)
             problems += plan.problems
-    if args.offline:
-        return EXIT_PROBLEM if problems else EXIT_OK
-    _configure_logs("console", "error")
-    problems += anyio.run(_check_online, config, assignment)
+        for problem in found["problems"]:
+            say(f"  problem: {problem}")
+            problems += 1
+    if not args.offline:
+        problems += anyio.run(_check_online, config, assignment, say)
+    document["problems"] = problems
+    say.end()
     return EXIT_PROBLEM if problems else EXIT_OK
 
 
-async def _check_online(config: Config, assignment: Assignment) -> int:
+async def _check_online(config: Config, assignment: Assignment, say: _Said) -> int:
     """Obtain keys once per grant, then prove write access to each destination."""
     from cpg_daemon.engine.grants import Grant, Grants
     from cpg_daemon.s3.credentials import RenewingProvider
 
     problems = 0
+    by_name = {found["name"]: found for found in say.document["watches"]}
     async with Grants.open(config, assignment) as grants:
         working: set[Grant] = set()
         for grant in grants:
@@ -560,27 +693,34 @@ async def _check_online(config: Config, assignment: Assignment) -> int:
             if not isinstance(provider, RenewingProvider):
                 working.add(grant)
                 continue
+            keys: dict[str, Any] = {"target": grant.target, "expires_at": None, "error": None}
+            say.document["credentials"].append(keys)
             if await grant.renew_now():
                 working.add(grant)
-                _say(f"credentials {grant.target}: obtained, valid until {provider.expires_at}")
+                expires = provider.expires_at
+                keys["expires_at"] = None if expires is None else expires.isoformat()
+                say(f"credentials {grant.target}: obtained, valid until {provider.expires_at}")
             else:
-                _say(f"credentials {grant.target}: {provider.statistics().last_error}")
+                keys["error"] = provider.statistics().last_error
+                say(f"credentials {grant.target}: {keys['error']}")
                 problems += 1
         for active in grants.table(config, assignment).values():
             watch = active.config
+            access = by_name[watch.name]["write_access"]
             if active.grant not in working:
-                _say(f"watch {watch.name}: not checked (no credentials)")
+                say(f"watch {watch.name}: not checked (no credentials)")
                 continue
             places = [watch.destination]
             if watch.upload_manifest:
                 places.append(manifest_folder(watch.destination))
             for place in places:
                 error = await _probe_write(active.grant.store, place)
+                access.append({"destination": str(place), "error": error})
                 if error:
-                    _say(f"watch {watch.name}: cannot write to {place}: {error}")
+                    say(f"watch {watch.name}: cannot write to {place}: {error}")
                     problems += 1
                 else:
-                    _say(f"watch {watch.name}: write access to {place} confirmed")
+                    say(f"watch {watch.name}: write access to {place} confirmed")
     return problems
 
 
@@ -621,6 +761,7 @@ def _grant_for(args: argparse.Namespace, destination: S3Location) -> Credentials
 def _upload(args: argparse.Namespace) -> int:
     from cpg_daemon.engine import oneshot
     from cpg_daemon.s3.credentials import ProfileMissingError
+    from cpg_daemon.s3.region import region_from_environment
 
     try:
         destination, object_name = oneshot.parse_destination(args.dest)
@@ -628,10 +769,10 @@ def _upload(args: argparse.Namespace) -> int:
         _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
-        config = _load(args)
+        config = load_config(args.config or default_config_path(), default_region="")
         s3, credentials = config.s3, config.credentials[0]
     else:
-        s3, credentials = S3Config(), CredentialsConfig()
+        s3, credentials = S3Config(region=""), CredentialsConfig()
     changes: dict[str, Any] = {}
     if args.endpoint_url is not None:
         changes["endpoint_url"] = args.endpoint_url
@@ -665,60 +806,141 @@ def _upload(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
     elif args.profile is not None:
         credentials = CredentialsConfig(source="profile", profile=args.profile)
+    if not s3.region:
+        s3 = replace(s3, region=region_from_environment(credentials.profile))
     state_dir = args.state_dir or oneshot.default_state_dir()
-    interactive = sys.stderr.isatty() and not args.quiet
-    if args.src.startswith("s3://"):
-        try:
-            parse_s3_uri(args.src)
-        except ValueError as exc:
-            _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        reader = _source_access(args, s3)
-        server_side = not args.no_server_side_copy and oneshot.same_access(
-            reader, (s3, credentials)
-        )
-
-        async def from_s3() -> oneshot.UploadSummary:
-            from cpg_daemon.engine.dataset import open_store
-
-            async with open_store(*reader) as store:
-                watch, objects = await oneshot.object_watch(
-                    store, args.src, destination, object_name, server_side=server_side
-                )
-                return await oneshot.upload(
-                    watch, s3, credentials, state_dir, progress=interactive, objects=objects
-                )
-
-        run = from_s3
-    else:
-        try:
-            watch = oneshot.source_watch(Path(args.src), destination, object_name)
-        except FileNotFoundError as exc:
-            _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-
-        async def from_disk() -> oneshot.UploadSummary:
-            return await oneshot.upload(watch, s3, credentials, state_dir, progress=interactive)
-
-        run = from_disk
-    _configure_logs("console" if interactive else "json", "warning" if interactive else "info")
     try:
-        summary = anyio.run(run)
-    except ProfileMissingError as exc:
+        if args.src.startswith("s3://"):
+            parse_s3_uri(args.src)
+            if args.dry_run:
+                raise ValueError(
+                    "--dry-run takes a local SRC for now; for an S3 SRC, `cpg-daemon verify "
+                    "--source SRC --destination DEST` says what is already there"
+                )
+            _check_patterns(args, single=False)
+            send = _objects_from(args, s3, credentials)
+            # (A pattern given for one object is refused once the store says it is one.)
+            return _upload_run(args, None, s3, credentials, state_dir, send)
+        watch = oneshot.source_watch(Path(args.src), destination, object_name)
+        # The journal is the source's and the destination's, whatever files are chosen.
+        journal = oneshot.journal_for(state_dir, watch, None)
+        watch = _chosen_files(args, watch, single=not Path(args.src).is_dir())
+        return _upload_run(args, watch, s3, credentials, journal)
+    except (FileNotFoundError, ValueError, ProfileMissingError) as exc:
         _say(f"cpg-daemon upload: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    rate = summary.bytes / summary.seconds if summary.seconds > 0 else 0.0
-    print(
-        f"{summary.files} files: {summary.uploaded} uploaded, "
-        f"{summary.already_present} already present, {summary.failed} failed; "
-        f"{format_size(summary.bytes)} sent in {summary.seconds:.1f} s "
-        f"({format_size(rate)}/s, {summary.uploaded / max(summary.seconds, 1e-9):.1f} files/s)"
-        + (
-            f"; {format_size(summary.bytes_copied)} copied within S3"
-            if summary.bytes_copied
-            else ""
-        )
+
+
+def _objects_from(
+    args: argparse.Namespace, s3: S3Config, credentials: CredentialsConfig
+) -> Callable[[Any], Coroutine[Any, Any, Any]]:
+    """The upload of an S3 SRC, given the progress callback: the source's store open
+    (its own keys) while the objects are listed and read, or copied within S3."""
+    from cpg_daemon.engine import oneshot
+    from cpg_daemon.engine.dataset import open_store
+
+    destination, object_name = oneshot.parse_destination(args.dest)
+    reader = _source_access(args, s3)
+    server_side = not args.no_server_side_copy and oneshot.same_access(reader, (s3, credentials))
+    state_dir = args.state_dir or oneshot.default_state_dir()
+
+    async def send(progress: Any) -> Any:
+        async with open_store(*reader) as store:
+            watch, objects = await oneshot.object_watch(
+                store, args.src, destination, object_name, server_side=server_side
+            )
+            journal = oneshot.journal_for(state_dir, watch, objects)
+            watch = _chosen_files(args, watch, single=bool(objects.single))
+            return await oneshot.upload(
+                watch, s3, credentials, state_dir, progress, journal=journal, objects=objects
+            )
+
+    return send
+
+
+def _check_patterns(args: argparse.Namespace, *, single: bool) -> None:
+    """ValueError for --include/--exclude patterns that would not mean what they seem to
+    (as in the config), or given for a single file."""
+    for pattern in args.include + args.exclude:
+        problem = "an empty pattern matches nothing" if not pattern else glob_problem(pattern)
+        if problem is not None:
+            raise ValueError(f"{pattern!r}: {problem}")
+    if (args.include or args.exclude) and single:
+        raise ValueError(f"--include and --exclude choose files in a folder; {args.src} is one")
+
+
+def _chosen_files(args: argparse.Namespace, watch: WatchConfig, *, single: bool) -> WatchConfig:
+    """The source's watch with --include, --exclude and --structure (``_check_patterns``)."""
+    _check_patterns(args, single=single)
+    return replace(
+        watch,
+        include=tuple(args.include) or watch.include,
+        exclude=watch.exclude + tuple(args.exclude),
+        structure=args.structure,
     )
+
+
+def _upload_run(
+    args: argparse.Namespace,
+    watch: WatchConfig | None,
+    s3: S3Config,
+    credentials: CredentialsConfig,
+    journal: Path,
+    send: Callable[[Any], Coroutine[Any, Any, Any]] | None = None,
+) -> int:
+    """The upload, or with --dry-run what it would do (0 when a real run would upload
+    every file; 1 when it would fail some, keep some out, or could not list DEST).
+    ``send``: the upload itself, given the progress callback (an S3 SRC's, whose watch
+    is made once its store is open); else ``watch``'s, kept in ``journal``.
+
+    The upload shows a progress display on a terminal (not with --quiet), then the
+    summary (a line, a JSON document, or nothing with --quiet) and each failure."""
+    from contextlib import nullcontext
+
+    from cpg_daemon.cli import uploadview
+    from cpg_daemon.engine import oneshot
+    from cpg_daemon.engine.dryrun import dry_run
+
+    if send is None:
+        assert watch is not None
+
+        async def send(progress: Any) -> Any:
+            assert watch is not None
+            return await oneshot.upload(
+                watch, s3, credentials, journal.parent, progress=progress, journal=journal
+            )
+
+    where = watch.destination if watch is not None else oneshot.parse_destination(args.dest)[0]
+    if args.dry_run and watch is not None:
+        _configure_logs("console" if sys.stderr.isatty() else "json", "error")
+        result = anyio.run(lambda: dry_run(watch, s3, credentials, journal))
+        if args.json:
+            document = uploadview.dry_run_json(result, str(args.src), watch.destination)
+            print(json.dumps(document, indent=2))
+        elif args.quiet:
+            for line in uploadview.dry_run_errors(result, watch.destination):
+                print(line, file=sys.stderr)
+        else:
+            for line in uploadview.dry_run_lines(result, watch.destination):
+                print(line)
+        return EXIT_PROBLEM if result.problems else EXIT_OK
+
+    terminal = sys.stderr.isatty()
+    display = None
+    if terminal and not args.quiet:
+        from rich.console import Console
+
+        display = uploadview.ProgressDisplay(Console(stderr=True))
+    with display.shown() if display is not None else nullcontext():
+        # Configured inside: on a terminal the log lines then appear above the display.
+        level = "error" if args.quiet else "warning" if terminal else "info"
+        _configure_logs("console" if terminal else "json", level)
+        summary = anyio.run(send, None if display is None else display.update)
+    if args.json:
+        document = uploadview.summary_json(summary, str(args.src), where)
+        print(json.dumps(document, indent=2))
+    elif not args.quiet:
+        print(uploadview.summary_line(summary))
     for path, error in summary.failures:
         _say(f"failed: {path}: {error}", file=sys.stderr)
     if summary.files == 0:
@@ -838,6 +1060,7 @@ def _verify(args: argparse.Namespace) -> int:
             _say(f"cpg-daemon verify: {exc}", file=sys.stderr)
             return EXIT_CONFIG if isinstance(exc, (ValueError, ConfigError)) else EXIT_PROBLEM
         summary = result.summary().replace("local files", "objects in the manifest")
+        counts = result.counts
     elif args.via_daemon:
         arguments = {"quick": args.quick, "rows": args.report is not None}
         if args.watch:
@@ -846,7 +1069,7 @@ def _verify(args: argparse.Namespace) -> int:
         if failed is not None:
             return failed
         result = verify.Result([verify.Row(**row) for row in reply["rows"]], reply["seconds"])
-        summary = reply["summary"]
+        summary, counts = reply["summary"], reply["counts"]
     else:
         config = _load(args)
         if args.watch:
@@ -868,8 +1091,23 @@ def _verify(args: argparse.Namespace) -> int:
             return EXIT_PROBLEM
         _configure_logs("console", "error")
         result = anyio.run(_verify_here, config, args.quick)
-        summary = result.summary()
+        summary, counts = result.summary(), result.counts
     different = [row for row in result.rows if row.status != "match"]
+    if args.report is not None:
+        with open(args.report, "w", encoding="utf-8", newline="") as out:
+            verify.write_report(result.rows, out)
+    if args.json:
+        document = {
+            "command": "verify",
+            "ok": not different,
+            "counts": {status: counts.get(status, 0) for status in verify.STATUSES},
+            "seconds": round(result.seconds, 3),
+            "summary": summary,
+            "differences": list(verify.row_dicts(different)),
+            "report": None if args.report is None else str(args.report),
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK if not different else EXIT_PROBLEM
     for row in different[:VERIFY_SHOWN]:
         where = row.path or row.key
         detail = ""
@@ -884,8 +1122,6 @@ def _verify(args: argparse.Namespace) -> int:
     if len(different) > VERIFY_SHOWN:
         _say(f"... and {len(different) - VERIFY_SHOWN:,} more (see --report)")
     if args.report is not None:
-        with open(args.report, "w", encoding="utf-8", newline="") as out:
-            verify.write_report(result.rows, out)
         _say(f"report: {args.report}")
     print(summary)
     return EXIT_OK if not different else EXIT_PROBLEM
@@ -1072,9 +1308,11 @@ def _read_access(
     read ``location`` with, for check-dataset and verify --manifest: the -c config's
     entry that covers it, else --profile, the environment, or --no-sign-request
     (ValueError: why not)."""
-    s3, credentials, state_dir = S3Config(), CredentialsConfig(), None
+    from cpg_daemon.s3.region import region_from_environment
+
+    s3, credentials, state_dir = S3Config(region=""), CredentialsConfig(), None
     if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
-        config = _load(args)
+        config = load_config(args.config or default_config_path(), default_region="")
         s3, state_dir = config.s3, config.daemon.state_dir
         covering = [c for c in config.credentials if target_covers(c.target, location)]
         if covering:
@@ -1091,10 +1329,12 @@ def _read_access(
     if args.region is not None:
         changes["region"] = args.region
     s3 = replace(s3, **changes)
-    if args.no_sign_request:
-        return s3, None, None
     if args.profile is not None:
         credentials = CredentialsConfig(source="profile", profile=args.profile)
+    if not s3.region:
+        s3 = replace(s3, region=region_from_environment(credentials.profile))
+    if args.no_sign_request:
+        return s3, None, None
     return s3, credentials, state_dir
 
 
@@ -1266,7 +1506,9 @@ def _control(args: argparse.Namespace) -> int:
     result, failed = _ask(args, args.command, arguments)
     if failed is not None:
         return failed
-    if args.command == "retry":
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.command == "retry":
         _say(f"{result['requeued']} failed files queued again ({', '.join(result['watches'])})")
     else:
         verb = {"pause": "paused", "resume": "resumed", "rescan": "rescanning"}[args.command]
@@ -1316,6 +1558,9 @@ def _reload(args: argparse.Namespace) -> int:
     result, failed = _ask(args, "reload", {}, _reload_socket(args))
     if failed is not None:
         return failed
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
     changes = "; ".join(
         f"{what} {', '.join(result[what])}"
         for what in ("added", "removed", "changed")

@@ -41,6 +41,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/cpg-daemon/config.toml")
 DEFAULT_SOCKET = Path("/run/cpg-daemon/control.sock")
 DEFAULT_STATE_DIR = Path("/var/lib/cpg-daemon")
 DEFAULT_EXCLUDE = (".*", "**/.*", "*.tmp", "**/*.tmp", "**/Thumbs.db")
+DEFAULT_REGION = "us-east-1"
 
 CANNED_ACLS = (
     "",
@@ -79,7 +80,7 @@ class DaemonConfig:
 
 @dataclass(frozen=True)
 class S3Config:
-    region: str = "us-east-1"
+    region: str = DEFAULT_REGION
     endpoint_url: str = ""
     acl: str = "bucket-owner-full-control"
     max_concurrency: int = 64
@@ -209,8 +210,13 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a configuration file."""
+def load_config(path: Path, *, default_region: str = DEFAULT_REGION) -> Config:
+    """Read and validate a configuration file.
+
+    ``default_region``: ``s3.region`` when the file names none. The daemon's is
+    us-east-1 (where the gallery's grants are), whatever the environment of whoever
+    started it; the one-shot commands pass "" and look where the AWS CLI looks.
+    """
     file = str(path)
     try:
         with open(path, "rb") as stream:
@@ -231,7 +237,7 @@ def load_config(path: Path) -> Config:
         if pasted is not None:
             raise ConfigError(file, "", _aws_profile_pasted(pasted.group(1))) from None
         raise ConfigError(file, "", f"not valid TOML: {exc}") from None
-    return parse_config(data, path)
+    return parse_config(data, path, default_region=default_region)
 
 
 _AWS_PROFILE_SECTION = re.compile(r"^\s*\[profile\s+([^\]\s]+)\s*\]", re.MULTILINE)
@@ -251,8 +257,11 @@ def _aws_profile_pasted(name: str) -> str:
     )
 
 
-def parse_config(data: Mapping[str, Any], path: Path | None) -> Config:
-    """Validate an already-parsed TOML document (``path`` is only used in messages)."""
+def parse_config(
+    data: Mapping[str, Any], path: Path | None, *, default_region: str = DEFAULT_REGION
+) -> Config:
+    """Validate an already-parsed TOML document (``path`` is only used in messages;
+    ``default_region`` as for ``load_config``)."""
     reader = _Reader(str(path) if path else "<config>")
     for name, value in data.items():
         known = name in ("daemon", "s3", "credentials", "watch")
@@ -260,7 +269,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None) -> Config:
             reader.fail(name, _aws_profile_pasted(name))
     reader.only_keys(data, "", ("daemon", "s3", "credentials", "watch"))
     daemon = _daemon(reader, reader.table(data, "daemon"))
-    s3 = _s3(reader, reader.table(data, "s3"))
+    s3 = _s3(reader, reader.table(data, "s3"), default_region)
     raw_credentials = data.get("credentials", {})
     if isinstance(raw_credentials, list):
         if not raw_credentials:
@@ -515,7 +524,7 @@ def _daemon(reader: _Reader, table: Mapping[str, Any]) -> DaemonConfig:
     )
 
 
-def _s3(reader: _Reader, table: Mapping[str, Any]) -> S3Config:
+def _s3(reader: _Reader, table: Mapping[str, Any], default_region: str) -> S3Config:
     w = "s3"
     d = S3Config()
     reader.only_keys(
@@ -537,7 +546,7 @@ def _s3(reader: _Reader, table: Mapping[str, Any]) -> S3Config:
     )
     checksum = reader.get(table, w, "checksum", _choice(*CHECKSUM_NAMES), d.checksum)
     return S3Config(
-        region=reader.get(table, w, "region", _string, d.region) or d.region,
+        region=reader.get(table, w, "region", _string, "") or default_region,
         endpoint_url=reader.get(table, w, "endpoint_url", _endpoint, ""),
         acl=reader.get(table, w, "acl", _choice(*CANNED_ACLS), d.acl),
         max_concurrency=reader.get(

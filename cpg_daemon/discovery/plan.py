@@ -10,6 +10,7 @@ would be uploaded once it settles.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from cpg_daemon.core.clock import SYSTEM_CLOCK, Clock
 from cpg_daemon.core.config import WatchConfig
@@ -18,7 +19,7 @@ from cpg_daemon.core.structure import RULES, Finding, check_key
 from cpg_daemon.core.text import printable
 from cpg_daemon.core.units import format_size
 from cpg_daemon.discovery.admission import ReadyMarker
-from cpg_daemon.discovery.scan import walk
+from cpg_daemon.discovery.scan import Seen, walk
 
 FIRST_KEYS = 5
 """Keys of the plan shown by name."""
@@ -52,6 +53,8 @@ class WatchPlan:
     held_back: int = 0
     """Files in top-level folders that have no ready marker yet."""
     seconds: float = 0.0
+    admitted: list[tuple[str, Seen]] = field(default_factory=list)
+    """(key, file) of every file that would be uploaded, when asked for (``keep``)."""
 
     @property
     def problems(self) -> int:
@@ -64,9 +67,10 @@ class WatchPlan:
         return len(self.bad_names) + int(rejected)
 
 
-def plan_watch(watch: WatchConfig, clock: Clock = SYSTEM_CLOCK) -> WatchPlan:
+def plan_watch(watch: WatchConfig, clock: Clock = SYSTEM_CLOCK, *, keep: bool = False) -> WatchPlan:
     """Walks ``watch.path`` (in sorted order, so the plan reads the same every time);
-    ``seconds`` is how long that took on ``clock``."""
+    ``seconds`` is how long that took on ``clock``; ``keep``: list every file that
+    would be uploaded in ``admitted`` (``upload --dry-run``)."""
     started = clock.monotonic()
     plan = WatchPlan(watch)
     path_filter = PathFilter(watch.include, watch.exclude)
@@ -96,6 +100,8 @@ def plan_watch(watch: WatchConfig, clock: Clock = SYSTEM_CLOCK) -> WatchPlan:
         plan.bytes += seen.size
         if len(plan.first_keys) < FIRST_KEYS:
             plan.first_keys.append(key)
+        if keep:
+            plan.admitted.append((key, seen))
     plan.seconds = clock.monotonic() - started
     return plan
 
@@ -138,16 +144,28 @@ def describe_plan(plan: WatchPlan) -> list[str]:
         lines += [f"    {rel}: {printable(why)}" for rel, why in plan.bad_names[:BAD_NAMES_SHOWN]]
         if len(plan.bad_names) > BAD_NAMES_SHOWN:
             lines.append(f"    ... and {len(plan.bad_names) - BAD_NAMES_SHOWN:,} more")
+    return lines + structure_lines(plan)
+
+
+def structure_lines(plan: WatchPlan, flag: bool = False) -> list[str]:
+    """The gallery folder-rule findings of a plan, one per folder and rule, and what
+    ``structure = "reject"`` would keep out (``flag``: the policy named as the command
+    line's ``--structure`` rather than the config's key)."""
+    watch = plan.watch
+    lines: list[str] = []
+
+    def policy(value: str) -> str:
+        return f"--structure {value}" if flag else f'structure = "{value}"'
+
     if watch.structure == "off":
-        lines.append('  structure: not checked (structure = "off")')
+        lines.append(f"  structure: not checked ({policy('off')})")
         return lines
     if not plan.findings:
-        lines.append(
-            f'  structure: follows the gallery\'s folder rules (structure = "{watch.structure}")'
-        )
+        lines.append(f"  structure: follows the gallery's folder rules ({policy(watch.structure)})")
         return lines
     lines.append(
-        f'  structure (structure = "{watch.structure}"): {len(plan.findings):,} warnings, '
+        f"  structure ({policy(watch.structure)}): {len(plan.findings):,} "
+        f"warning{'s' if len(plan.findings) != 1 else ''}, "
         "one per folder and rule:"
     )
     by_rule: dict[str, list[FolderFinding]] = {}
@@ -165,14 +183,43 @@ def describe_plan(plan: WatchPlan) -> list[str]:
     blocked = f"{_files(plan.blocked_files)} ({format_size(plan.blocked_bytes)})"
     if watch.structure == "reject" and plan.blocked_files:
         lines.append(
-            f'  problem: {blocked} kept out by structure = "reject" (marked failed, '
+            f"  problem: {blocked} kept out by {policy('reject')} (marked failed, "
             "with the rule, until the names are fixed)"
         )
     elif plan.blocked_files:
         lines.append(
-            f'  with structure = "reject", {blocked} would be kept out; '
-            f'with "{watch.structure}" they are uploaded as they are'
+            f"  with {policy('reject')}, {blocked} would be kept out; "
+            f"with {policy(watch.structure)} they are uploaded as they are"
         )
     else:
-        lines.append('  with structure = "reject" nothing would be kept out (all are advice)')
+        lines.append(f"  with {policy('reject')} nothing would be kept out (all are advice)")
     return lines
+
+
+def plan_json(plan: WatchPlan) -> dict[str, Any]:
+    """The plan for ``--json`` documents (``check``, ``upload --dry-run``); names as they
+    are (JSON escapes what a terminal would act on)."""
+    return {
+        "files": plan.files,
+        "bytes": plan.bytes,
+        "first_keys": plan.first_keys,
+        "held_back": plan.held_back,
+        "bad_names": [{"path": rel, "problem": why} for rel, why in plan.bad_names],
+        "structure": {
+            "policy": plan.watch.structure,
+            "findings": [
+                {
+                    "rule": entry.finding.rule,
+                    "folder": entry.finding.folder,
+                    "required": entry.finding.required,
+                    "message": entry.finding.message,
+                    "pointer": entry.finding.pointer,
+                    "files": entry.files,
+                }
+                for entry in plan.findings.values()
+            ],
+            "blocked_files": plan.blocked_files,
+            "blocked_bytes": plan.blocked_bytes,
+        },
+        "seconds": round(plan.seconds, 3),
+    }

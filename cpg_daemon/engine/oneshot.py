@@ -14,6 +14,7 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,10 @@ import structlog
 
 from cpg_daemon.core.config import Config, CredentialsConfig, DaemonConfig, S3Config, WatchConfig
 from cpg_daemon.core.objectkeys import S3Location, object_key, parse_s3_uri
-from cpg_daemon.core.units import format_size
 from cpg_daemon.engine.runtime import Engine
 from cpg_daemon.engine.sources import ObjectSource
-from cpg_daemon.journal import Journal, hold_lock
+from cpg_daemon.engine.uploader import PartsDone, Uploader
+from cpg_daemon.journal import Journal, JournalStatistics, hold_lock
 from cpg_daemon.s3.store import Storage
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,28 @@ class UploadSummary:
     failures: tuple[tuple[str, str], ...]
     bytes_copied: int = 0
     """Of objects copied within S3 (server-side copy): not sent by this machine."""
+
+
+@dataclass(frozen=True)
+class UploadProgress:
+    """Where an upload stands, for a progress display (``upload(progress=...)``)."""
+
+    files: int
+    """Files found to upload (all of them once the walk is done: it comes first)."""
+    files_done: int
+    """Uploaded, or found already there."""
+    files_failed: int
+    bytes: int
+    bytes_done: int
+    """Of the files done, and of the parts of large files S3 holds already."""
+    bytes_sent: int
+    """Sent by this run so far (what a rate is computed from)."""
+    multipart: tuple[PartsDone, ...]
+    """Large files in progress, part by part."""
+
+
+PROGRESS_EVERY = 0.25
+"""Seconds between two progress snapshots."""
 
 
 def default_state_dir() -> Path:
@@ -170,11 +193,17 @@ async def upload(
     credentials: CredentialsConfig,
     state_dir: Path,
     file_attempts: int = 3,
-    progress: bool = False,
+    progress: Callable[[UploadProgress], None] | None = None,
+    journal: Path | None = None,
     objects: ObjectSource | None = None,
 ) -> UploadSummary:
     """Upload what ``source_watch`` selected below its destination, or ``objects`` (an
-    S3 source, from ``object_watch``); returns what happened."""
+    S3 source, from ``object_watch``); returns what happened.
+
+    ``progress`` is called with a snapshot every ``PROGRESS_EVERY`` s while files are
+    sent. ``journal``: the resumable journal to keep (default: ``journal_for`` the
+    watch's source and destination, in ``state_dir``); it is locked while the upload runs.
+    """
     started = time.monotonic()
     config = Config(
         path=None,
@@ -183,7 +212,7 @@ async def upload(
         credentials=(credentials,),
         watches=(watch,),
     )
-    path = journal_for(state_dir, watch, objects)
+    path = journal or journal_for(state_dir, watch, objects)
     source = _source_name(watch, objects)
     lock = await anyio.to_thread.run_sync(_lock_journal, path, source, watch.destination)
     try:
@@ -203,7 +232,11 @@ def _lock_journal(path: Path, source: Path | str, destination: S3Location) -> in
 
 
 async def _upload(
-    config: Config, path: Path, objects: ObjectSource | None, progress: bool, started: float
+    config: Config,
+    path: Path,
+    objects: ObjectSource | None,
+    progress: Callable[[UploadProgress], None] | None,
+    started: float,
 ) -> UploadSummary:
     async with Engine.open(config, path) as engine:
         async with anyio.create_task_group() as tg:
@@ -214,7 +247,7 @@ async def _upload(
             else:
                 await engine.walk_objects(WATCH_NAME, objects)
             await tg.start(engine.scheduler.run)
-            await _wait_until_done(engine.journal, progress, started)
+            await _wait_until_done(engine.journal, engine.uploader, progress)
             tg.cancel_scope.cancel()
         records = await engine.journal.records(WATCH_NAME)
         stats = engine.uploader.statistics()
@@ -232,21 +265,29 @@ async def _upload(
     )
 
 
-async def _wait_until_done(journal: Journal, progress: bool, started: float) -> None:
+async def _wait_until_done(
+    journal: Journal, uploader: Uploader, progress: Callable[[UploadProgress], None] | None
+) -> None:
     while True:
         stats = await journal.statistics()
         pending = stats.total("queued").files + stats.total("uploading").files
-        if progress:
-            done = stats.total("uploaded")
-            elapsed = max(time.monotonic() - started, 1e-9)
-            sys.stderr.write(
-                f"\r{done.files} files uploaded ({format_size(done.bytes)}), {pending} to go, "
-                f"{stats.total('failed').files} failed, "
-                f"{format_size(done.bytes / elapsed)}/s   "
-            )
-            sys.stderr.flush()
+        if progress is not None:
+            progress(_snapshot(stats, uploader))
         if pending == 0:
-            if progress:
-                sys.stderr.write("\n")
             return
-        await anyio.sleep(0.5 if progress else 0.2)
+        await anyio.sleep(PROGRESS_EVERY if progress is not None else 0.2)
+
+
+def _snapshot(stats: JournalStatistics, uploader: Uploader) -> UploadProgress:
+    done, failed = stats.total("uploaded"), stats.total("failed")
+    sent = uploader.statistics()
+    everything = [stats.total(state) for state in ("queued", "uploading", "uploaded", "failed")]
+    return UploadProgress(
+        files=sum(counts.files for counts in everything),
+        files_done=done.files,
+        files_failed=failed.files,
+        bytes=sum(counts.bytes for counts in everything),
+        bytes_done=done.bytes + sum(parts.done for parts in sent.multipart),
+        bytes_sent=sent.bytes_sent,
+        multipart=sent.multipart,
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +52,16 @@ Outcome = Literal["uploaded", "already-present", "changed"]
 
 
 @dataclass(frozen=True)
+class PartsDone:
+    """One multipart upload in progress: the bytes of its parts S3 holds (sent now, or
+    before a resume), so a large file shows progress long before it is complete."""
+
+    key: str
+    size: int
+    done: int
+
+
+@dataclass(frozen=True)
 class UploaderStatistics:
     requests_in_flight: int
     bytes_sent: int
@@ -60,6 +70,8 @@ class UploaderStatistics:
     """Bytes sent per second over the last THROUGHPUT_WINDOW seconds."""
     requests_allowed: int = 0
     """Requests allowed in flight now (adapted to the link, up to s3.max_concurrency)."""
+    multipart: tuple[PartsDone, ...] = ()
+    """The multipart uploads in progress, with how much of each file S3 holds."""
 
 
 THROUGHPUT_WINDOW = 20.0
@@ -134,6 +146,8 @@ class Uploader:
         self.bytes_copied = 0
         """Bytes of objects copied within S3 (``_copy``): not sent by this machine."""
         self._rate = Throughput(THROUGHPUT_WINDOW, clock)
+        self._parts_done: dict[int, PartsDone] = {}
+        """File id -> its multipart upload's progress, while it is in progress."""
 
     def statistics(self) -> UploaderStatistics:
         stats = self._limiter.statistics()
@@ -143,6 +157,7 @@ class Uploader:
             self._files_uploaded,
             round(self._rate.per_second(), 1),
             int(stats.total_tokens),
+            tuple(self._parts_done.values()),
         )
 
     def _sent(self, amount: int) -> None:
@@ -202,9 +217,7 @@ class Uploader:
         with structlog.contextvars.bound_contextvars(path=source.name, key=record.key):
             if record.check_remote and record.upload_id is None:
                 remote = await store.head(record.bucket, record.key)
-                proof = (
-                    None if remote is None else await self._same_content(remote, source, expected)
-                )
+                proof = None if remote is None else await same_content(remote, source, expected)
                 if remote is not None and proof is not None:
                     algorithm, checksum = proof
                     await self._journal.mark_uploaded(
@@ -215,17 +228,21 @@ class Uploader:
             copied = None
             if isinstance(source, ObjectFile) and source.copies and record.upload_id is None:
                 copied = await self._copy(store, record, source)
-            if copied is not None:
-                etag, checksum = copied
-            elif record.size < self._s3.multipart_threshold:
-                if record.upload_id is not None:  # the file shrank below the threshold
-                    await self.abort(store, record)
-                etag, checksum = await self._single(store, record, source, expected)
-            else:
-                etag, checksum = await self._multipart(store, record, source, expected)
-            done = await self._journal.mark_uploaded(
-                record, etag=etag, checksum_algorithm=self._checksum, checksum=checksum
-            )
+            try:
+                if copied is not None:
+                    etag, checksum = copied
+                elif record.size < self._s3.multipart_threshold:
+                    if record.upload_id is not None:  # the file shrank below the threshold
+                        await self.abort(store, record)
+                    etag, checksum = await self._single(store, record, source, expected)
+                else:
+                    etag, checksum = await self._multipart(store, record, source, expected)
+                done = await self._journal.mark_uploaded(
+                    record, etag=etag, checksum_algorithm=self._checksum, checksum=checksum
+                )
+            finally:
+                # A multipart upload's progress shows until the journal counts the file.
+                self._parts_done.pop(record.id, None)
             return self._recorded(record, done, self._clock.monotonic() - started, checksum)
 
     def _recorded(self, record: FileRecord, done: bool, seconds: float, checksum: str) -> Outcome:
@@ -349,23 +366,6 @@ class Uploader:
                 results[index] = self._recorded(record, recorded[index], seconds, uploaded.checksum)
         return results
 
-    async def _same_content(
-        self, remote: RemoteObject, source: SourceFile, expected: files.FileStat
-    ) -> tuple[str, str] | None:
-        """The (algorithm, checksum) proving an existing object holds this file, if any.
-
-        Only a full-object checksum can be recomputed from the file alone: a
-        composite one (``...-N``) depends on the part layout of whoever uploaded it.
-        """
-        if remote.size != expected.size:
-            return None
-        for name, value in remote.checksums.items():
-            if "-" in value or name not in ALGORITHMS:
-                continue
-            local = await source.whole_checksum(name, expected)
-            return (name, value) if local == value else None
-        return None
-
     async def _single(
         self, store: Storage, record: FileRecord, source: SourceFile, expected: files.FileStat
     ) -> tuple[str, str]:
@@ -434,6 +434,8 @@ class Uploader:
             ranges = [r for r in part_ranges(record.size, part_size) if r.number not in sent]
             if sent:
                 log.info("multipart_resumed", parts_done=len(sent), parts_to_send=len(ranges))
+            held = sum(p.length for p in sent.values())
+            self._parts_done[record.id] = PartsDone(record.key, record.size, held)
             await self._send_parts(store, record, source, expected, upload_id, ranges, sent)
             ordered = [sent[n] for n in sorted(sent)]
             algorithm = ALGORITHMS[self._checksum]
@@ -563,6 +565,8 @@ class Uploader:
                     record.id, upload_id, PartRecord(part.number, etag, encode(digest), part.length)
                 )
                 sent[part.number] = _SentPart(part.number, etag, digest, part.length)
+                before = self._parts_done[record.id]
+                self._parts_done[record.id] = replace(before, done=before.done + part.length)
             except CpgError as exc:
                 errors.append(exc)
                 tg.cancel_scope.cancel()
@@ -604,6 +608,30 @@ class Uploader:
                 return
             await self._journal.forget_upload(record.id)
             log.info("multipart_aborted", upload_id=upload_id)
+
+
+def whole_checksum(remote: RemoteObject) -> tuple[ChecksumName, str] | None:
+    """An object's full-object checksum (algorithm, value) that a file alone reproduces,
+    if it has one: a composite one (``...-N``) depends on the part layout of whoever
+    uploaded it."""
+    for name, value in remote.checksums.items():
+        if "-" not in value and name in ALGORITHMS:
+            return name, value
+    return None
+
+
+async def same_content(
+    remote: RemoteObject, source: Path | SourceFile, expected: files.FileStat
+) -> tuple[str, str] | None:
+    """The (algorithm, checksum) proving an existing object holds this file (a path, or
+    a ``SourceFile``), if any: the file is read to compute it (an S3 source may keep it)."""
+    found = whole_checksum(remote) if remote.size == expected.size else None
+    if found is None:
+        return None
+    name, value = found
+    file = LocalFile(source) if isinstance(source, Path) else source
+    local = await file.whole_checksum(name, expected)
+    return (name, value) if local == value else None
 
 
 def _most_serious(errors: list[BaseException]) -> BaseException:

@@ -800,7 +800,8 @@ class RenewingProvider(CredentialProvider):
         if code == "AccessDenied" and wrong_region and wrong_region.group(1) != "us-east-1":
             return (
                 f"{what}: the request went to region {wrong_region.group(1)}, but the "
-                'grants are in us-east-1: set [s3] region = "us-east-1"'
+                'grants are in us-east-1: set [s3] region = "us-east-1" (cpg-daemon upload: '
+                "--region us-east-1)"
             )
         if code == "AccessDenied" and "no matching grant" in message.lower():
             return (
