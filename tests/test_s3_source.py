@@ -311,3 +311,27 @@ def test_an_empty_or_mistyped_source_prefix_is_said_not_silently_done(
     missing = run_upload("s3://no-such-lab-bucket/x/", dest, url, tmp_path)
     assert missing.returncode == 1, describe(missing)
     assert "the bucket does not exist (NoSuchBucket)" in missing.stderr
+
+
+def test_a_single_file_or_object_whose_name_looks_like_a_glob_is_still_itself(
+    s3_server: S3Server, s3_client: Any, bucket: str, tmp_path: Path
+) -> None:
+    """``plate[1].csv`` and ``what?.csv``: the name, not a pattern, chooses the file."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("plate[1].csv", "plate1.csv", "what?.csv"):
+        (src / name).write_bytes(name.encode() * 10)
+    url = s3_server.endpoint_url
+    for name in ("plate[1].csv", "what?.csv"):
+        result = run_upload(src / name, f"s3://{bucket}/{PREFIX}local/", url, tmp_path / "s")
+        assert result.returncode == 0, describe(result)
+    lab, _ = fill_source(s3_client, {"odd[1].csv": 100})
+    result = run_upload(
+        f"s3://{lab}/Batch8/odd[1].csv", f"s3://{bucket}/{PREFIX}s3/", url, tmp_path / "s"
+    )
+    assert result.returncode == 0, describe(result)
+    assert all_objects(s3_client, bucket) == {
+        PREFIX + "local/plate[1].csv": 120,
+        PREFIX + "local/what?.csv": 90,
+        PREFIX + "s3/odd[1].csv": 100,
+    }

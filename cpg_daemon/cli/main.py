@@ -866,7 +866,7 @@ def _check_patterns(args: argparse.Namespace, *, single: bool) -> None:
         if problem is not None:
             raise ValueError(f"{pattern!r}: {problem}")
     if (args.include or args.exclude) and single:
-        raise ValueError(f"--include and --exclude choose files in a folder; {args.src} is one")
+        raise ValueError(f"--include and --exclude choose files in a folder; {args.src} is a file")
 
 
 def _chosen_files(args: argparse.Namespace, watch: WatchConfig, *, single: bool) -> WatchConfig:

@@ -10,6 +10,7 @@ source to the same destination is refused until the first ends.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import sys
@@ -101,7 +102,7 @@ def _source_name(watch: WatchConfig, objects: ObjectSource | None) -> Path | str
     """What the upload of ``watch`` reads: the folder (or file), or the S3 SRC."""
     if objects is None:
         return watch.path / watch.include[0]
-    return objects.name(watch.include[0])
+    return objects.name(objects.single or watch.include[0])
 
 
 def journal_for(state_dir: Path, watch: WatchConfig, objects: ObjectSource | None) -> Path:
@@ -131,7 +132,7 @@ def source_watch(source: Path, destination: S3Location, object_name: str = "") -
             source.parent,
             destination,
             settle=0.0,
-            include=(source.name,),
+            include=(glob.escape(source.name),),
             exclude=(),
             object_name=object_name,
         )
@@ -178,7 +179,7 @@ async def object_watch(
             OBJECTS_ROOT,
             destination,
             settle=0.0,
-            include=(name,),
+            include=(glob.escape(name),),
             exclude=(),
             object_name=object_name,
         )
