@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cpg_daemon.core.config import load_config
-from cpg_daemon.s3.region import region_from_environment
+from cpg_daemon.core.config import GALLERY_BUCKET, load_config
+from cpg_daemon.s3.region import region_for, region_from_environment
 
 AWS_CONFIG = """\
 [default]
@@ -63,6 +63,17 @@ def test_without_any_of_them_it_is_us_east_1(
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     assert region_from_environment() == "us-east-1"
+
+
+def test_the_gallerys_bucket_is_reached_in_us_east_1_whatever_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A contributor in Europe with AWS_REGION=eu-west-1 for their own work: staging and
+    its Access Grants are in us-east-1; their own bucket is where the environment says."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert region_for(GALLERY_BUCKET) == "us-east-1"
+    assert region_for("lab-own-bucket") == "eu-west-1"
 
 
 def test_the_daemons_configuration_keeps_us_east_1_whatever_the_environment(

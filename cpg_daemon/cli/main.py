@@ -761,7 +761,7 @@ def _grant_for(args: argparse.Namespace, destination: S3Location) -> Credentials
 def _upload(args: argparse.Namespace) -> int:
     from cpg_daemon.engine import oneshot
     from cpg_daemon.s3.credentials import ProfileMissingError
-    from cpg_daemon.s3.region import region_from_environment
+    from cpg_daemon.s3.region import region_for
 
     try:
         destination, object_name = oneshot.parse_destination(args.dest)
@@ -807,7 +807,7 @@ def _upload(args: argparse.Namespace) -> int:
     elif args.profile is not None:
         credentials = CredentialsConfig(source="profile", profile=args.profile)
     if not s3.region:
-        s3 = replace(s3, region=region_from_environment(credentials.profile))
+        s3 = replace(s3, region=region_for(destination.bucket, credentials.profile))
     state_dir = args.state_dir or oneshot.default_state_dir()
     try:
         if args.src.startswith("s3://"):
@@ -1308,7 +1308,7 @@ def _read_access(
     read ``location`` with, for check-dataset and verify --manifest: the -c config's
     entry that covers it, else --profile, the environment, or --no-sign-request
     (ValueError: why not)."""
-    from cpg_daemon.s3.region import region_from_environment
+    from cpg_daemon.s3.region import region_for
 
     s3, credentials, state_dir = S3Config(region=""), CredentialsConfig(), None
     if args.config is not None or os.environ.get("CPG_DAEMON_CONFIG"):
@@ -1332,7 +1332,7 @@ def _read_access(
     if args.profile is not None:
         credentials = CredentialsConfig(source="profile", profile=args.profile)
     if not s3.region:
-        s3 = replace(s3, region=region_from_environment(credentials.profile))
+        s3 = replace(s3, region=region_for(location.bucket, credentials.profile))
     if args.no_sign_request:
         return s3, None, None
     return s3, credentials, state_dir

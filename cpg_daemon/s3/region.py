@@ -2,7 +2,8 @@
 file name one: where the AWS CLI looks.
 
 ``AWS_REGION``, then ``AWS_DEFAULT_REGION``, then the profile's ``region`` (in
-``~/.aws/config``, or ``AWS_CONFIG_FILE``), then us-east-1, the gallery's region. The
+``~/.aws/config``, or ``AWS_CONFIG_FILE``), then us-east-1, the gallery's region; for the
+gallery's own bucket always us-east-1 (``region_for``). The
 daemon does not look here: its region is its configuration's, or us-east-1, whatever
 the environment of whoever started it (``core.config.load_config``).
 """
@@ -14,9 +15,19 @@ import os
 import botocore.exceptions
 import botocore.session
 
-from cpg_daemon.core.config import DEFAULT_REGION
+from cpg_daemon.core.config import DEFAULT_REGION, GALLERY_BUCKET
 
-__all__ = ["region_from_environment"]
+__all__ = ["region_for", "region_from_environment"]
+
+
+def region_for(bucket: str, profile: str = "") -> str:
+    """The region to reach ``bucket`` in: the gallery's staging bucket is in us-east-1
+    (its Access Grants too), whatever the environment says (a contributor in Europe
+    with AWS_REGION=eu-west-1 set for their own work); any other bucket's is the
+    environment's (``region_from_environment``)."""
+    if bucket == GALLERY_BUCKET:
+        return DEFAULT_REGION
+    return region_from_environment(profile)
 
 
 def region_from_environment(profile: str = "") -> str:
