@@ -348,6 +348,25 @@ class MemoryStore:
         objects[key] = _Object(data, _etag(data), checksums, None)
         return objects[key].etag
 
+    async def upload_part_copy(
+        self,
+        source: tuple[str, str, str],
+        bucket: str,
+        key: str,
+        upload_id: str,
+        number: int,
+        byte_range: tuple[int, int],
+    ) -> tuple[str, str]:
+        src_bucket, src_key, etag = source
+        what = f"UploadPartCopy {number} of s3://{bucket}/{key}"
+        await self._enter(Call("UploadPartCopy", bucket, key, number))
+        found = self._version(what, src_bucket, src_key, etag)
+        data = found.data[byte_range[0] : byte_range[1] + 1]
+        upload = self._upload(what, bucket, key, upload_id)
+        upload.parts[number] = _Part(data, _etag(data))
+        checksum = encode(self.algorithm.digest(data)) if self.algorithm.enabled else ""
+        return upload.parts[number].etag, checksum
+
     async def upload_part(
         self, bucket: str, key: str, upload_id: str, number: int, body: Body, checksum: str
     ) -> str:

@@ -190,6 +190,16 @@ class ObjectFile:
         whole, _ = await self._source.digests(rel, checksum, expected)
         return encode(whole)
 
+    async def range_digest(self, offset: int, length: int, checksum: ChecksumName) -> bytes:
+        """The raw checksum of ``length`` bytes at ``offset``, read a chunk at a time."""
+        digests = files.Digests(checksum)
+        bucket = self._source.location.bucket
+        for start in range(offset, offset + length, READ_CHUNK):
+            size = min(READ_CHUNK, offset + length - start)
+            data = await self._source.store.get_range(bucket, self._key, start, size, self._etag)
+            await anyio.to_thread.run_sync(digests.update, data)
+        return digests.result()[0]
+
     async def confirm(self, expected: files.FileStat) -> None:
         """The parts read, combined, against the source's own checksum (where it keeps
         one and every part was read now: parts sent before a resume were not re-read)."""

@@ -117,6 +117,11 @@ class _SentPart:
     length: int
 
 
+COPY_PART_SIZE = 512 * 1024**2
+"""Parts of a copy within S3 (UploadPartCopy) at least: none of their bytes pass through
+this machine, so larger parts only mean fewer requests (S3 takes up to 5 GiB)."""
+
+
 class Uploader:
     """Uploads files described by journal records, recording progress as it goes."""
 
@@ -226,8 +231,8 @@ class Uploader:
                     log.info("already_present", size=record.size)
                     return "already-present"
             copied = None
-            if isinstance(source, ObjectFile) and source.copies and record.upload_id is None:
-                copied = await self._copy(store, record, source)
+            if isinstance(source, ObjectFile) and source.copies:
+                copied = await self._copy(store, record, source, expected)
             try:
                 if copied is not None:
                     etag, checksum = copied
@@ -262,25 +267,122 @@ class Uploader:
         return "uploaded"
 
     async def _copy(
-        self, store: Storage, record: FileRecord, source: ObjectFile
+        self, store: Storage, record: FileRecord, source: ObjectFile, expected: files.FileStat
     ) -> tuple[str, str] | None:
-        """An object of another bucket copied within S3 (CopyObject): its ETag and the
-        checksum S3 computed for the copy; None when it must be streamed instead (too
-        large for one CopyObject, or these keys may not read the source)."""
-        if record.size > MAX_SINGLE_PUT:
-            return None
+        """An object of another bucket copied within S3: its ETag and the checksum S3
+        computed for the copy. Below ``multipart_threshold`` one CopyObject; from it on
+        part by part (UploadPartCopy, journaled and resumed like an upload's parts). None
+        when it must be streamed instead: these keys may not read the source."""
         try:
-            async with self._limiter:
-                etag, checksum = await store.copy_object(source.version, record.bucket, record.key)
+            if record.size < self._s3.multipart_threshold and record.upload_id is None:
+                async with self._limiter:
+                    etag, checksum = await store.copy_object(
+                        source.version, record.bucket, record.key
+                    )
+                if not checksum and ALGORITHMS[self._checksum].enabled:
+                    remote = await store.head(record.bucket, record.key)
+                    checksum = "" if remote is None else remote.checksums.get(self._checksum, "")
+            else:
+                etag, checksum = await self._copy_parts(store, record, source, expected)
         except SkipFileError as exc:  # AccessDenied and the like: the keys cannot read it
             source.refused(str(exc))
+            await self.abort(store, record)  # streamed parts are cut otherwise
             return None
-        if not checksum and ALGORITHMS[self._checksum].enabled:
-            remote = await store.head(record.bucket, record.key)
-            checksum = "" if remote is None else remote.checksums.get(self._checksum, "")
         self.bytes_copied += record.size
         log.debug("copied_within_s3", size=record.size)
         return etag, checksum
+
+    async def _copy_parts(
+        self, store: Storage, record: FileRecord, source: ObjectFile, expected: files.FileStat
+    ) -> tuple[str, str]:
+        """A multipart copy within S3: parts of ``COPY_PART_SIZE`` (none of their bytes
+        pass through here), concurrently, each journaled as it is done; a copy that
+        was interrupted goes on from the parts S3 holds and the journal knows."""
+        part_size = choose_part_size(record.size, max(self._s3.part_size, COPY_PART_SIZE))
+        sent: dict[int, _SentPart] = {}
+        upload_id = record.upload_id
+        same = (record.upload_size, record.upload_mtime_ns) == (record.size, record.mtime_ns)
+        if upload_id is not None and same and record.part_size:
+            part_size = record.part_size
+            try:
+                sent = await self._copied_before(store, record, upload_id)
+            except UploadGoneError:
+                await self._journal.forget_upload(record.id)
+                upload_id = None
+        elif upload_id is not None:
+            await self.abort(store, record)
+            upload_id = None
+        if upload_id is None:
+            upload_id = await self._create(store, record, part_size)
+        errors: list[BaseException] = []
+
+        async def copy(part: PartRange, upload_id: str) -> None:
+            try:
+                last = part.offset + part.length - 1
+                async with self._limiter:
+                    etag, checksum = await store.upload_part_copy(
+                        source.version,
+                        record.bucket,
+                        record.key,
+                        upload_id,
+                        part.number,
+                        (part.offset, last),
+                    )
+                if checksum or not ALGORITHMS[self._checksum].enabled:
+                    digest = decode(checksum) if checksum else b""
+                else:  # the server did not say: read the range to compute it (send nothing)
+                    digest = await source.range_digest(part.offset, part.length, self._checksum)
+                await self._journal.add_part(
+                    record.id, upload_id, PartRecord(part.number, etag, encode(digest), part.length)
+                )
+                sent[part.number] = _SentPart(part.number, etag, digest, part.length)
+            except CpgError as exc:
+                errors.append(exc)
+                tg.cancel_scope.cancel()
+
+        with structlog.contextvars.bound_contextvars(upload_id=upload_id):
+            async with anyio.create_task_group() as tg:
+                for part in part_ranges(record.size, part_size):
+                    if part.number not in sent:
+                        tg.start_soon(copy, part, upload_id)
+            if errors:
+                raise _most_serious(errors)
+            return await self._complete(store, record, upload_id, sent)
+
+    async def _complete(
+        self, store: Storage, record: FileRecord, upload_id: str, sent: dict[int, _SentPart]
+    ) -> tuple[str, str]:
+        """CompleteMultipartUpload with every part and the whole object's checksum (made
+        of the parts'); the object's ETag and that checksum."""
+        ordered = [sent[n] for n in sorted(sent)]
+        algorithm = ALGORITHMS[self._checksum]
+        checksum = algorithm.object_checksum(
+            [PartDigest(p.digest, p.length) for p in ordered], multipart=True
+        )
+        etag = await store.complete_multipart_upload(
+            record.bucket,
+            record.key,
+            upload_id,
+            [(p.number, p.etag, encode(p.digest)) for p in ordered],
+            checksum,
+        )
+        return etag, checksum
+
+    async def _copied_before(
+        self, store: Storage, record: FileRecord, upload_id: str
+    ) -> dict[int, _SentPart]:
+        """The parts of an interrupted copy that S3 holds and the journal knows (a part
+        S3 holds but the journal missed is copied again: it costs no transfer here)."""
+        journaled = {p.number: p for p in await self._journal.parts(record.id, upload_id)}
+        sent: dict[int, _SentPart] = {}
+        for part in await store.list_parts(record.bucket, record.key, upload_id):
+            known = journaled.get(part.number)
+            if known is not None and known.etag == part.etag and known.size == part.size:
+                digest = decode(known.checksum) if known.checksum else b""
+                sent[part.number] = _SentPart(part.number, part.etag, digest, part.size)
+        if sent:
+            log.info("copy_resumed", upload_id=upload_id, parts_done=len(sent))
+        return sent
 
     def batchable(self, record: FileRecord) -> bool:
         """Whether the file may go in a group of small files (``upload_many``): one
@@ -437,20 +539,8 @@ class Uploader:
             held = sum(p.length for p in sent.values())
             self._parts_done[record.id] = PartsDone(record.key, record.size, held)
             await self._send_parts(store, record, source, expected, upload_id, ranges, sent)
-            ordered = [sent[n] for n in sorted(sent)]
-            algorithm = ALGORITHMS[self._checksum]
-            checksum = algorithm.object_checksum(
-                [PartDigest(p.digest, p.length) for p in ordered], multipart=True
-            )
             await source.confirm(expected)
-            etag = await store.complete_multipart_upload(
-                record.bucket,
-                record.key,
-                upload_id,
-                [(p.number, p.etag, encode(p.digest)) for p in ordered],
-                checksum,
-            )
-            return etag, checksum
+            return await self._complete(store, record, upload_id, sent)
 
     async def _create(self, store: Storage, record: FileRecord, part_size: int) -> str:
         with anyio.CancelScope(shield=True):

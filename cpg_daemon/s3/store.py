@@ -195,6 +195,16 @@ class Storage(Protocol):
         self, bucket: str, key: str, upload_id: str, number: int, body: Body, checksum: str
     ) -> str: ...
 
+    async def upload_part_copy(
+        self,
+        source: tuple[str, str, str],
+        bucket: str,
+        key: str,
+        upload_id: str,
+        number: int,
+        byte_range: tuple[int, int],
+    ) -> tuple[str, str]: ...
+
     async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[RemotePart]: ...
 
     async def complete_multipart_upload(
@@ -359,34 +369,12 @@ class ObjectStore:
         within S3 (CopyObject, up to 5 GiB): nothing passes through this machine. S3
         computes the new object's checksum; returns its ETag and that checksum (base64,
         "" without one). FileChangedError when the source is no longer that version."""
-        src_bucket, src_key, etag = source
+        src_bucket, src_key, _ = source
         what = f"CopyObject s3://{src_bucket}/{src_key} to s3://{bucket}/{key}"
-        args: dict[str, Any] = {
-            "Bucket": bucket,
-            "Key": key,
-            "CopySource": {"Bucket": src_bucket, "Key": src_key},
-            **self._acl_args(),
-        }
-        if etag:
-            args["CopySourceIfMatch"] = etag
+        args: dict[str, Any] = {"Bucket": bucket, "Key": key, **self._acl_args()}
         if self.algorithm.enabled:
             args["ChecksumAlgorithm"] = self.algorithm.name
-        with translate_errors(what):
-            try:
-                reply = await self._client.copy_object(**args)
-            except ClientError as exc:
-                if _code(exc) in ("PreconditionFailed", "412"):
-                    raise FileChangedError(
-                        f"{what}: the source changed since it was listed"
-                    ) from None
-                if _code(exc) in ("NoSuchKey", "404"):
-                    raise VanishedError(f"{what}: no such object any more") from None
-                raise
-        result = reply.get("CopyObjectResult", {})
-        checksum = (
-            str(result.get(self.algorithm.request_field, "")) if self.algorithm.enabled else ""
-        )
-        return str(result.get("ETag", "")), checksum
+        return await self._copied(what, source, self._client.copy_object, args)
 
     async def list_level(self, bucket: str, prefix: str) -> Level:
         """The folders and objects directly below a prefix (ListObjectsV2, Delimiter "/").
@@ -437,6 +425,56 @@ class ObjectStore:
         """One UploadPart with the part's checksum. Returns the part's ETag."""
         request = PartRequest(bucket, key, body, body_length(body), checksum, upload_id, number)
         return await route(request, self._botocore_plane, self._crt).upload_part(request)
+
+    async def upload_part_copy(
+        self,
+        source: tuple[str, str, str],
+        bucket: str,
+        key: str,
+        upload_id: str,
+        number: int,
+        byte_range: tuple[int, int],
+    ) -> tuple[str, str]:
+        """Part ``number`` copied within S3 from bytes ``byte_range`` (first, last, both
+        included) of the object ``source`` (bucket, key, ETag: that version only). Returns
+        the part's ETag and the checksum S3 computed for it ("" when it reports none)."""
+        src_bucket, src_key, _ = source
+        what = f"UploadPartCopy {number} of s3://{bucket}/{key} from s3://{src_bucket}/{src_key}"
+        first, last = byte_range
+        args: dict[str, Any] = {
+            "Bucket": bucket,
+            "Key": key,
+            "UploadId": upload_id,
+            "PartNumber": number,
+            "CopySourceRange": f"bytes={first}-{last}",
+        }
+        return await self._copied(what, source, self._client.upload_part_copy, args)
+
+    async def _copied(
+        self, what: str, source: tuple[str, str, str], operation: Any, args: dict[str, Any]
+    ) -> tuple[str, str]:
+        """A copy within S3 (CopyObject, UploadPartCopy) of ``source`` (bucket, key, ETag:
+        that version only): its ETag and the checksum S3 computed ("" for none). A source
+        replaced since it was listed is a changed file; one gone, a vanished one."""
+        src_bucket, src_key, etag = source
+        args["CopySource"] = {"Bucket": src_bucket, "Key": src_key}
+        if etag:
+            args["CopySourceIfMatch"] = etag
+        with translate_errors(what):
+            try:
+                reply = await operation(**args)
+            except ClientError as exc:
+                if _code(exc) in ("PreconditionFailed", "412"):
+                    raise FileChangedError(
+                        f"{what}: the source changed since it was listed"
+                    ) from None
+                if _code(exc) in ("NoSuchKey", "404"):
+                    raise VanishedError(f"{what}: no such object any more") from None
+                raise
+        result = reply.get("CopyObjectResult") or reply.get("CopyPartResult") or {}
+        field = self.algorithm.request_field
+        checksum = str(result.get(field, "")) if self.algorithm.enabled else ""
+        return str(result.get("ETag", "")), checksum
 
     async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[RemotePart]:
         """The parts the server holds for an upload; UploadGoneError when it is gone."""
