@@ -7,6 +7,7 @@ stored on disk; a run killed part-way resumes part by part through its journal.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -397,3 +398,27 @@ def test_a_large_object_is_copied_within_s3_part_by_part(
     assert s3_server.upload_part_requests(bucket, key, mark)  # UploadPartCopy looks the same
     writes = [r for r in s3_server.requests(mark) if r.method == "PUT" and r.bucket == bucket]
     assert all(r.is_upload_part for r in writes), writes  # no PutObject of the bytes
+
+
+def test_a_dry_run_of_an_s3_source_says_what_would_go_and_writes_nothing(
+    s3_server: S3Server, s3_client: Any, bucket: str, source_server: S3Server, tmp_path: Path
+) -> None:
+    lab, contents = fill_source(make_client(source_server.endpoint_url), PLATE)
+    url, src_url = s3_server.endpoint_url, source_server.endpoint_url
+    dest = f"s3://{bucket}/{PREFIX}"
+    s3_client.put_object(
+        Bucket=bucket,
+        Key=PREFIX + "Plate1/Plate1.csv",
+        Body=contents["Plate1/Plate1.csv"],
+        ChecksumAlgorithm="CRC32C",
+    )
+    state = tmp_path / "state"
+    mark = s3_server.mark()
+    args = (*source_args(src_url, state), "--dry-run", "--json")
+    result = run_upload(f"s3://{lab}/Batch8/", dest, url, state, *args)
+    assert result.returncode == 0, describe(result)
+    document = json.loads(result.stdout)
+    actions = {entry["path"]: entry["action"] for entry in document["entries"]}
+    assert actions == {rel: "upload" for rel in PLATE} | {"Plate1/Plate1.csv": "skip"}
+    assert [r for r in s3_server.requests(mark) if r.method in ("PUT", "POST")] == []
+    assert not any(state.glob("*.sqlite3"))  # no journal written

@@ -812,11 +812,6 @@ def _upload(args: argparse.Namespace) -> int:
     try:
         if args.src.startswith("s3://"):
             parse_s3_uri(args.src)
-            if args.dry_run:
-                raise ValueError(
-                    "--dry-run takes a local SRC for now; for an S3 SRC, `cpg-daemon verify "
-                    "--source SRC --destination DEST` says what is already there"
-                )
             _check_patterns(args, single=False)
             send = _objects_from(args, s3, credentials)
             # (A pattern given for one object is refused once the store says it is one.)
@@ -845,12 +840,17 @@ def _objects_from(
     state_dir = args.state_dir or oneshot.default_state_dir()
 
     async def send(progress: Any) -> Any:
+        """The upload's summary, or with --dry-run its ``DryRun``."""
+        from cpg_daemon.engine.dryrun import dry_run
+
         async with open_store(*reader) as store:
             watch, objects = await oneshot.object_watch(
                 store, args.src, destination, object_name, server_side=server_side
             )
             journal = oneshot.journal_for(state_dir, watch, objects)
             watch = _chosen_files(args, watch, single=bool(objects.single))
+            if args.dry_run:
+                return await dry_run(watch, s3, credentials, journal, objects=objects)
             return await oneshot.upload(
                 watch, s3, credentials, state_dir, progress, journal=journal, objects=objects
             )
@@ -911,17 +911,21 @@ def _upload_run(
             )
 
     where = watch.destination if watch is not None else oneshot.parse_destination(args.dest)[0]
-    if args.dry_run and watch is not None:
+    if args.dry_run:
         _configure_logs("console" if sys.stderr.isatty() else "json", "error")
-        result = anyio.run(lambda: dry_run(watch, s3, credentials, journal))
+        if watch is not None:
+            result = anyio.run(lambda: dry_run(watch, s3, credentials, journal))
+        else:  # an S3 SRC: its source's store is open only inside ``send``
+            result = anyio.run(send, None)
+        planned = result.plan.watch.destination
         if args.json:
-            document = uploadview.dry_run_json(result, str(args.src), watch.destination)
+            document = uploadview.dry_run_json(result, str(args.src), planned)
             print(json.dumps(document, indent=2))
         elif args.quiet:
-            for line in uploadview.dry_run_errors(result, watch.destination):
+            for line in uploadview.dry_run_errors(result, planned):
                 print(line, file=sys.stderr)
         else:
-            for line in uploadview.dry_run_lines(result, watch.destination):
+            for line in uploadview.dry_run_lines(result, planned):
                 print(line)
         return EXIT_PROBLEM if result.problems else EXIT_OK
 

@@ -9,6 +9,7 @@ would be uploaded once it settles.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,10 +68,17 @@ class WatchPlan:
         return len(self.bad_names) + int(rejected)
 
 
-def plan_watch(watch: WatchConfig, clock: Clock = SYSTEM_CLOCK, *, keep: bool = False) -> WatchPlan:
+def plan_watch(
+    watch: WatchConfig,
+    clock: Clock = SYSTEM_CLOCK,
+    *,
+    keep: bool = False,
+    found: Iterable[Seen] | None = None,
+) -> WatchPlan:
     """Walks ``watch.path`` (in sorted order, so the plan reads the same every time);
     ``seconds`` is how long that took on ``clock``; ``keep``: list every file that
-    would be uploaded in ``admitted`` (``upload --dry-run``)."""
+    would be uploaded in ``admitted`` (``upload --dry-run``); ``found``: the files
+    already listed (an S3 source's objects, which the watch's filter accepted)."""
     started = clock.monotonic()
     plan = WatchPlan(watch)
     path_filter = PathFilter(watch.include, watch.exclude)
@@ -78,7 +86,7 @@ def plan_watch(watch: WatchConfig, clock: Clock = SYSTEM_CLOCK, *, keep: bool = 
     marked: dict[str, bool] = {}
     rules = watch.structure != "off"
     reject = watch.structure == "reject"
-    for seen in walk(watch.path, path_filter):
+    for seen in walk(watch.path, path_filter) if found is None else found:
         rel = seen.rel_path
         if marker.is_marker(rel):
             continue

@@ -36,6 +36,7 @@ from cpg_daemon.core.units import format_size
 from cpg_daemon.discovery.plan import WatchPlan, plan_watch
 from cpg_daemon.discovery.scan import Seen
 from cpg_daemon.engine.dataset import open_store
+from cpg_daemon.engine.sources import ObjectSource
 from cpg_daemon.engine.uploader import same_content, whole_checksum
 from cpg_daemon.engine.verify import Uploaded, journal_uploads
 from cpg_daemon.s3.credentials import ProfileMissingError
@@ -86,10 +87,14 @@ async def dry_run(
     journal: Path,
     *,
     state_dir: Path | None = None,
+    objects: ObjectSource | None = None,
 ) -> DryRun:
-    """Walk, list and compare (``state_dir``: where handed-over keys are kept)."""
+    """Walk, list and compare (``state_dir``: where handed-over keys are kept;
+    ``objects``: an S3 SRC, listed instead of a folder walked, its objects read through
+    where a checksum must be computed)."""
     started = time.monotonic()
-    plan = await anyio.to_thread.run_sync(partial(plan_watch, watch, keep=True))
+    found = None if objects is None else [seen async for seen in objects.objects(watch)]
+    plan = await anyio.to_thread.run_sync(partial(plan_watch, watch, keep=True, found=found))
     result = DryRun(plan)
     destination = watch.destination
     try:
@@ -99,7 +104,7 @@ async def dry_run(
                 async for obj in store.list_objects(destination.bucket, destination.prefix)
             }
             recorded = await anyio.to_thread.run_sync(journal_uploads, journal, watch.name)
-            comparison = _Comparison(watch, store, remote, recorded or {})
+            comparison = _Comparison(watch, store, remote, recorded or {}, objects)
             result.entries = await comparison.run(plan.admitted)
     except ProfileMissingError:
         raise  # a mistake in the command, as for the real run
@@ -122,11 +127,13 @@ class _Comparison:
         store: Storage,
         remote: Mapping[str, RemoteObject],
         recorded: Mapping[str, Uploaded],
+        objects: ObjectSource | None = None,
     ) -> None:
         self._watch = watch
         self._store = store
         self._remote = remote
         self._recorded = recorded
+        self._objects = objects
 
     async def run(self, admitted: list[tuple[str, Seen]]) -> list[Planned]:
         entries: list[Planned | None] = [None] * len(admitted)
@@ -180,8 +187,9 @@ class _Comparison:
             if found is None:
                 return planned("upload", "same size, but no full-object checksum to compare")
             expected = files.FileStat(seen.size, seen.mtime_ns)
-            path = self._watch.path / seen.rel_path
-            if await same_content(head, path, expected) is not None:
+            rel = seen.rel_path
+            source = self._watch.path / rel if self._objects is None else self._objects.file(rel)
+            if await same_content(head, source, expected) is not None:
                 return planned("skip", f"already there: same size and {found[0]}")
             return planned("upload", f"same size, different {found[0]}")
         except CpgError as exc:
