@@ -843,7 +843,7 @@ def _objects_from(
         """The upload's summary, or with --dry-run its ``DryRun``."""
         from cpg_daemon.engine.dryrun import dry_run
 
-        async with open_store(*reader) as store:
+        async with open_store(*reader, reads=True) as store:
             watch, objects = await oneshot.object_watch(
                 store, args.src, destination, object_name, server_side=server_side
             )
@@ -1154,7 +1154,7 @@ def _verify_source(args: argparse.Namespace) -> Any:
                 rows = await _verify_rows(watch, store, journal, source, args.quick)
             else:
                 reader = _source_access(args, s3)
-                async with open_store(*reader) as read:
+                async with open_store(*reader, reads=True) as read:
                     watch, objects = await oneshot.object_watch(
                         read, args.source, destination, object_name
                     )

@@ -118,16 +118,22 @@ def is_source_folder(root: Path) -> bool:
 
 @asynccontextmanager
 async def open_store(
-    s3: S3Config, credentials: CredentialsConfig | None, state_dir: Path | None = None
+    s3: S3Config,
+    credentials: CredentialsConfig | None,
+    state_dir: Path | None = None,
+    *,
+    reads: bool = False,
 ) -> AsyncIterator[Storage]:
     """A store that lists with these keys (``None``: unsigned requests, no keys at all;
     ``state_dir``: where handed-over keys are kept).
 
     Keys an entry renews itself (Access Grants, a role) are obtained first; the listing
-    takes minutes at most, well inside their lifetime. Only botocore is needed: no file
-    bytes are sent.
+    takes minutes at most, well inside their lifetime. Only botocore is needed to list;
+    ``reads``: objects are read too (an S3 SRC), through the configured data plane (the
+    CRT's, by default: a fraction of the CPU per object).
     """
-    s3 = replace(s3, data_plane="botocore")
+    if not reads:
+        s3 = replace(s3, data_plane="botocore")
     if credentials is None:
         # Dummy static keys, never sent: they spare botocore's search of the chain
         # (and its wait for an instance-metadata service that is not there).

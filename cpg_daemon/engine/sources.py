@@ -11,11 +11,11 @@ the source's own client (its own keys, endpoint and region), part by part within
 memory budget: nothing is written to disk. Every read is pinned to the version that was
 listed (If-Match on its ETag), so the parts of a replaced object are never mixed. Its
 bytes are checked against the checksum the source bucket keeps, where it keeps one: a
-request for the whole object is checked by botocore against the checksum S3 sends with
-it; the parts of a larger one are checked by ``confirm``, which combines their CRCs into
-the whole object's and compares it with the source's FULL_OBJECT checksum (or a
-single-part object's). Where the source keeps none, the checksum computed while reading
-is the one staging checks, as for a local file.
+request for the whole object is checked (by the CRT, or botocore) against the checksum
+S3 sends with it; the parts of a larger one are checked by ``confirm``, which combines
+their CRCs into the whole object's and compares it with the source's FULL_OBJECT
+checksum (or a single-part object's). Where the source keeps none, the checksum computed
+while reading is the one staging checks, as for a local file.
 """
 
 from __future__ import annotations

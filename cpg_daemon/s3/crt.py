@@ -6,7 +6,9 @@ small files that is most of an upload's CPU (bench/RESULTS.md). awscrt, AWS's
 native runtime (behind the AWS CLI v2 and s3transfer's CRT mode, and already our
 CRC library), signs and sends a request in C for a fraction of that.
 
-Only PutObject and UploadPart go this way. Everything else (multipart
+Only PutObject and UploadPart go this way, and the GetObject of an S3 SRC's objects
+(``get_range``: the CRT hands a body over a part at a time, where aiohttp hands it a
+socket read at a time). Everything else (multipart
 create/complete/abort, ListParts, HeadObject, listings) stays on aiobotocore,
 and so do the credentials (refreshable, Access Grants: read afresh before every
 request) and the endpoint (S3's endpoint rule set, evaluated by botocore once per
@@ -25,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -38,7 +40,14 @@ from awscrt import io as crtio
 
 from cpg_daemon.core.checksums import ALGORITHMS, Algorithm
 from cpg_daemon.core.config import S3Config
-from cpg_daemon.core.errors import CpgError, CredentialsError, RetryableError, ThrottledError
+from cpg_daemon.core.errors import (
+    CpgError,
+    CredentialsError,
+    FileChangedError,
+    RetryableError,
+    ThrottledError,
+    VanishedError,
+)
 from cpg_daemon.s3 import _botocore
 from cpg_daemon.s3.dataplane import PacedBody, PartRequest, PlaneName, PutRequest
 from cpg_daemon.s3.errors import classify
@@ -243,17 +252,17 @@ class CrtDataPlane:
             self._signing = (identity, signing)
         return self._signing[1]
 
-    def _deadline(self, request: PutRequest) -> float:
-        """Seconds the request gets: the stall allowance, and its body at the slowest
-        rate a connection may see (a share of the lowest bandwidth limit, if lower)."""
+    def _deadline(self, length: int, body: object = None) -> float:
+        """Seconds a request of ``length`` bytes gets: the stall allowance, and its body
+        at the slowest rate a connection may see (a share of the lowest bandwidth limit,
+        if lower)."""
         rate = SLOWEST_RATE
-        body = request.body
         # A paced body knows the running limit (a reload may have changed it).
         limit = body.pacer.slowest() if isinstance(body, PacedBody) else 0
         limit = limit or self._config.max_bandwidth.lowest
         if limit:
             rate = min(rate, max(1, limit // self._config.max_concurrency))
-        return STALL_SECONDS + request.length / rate
+        return STALL_SECONDS + length / rate
 
     def _checksum_headers(self, request: PutRequest) -> list[tuple[str, str]]:
         if not self._algorithm.enabled:
@@ -299,6 +308,73 @@ class CrtDataPlane:
             # is taken for all of it first (``route`` sends it only bodies of one paced
             # read or less while a limit is in force).
             await request.body.pay()
+        return await self._send(
+            what,
+            endpoint,
+            self._deadline(request.length, request.body),
+            type=s3.S3RequestType.DEFAULT,
+            operation_name=operation,
+            request=message,
+            signing_config=signing,
+        )
+
+    async def get_range(
+        self, bucket: str, key: str, offset: int, length: int, etag: str, whole: bool
+    ) -> bytes:
+        """GetObject of ``length`` bytes from ``offset`` (``Storage.get_range``): the CRT
+        hands the body over a part at a time (one call for a file of a few MiB) where
+        aiohttp hands it a socket read at a time, most of the CPU of reading an object.
+        ``whole``: no Range, and the CRT checks the bytes against the object's checksum."""
+        what = f"GetObject s3://{bucket}/{key}"
+        endpoint = await self._endpoint(bucket)
+        signing = await self._signing_config(what, endpoint.region)
+        headers = [("Host", endpoint.host)]
+        if length and not whole:
+            headers.append(("Range", f"bytes={offset}-{offset + length - 1}"))
+        if etag:
+            headers.append(("If-Match", etag))
+        path = f"{endpoint.base_path}/{quote(key, safe='/~')}"
+        buffer = bytearray(length)
+        received = [0]
+
+        start = 0 if whole else offset
+
+        def on_body(chunk: bytes, offset: int, **_: Any) -> None:
+            # ``offset`` is the chunk's place in the object, not in the range.
+            begin = offset - start
+            if begin >= 0 and begin + len(chunk) <= length:  # else: an error, said below
+                buffer[begin : begin + len(chunk)] = chunk
+            received[0] += len(chunk)
+
+        await self._send(
+            what,
+            endpoint,
+            self._deadline(length),
+            {
+                412: FileChangedError(f"{what} changed since it was listed"),
+                404: VanishedError(f"{what}: no such object any more"),
+            },
+            type=s3.S3RequestType.GET_OBJECT,
+            request=http.HttpRequest("GET", path, http.HttpHeaders(headers)),
+            signing_config=signing,
+            checksum_config=s3.S3ChecksumConfig(validate_response=whole),
+            on_body=on_body,
+        )
+        if received[0] != length:
+            raise FileChangedError(f"{what}: {received[0]:,} bytes from {offset:,}, not {length:,}")
+        return bytes(buffer)
+
+    async def _send(
+        self,
+        what: str,
+        endpoint: _Endpoint,
+        seconds: float,
+        instead: Mapping[int, CpgError] | None = None,
+        **request: Any,
+    ) -> dict[str, str]:
+        """One CRT request, waited for on the event loop (cancelled after ``seconds``);
+        the reply's headers (lower-case names). An error reply raises the error
+        ``instead`` holds for its HTTP status, else the class ``errors.classify`` gives."""
         reply: dict[str, str] = {}
         outcome: list[tuple[Exception | None, int, bytes | None]] = []
         finished = anyio.Event()
@@ -318,24 +394,20 @@ class CrtDataPlane:
             wake()
 
         sent = self._client(endpoint.tls).make_request(
-            type=s3.S3RequestType.DEFAULT,
-            operation_name=operation,
-            request=message,
-            signing_config=signing,
-            on_headers=on_headers,
-            on_done=on_done,
+            on_headers=on_headers, on_done=on_done, **request
         )
-        timeout = self._deadline(request)
         try:
-            with anyio.move_on_after(timeout):
+            with anyio.move_on_after(seconds):
                 await finished.wait()
             if not outcome:
-                raise RetryableError(f"{what}: no reply within {timeout:.0f} s; cancelled")
+                raise RetryableError(f"{what}: no reply within {seconds:.0f} s; cancelled")
         except BaseException:
             sent.cancel()
             raise
         error, status, error_body = outcome[0]
         if error is not None or not 200 <= status < 300:
+            if instead and status in instead:
+                raise instead[status]
             url = f"{'https' if endpoint.tls else 'http'}://{endpoint.host}"
             raise _failure(what, error, status, error_body, url)
         return reply

@@ -337,6 +337,8 @@ class ObjectStore:
         meanwhile (or is shorter), VanishedError when it is gone. ``whole``: the range is
         the whole object, asked for without a Range so that S3 sends the checksum it
         keeps and botocore checks the bytes against it."""
+        if isinstance(self._crt, CrtDataPlane):
+            return await self._crt.get_range(bucket, key, offset, length, etag, whole)
         what = f"GetObject s3://{bucket}/{key}"
         args: dict[str, Any] = {"Bucket": bucket, "Key": key}
         if whole:
