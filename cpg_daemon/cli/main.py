@@ -956,7 +956,8 @@ def _source_access(
     args: argparse.Namespace, destination: S3Config
 ) -> tuple[S3Config, CredentialsConfig | None]:
     """S3 settings and keys (None: unsigned) to read an S3 SRC with: its own endpoint and
-    region where given (else the destination's), its own profile, else --profile when
+    region where given (else the destination's; the data plane and attempts are the
+    destination's), its own profile, else --profile when
     that profile writes the destination itself (not only asks Access Grants for keys),
     else botocore's standard chain (environment, default profile, instance role)."""
     s3 = replace(
@@ -964,6 +965,7 @@ def _source_access(
         endpoint_url=args.source_endpoint_url or destination.endpoint_url,
         region=args.source_region or destination.region,
         request_attempts=destination.request_attempts,
+        data_plane=destination.data_plane,
     )
     if args.source_no_sign_request:
         return s3, None
