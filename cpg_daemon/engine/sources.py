@@ -193,11 +193,7 @@ class ObjectFile:
     async def range_digest(self, offset: int, length: int, checksum: ChecksumName) -> bytes:
         """The raw checksum of ``length`` bytes at ``offset``, read a chunk at a time."""
         digests = files.Digests(checksum)
-        bucket = self._source.location.bucket
-        for start in range(offset, offset + length, READ_CHUNK):
-            size = min(READ_CHUNK, offset + length - start)
-            data = await self._source.store.get_range(bucket, self._key, start, size, self._etag)
-            await anyio.to_thread.run_sync(digests.update, data)
+        await self._source.fold(self._key, offset, length, digests)
         return digests.result()[0]
 
     async def confirm(self, expected: files.FileStat) -> None:
@@ -281,14 +277,18 @@ class ObjectSource:
     ) -> tuple[bytes, list[bytes]]:
         """One read through the object (a chunk at a time, never to disk): its digest
         and its parts' (``files.Digests``), for ``verify``."""
-        key = self.location.prefix + rel_path
         digests = files.Digests(name, part_size)
-        for offset in range(0, expected.size, READ_CHUNK):
-            length = min(READ_CHUNK, expected.size - offset)
-            etag = self.etags.get(key, "")
-            data = await self.store.get_range(self.location.bucket, key, offset, length, etag)
-            await anyio.to_thread.run_sync(digests.update, data)
+        await self.fold(self.location.prefix + rel_path, 0, expected.size, digests)
         return digests.result()
+
+    async def fold(self, key: str, offset: int, length: int, digests: files.Digests) -> None:
+        """Feed ``length`` bytes of the object at ``offset`` (the version being read) to
+        ``digests``, a chunk at a time: never the whole object in memory, nor on disk."""
+        etag = self.etags.get(key, "")
+        for start in range(offset, offset + length, READ_CHUNK):
+            size = min(READ_CHUNK, offset + length - start)
+            data = await self.store.get_range(self.location.bucket, key, start, size, etag)
+            await anyio.to_thread.run_sync(digests.update, data)
 
     async def kept_checksum(self, rel_path: str, name: str) -> str | None:
         """The whole-object checksum the source keeps in the form ``name`` (None: none)."""
