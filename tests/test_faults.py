@@ -385,9 +385,10 @@ def test_slowdown_slows_the_daemon_down_however_many_files_wait(
 def test_a_long_round_trip_gets_more_requests_in_flight(
     tmp_path: Path, layout: dict[str, Path], proxy: FaultProxy, s3_client: Any, bucket: str
 ) -> None:
-    """Every PutObject answered 0.25 s late (a far link, a slow first byte): 16 requests
-    at once fill it far below what the machine can do, so the daemon allows more."""
-    proxy.set_rules(Rule(Fault("stall", seconds=0.25), frozenset({"PutObject"})))
+    """Every PutObject answered 0.5 s late (a far link, a slow first byte): 16 requests
+    at once fill it far below what the machine can do (32 files/s; even a machine busy
+    with the rest of the suite does more), so the daemon allows more."""
+    proxy.set_rules(Rule(Fault("stall", seconds=0.5), frozenset({"PutObject"})))
     rng = random.Random(SEED)
     files = {f"A/r{i:04d}.tiff": rng.randbytes(2000) for i in range(500)}
     daemon = _start(tmp_path, layout, proxy, bucket, daemon={"log_level": "debug"})
@@ -401,7 +402,7 @@ def test_a_long_round_trip_gets_more_requests_in_flight(
     puts = [s for s in proxy.seen() if s.request.operation == "PutObject"]
     spread = max(s.at for s in puts) - min(s.at for s in puts)
     report = f"allowed over time {steps}; {len(puts)} PUTs in {spread:.1f} s; {_report(proxy)}"
-    print(f"\nPutObject 0.25 s late: {report}")
+    print(f"\nPutObject 0.5 s late: {report}")
     assert steps and max(steps) > 16, report
     assert 16 < status["requests_allowed"] <= 64, (status["requests_allowed"], report)
     assert _lost(s3_client, bucket, files) == [], report
