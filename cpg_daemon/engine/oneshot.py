@@ -127,16 +127,22 @@ def source_watch(source: Path, destination: S3Location, object_name: str = "") -
     if source.is_dir():
         return WatchConfig(WATCH_NAME, source, _below(destination, object_name), settle=0.0)
     if source.is_file():
-        return WatchConfig(
-            WATCH_NAME,
-            source.parent,
-            destination,
-            settle=0.0,
-            include=(glob.escape(source.name),),
-            exclude=(),
-            object_name=object_name,
-        )
+        return _one_file(source.parent, destination, source.name, object_name)
     raise FileNotFoundError(f"{source} is not a file or folder")
+
+
+def _one_file(root: Path, destination: S3Location, name: str, object_name: str) -> WatchConfig:
+    """A watch of the one file (or object) ``name`` directly below ``root``: chosen by
+    its name, which no character of makes a pattern."""
+    return WatchConfig(
+        WATCH_NAME,
+        root,
+        destination,
+        settle=0.0,
+        include=(glob.escape(name),),
+        exclude=(),
+        object_name=object_name,
+    )
 
 
 OBJECTS_ROOT = Path(os.devnull)
@@ -174,15 +180,7 @@ async def object_watch(
     key = location.prefix.rstrip("/")
     if key and not uri.endswith("/") and await store.head(location.bucket, key) is not None:
         folder, name = _split(location)
-        watch = WatchConfig(
-            WATCH_NAME,
-            OBJECTS_ROOT,
-            destination,
-            settle=0.0,
-            include=(glob.escape(name),),
-            exclude=(),
-            object_name=object_name,
-        )
+        watch = _one_file(OBJECTS_ROOT, destination, name, object_name)
         return watch, ObjectSource(store, folder, name, server_side)
     watch = WatchConfig(WATCH_NAME, OBJECTS_ROOT, _below(destination, object_name), settle=0.0)
     return watch, ObjectSource(store, location, server_side=server_side)

@@ -126,6 +126,8 @@ class ObjectFile:
     def __init__(self, source: ObjectSource, key: str) -> None:
         self._source = source
         self._key = key
+        self._remote: RemoteObject | None = None
+        """What the last look (``stat``) found."""
         self._crc: tuple[Algorithm, str] | None = None
         """The source's own whole-object CRC (from ``stat``), to check the parts against."""
         self._parts: dict[int, PartDigest] = {}
@@ -152,13 +154,19 @@ class ObjectFile:
     def refused(self, error: str) -> None:
         self._source.refused(error)
 
-    async def stat(self) -> files.FileStat:
+    async def _look(self) -> RemoteObject:
+        """HeadObject now: the version read from then on (a replaced object is a changed
+        file), and the checksums the source keeps for it."""
         remote = await self._source.store.head(self._source.location.bucket, self._key)
         if remote is None:
             raise VanishedError(f"{self.name}: no such object any more")
-        # The version read from now on (a replaced object is a changed file).
         self._source.etags[self._key] = remote.etag
+        self._remote = remote
         self._crc = full_object_crc(remote)
+        return remote
+
+    async def stat(self) -> files.FileStat:
+        remote = await self._look()
         return files.FileStat(remote.size, remote.modified_ns)
 
     async def read(
@@ -178,17 +186,13 @@ class ObjectFile:
         return io.BytesIO(data), digest
 
     async def whole_checksum(self, checksum: ChecksumName, expected: files.FileStat) -> str:
-        remote = await self._source.store.head(self._source.location.bucket, self._key)
-        if remote is None:
-            raise VanishedError(f"{self.name}: no such object any more")
+        # The look ``stat`` took just before (the uploader's), else one now.
+        remote = self._remote or await self._look()
         kept = remote.checksums.get(checksum)
         if kept and "-" not in kept and remote.checksum_type in (None, "FULL_OBJECT"):
             return kept
         # Read through (a chunk at a time, never to disk) to compute it.
-        self._source.etags[self._key] = remote.etag
-        rel = self._key[len(self._source.location.prefix) :]
-        whole, _ = await self._source.digests(rel, checksum, expected)
-        return encode(whole)
+        return encode(await self.range_digest(0, expected.size, checksum))
 
     async def range_digest(self, offset: int, length: int, checksum: ChecksumName) -> bytes:
         """The raw checksum of ``length`` bytes at ``offset``, read a chunk at a time."""
